@@ -1,0 +1,26 @@
+"""One exception type per user-facing failure family; messages name the file, field or value."""
+from __future__ import annotations
+
+
+class EdgeLLMError(Exception):
+    """Base of every error edgellm reports to a user as one line."""
+
+
+class BundleError(EdgeLLMError):
+    """A bundle directory is missing, incomplete, corrupt or of an unknown format."""
+
+
+class ExportError(EdgeLLMError):
+    """A source model cannot be exported (unknown architecture, corrupt file, bad output path)."""
+
+
+class GenerationError(EdgeLLMError):
+    """A generation request cannot be run (prompt too long, bad sampling parameter)."""
+
+
+class RequestError(EdgeLLMError):
+    """A service request is invalid; `code` is stable and goes on the wire."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code

@@ -1,0 +1,116 @@
+"""Tiny random Hugging Face models, built offline with transformers, for export tests.
+
+Each is a real checkpoint folder (config.json, model.safetensors, tokenizer files,
+generation_config.json) of a few MB, seeded so every run builds the same weights.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+# A byte-level BPE vocabulary big enough to encode any text (256 byte tokens plus
+# merges) comes from a small trained tokenizer; training is deterministic.
+_CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "What is the capital of France? The capital of France is Paris.",
+    "Edge boards run small language models close to the sensors.",
+    "日本語のテキストと絵文字 🙂 も扱えます。",
+] * 20
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+ARCH_CONFIGS = {
+    "llama": dict(model_type="llama", architectures=["LlamaForCausalLM"]),
+    "qwen2": dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"]),
+    "qwen3": dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"]),
+    "mistral": dict(model_type="mistral", architectures=["MistralForCausalLM"]),
+}
+
+
+def build_tokenizer(vocab_size: int = 320):
+    """A byte-level BPE tokenizer (SmolLM2/Qwen style) with ChatML specials."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS, trainer)
+    return tok
+
+
+def make_tiny_model(
+    out: Path,
+    arch: str = "llama",
+    *,
+    seed: int = 0,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int = 128,
+    tie_embeddings: bool = True,
+    max_position_embeddings: int = 512,
+    rope_scaling: dict | None = None,
+    dtype: str = "float32",
+) -> Path:
+    """Write a tiny random `arch` checkpoint to `out` and return it."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    tok = build_tokenizer()
+    vocab = tok.get_vocab_size()
+    kw = dict(ARCH_CONFIGS[arch])
+    model_type = kw.pop("model_type")
+    config = AutoConfig.for_model(
+        model_type,
+        vocab_size=vocab,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        head_dim=hidden_size // num_heads,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=tie_embeddings,
+        rope_scaling=rope_scaling,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        **kw,
+    )
+    if arch == "mistral":
+        config.sliding_window = None
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    # Random init with std 0.02 gives near-uniform logits and ties everywhere; a larger
+    # scale makes greedy choices decisive, so token-for-token comparison means something.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.15)
+            elif "norm" in name:
+                p.uniform_(0.8, 1.2)
+            else:
+                p.normal_(0.0, 0.05)
+    model = model.to(getattr(torch, dtype))
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(out)
+    return out
