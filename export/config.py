@@ -1,0 +1,56 @@
+"""Small value types shared by the export paths (fast builder and optimum)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from edgellm.errors import ExportError
+
+WeightType = Literal["int4", "int8", "fp16", "fp32"]
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How weights are stored. int4/int8 use onnxruntime's MatMulNBits layout."""
+
+    weights: WeightType = "int4"
+    block_size: int = 32
+    symmetric: bool = True
+    # MatMulNBits accuracy_level: 4 = int8 activations on CPU (fast), 0 = fp32.
+    accuracy_level: int = 4
+
+    def __post_init__(self) -> None:
+        if self.weights not in ("int4", "int8", "fp16", "fp32"):
+            raise ExportError(f"--quant {self.weights!r}: expected int4, int8, fp16 or fp32")
+        if self.block_size not in (16, 32, 64, 128, 256):
+            raise ExportError(f"--block-size {self.block_size}: expected 16, 32, 64, 128 or 256")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "weights": self.weights,
+            "block_size": self.block_size if self.weights in ("int4", "int8") else None,
+            "symmetric": self.symmetric,
+            "accuracy_level": self.accuracy_level,
+        }
+
+
+@dataclass
+class GraphInfo:
+    """What an export path wrote: the manifest's `graph` section plus notes for the log."""
+
+    kind: Literal["fast", "generic"]
+    file: str  # relative to the bundle root, e.g. "model.onnx"
+    inputs: list[str]
+    outputs: list[str]
+    kv_dtype: str = "float32"
+    # Per-tensor quantization notes (e.g. "exact Q4_1 import", "re-quantized from Q6_K").
+    notes: list[str] = field(default_factory=list)
+
+    def manifest_entry(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "file": self.file,
+            "inputs": self.inputs,
+            "outputs": self.outputs,
+            "kv_dtype": self.kv_dtype,
+        }
