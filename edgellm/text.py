@@ -1,0 +1,277 @@
+"""Text in and out of the model: tokenizer, chat template, streaming detokenizer, stop strings.
+
+The bundle carries `tokenizer.json` (Hugging Face tokenizers) and, when the model
+has one, `chat_template.jinja`; the manifest's generation dict says which tokens
+are BOS and EOS and whether prompts start with BOS. The manifest, not the
+tokenizer's own post-processor, decides about BOS, because exporters disagree on
+what a tokenizer.json post-processor adds.
+"""
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import tokenizers
+from jinja2 import TemplateError
+from jinja2.ext import loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from .errors import BundleError, GenerationError
+
+TOKENIZER_FILE = "tokenizer.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+
+# The decoders write an incomplete UTF-8 sequence as U+FFFD.
+_REPLACEMENT = "\ufffd"
+
+
+class Tokenizer:
+    """A `tokenizers.Tokenizer` with the bundle's BOS/EOS rules."""
+
+    def __init__(
+        self,
+        tokenizer: tokenizers.Tokenizer,
+        *,
+        bos_token_id: int | None,
+        eos_token_ids: Sequence[int],
+        add_bos_token: bool = False,
+    ) -> None:
+        if add_bos_token and bos_token_id is None:
+            raise BundleError("generation.add_bos_token is true but generation.bos_token_id is null")
+        self.tokenizer = tokenizer
+        self.bos_token_id = bos_token_id
+        self.eos_token_ids = tuple(eos_token_ids)
+        self.add_bos_token = add_bos_token
+
+    @classmethod
+    def from_bundle(cls, bundle_dir: str | Path, generation: dict[str, Any]) -> Tokenizer:
+        """Read `tokenizer.json` of a bundle; `generation` is its manifest's generation dict."""
+        path = Path(bundle_dir) / TOKENIZER_FILE
+        try:
+            tok = tokenizers.Tokenizer.from_file(str(path))
+        except Exception as e:  # the Rust side raises plain Exception for I/O and parse errors
+            raise BundleError(f"{path}: cannot load tokenizer: {e}") from e
+        bos = generation.get("bos_token_id")
+        eos = generation.get("eos_token_ids")
+        if isinstance(eos, int) and not isinstance(eos, bool):
+            eos = [eos]
+        vocab = tok.get_vocab_size(with_added_tokens=True)
+        if not isinstance(eos, list) or not eos or not all(_is_id(t, vocab) for t in eos):
+            raise BundleError(f"manifest.json: generation.eos_token_ids must be a non-empty list of "
+                              f"token ids below {vocab}, got {eos!r}")
+        if bos is not None and not _is_id(bos, vocab):
+            raise BundleError(f"manifest.json: generation.bos_token_id must be a token id below "
+                              f"{vocab} or null, got {bos!r}")
+        add_bos = generation.get("add_bos_token", False)
+        if not isinstance(add_bos, bool):
+            raise BundleError(f"manifest.json: generation.add_bos_token must be true or false, "
+                              f"got {add_bos!r}")
+        return cls(tok, bos_token_id=bos, eos_token_ids=eos, add_bos_token=add_bos)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.tokenizer.token_to_id(token)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`; special tokens written in the text (as a rendered chat
+        template writes them) become their ids. BOS is prepended only when the bundle
+        asks for it and the text does not already begin with it."""
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        if add_special_tokens and self.add_bos_token and (not ids or ids[0] != self.bos_token_id):
+            ids.insert(0, self.bos_token_id)
+        return ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+
+def _is_id(value: object, vocab: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < vocab
+
+
+class _TemplateRaised(Exception):
+    """What `raise_exception` in a template raises, told apart from template bugs."""
+
+
+def _raise_exception(message: str) -> None:
+    raise _TemplateRaised(message)
+
+
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
+            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
+    # Jinja's own tojson escapes HTML characters; chat templates expect plain JSON.
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent,
+                      separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+def _environment() -> ImmutableSandboxedEnvironment:
+    """The environment Hugging Face renders chat templates in, so templates written
+    for transformers render the same text here."""
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    return env
+
+
+class ChatTemplate:
+    """A model's Jinja chat template. `template` None means the bundle has none:
+    loading still works (plain prompts need no template) and only rendering fails."""
+
+    def __init__(self, template: str | None, *, bos_token: str = "", eos_token: str = "") -> None:
+        self.source = template
+        self.bos_token = bos_token
+        self.eos_token = eos_token
+        self._compiled = None
+        if template is not None:
+            try:
+                self._compiled = _environment().from_string(template)
+            except TemplateError as e:
+                raise GenerationError(f"chat template does not compile: {_describe(e)}") from e
+
+    @classmethod
+    def from_bundle(cls, bundle_dir: str | Path, generation: dict[str, Any]) -> ChatTemplate:
+        """The bundle's `chat_template.jinja`, or a template-less ChatTemplate when absent."""
+        path = Path(bundle_dir) / CHAT_TEMPLATE_FILE
+        bos = generation.get("bos_token") or ""
+        eos = generation.get("eos_token") or ""
+        if not path.is_file():
+            return cls(None, bos_token=bos, eos_token=eos)
+        try:
+            return cls(path.read_text(encoding="utf-8"), bos_token=bos, eos_token=eos)
+        except (OSError, UnicodeDecodeError) as e:
+            raise BundleError(f"{path}: cannot read chat template: {e}") from e
+        except GenerationError as e:
+            raise BundleError(f"{path}: {e}") from e
+
+    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = True,
+               **extra: Any) -> str:
+        """The prompt text for `messages`; `extra` reaches the template as variables
+        (tools, enable_thinking, ...)."""
+        if self._compiled is None:
+            raise GenerationError("bundle has no chat template; send a plain prompt")
+        _check_messages(messages)
+        context = {"bos_token": self.bos_token, "eos_token": self.eos_token, **extra}
+        try:
+            return self._compiled.render(messages=messages,
+                                         add_generation_prompt=add_generation_prompt, **context)
+        except _TemplateRaised as e:
+            raise GenerationError(f"chat template rejected the messages: {e}") from e
+        # A template is data from the bundle: whatever it trips over is reported as a
+        # template failure, not as a crash of the caller.
+        except Exception as e:
+            raise GenerationError(f"chat template failed: {_describe(e)}") from e
+
+
+def _describe(e: Exception) -> str:
+    line = getattr(e, "lineno", None)
+    where = f" (line {line})" if line else ""
+    return f"{type(e).__name__}: {e}{where}"
+
+
+def _check_messages(messages: object) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise GenerationError("messages must be a non-empty list of {role, content} objects")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise GenerationError(f"messages[{i}] must be an object with role and content, got {m!r}")
+        for key in ("role", "content"):
+            if not isinstance(m.get(key), str):
+                raise GenerationError(f"messages[{i}].{key} must be a string, got {m.get(key)!r}")
+
+
+class StreamDecoder:
+    """Turns token ids into text as they arrive, emitting only complete characters.
+
+    Each push decodes a short window twice, with and without the new tokens, and
+    emits the difference: decoding a window rather than one token keeps the spacing
+    rules of decoders that look at neighbours (SentencePiece's leading space), and
+    holding back while the window ends in U+FFFD keeps a character split across
+    byte tokens until its last byte arrives. The window restarts after every emit,
+    so the cost per token does not grow with the text.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True) -> None:
+        self._tokenizer = tokenizer
+        self._skip = skip_special_tokens
+        self._ids: list[int] = []
+        self._read = 0  # ids before this index have been emitted as text
+
+    def push(self, token_id: int) -> str:
+        """The text completed by `token_id`; "" while a character is incomplete."""
+        self._ids.append(token_id)
+        text = self._decode(self._ids)
+        if text.endswith(_REPLACEMENT):
+            return ""
+        return self._emit(text)
+
+    def flush(self) -> str:
+        """Whatever is held back, incomplete characters included (as U+FFFD)."""
+        return self._emit(self._decode(self._ids))
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=self._skip)
+
+    def _emit(self, text: str) -> str:
+        delta = text[len(self._decode(self._ids[: self._read])):]
+        # The last chunk that produced text stays as the window's prefix: it decides
+        # how the next token's leading space decodes. A chunk that produced none (a
+        # skipped special token) cannot, so the older prefix stays too.
+        if delta:
+            self._ids = self._ids[self._read:]
+        self._read = len(self._ids)
+        return delta
+
+
+class StopMatcher:
+    """Cuts streamed text at the first stop string, which is never emitted.
+
+    Text that could still grow into a stop string is held back until it cannot, so
+    a stop string split across several deltas still stops the stream.
+    """
+
+    def __init__(self, stop: Iterable[str] | str) -> None:
+        # One string is one stop string (as OpenAI reads it), never its characters.
+        self.stop = [stop] if isinstance(stop, str) else list(stop)
+        for s in self.stop:
+            if not isinstance(s, str) or not s:
+                raise GenerationError(f"stop strings must be non-empty strings, got {s!r}")
+        self._held = ""
+        self.stopped = False
+
+    def push(self, delta: str) -> tuple[str, bool]:
+        """(text safe to emit now, whether a stop string was reached)."""
+        if self.stopped:
+            return "", True
+        text = self._held + delta
+        hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            self._held = ""
+            self.stopped = True
+            return text[: min(hits)], True
+        keep = max((_partial_suffix(text, s) for s in self.stop), default=0)
+        self._held = text[len(text) - keep:] if keep else ""
+        return text[: len(text) - keep], False
+
+    def flush(self) -> str:
+        """The held-back text, once no more deltas will come."""
+        held, self._held = self._held, ""
+        return held
+
+
+def _partial_suffix(text: str, stop: str) -> int:
+    """Length of the longest end of `text` that is a proper start of `stop`."""
+    for n in range(min(len(stop) - 1, len(text)), 0, -1):
+        if text.endswith(stop[:n]):
+            return n
+    return 0
