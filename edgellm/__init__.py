@@ -6,3 +6,26 @@ and paho-mqtt.
 from __future__ import annotations
 
 __version__ = "0.1.0"
+
+# Resolved on first use, so `import edgellm` (the CLI's --help, device detection)
+# does not pay for loading onnxruntime.
+_LAZY = {
+    "load": "model",
+    "Model": "model",
+    "Chunk": "generate",
+    "Result": "generate",
+    "Usage": "generate",
+    "GenerationParams": "generate",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'edgellm' has no attribute {name!r}")
+    from importlib import import_module
+
+    value = getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    globals()[name] = value
+    return value
