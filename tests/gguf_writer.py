@@ -1,0 +1,155 @@
+"""Write a tiny HF checkpoint (tests/tiny.py) as a GGUF file, the way llama.cpp's converter would.
+
+Kept independent of export/gguf.py on purpose: names, the q/k permutation and the
+llama3 rope factors are written here from llama.cpp's and transformers' definitions,
+so reading the file back tests the reader rather than agreeing with itself.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType, TokenType
+from gguf.quants import quantize
+from safetensors.numpy import load_file
+
+Q = GGMLQuantizationType
+# HF tensor suffix -> GGUF type; everything else stays F32.
+DEFAULT_QTYPES = {
+    "self_attn.q_proj.weight": Q.Q8_0,
+    "self_attn.k_proj.weight": Q.Q4_0,
+    "mlp.gate_proj.weight": Q.Q4_1,
+    "mlp.down_proj.weight": Q.Q4_0,
+}
+GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+_GLOBAL = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
+_BLOCK = {
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+
+
+def gguf_name(hf: str) -> str:
+    if hf in _GLOBAL:
+        return _GLOBAL[hf]
+    _, _, layer, rest = hf.split(".", 3)
+    module, kind = rest.rsplit(".", 1)
+    return f"blk.{layer}.{_BLOCK[module]}.{kind}"
+
+
+def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """convert_hf_to_gguf.py's LlamaModel.permute: rotate-half rows to interleaved pairs."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def rope_freqs(config: dict) -> np.ndarray:
+    """llama.cpp's rope_freqs tensor: base inverse frequencies over transformers' llama3 ones."""
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    cfg = AutoConfig.for_model(**config)
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](cfg, "cpu")
+    base, _ = ROPE_INIT_FUNCTIONS["default"](cfg, "cpu")
+    return (base / scaled).numpy().astype(np.float32)
+
+
+def write_tiny_gguf(
+    hf_folder: Path,
+    out_path: Path,
+    qtypes: dict[str, GGMLQuantizationType] | None = None,
+    *,
+    pre: str = "gpt-2",
+    arch: str | None = None,
+) -> Path:
+    """Write `hf_folder` as a GGUF at `out_path`: weights (some quantized) and vocabulary.
+
+    `qtypes` maps HF name suffixes to GGUF types (default DEFAULT_QTYPES); `pre` is the
+    tokenizer.ggml.pre name; `arch` overrides general.architecture (for error tests).
+    """
+    hf_folder = Path(hf_folder)
+    qtypes = DEFAULT_QTYPES if qtypes is None else qtypes
+    config = json.loads((hf_folder / "config.json").read_text())
+    arch = arch or GGUF_ARCH[config["model_type"]]
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+
+    w = GGUFWriter(str(out_path), arch)
+    w.add_file_type(LlamaFileType.ALL_F32)
+    w.add_block_count(config["num_hidden_layers"])
+    w.add_context_length(config["max_position_embeddings"])
+    w.add_embedding_length(config["hidden_size"])
+    w.add_feed_forward_length(config["intermediate_size"])
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_rope_dimension_count(head_dim)
+    w.add_rope_freq_base(config["rope_theta"])
+    w.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    w.add_vocab_size(config["vocab_size"])
+    scaling = config.get("rope_scaling") or {}
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind == "llama3":
+        w.add_tensor("rope_freqs.weight", rope_freqs(config))
+    elif kind in ("linear", "yarn"):
+        w.add_string(f"{arch}.rope.scaling.type", kind)
+        w.add_rope_scaling_factor(scaling["factor"])
+        if "original_max_position_embeddings" in scaling:
+            w.add_rope_scaling_orig_ctx_len(scaling["original_max_position_embeddings"])
+
+    for name, value in load_file(hf_folder / "model.safetensors").items():
+        value = value.astype(np.float32)
+        if arch == "llama" and ".self_attn.q_proj." in name:
+            value = llama_cpp_permute(value, heads)
+        if arch == "llama" and ".self_attn.k_proj." in name:
+            value = llama_cpp_permute(value, kv_heads)
+        qtype = next((t for suffix, t in qtypes.items() if name.endswith(suffix)), None)
+        if qtype is None:
+            w.add_tensor(gguf_name(name), value)
+        else:
+            w.add_tensor(gguf_name(name), quantize(value, qtype), raw_dtype=qtype)
+
+    _add_vocab(w, hf_folder, config, pre)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out_path
+
+
+def _add_vocab(w: GGUFWriter, hf_folder: Path, config: dict, pre: str) -> None:
+    """A byte-level BPE tokenizer.json as tokenizer.ggml.* metadata (convert_hf_to_gguf's gpt2 path)."""
+    data = json.loads((hf_folder / "tokenizer.json").read_text())
+    by_id = {i: t for t, i in data["model"]["vocab"].items()}
+    special = set()
+    for added in data["added_tokens"]:
+        by_id[added["id"]] = added["content"]
+        if added["special"]:
+            special.add(added["id"])
+    tokens = [by_id[i] for i in range(len(by_id))]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types([TokenType.CONTROL if i in special else TokenType.NORMAL for i in range(len(tokens))])
+    w.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in data["model"]["merges"]])
+    w.add_bos_token_id(config["bos_token_id"])
+    w.add_eos_token_id(config["eos_token_id"])
+    w.add_pad_token_id(config["pad_token_id"])
+    w.add_add_bos_token(False)
+    template = hf_folder / "chat_template.jinja"
+    if template.exists():
+        w.add_chat_template(template.read_text())
