@@ -1,0 +1,209 @@
+"""KV caches: the per-layer key/value state a graph reads and extends every step.
+
+One small protocol, two shapes of graph. A fast graph (GroupQueryAttention) takes
+a preallocated [1, kv_heads, capacity, head_dim] buffer and writes new rows into it
+in place when past and present are the same OrtValue, so a token never copies the
+cache. A generic graph (optimum) returns a grown copy every step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import onnxruntime as ort
+
+from .errors import GenerationError
+
+_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+def past_names(layer: int) -> tuple[str, str]:
+    return f"past_key_values.{layer}.key", f"past_key_values.{layer}.value"
+
+
+def present_names(layer: int) -> tuple[str, str]:
+    return f"present.{layer}.key", f"present.{layer}.value"
+
+
+def kv_dtype(name: str) -> np.dtype:
+    """The numpy dtype of a manifest's `graph.kv_dtype`."""
+    try:
+        return np.dtype(_DTYPES[name])
+    except KeyError:
+        raise GenerationError(f"graph.kv_dtype {name!r}: expected one of {sorted(_DTYPES)}") from None
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The first `length` rows of every layer's keys and values, owned copies."""
+
+    length: int
+    keys: tuple[np.ndarray, ...]
+    values: tuple[np.ndarray, ...]
+
+
+class KVCache(Protocol):
+    """What the forward pass needs from a cache; `length` rows are valid."""
+
+    num_layers: int
+    length: int
+    capacity: int
+
+    def bind(self, io: ort.IOBinding, new_tokens: int) -> None:
+        """Bind past inputs and present outputs for a step that feeds `new_tokens`."""
+        ...
+
+    def advance(self, n: int) -> None:
+        """Account for the `n` rows the step just wrote."""
+        ...
+
+    def rewind(self, to: int) -> None:
+        """Forget every row from `to` on."""
+        ...
+
+    def trim(self, n: int) -> int:
+        """Forget the last `n` rows; return how many were dropped."""
+        ...
+
+    def snapshot(self, prefix_len: int) -> Snapshot: ...
+
+    def restore(self, snap: Snapshot) -> None: ...
+
+
+class _Base:
+    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, capacity: int, dtype: str) -> None:
+        self.num_layers = num_layers
+        self.kv_heads = kv_heads
+        self.head_dim = head_dim
+        self.capacity = capacity
+        self.dtype = kv_dtype(dtype)
+        self.length = 0
+
+    keys: list[np.ndarray]
+    values: list[np.ndarray]
+
+    def _check_room(self, new_tokens: int) -> None:
+        if self.length + new_tokens > self.capacity:
+            raise GenerationError(
+                f"KV cache holds {self.length} of {self.capacity} tokens; cannot add {new_tokens}"
+            )
+
+    def trim(self, n: int) -> int:
+        n = min(max(n, 0), self.length)
+        self.rewind(self.length - n)
+        return n
+
+    def _check_rewind(self, to: int) -> None:
+        if not 0 <= to <= self.length:
+            raise GenerationError(f"cannot rewind KV cache of length {self.length} to {to}")
+
+    def snapshot(self, prefix_len: int) -> Snapshot:
+        self._check_rewind(prefix_len)
+        return Snapshot(
+            prefix_len,
+            tuple(k[:, :, :prefix_len].copy() for k in self.keys),
+            tuple(v[:, :, :prefix_len].copy() for v in self.values),
+        )
+
+
+class StaticCache(_Base):
+    """Fixed buffers shared by past and present: rewinding is just moving `length`.
+
+    Rows past `length` are stale but harmless: the graph attends only to the first
+    `attention_mask`-many rows and overwrites the next ones.
+    """
+
+    def __init__(
+        self, num_layers: int, kv_heads: int, head_dim: int, capacity: int, dtype: str = "float32"
+    ) -> None:
+        super().__init__(num_layers, kv_heads, head_dim, capacity, dtype)
+        shape = (1, kv_heads, capacity, head_dim)
+        self.keys = [np.zeros(shape, self.dtype) for _ in range(num_layers)]
+        self.values = [np.zeros(shape, self.dtype) for _ in range(num_layers)]
+        # OrtValues over the numpy buffers (no copy): bound once as both past and present.
+        self._ort = [
+            (ort.OrtValue.ortvalue_from_numpy(k), ort.OrtValue.ortvalue_from_numpy(v))
+            for k, v in zip(self.keys, self.values)
+        ]
+        self._bound_to: ort.IOBinding | None = None
+
+    def bind(self, io: ort.IOBinding, new_tokens: int) -> None:
+        self._check_room(new_tokens)
+        if self._bound_to is io:
+            return
+        for layer, (k, v) in enumerate(self._ort):
+            for name, value in zip(past_names(layer), (k, v)):
+                io.bind_ortvalue_input(name, value)
+            for name, value in zip(present_names(layer), (k, v)):
+                io.bind_ortvalue_output(name, value)
+        self._bound_to = io
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+    def rewind(self, to: int) -> None:
+        self._check_rewind(to)
+        self.length = to
+
+    def restore(self, snap: Snapshot) -> None:
+        if snap.length > self.capacity:
+            raise GenerationError(f"snapshot of {snap.length} tokens exceeds KV capacity {self.capacity}")
+        for dst, src in zip(self.keys + self.values, snap.keys + snap.values):
+            dst[:, :, : snap.length] = src
+        self.length = snap.length
+
+
+class DynamicCache(_Base):
+    """Growing arrays for graphs whose present is past plus the new rows (optimum exports)."""
+
+    def __init__(
+        self, num_layers: int, kv_heads: int, head_dim: int, capacity: int, dtype: str = "float32"
+    ) -> None:
+        super().__init__(num_layers, kv_heads, head_dim, capacity, dtype)
+        self.keys = [self._empty(0) for _ in range(num_layers)]
+        self.values = [self._empty(0) for _ in range(num_layers)]
+        self._next: tuple[list[np.ndarray], list[np.ndarray]] | None = None
+
+    def _empty(self, rows: int) -> np.ndarray:
+        return np.zeros((1, self.kv_heads, rows, self.head_dim), self.dtype)
+
+    def bind(self, io: ort.IOBinding, new_tokens: int) -> None:
+        self._check_room(new_tokens)
+        rows = self.length + new_tokens
+        # The graph writes each present into a buffer we own, so it becomes the next
+        # past without another copy.
+        nk = [np.empty((1, self.kv_heads, rows, self.head_dim), self.dtype) for _ in self.keys]
+        nv = [np.empty((1, self.kv_heads, rows, self.head_dim), self.dtype) for _ in self.values]
+        for layer in range(self.num_layers):
+            pk, pv = past_names(layer)
+            io.bind_ortvalue_input(pk, ort.OrtValue.ortvalue_from_numpy(self.keys[layer]))
+            io.bind_ortvalue_input(pv, ort.OrtValue.ortvalue_from_numpy(self.values[layer]))
+            ok, ov = present_names(layer)
+            io.bind_ortvalue_output(ok, ort.OrtValue.ortvalue_from_numpy(nk[layer]))
+            io.bind_ortvalue_output(ov, ort.OrtValue.ortvalue_from_numpy(nv[layer]))
+        self._next = (nk, nv)
+
+    def advance(self, n: int) -> None:
+        if self._next is None or self._next[0][0].shape[2] != self.length + n:
+            raise GenerationError(f"KV cache advanced by {n} without a matching bind")
+        self.keys, self.values = self._next
+        self._next = None
+        self.length += n
+
+    def rewind(self, to: int) -> None:
+        self._check_rewind(to)
+        if to == self.length:
+            return
+        # A slice along the sequence axis is not contiguous; the graph needs it to be.
+        self.keys = [np.ascontiguousarray(k[:, :, :to]) for k in self.keys]
+        self.values = [np.ascontiguousarray(v[:, :, :to]) for v in self.values]
+        self.length = to
+
+    def restore(self, snap: Snapshot) -> None:
+        if snap.length > self.capacity:
+            raise GenerationError(f"snapshot of {snap.length} tokens exceeds KV capacity {self.capacity}")
+        self.keys = [k.copy() for k in snap.keys]
+        self.values = [v.copy() for v in snap.values]
+        self._next = None
+        self.length = snap.length

@@ -1,0 +1,190 @@
+"""`edgellm.load` and `Model`: a verified bundle on a session, ready to generate."""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
+
+from .bundle import Manifest, read_manifest
+from .errors import BundleError, GenerationError
+from .generate import Chunk, GenerationParams, Result, collect, stream_chunks
+from .kvcache import DynamicCache, StaticCache
+from .session import ProviderSpec, Runner, create_session
+from .spec import ModelSpec
+from .text import ChatTemplate, Tokenizer
+
+if TYPE_CHECKING:
+    from .devices import DeviceProfile
+
+log = logging.getLogger("edgellm")
+
+# Keeps the preallocated KV cache small on a Pi unless a profile or the caller asks for more.
+DEFAULT_MAX_CONTEXT = 4096
+
+Prompt = str | Sequence[dict[str, str]]
+
+
+def load(
+    path: str | os.PathLike[str],
+    *,
+    profile: "str | os.PathLike[str] | DeviceProfile | None" = None,
+    providers: Sequence[ProviderSpec] | None = None,
+    threads: int | None = None,
+    max_context: int | None = None,
+    verify: bool = True,
+) -> "Model":
+    """Open a bundle. Explicit arguments override the device profile's values.
+
+    `verify` checks every file's sha256 against the manifest first, so a corrupt
+    copy on an SD card is refused before it produces garbage.
+    """
+    root = Path(path)
+    manifest = read_manifest(root, verify=verify)
+    prof = _profile(profile)
+    if prof is not None:
+        providers = providers if providers is not None else prof.providers
+        threads = threads if threads is not None else prof.threads
+        max_context = max_context if max_context is not None else prof.max_context
+    wanted = DEFAULT_MAX_CONTEXT if max_context is None else max_context
+    if not isinstance(wanted, int) or isinstance(wanted, bool) or wanted < 2:
+        raise GenerationError(f"max_context must be an integer >= 2, got {wanted!r}")
+    context = min(wanted, manifest.spec.max_context)
+
+    graph = manifest.graph
+    graph_path = root / graph["file"]
+    spec = manifest.spec
+    dtype = graph.get("kv_dtype", "float32")
+    cache_type = StaticCache if graph["kind"] == "fast" else DynamicCache
+    cache = cache_type(spec.num_layers, spec.num_kv_heads, spec.head_dim, context, dtype)
+    if prof is not None:
+        _warn_memory(prof, root, manifest, context, cache.dtype.itemsize)
+    session = create_session(graph_path, providers=providers, threads=threads)
+    runner = Runner(session, cache, kind=graph["kind"], where=str(graph_path))
+    tokenizer = Tokenizer.from_bundle(root, manifest.generation)
+    template = ChatTemplate.from_bundle(root, manifest.generation)
+    defaults = manifest.generation.get("defaults") or {}
+    try:
+        GenerationParams.build(defaults, {}, runner.vocab_size)
+    except GenerationError as exc:
+        raise BundleError(f"{root / 'manifest.json'}: generation.defaults: {exc}") from None
+    return Model(root, manifest, runner, tokenizer, template, defaults)
+
+
+def _profile(profile: "str | os.PathLike[str] | DeviceProfile | None") -> "DeviceProfile | None":
+    if profile is None or not isinstance(profile, (str, os.PathLike)):
+        return profile
+    from .devices import load_profile
+
+    return load_profile(profile)
+
+
+def _warn_memory(prof: "DeviceProfile", root: Path, manifest: Manifest, context: int, kv_bytes: int) -> None:
+    from .devices import memory_warning
+
+    # The graph file and its external-data siblings (model.onnx.data) are the weights.
+    stem = Path(manifest.graph["file"]).name
+    weights = sum((root / f).stat().st_size for f in manifest.files if Path(f).name.startswith(stem))
+    if warning := memory_warning(prof, manifest.spec, context, weights, kv_bytes):
+        log.warning("%s", warning)
+
+
+class Model:
+    """A loaded bundle. Generation keeps the KV cache of the last request, so a
+    follow-up that repeats its prefix (a chat turn, a fixed system prompt) prefills
+    only what is new.
+
+    Not thread-safe by design: one generation at a time (the service serialises).
+    Starting a new generation abandons any stream still open on this model.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        manifest: Manifest,
+        runner: Runner,
+        tokenizer: Tokenizer,
+        template: ChatTemplate,
+        defaults: dict[str, Any],
+    ) -> None:
+        self.path = path
+        self.manifest = manifest
+        self.tokenizer = tokenizer
+        self.template = template
+        self._runner = runner
+        self._defaults = defaults
+        self._generation = 0  # which stream owns the cache; older ones must not touch it
+
+    @property
+    def spec(self) -> ModelSpec:
+        return self.manifest.spec
+
+    @property
+    def providers(self) -> list[str]:
+        """The providers the session actually runs on, best first."""
+        return self._runner.session.get_providers()
+
+    @property
+    def max_context(self) -> int:
+        return self._runner.capacity
+
+    @property
+    def cached_tokens(self) -> list[int]:
+        """The ids whose keys and values the cache holds now."""
+        return list(self._runner.tokens)
+
+    def reset(self) -> None:
+        """Forget the cached prefix (the next request prefills from scratch)."""
+        self._runner.rewind(0)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    def render_chat(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True, **extra: Any) -> str:
+        return self.template.render(list(messages), add_generation_prompt=add_generation_prompt, **extra)
+
+    def prompt_ids(self, prompt: Prompt, params: GenerationParams) -> list[int]:
+        """Token ids of a plain prompt, or of messages rendered through the chat template,
+        fitted to the context."""
+        if isinstance(prompt, str):
+            text = prompt
+        elif isinstance(prompt, (list, tuple)):
+            text = self.render_chat(prompt, add_generation_prompt=params.add_generation_prompt)
+        else:
+            raise GenerationError(f"prompt must be a string or a list of messages, got {type(prompt).__name__}")
+        ids = self.encode(text)
+        if not ids:
+            raise GenerationError("prompt is empty")
+        limit = self.max_context
+        if len(ids) <= limit:
+            return ids
+        if params.truncate != "left":
+            raise GenerationError(f"prompt has {len(ids)} tokens, context is {limit}")
+        # Leave room for the answer, but never keep less than half the context.
+        keep = max(limit - params.max_new_tokens, limit // 2)
+        return ids[-keep:]
+
+    def stream(self, prompt: Prompt, **params: Any) -> Iterator[Chunk]:
+        """Yield text deltas as they are ready; the last chunk carries finish_reason and usage.
+
+        Parameters are validated here, before the first chunk is asked for.
+        """
+        started = time.perf_counter()
+        p = GenerationParams.build(self._defaults, params, self._runner.vocab_size)
+        ids = self.prompt_ids(prompt, p)
+        return self._owned(stream_chunks(self._runner, self.tokenizer, ids, p, started=started))
+
+    def generate(self, prompt: Prompt, **params: Any) -> Result:
+        """The whole completion at once; same parameters as `stream`."""
+        return collect(self.stream(prompt, **params))
+
+    def _owned(self, chunks: Iterator[Chunk]) -> Iterator[Chunk]:
+        # Two interleaved streams would write into one cache; the older one stops instead.
+        self._generation += 1
+        mine = self._generation
+        for chunk in chunks:
+            yield chunk
+            if self._generation != mine and chunk.finish_reason is None:
+                chunks.close()
+                raise GenerationError("another generation started on this model; this stream was abandoned")

@@ -1,0 +1,206 @@
+"""The onnxruntime session over a bundle's graph, and the forward pass that drives it.
+
+Per-step overhead is what separates a Python loop from a native one, so the
+forward pass binds everything once and afterwards rebinds only the inputs whose
+shape changed (the attention mask grows by one each token) and copies only the
+last row of logits out of the graph.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Sequence, Union
+
+import numpy as np
+import onnxruntime as ort
+
+from .errors import BundleError, GenerationError
+from .kvcache import KVCache, past_names
+
+log = logging.getLogger("edgellm")
+
+CPU = "CPUExecutionProvider"
+ProviderSpec = Union[str, tuple[str, dict[str, Any]]]
+
+_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+def session_options(threads: int | None = None) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads or 0  # 0: onnxruntime picks one per core
+    # One graph, one request at a time: parallelism between nodes only costs threads.
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return so
+
+
+def _name(entry: ProviderSpec) -> str:
+    return entry if isinstance(entry, str) else entry[0]
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def create_session(
+    path: str | os.PathLike[str],
+    *,
+    providers: Sequence[ProviderSpec] | None = None,
+    threads: int | None = None,
+) -> ort.InferenceSession:
+    """Open `path` on the first provider that works, ending on the CPU.
+
+    A board's profile may name an accelerator that this onnxruntime build lacks or
+    that fails on this graph; the model should still run, slower, and say why.
+    """
+    path = Path(path)
+    options = session_options(threads)
+    available = set(ort.get_available_providers())
+    cpu: ProviderSpec = CPU
+    for entry in providers or ():
+        name = _name(entry)
+        if name == CPU:
+            cpu = entry
+            break
+        if name not in available:
+            log.warning("provider %s is not available in this onnxruntime (has %s); trying the next",
+                        name, ", ".join(sorted(available)))
+            continue
+        try:
+            session = ort.InferenceSession(str(path), options, providers=[entry, CPU])
+        except Exception as exc:  # noqa: BLE001 - any failure means: try the next provider
+            log.warning("provider %s failed to open %s (%s); trying the next", name, path.name, _first_line(exc))
+            continue
+        if name in session.get_providers():
+            return session
+        log.warning("provider %s was not applied to %s; trying the next", name, path.name)
+    try:
+        return ort.InferenceSession(str(path), options, providers=[cpu])
+    except Exception as exc:  # noqa: BLE001 - reported as the bundle's fault, in one line
+        raise BundleError(f"{path}: onnxruntime cannot load the graph ({_first_line(exc)})") from None
+
+
+class Runner:
+    """Feeds token ids through the graph and keeps the KV cache and its ids in step.
+
+    `tokens` are the ids whose keys and values the cache holds, so a new prompt can
+    reuse the longest common prefix.
+    """
+
+    def __init__(self, session: ort.InferenceSession, cache: KVCache, *, kind: str, where: str = "graph") -> None:
+        self.session = session
+        self.cache = cache
+        self.kind = kind
+        self.tokens: list[int] = []
+        inputs = {i.name for i in session.get_inputs()}
+        outputs = {o.name: o for o in session.get_outputs()}
+        past = {name for layer in range(cache.num_layers) for name in past_names(layer)}
+        required = {"input_ids", "attention_mask"} | past | ({"logits_to_keep"} if kind == "fast" else set())
+        optional = {"position_ids"} if kind == "generic" else set()
+        if missing := sorted(required - inputs):
+            raise BundleError(f"{where}: graph input {missing[0]!r} is missing ({kind} graph)")
+        if unknown := sorted(inputs - required - optional):
+            raise BundleError(f"{where}: graph input {unknown[0]!r} is not one edgellm feeds ({kind} graph)")
+        if "logits" not in outputs:
+            raise BundleError(f"{where}: graph output 'logits' is missing")
+        logits_type = outputs["logits"].type
+        if logits_type not in _NUMPY:
+            raise BundleError(f"{where}: graph output 'logits' has type {logits_type}, expected float or float16")
+        vocab = outputs["logits"].shape[-1]
+        if not isinstance(vocab, int):
+            raise BundleError(f"{where}: graph output 'logits' has no fixed vocabulary dimension")
+        self.vocab_size = vocab
+        self._where = where
+        self._logits_dtype = _NUMPY[logits_type]
+        self._positions = "position_ids" in inputs
+        capacity = cache.capacity
+        self._io = session.io_binding()
+        # Buffers that live as long as the runner; OrtValues over them share memory,
+        # so writing a token id into `_one` is the whole per-step input update.
+        self._mask = np.ones((1, capacity), np.int64)
+        self._arange = np.arange(capacity, dtype=np.int64)[None]
+        self._one = np.zeros((1, 1), np.int64)
+        self._one_ort = ort.OrtValue.ortvalue_from_numpy(self._one)
+        self._row = np.zeros((1, 1, vocab), self._logits_dtype)
+        self._row_ort = ort.OrtValue.ortvalue_from_numpy(self._row)
+        self._held: dict[str, ort.OrtValue] = {}
+        if kind == "fast":
+            # Only the last position's logits are computed: the rest would be discarded.
+            self._bind_input("logits_to_keep", np.ones(1, np.int64))
+        self._bind_output_row()
+
+    @property
+    def length(self) -> int:
+        return self.cache.length
+
+    @property
+    def capacity(self) -> int:
+        return self.cache.capacity
+
+    def reuse(self, ids: Sequence[int]) -> int:
+        """Keep the cached rows of the longest common prefix with `ids`, but leave at
+        least one id to feed (the next logits come from it); return how many were kept."""
+        limit = min(len(self.tokens), len(ids) - 1)
+        n = 0
+        while n < limit and self.tokens[n] == ids[n]:
+            n += 1
+        self.rewind(n)
+        return n
+
+    def rewind(self, to: int) -> None:
+        self.cache.rewind(to)
+        del self.tokens[to:]
+
+    def forward(self, ids: Sequence[int]) -> np.ndarray:
+        """Feed `ids` after the cached ones; return the last position's logits (float32, a copy)."""
+        n = len(ids)
+        if n == 0:
+            raise GenerationError("forward needs at least one token id")
+        start = self.cache.length
+        self.cache.bind(self._io, n)
+        if n == 1:
+            self._one[0, 0] = ids[0]
+            self._bind_held("input_ids", self._one_ort)
+        else:
+            self._bind_input("input_ids", np.asarray(ids, dtype=np.int64)[None])
+        self._bind_input("attention_mask", self._mask[:, : start + n])
+        if self._positions:
+            self._bind_input("position_ids", self._arange[:, start : start + n])
+        if self.kind == "generic" and n > 1:
+            # A generic graph returns logits for every fed position.
+            logits = np.empty((1, n, self.vocab_size), self._logits_dtype)
+            self._bind_output("logits", logits)
+        else:
+            logits = self._row
+            self._bind_output_row()
+        try:
+            self.session.run_with_iobinding(self._io)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime's errors share no base class
+            raise GenerationError(f"{self._where}: onnxruntime run failed ({_first_line(exc)})") from None
+        self.cache.advance(n)
+        self.tokens.extend(int(t) for t in ids)
+        return logits[0, -1].astype(np.float32)
+
+    def _bind_input(self, name: str, array: np.ndarray) -> None:
+        self._bind_held(name, ort.OrtValue.ortvalue_from_numpy(array))
+
+    def _bind_held(self, name: str, value: ort.OrtValue) -> None:
+        if self._held.get(name) is value:
+            return
+        self._io.bind_ortvalue_input(name, value)
+        # The binding points at the array's memory: keep it alive until rebound.
+        self._held[name] = value
+
+    def _bind_output(self, name: str, array: np.ndarray) -> None:
+        value = ort.OrtValue.ortvalue_from_numpy(array)
+        self._io.bind_ortvalue_output(name, value)
+        self._held[f"out:{name}"] = value
+
+    def _bind_output_row(self) -> None:
+        if self._held.get("out:logits") is self._row_ort:
+            return
+        self._io.bind_ortvalue_output("logits", self._row_ort)
+        self._held["out:logits"] = self._row_ort
