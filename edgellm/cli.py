@@ -15,7 +15,7 @@ from . import __version__
 from .errors import EdgeLLMError
 
 
-def _add_load_arguments(p: argparse.ArgumentParser) -> None:
+def add_load_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("bundle", type=Path, help="bundle directory written by `edgellm export`")
     p.add_argument("--profile", help="device profile name or .toml path (see `edgellm devices`)")
     p.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: profile's)")
@@ -25,7 +25,7 @@ def _add_load_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-verify", action="store_true", help="skip checksum verification (slow storage)")
 
 
-def _add_sampling_arguments(p: argparse.ArgumentParser) -> None:
+def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling (default: the bundle's defaults, else greedy)")
     g.add_argument("-n", "--max-tokens", type=int, dest="max_new_tokens", help="most tokens to generate")
     g.add_argument("--temperature", type=float, help="0 = greedy")
@@ -45,11 +45,11 @@ _SAMPLING = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repeti
              "presence_penalty", "frequency_penalty", "seed", "stop")
 
 
-def _sampling(args: argparse.Namespace) -> dict[str, Any]:
+def sampling_params(args: argparse.Namespace) -> dict[str, Any]:
     return {k: getattr(args, k) for k in _SAMPLING if getattr(args, k) is not None}
 
 
-def _load(args: argparse.Namespace):
+def load_model(args: argparse.Namespace):
     from . import load
 
     return load(args.bundle, profile=args.profile, providers=args.providers, threads=args.threads,
@@ -77,19 +77,19 @@ def _stats(chunk) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    model = _load(args)
+    model = load_model(args)
     if args.raw:
         request: Any = args.prompt
     else:
         request = ([{"role": "system", "content": args.system}] if args.system else [])
         request.append({"role": "user", "content": args.prompt})
-    last, _ = _stream_to_stdout(model, request, _sampling(args))
+    last, _ = _stream_to_stdout(model, request, sampling_params(args))
     print(_stats(last), file=sys.stderr)
     return 0
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    model = _load(args)
+    model = load_model(args)
     history = [{"role": "system", "content": args.system}] if args.system else []
     print(f"edgellm chat with {model.manifest.name} — empty line or Ctrl-D to quit, /reset to clear history",
           file=sys.stderr)
@@ -105,7 +105,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             continue
         history.append({"role": "user", "content": line})
         # The model keeps the previous turn's KV: only the new turn is prefilled.
-        last, text = _stream_to_stdout(model, history, _sampling(args))
+        last, text = _stream_to_stdout(model, history, sampling_params(args))
         history.append({"role": "assistant", "content": text})
         print(_stats(last), file=sys.stderr)
     return 0
@@ -187,13 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
         add_export_arguments(p)
 
     p = add("run", cmd_run, "answer one prompt, streamed to stdout; stats on stderr")
-    _add_load_arguments(p)
+    add_load_arguments(p)
     p.add_argument("prompt")
-    _add_sampling_arguments(p)
+    add_sampling_arguments(p)
 
     p = add("chat", cmd_chat, "interactive chat that keeps history and reuses its KV cache")
-    _add_load_arguments(p)
-    _add_sampling_arguments(p)
+    add_load_arguments(p)
+    add_sampling_arguments(p)
 
     p = add("info", cmd_info, "summarise a bundle's manifest and verify its checksums")
     p.add_argument("bundle", type=Path)

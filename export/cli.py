@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 class _Bars:
-    """One tqdm bar per stage, on stderr; silent when stderr is not a terminal but for stage lines."""
+    """One tqdm bar per stage on a terminal."""
 
     def __init__(self) -> None:
         from tqdm import tqdm
@@ -48,7 +48,7 @@ class _Bars:
         if stage != self._stage:
             self.close()
             self._stage = stage
-            self._bar = self._tqdm(total=total, desc=f"{stage:>9}", unit="step", file=sys.stderr, leave=True,
+            self._bar = self._tqdm(total=total, desc=f"{stage:>9}", unit="step", file=sys.stderr,
                                    dynamic_ncols=True, mininterval=0.2)
         assert self._bar is not None
         self._bar.total = total
@@ -61,6 +61,22 @@ class _Bars:
             self._bar = None
 
 
+class _StageLines:
+    """One line per finished stage, for logs and pipes where redrawn bars are noise."""
+
+    def __init__(self) -> None:
+        self._started: dict[str, float] = {}
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        start = self._started.setdefault(stage, time.perf_counter())
+        if done == total:
+            print(f"{stage:>9}: done in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+            del self._started[stage]
+
+    def close(self) -> None:
+        pass
+
+
 def run(args: argparse.Namespace) -> int:
     from .api import export_model
 
@@ -68,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     eval_text = args.eval_text.read_text(encoding="utf-8") if args.eval_text else None
     quant = QuantConfig(weights=args.quant, block_size=args.block_size, symmetric=not args.asymmetric,
                         accuracy_level=args.accuracy_level)
-    bars = _Bars()
+    bars = _Bars() if sys.stderr.isatty() else _StageLines()
     start = time.perf_counter()
     try:
         manifest = export_model(args.source, args.output, quant=quant, via=args.via, force=args.force,

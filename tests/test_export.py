@@ -117,7 +117,7 @@ def test_cli_export_shows_progress_and_quality(tiny_hf, tmp_path):
     res = _cli("export", str(tiny_hf("qwen3")), "-o", str(tmp_path / "b"), "--quant", "int4")
     assert res.returncode == 0, res.stderr
     assert "perplexity" in res.stdout and "wrote" in res.stdout
-    for stage in ("read", "build", "write"):
+    for stage in ("read", "layers", "evaluate", "write"):
         assert stage in res.stderr, res.stderr
 
 
