@@ -57,7 +57,7 @@ def tiny_bundle(tiny_bundle_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The real SmolLM2-135M-Instruct, exported from the shipped GGUF to int4 once per session."""
+    """The real SmolLM2-135M-Instruct, exported from the shipped GGUF with the defaults, once per session."""
     from export.api import export_model
     from export.sources import resolve_builtin
 
@@ -66,5 +66,5 @@ def smollm2_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     except Exception as exc:  # noqa: BLE001 - reported as the skip reason
         pytest.skip(str(exc))
     out = tmp_path_factory.mktemp("smollm2") / "bundle"
-    export_model("smollm2-135m", out, evaluate=False)
+    export_model("smollm2-135m", out)
     return out

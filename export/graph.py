@@ -1,0 +1,422 @@
+"""The fast graph: one fused ONNX decoder (GroupQueryAttention, MatMulNBits, fused norms).
+
+Laid out like onnxruntime-genai's CPU graphs, about 11 nodes per layer:
+
+    [Skip]SimplifiedLayerNorm -> QKV MatMulNBits -> GroupQueryAttention (rotary inside)
+    -> o MatMulNBits -> SkipSimplifiedLayerNorm -> gate;up MatMulNBits -> SiLU*up -> down MatMulNBits
+
+The KV cache is one preallocated buffer per layer and tensor, bound as both
+`past_key_values.{i}.*` and `present.{i}.*`: GroupQueryAttention writes the new
+rows in place when the two share memory, so decoding never copies the cache.
+Initializers are written to `model.onnx.data` as soon as they are built, so the
+export holds one layer's weights at a time, not the whole model twice.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from edgellm.errors import ExportError
+from edgellm.spec import ModelSpec
+
+from .config import GraphInfo, QuantConfig
+from .quantize import QuantizedWeight, concat_rows, quantize_nbits
+from .sources import Source
+
+GRAPH_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+OPSET = 21  # onnxruntime >= 1.20, the oldest the runtime supports
+IR_VERSION = 10
+_ALIGN = 4096  # page-aligned external data can be memory-mapped
+_INLINE_BYTES = 1024
+_INT64_MAX = np.iinfo(np.int64).max
+
+Progress = Callable[[str, int, int], None]
+_CONTRIB = {"GroupQueryAttention", "MatMulNBits", "GatherBlockQuantized", "SkipSimplifiedLayerNormalization"}
+
+
+class _Writer:
+    """Collects nodes; streams initializer bytes to the external data file as they come."""
+
+    def __init__(self, data_path: Path) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[TensorProto] = []
+        self._location = data_path.name
+        self._fh = open(data_path, "wb")
+        self._consts: dict[tuple, str] = {}
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def initializer(self, name: str, array: np.ndarray) -> str:
+        array = np.ascontiguousarray(array)
+        tensor = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype))
+        tensor.dims.extend(array.shape)
+        if array.nbytes < _INLINE_BYTES:
+            tensor.raw_data = array.tobytes()
+        else:
+            offset = -(-self._fh.tell() // _ALIGN) * _ALIGN
+            self._fh.seek(offset)
+            self._fh.write(array.tobytes())
+            tensor.data_location = TensorProto.EXTERNAL
+            for key, value in (("location", self._location), ("offset", offset), ("length", array.nbytes)):
+                tensor.external_data.add(key=key, value=str(value))
+        self.initializers.append(tensor)
+        return name
+
+    def const(self, values: list[int] | int) -> str:
+        """A shared int64 constant (a scalar when `values` is an int)."""
+        key = (values,) if isinstance(values, int) else tuple(values)
+        if key not in self._consts:
+            array = np.array(values, dtype=np.int64)
+            self._consts[key] = self.initializer(f"/const/int64/{values}", array)
+        return self._consts[key]
+
+    def node(self, op: str, name: str, inputs: list[str], outputs: int | list[str] = 1, **attrs) -> list[str]:
+        if isinstance(outputs, int):
+            outputs = [f"{name}/output_{i}" for i in range(outputs)]
+        while inputs and inputs[-1] == "":
+            inputs = inputs[:-1]
+        domain = "com.microsoft" if op in _CONTRIB else None
+        self.nodes.append(helper.make_node(op, inputs, outputs, name=name, domain=domain, **attrs))
+        return outputs
+
+    def one(self, op: str, name: str, inputs: list[str], **attrs) -> str:
+        return self.node(op, name, inputs, 1, **attrs)[0]
+
+
+# --- weights -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Linear:
+    """Initializer names of one linear layer, in whichever storage the quant config picks."""
+
+    weight: str  # MatMulNBits B, or the transposed [K, N] float matrix
+    K: int
+    N: int
+    scales: str = ""
+    zero_points: str = ""
+    bias: str = ""
+    bits: int = 0
+    block_size: int = 0
+    cast: bool = False  # fp16 storage: widen to float32 before the MatMul
+
+
+def _bits(quant: QuantConfig) -> int:
+    return {"int4": 4, "int8": 8}.get(quant.weights, 0)
+
+
+def _quantized(w: _Writer, prefix: str, q: QuantizedWeight, bias: np.ndarray | None) -> _Linear:
+    return _Linear(
+        weight=w.initializer(f"{prefix}.qweight", q.packed),
+        scales=w.initializer(f"{prefix}.scales", q.scales),
+        zero_points="" if q.zero_points is None else w.initializer(f"{prefix}.qzeros", q.zero_points),
+        bias="" if bias is None else w.initializer(f"{prefix}.bias", bias.astype(np.float32)),
+        K=q.K,
+        N=q.N,
+        bits=q.bits,
+        block_size=q.block_size,
+    )
+
+
+def make_linear(
+    w: _Writer, prefix: str, weights: list[np.ndarray], quant: QuantConfig, bias: np.ndarray | None = None
+) -> _Linear:
+    """Store HF weights [out, in] (row blocks fused into one matrix) as `quant` says."""
+    bits = _bits(quant)
+    if bits:
+        parts = [quantize_nbits(m, bits, quant.block_size, quant.symmetric) for m in weights]
+        return _quantized(w, prefix, concat_rows(parts) if len(parts) > 1 else parts[0], bias)
+    matrix = np.concatenate(weights).T if len(weights) > 1 else weights[0].T
+    dtype = np.float16 if quant.weights == "fp16" else np.float32
+    return _Linear(
+        weight=w.initializer(f"{prefix}.weight_t", matrix.astype(dtype)),
+        bias="" if bias is None else w.initializer(f"{prefix}.bias", bias.astype(np.float32)),
+        K=matrix.shape[0],
+        N=matrix.shape[1],
+        cast=dtype == np.float16,
+    )
+
+
+def apply_linear(w: _Writer, name: str, x: str, lin: _Linear, quant: QuantConfig, out: str | None = None) -> str:
+    outputs = [out] if out else 1
+    if lin.bits:
+        return w.node(
+            "MatMulNBits",
+            f"{name}/MatMulNBits",
+            [x, lin.weight, lin.scales, lin.zero_points, "", lin.bias],
+            outputs,
+            K=lin.K,
+            N=lin.N,
+            bits=lin.bits,
+            block_size=lin.block_size,
+            accuracy_level=quant.accuracy_level,
+        )[0]
+    weight = w.one("Cast", f"{name}/Cast", [lin.weight], to=TensorProto.FLOAT) if lin.cast else lin.weight
+    if not lin.bias:
+        return w.node("MatMul", f"{name}/MatMul", [x, weight], outputs)[0]
+    y = w.one("MatMul", f"{name}/MatMul", [x, weight])
+    return w.node("Add", f"{name}/Add", [y, lin.bias], outputs)[0]
+
+
+# --- rotary ------------------------------------------------------------------
+
+
+def rope_caches(spec: ModelSpec) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin [max_context, head_dim/2] for GroupQueryAttention, HF's frequencies."""
+    dim = spec.head_dim
+    # Frequencies in float32 as HF computes them; angles in float64 so late positions stay exact.
+    exponents = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
+    inv_freq = (1.0 / np.float32(spec.rope_theta) ** exponents).astype(np.float32)
+    scaling = spec.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    # dynamic NTK changes frequencies only past max_position_embeddings, which is
+    # max_context here, so within the cache's range it is the default.
+    if kind == "linear":
+        inv_freq = inv_freq / np.float32(scaling["factor"])
+    elif kind == "llama3":
+        inv_freq = _llama3_inv_freq(inv_freq, scaling)
+    elif kind not in ("default", "dynamic"):
+        raise ExportError(f"rope_scaling type {kind!r} is not supported (supported: default, linear, llama3, dynamic)")
+    angles = np.outer(np.arange(spec.max_context, dtype=np.float64), inv_freq.astype(np.float64))
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def _llama3_inv_freq(inv_freq: np.ndarray, s: dict) -> np.ndarray:
+    factor, low, high = float(s["factor"]), float(s["low_freq_factor"]), float(s["high_freq_factor"])
+    old = float(s["original_max_position_embeddings"])
+    wavelen = 2 * np.pi / inv_freq
+    scaled = np.where(wavelen > old / low, inv_freq / factor, inv_freq)
+    smooth = (old / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old / high) & (wavelen <= old / low)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+# --- blocks ------------------------------------------------------------------
+
+
+def attention_lengths(w: _Writer) -> tuple[str, str]:
+    """seqlens_k (T-1, int32 [1]) and total_sequence_length (T, int32 scalar) from the mask."""
+    base = "/model/attn_mask"
+    total = w.one("ReduceSum", f"{base}/ReduceSum", ["attention_mask", w.const([1])], keepdims=0)
+    past = w.one("Sub", f"{base}/Sub", [total, w.const([1])])
+    seqlens = w.one("Cast", f"{base}/Sub/Cast", [past], to=TensorProto.INT32)
+    shape = w.one("Shape", f"{base}/Shape", ["attention_mask"])
+    length = w.one("Gather", f"{base}/Gather", [shape, w.const(1)], axis=0)
+    return seqlens, w.one("Cast", f"{base}/Gather/Cast", [length], to=TensorProto.INT32)
+
+
+def add_norm(w: _Writer, name: str, x: str, residual: str | None, gamma: np.ndarray, eps: float) -> tuple[str, str]:
+    """RMSNorm(x + residual), fusing the residual add; returns (normed, new residual)."""
+    scale = w.initializer(f"{name}.weight", gamma.astype(np.float32))
+    if residual is None:
+        normed = w.one("SimplifiedLayerNormalization", f"{name}/SimplifiedLayerNorm", [x, scale], axis=-1, epsilon=eps)
+        return normed, x
+    out = f"{name}/SkipLayerNorm"
+    normed, _, _, total = w.node(
+        "SkipSimplifiedLayerNormalization",
+        out,
+        [x, residual, scale],
+        [f"{out}/output_0", "", "", f"{out}/output_3"],
+        epsilon=eps,
+    )
+    return normed, total
+
+
+def embed(
+    w: _Writer, source: Source, spec: ModelSpec, quant: QuantConfig, head: _Linear, head_q: QuantizedWeight | None
+) -> str:
+    """input_ids -> hidden states; the tied table is lm_head's own weight, stored once."""
+    name = "/model/embed_tokens"
+    if head_q is None and not _bits(quant):
+        if spec.tie_embeddings:
+            # lm_head holds E^T; onnxruntime folds this Transpose once at load.
+            table = w.one("Transpose", f"{name}/Transpose", [head.weight], perm=[1, 0])
+        else:
+            dtype = np.float16 if quant.weights == "fp16" else np.float32
+            table = w.initializer("model.embed_tokens.weight", source.tensor("model.embed_tokens.weight").astype(dtype))
+        hidden = w.one("Gather", f"{name}/Gather", [table, "input_ids"], axis=0)
+        return w.one("Cast", f"{name}/Cast", [hidden], to=TensorProto.FLOAT) if quant.weights == "fp16" else hidden
+    if head_q is not None:
+        q, lin = head_q, head
+    else:
+        q = quantize_nbits(source.tensor("model.embed_tokens.weight"), _bits(quant), quant.block_size, quant.symmetric)
+        lin = _quantized(w, "model.embed_tokens", q, None)
+    # GatherBlockQuantized reads the MatMulNBits blocks as one uint8 row per token.
+    table = w.one("Reshape", f"{name}/Reshape", [lin.weight, w.const([q.N, -1])])
+    hidden = w.one(
+        "GatherBlockQuantized",
+        f"{name}/GatherBlockQuantized",
+        [table, "input_ids", lin.scales, lin.zero_points],
+        bits=q.bits,
+        block_size=q.block_size,
+        gather_axis=0,
+        quantize_axis=1,
+    )
+    if q.n_blocks * q.block_size != spec.hidden_size:
+        # Rows are padded to whole blocks; drop the padding.
+        hidden = w.one("Slice", f"{name}/Slice", [hidden, w.const([0]), w.const([spec.hidden_size]), w.const([-1])])
+    return hidden
+
+
+def _head_norm(w: _Writer, name: str, x: str, gamma: np.ndarray, spec: ModelSpec) -> str:
+    """qwen3: RMSNorm over each head of q or k, before rotary."""
+    scale = w.initializer(f"{name}.weight", gamma.astype(np.float32))
+    heads = w.one("Reshape", f"{name}/Reshape", [x, w.const([0, 0, -1, spec.head_dim])])
+    normed = w.one(
+        "SimplifiedLayerNormalization", f"{name}/SimplifiedLayerNorm", [heads, scale], axis=-1, epsilon=spec.rms_norm_eps
+    )
+    return w.one("Reshape", f"{name}/Reshape_1", [normed, w.const([0, 0, -1])])
+
+
+def attention(
+    w: _Writer, source: Source, spec: ModelSpec, quant: QuantConfig, i: int, x: str, residual: str | None,
+    lengths: tuple[str, str], rope: tuple[str, str],
+) -> tuple[str, str]:
+    """Norm, fused QKV projection, GroupQueryAttention with in-place KV, o_proj."""
+    hf = f"model.layers.{i}"
+    base = f"/model/layers.{i}"
+    normed, residual = add_norm(w, f"{base}/input_layernorm", x, residual,
+                                source.tensor(f"{hf}.input_layernorm.weight"), spec.rms_norm_eps)
+    names = [f"{hf}.self_attn.{p}_proj" for p in "qkv"]
+    bias = np.concatenate([source.tensor(f"{n}.bias") for n in names]) if spec.attention_bias else None
+    qkv_lin = make_linear(w, f"{hf}.self_attn.qkv_proj", [source.tensor(f"{n}.weight") for n in names], quant, bias)
+    qkv = apply_linear(w, f"{base}/attn/qkv_proj", normed, qkv_lin, quant)
+    if spec.qk_norm:
+        q_size, kv_size = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+        q, k, v = w.node("Split", f"{base}/attn/qkv_split", [qkv, w.const([q_size, kv_size, kv_size])], 3, axis=-1)
+        q = _head_norm(w, f"{base}/attn/q_norm", q, source.tensor(f"{hf}.self_attn.q_norm.weight"), spec)
+        k = _head_norm(w, f"{base}/attn/k_norm", k, source.tensor(f"{hf}.self_attn.k_norm.weight"), spec)
+        qkv_inputs = [q, k, v]
+    else:
+        qkv_inputs = [qkv, "", ""]
+    attn, _, _ = w.node(
+        "GroupQueryAttention",
+        f"{base}/attn/GroupQueryAttention",
+        [*qkv_inputs, f"past_key_values.{i}.key", f"past_key_values.{i}.value", *lengths, *rope],
+        [f"{base}/attn/GroupQueryAttention/output_0", f"present.{i}.key", f"present.{i}.value"],
+        num_heads=spec.num_heads,
+        kv_num_heads=spec.num_kv_heads,
+        do_rotary=1,
+        rotary_interleaved=0,  # HF q/k rows are in rotate-half order
+        local_window_size=spec.sliding_window or -1,
+    )
+    o_lin = make_linear(w, f"{hf}.self_attn.o_proj", [source.tensor(f"{hf}.self_attn.o_proj.weight")], quant)
+    return apply_linear(w, f"{base}/attn/o_proj", attn, o_lin, quant), residual
+
+
+def mlp(
+    w: _Writer, source: Source, spec: ModelSpec, quant: QuantConfig, i: int, x: str, residual: str
+) -> tuple[str, str]:
+    """Norm, fused gate;up projection, SiLU(gate) * up, down projection."""
+    hf = f"model.layers.{i}"
+    base = f"/model/layers.{i}"
+    normed, residual = add_norm(w, f"{base}/post_attention_layernorm", x, residual,
+                                source.tensor(f"{hf}.post_attention_layernorm.weight"), spec.rms_norm_eps)
+    gate_up_lin = make_linear(
+        w, f"{hf}.mlp.gate_up_proj", [source.tensor(f"{hf}.mlp.{p}_proj.weight") for p in ("gate", "up")], quant
+    )
+    gate_up = apply_linear(w, f"{base}/mlp/gate_up_proj", normed, gate_up_lin, quant)
+    gate, up = w.node("Split", f"{base}/mlp/Split", [gate_up], 2, axis=-1, num_outputs=2)
+    sig = w.one("Sigmoid", f"{base}/mlp/act/Sigmoid", [gate])
+    silu = w.one("Mul", f"{base}/mlp/act/Mul", [gate, sig])
+    hidden = w.one("Mul", f"{base}/mlp/Mul", [silu, up])
+    down_lin = make_linear(w, f"{hf}.mlp.down_proj", [source.tensor(f"{hf}.mlp.down_proj.weight")], quant)
+    return apply_linear(w, f"{base}/mlp/down_proj", hidden, down_lin, quant), residual
+
+
+def head_weights(
+    w: _Writer, source: Source, spec: ModelSpec, quant: QuantConfig
+) -> tuple[_Linear, QuantizedWeight | None]:
+    """lm_head, from the embedding when tied; its quantized form too, for the embedding to share."""
+    name = "model.embed_tokens.weight" if spec.tie_embeddings else "lm_head.weight"
+    weight = source.tensor(name)
+    if _bits(quant):
+        q = quantize_nbits(weight, _bits(quant), quant.block_size, quant.symmetric)
+        return _quantized(w, "lm_head", q, None), q if spec.tie_embeddings else None
+    return make_linear(w, "lm_head", [weight], quant), None
+
+
+def head(w: _Writer, source: Source, spec: ModelSpec, quant: QuantConfig, lin: _Linear, x: str, residual: str) -> str:
+    """Final norm, keep the last `logits_to_keep` positions, lm_head."""
+    normed, _ = add_norm(w, "/model/norm", x, residual, source.tensor("model.norm.weight"), spec.rms_norm_eps)
+    # Only the kept rows reach lm_head: a long prefill never builds S x vocab logits.
+    start = w.one("Neg", "/model/logits_to_keep/Neg", ["logits_to_keep"])
+    kept = w.one("Slice", "/model/logits_to_keep/Slice", [normed, start, w.const([_INT64_MAX]), w.const([1])])
+    return apply_linear(w, "/lm_head", kept, lin, quant, out="logits")
+
+
+# --- the model ---------------------------------------------------------------
+
+
+def _io(spec: ModelSpec) -> tuple[list[onnx.ValueInfoProto], list[onnx.ValueInfoProto]]:
+    kv_shape = [1, spec.num_kv_heads, "max_seq_len", spec.head_dim]
+    inputs = [
+        helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "sequence_length"]),
+        helper.make_tensor_value_info("attention_mask", TensorProto.INT64, [1, "total_sequence_length"]),
+        helper.make_tensor_value_info("logits_to_keep", TensorProto.INT64, [1]),
+    ]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, "kept_positions", spec.vocab_size])]
+    for i in range(spec.num_layers):
+        for kind in ("key", "value"):
+            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", TensorProto.FLOAT, kv_shape))
+            outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", TensorProto.FLOAT, kv_shape))
+    return inputs, outputs
+
+
+def _notes(spec: ModelSpec, quant: QuantConfig) -> list[str]:
+    if _bits(quant):
+        sym = "symmetric" if quant.symmetric else "asymmetric"
+        notes = [f"{quant.weights} MatMulNBits, block {quant.block_size}, {sym}, accuracy_level {quant.accuracy_level}"]
+        shared = "sharing lm_head's quantized weight" if spec.tie_embeddings else "its own quantized table"
+        return notes + [f"embedding: GatherBlockQuantized, {shared}"]
+    if quant.weights == "fp16":
+        return ["fp16: weights stored float16 and widened to float32 when the session loads; compute and KV in float32"]
+    return ["fp32: MatMul on transposed float32 weights"]
+
+
+def build_fast_graph(source: Source, quant: QuantConfig, out_dir: Path, progress: Progress | None = None) -> GraphInfo:
+    """Write `out_dir/model.onnx` (+ `model.onnx.data`) for batch-1 decoding; see the module docstring."""
+    spec = source.spec
+    out_dir = Path(out_dir)
+    if spec.head_dim % 2:
+        raise ExportError(f"head_dim {spec.head_dim}: rotary embedding needs an even head size")
+    w = _Writer(out_dir / DATA_FILE)
+    try:
+        cos, sin = rope_caches(spec)
+        rope = (w.initializer("cos_cache", cos), w.initializer("sin_cache", sin))
+        lengths = attention_lengths(w)
+        lm_head, lm_head_q = head_weights(w, source, spec, quant)
+        x, residual = embed(w, source, spec, quant, lm_head, lm_head_q), None
+        for i in range(spec.num_layers):
+            x, residual = attention(w, source, spec, quant, i, x, residual, lengths, rope)
+            x, residual = mlp(w, source, spec, quant, i, x, residual)
+            if progress:
+                progress("layers", i + 1, spec.num_layers)
+        head(w, source, spec, quant, lm_head, x, residual)
+    finally:
+        w.close()
+    inputs, outputs = _io(spec)
+    graph = helper.make_graph(w.nodes, "edgellm_fast", inputs, outputs, w.initializers)
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)],
+        ir_version=IR_VERSION,
+        producer_name="edgellm",
+    )
+    onnx.save_model(model, out_dir / GRAPH_FILE)
+    return GraphInfo(
+        kind="fast",
+        file=GRAPH_FILE,
+        inputs=[v.name for v in inputs],
+        outputs=[v.name for v in outputs],
+        kv_dtype="float32",
+        notes=_notes(spec, quant),
+    )

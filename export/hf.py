@@ -1,0 +1,249 @@
+"""A Hugging Face checkpoint folder as a `Source`: config, safetensors, tokenizer.
+
+Safetensors headers are parsed here and tensors memory-mapped on demand, without
+torch: bf16 has no numpy dtype, so it is widened to float32 by shifting its bits
+into the high half of a uint32.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgellm.errors import ExportError
+from edgellm.spec import ARCHITECTURES, ModelSpec
+
+_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}
+_SAMPLING_KEYS = ("temperature", "top_p", "top_k", "repetition_penalty")
+_ROPE_TYPES = ("default", "linear", "llama3", "dynamic")
+_MAX_HEADER = 100 << 20
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ExportError(f"{path}: cannot read JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ExportError(f"{path}: not a JSON object")
+    return data
+
+
+def _read_optional_json(path: Path) -> dict[str, Any]:
+    return _read_json(path) if path.is_file() else {}
+
+
+class _SafetensorsFile:
+    """One .safetensors file: its header, validated against the file size up front."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                raise ExportError(f"{path}: truncated safetensors file (no header)")
+            (length,) = struct.unpack("<Q", head)
+            if length > min(size - 8, _MAX_HEADER):
+                raise ExportError(f"{path}: corrupt safetensors header (length {length}, file size {size})")
+            try:
+                header = json.loads(fh.read(length))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                raise ExportError(f"{path}: corrupt safetensors header (not JSON)") from None
+        header.pop("__metadata__", None)
+        self.data_start = 8 + length
+        self.entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
+        for name, info in header.items():
+            try:
+                dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+            except (KeyError, TypeError, ValueError):
+                raise ExportError(f"{path}: corrupt safetensors entry {name!r}") from None
+            if dtype not in _DTYPES:
+                raise ExportError(f"{path}: tensor {name!r} has unsupported dtype {dtype}")
+            nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(_DTYPES[dtype]).itemsize
+            if end - begin != nbytes or begin < 0:
+                raise ExportError(f"{path}: tensor {name!r} has inconsistent offsets")
+            if self.data_start + end > size:
+                raise ExportError(f"{path}: truncated (tensor {name!r} ends past the end of the file)")
+            self.entries[name] = (dtype, shape, begin, end)
+
+    def read(self, name: str) -> np.ndarray:
+        dtype, shape, begin, end = self.entries[name]
+        raw = np.memmap(self.path, dtype=_DTYPES[dtype], mode="r", offset=self.data_start + begin, shape=shape)
+        if dtype == "BF16":
+            return (raw.astype(np.uint32) << 16).view(np.float32)
+        return np.array(raw, dtype=np.float32)
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ExportError(f"{index}: field 'weight_map' is missing")
+        files = [folder / name for name in sorted(set(weight_map.values()))]
+        for path in files:
+            if not path.is_file():
+                raise ExportError(f"{path}: listed in {index.name} but missing")
+        return files
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ExportError(f"{folder}: no *.safetensors weights (only safetensors checkpoints are supported)")
+    return files
+
+
+def _rope_scaling(config: dict[str, Any], where: Path) -> dict[str, Any] | None:
+    scaling = config.get("rope_scaling")
+    if not scaling:
+        return None
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind not in _ROPE_TYPES:
+        raise ExportError(f"{where}: rope_scaling type {kind!r} is not supported (supported: {', '.join(_ROPE_TYPES)})")
+    return {**scaling, "rope_type": kind}
+
+
+def read_spec(config: dict[str, Any], where: Path) -> ModelSpec:
+    """ModelSpec from a HF config.json dict."""
+    arch = config.get("model_type")
+    if arch not in ARCHITECTURES:
+        raise ExportError(
+            f"{where}: unknown architecture {arch!r} (supported: {', '.join(ARCHITECTURES)}; try --via optimum)"
+        )
+    try:
+        heads = int(config["num_attention_heads"])
+        hidden = int(config["hidden_size"])
+        sliding = config.get("sliding_window") if arch == "mistral" else None
+        if arch in ("qwen2", "qwen3") and config.get("use_sliding_window"):
+            raise ExportError(f"{where}: use_sliding_window=true is not supported for {arch}")
+        return ModelSpec(
+            arch=arch,
+            num_layers=int(config["num_hidden_layers"]),
+            hidden_size=hidden,
+            intermediate_size=int(config["intermediate_size"]),
+            num_heads=heads,
+            num_kv_heads=int(config.get("num_key_value_heads") or heads),
+            head_dim=int(config.get("head_dim") or hidden // heads),
+            vocab_size=int(config["vocab_size"]),
+            max_context=int(config.get("max_position_embeddings", 2048)),
+            rope_theta=float(config.get("rope_theta", 10000.0)),
+            rope_scaling=_rope_scaling(config, where),
+            rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+            tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+            attention_bias=arch == "qwen2" or bool(config.get("attention_bias", False)),
+            qk_norm=arch == "qwen3",
+            sliding_window=int(sliding) if sliding else None,
+        )
+    except KeyError as exc:
+        raise ExportError(f"{where}: field {exc.args[0]!r} is missing") from None
+    except (TypeError, ValueError) as exc:
+        raise ExportError(f"{where}: invalid value ({exc})") from None
+
+
+def _token_string(value: Any) -> str | None:
+    """tokenizer_config stores special tokens as strings or AddedToken dicts."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _token_id(tokenizer: dict[str, Any], text: str | None) -> int | None:
+    if text is None:
+        return None
+    for added in tokenizer.get("added_tokens", []):
+        if added.get("content") == text:
+            return int(added["id"])
+    vocab = tokenizer.get("model", {}).get("vocab")
+    return vocab.get(text) if isinstance(vocab, dict) else None
+
+
+def read_generation(
+    config: dict[str, Any], gen_config: dict[str, Any], tok_config: dict[str, Any], tokenizer: dict[str, Any]
+) -> dict[str, Any]:
+    """bos/eos/pad ids and sampling defaults; generation_config.json wins over config.json."""
+
+    def pick(key: str) -> Any:
+        return gen_config.get(key, config.get(key))
+
+    bos_token = _token_string(tok_config.get("bos_token"))
+    eos_token = _token_string(tok_config.get("eos_token"))
+    bos_id = pick("bos_token_id")
+    eos = pick("eos_token_id")
+    if eos is None:
+        eos = _token_id(tokenizer, eos_token)
+    eos_ids = [int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None]
+    return {
+        "bos_token_id": int(bos_id) if bos_id is not None else _token_id(tokenizer, bos_token),
+        "eos_token_ids": eos_ids,
+        "pad_token_id": pick("pad_token_id"),
+        "add_bos_token": bool(tok_config.get("add_bos_token", False)),
+        "bos_token": bos_token,
+        "eos_token": eos_token,
+        "defaults": {k: gen_config[k] for k in _SAMPLING_KEYS if gen_config.get(k) is not None},
+    }
+
+
+class HFSource:
+    """A HF checkpoint folder; tensors are read from disk only when asked for."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        config = _read_json(path / "config.json") if (path / "config.json").is_file() else None
+        if config is None:
+            raise ExportError(f"{path / 'config.json'}: missing (is {path} a Hugging Face model folder?)")
+        self.spec = read_spec(config, path / "config.json")
+        tok_path = path / "tokenizer.json"
+        if not tok_path.is_file():
+            raise ExportError(f"{tok_path}: missing (the fast export needs a tokenizers tokenizer.json)")
+        self.tokenizer_json = tok_path.read_text(encoding="utf-8")
+        tok_config = _read_optional_json(path / "tokenizer_config.json")
+        template = tok_config.get("chat_template")
+        jinja = path / "chat_template.jinja"
+        if template is None and jinja.is_file():
+            template = jinja.read_text(encoding="utf-8")
+        self.chat_template = template if isinstance(template, str) else None
+        self.generation = read_generation(
+            config,
+            _read_optional_json(path / "generation_config.json"),
+            tok_config,
+            json.loads(self.tokenizer_json),
+        )
+        self.files = _weight_files(path)
+        self._where: dict[str, _SafetensorsFile] = {}
+        for file in self.files:
+            st = _SafetensorsFile(file)
+            for name in st.entries:
+                self._where[name] = st
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def tensor(self, name: str) -> np.ndarray:
+        st = self._where.get(name)
+        if st is None:
+            raise ExportError(f"{self.path}: tensor {name!r} is missing from the checkpoint")
+        return st.read(name)
+
+    def quant_blocks(self, name: str) -> None:
+        return None
+
+    def describe(self) -> dict[str, Any]:
+        digest = hashlib.sha256()
+        for file in self.files:
+            with open(file, "rb") as fh:
+                while block := fh.read(1 << 20):
+                    digest.update(block)
+        return {
+            "kind": "hf",
+            "path": str(self.path),
+            "sha256": digest.hexdigest(),
+            "files": [f.name for f in self.files],
+        }
+
+
+def open_hf_folder(path: Path) -> HFSource:
+    """Open a HF checkpoint folder (llama, mistral, qwen2, qwen3 in safetensors)."""
+    return HFSource(Path(path))
