@@ -21,7 +21,7 @@ def test_manifest_describes_the_gguf_source(smollm2_bundle):
     assert m.source["kind"] == "gguf" and m.source["file_type"].endswith("Q4_1")
     assert (m.spec.num_layers, m.spec.num_heads, m.spec.num_kv_heads, m.spec.head_dim) == (30, 9, 3, 64)
     assert m.spec.tie_embeddings and m.generation["eos_token_ids"] == [2]
-    assert m.quality["tokens"] > 200 and m.quality["source_perplexity"] > 1
+    assert m.quality["tokens"] > 150 and m.quality["source_perplexity"] > 1
 
 
 def test_coarse_blocks_trip_the_quality_gate(tmp_path, caplog):
