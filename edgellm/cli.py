@@ -66,6 +66,7 @@ def _stream_to_stdout(model, request, params: dict[str, Any]):
             sys.stdout.flush()
         last = chunk
     sys.stdout.write("\n")
+    sys.stdout.flush()  # before the stats line goes to stderr
     return last, "".join(parts)
 
 
