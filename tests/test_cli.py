@@ -1,0 +1,80 @@
+"""`edgellm run / chat / info / devices` as a user runs them: real processes, real bundles."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import edgellm
+
+
+def _cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "edgellm.cli", *args], input=stdin, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.parametrize("command", ["export", "run", "chat", "info", "devices", "serve", "ask"])
+def test_every_command_explains_itself(command):
+    res = _cli(command, "--help")
+    assert res.returncode == 0 and "usage: edgellm " + command in res.stdout
+
+
+def test_run_streams_the_answer_and_prints_stats(tiny_bundle):
+    res = _cli("run", str(tiny_bundle), "--raw", "The quick brown", "-n", "12")
+    assert res.returncode == 0, res.stderr
+    expected = edgellm.load(tiny_bundle).generate("The quick brown", max_new_tokens=12)
+    assert res.stdout == expected.text + "\n"
+    stats = res.stderr.strip().splitlines()[-1]
+    assert re.match(r"\[(stop|length)\] prompt \d+ tok \(0 cached\), completion \d+ tok, ttft \d+ ms, [\d.]+ tok/s",
+                    stats), stats
+
+
+def test_run_sampling_is_reproducible_under_a_seed(tiny_bundle):
+    args = ("run", str(tiny_bundle), "Hello", "-n", "16", "--temperature", "1.0", "--top-p", "0.9", "--seed", "7")
+    first, second = _cli(*args), _cli(*args)
+    assert first.returncode == 0 and first.stdout == second.stdout
+
+
+def test_chat_keeps_history_and_reuses_the_cache(tiny_bundle):
+    res = _cli("chat", str(tiny_bundle), "-n", "6", stdin="Hello there\nAnd again\n\n")
+    assert res.returncode == 0, res.stderr
+    stats = [line for line in res.stderr.splitlines() if line.startswith("[")]
+    assert len(stats) == 2
+    cached = int(re.search(r"\((\d+) cached\)", stats[1]).group(1))
+    assert cached > 0, stats  # the second turn prefills only what is new
+
+
+def test_info_summarises_and_verifies(tiny_bundle):
+    res = _cli("info", str(tiny_bundle))
+    assert res.returncode == 0, res.stderr
+    assert "llama: 2 layers" in res.stdout and "checksums verified" in res.stdout
+    data = json.loads(_cli("info", str(tiny_bundle), "--json").stdout)
+    assert data["graph"]["kind"] == "fast" and "model.onnx" in data["files"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("run", "{missing}", "hi"), "not a bundle directory"),
+        (("run", "{corrupt}", "hi"), "checksum mismatch"),
+        (("run", "{bundle}", "hi", "--temperature", "-1"), "temperature"),
+        (("info", "{corrupt}"), "checksum mismatch"),
+        (("devices", "no-such-board"), "no-such-board"),
+    ],
+    ids=["missing-bundle", "corrupt-bundle", "bad-temperature", "info-corrupt", "unknown-profile"],
+)
+def test_errors_are_one_line_and_non_zero(tiny_bundle, tmp_path, args, message):
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(tiny_bundle, corrupt)
+    data = bytearray((corrupt / "model.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (corrupt / "model.onnx").write_bytes(bytes(data))
+    paths = {"missing": str(tmp_path / "nope"), "corrupt": str(corrupt), "bundle": str(tiny_bundle)}
+    res = _cli(*(a.format(**paths) for a in args))
+    assert res.returncode != 0
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], res.stderr
