@@ -38,10 +38,12 @@ def export_model(
     max_ppl_ratio: float = 1.05,
     evaluate: bool = True,
     progress: Progress | None = None,
+    requantize: bool = False,
 ) -> Manifest:
     """Export `source` (HF folder, .gguf, or a built-in name) to the bundle directory `out`.
 
-    Nothing is left at `out` unless the whole export succeeds.
+    Nothing is left at `out` unless the whole export succeeds. GGUF Q4_0/Q4_1/Q8_0
+    blocks are imported as they are under int4 block 32 unless `requantize`.
     """
     out = Path(out)
     if out.exists() and not force:
@@ -56,7 +58,7 @@ def export_model(
     progress("read", 1, 1)
     try:
         with bundle_writer(out, force=force) as tmp:
-            info = _build(path, src, quant, tmp, progress)
+            info = _build(path, src, quant, tmp, progress, requantize)
             (tmp / "tokenizer.json").write_text(src.tokenizer_json, encoding="utf-8")
             if src.chat_template:
                 (tmp / "chat_template.jinja").write_text(src.chat_template, encoding="utf-8")
@@ -93,11 +95,13 @@ def _choose_path(src: Source, via: Via) -> Literal["fast", "optimum"]:
     return "optimum"
 
 
-def _build(path: str, src: Source, quant: QuantConfig, out_dir: Path, progress: Progress) -> GraphInfo:
+def _build(
+    path: str, src: Source, quant: QuantConfig, out_dir: Path, progress: Progress, requantize: bool = False
+) -> GraphInfo:
     if path == "fast":
         from .graph import build_fast_graph
 
-        return build_fast_graph(src, quant, out_dir, progress)
+        return build_fast_graph(src, quant, out_dir, progress, requantize=requantize)
     from .optimum_path import export_optimum
 
     return export_optimum(src.path, out_dir, quant, progress)

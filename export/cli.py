@@ -22,6 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block-size", type=int, default=32, choices=[16, 32, 64, 128, 256],
                         help="int4/int8 quantization block size (default 32; larger is faster but worse)")
     parser.add_argument("--asymmetric", action="store_true", help="quantize with zero points")
+    parser.add_argument("--requantize", action="store_true",
+                        help="round GGUF Q4_0/Q4_1/Q8_0 blocks afresh instead of importing them exactly (worse)")
     parser.add_argument("--accuracy-level", type=int, default=4, choices=[0, 1, 2, 3, 4],
                         help="MatMulNBits accuracy_level (4: int8 activations on CPU, fastest)")
     parser.add_argument("--via", default="auto", choices=["auto", "fast", "optimum"],
@@ -89,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         manifest = export_model(args.source, args.output, quant=quant, via=args.via, force=args.force,
                                 eval_text=eval_text, max_ppl_ratio=args.max_ppl_ratio,
-                                evaluate=not args.no_eval, progress=bars)
+                                evaluate=not args.no_eval, progress=bars, requantize=args.requantize)
     finally:
         bars.close()
     q = manifest.quality

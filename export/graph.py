@@ -10,6 +10,9 @@ The KV cache is one preallocated buffer per layer and tensor, bound as both
 rows in place when the two share memory, so decoding never copies the cache.
 Initializers are written to `model.onnx.data` as soon as they are built, so the
 export holds one layer's weights at a time, not the whole model twice.
+
+GGUF Q4_1 weights arrive with per-block offsets (see quantize.py): their matmuls
+add blocksum(x) @ offsets^T, with blocksum computed once per activation.
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ from edgellm.errors import ExportError
 from edgellm.spec import ModelSpec
 
 from .config import GraphInfo, QuantConfig
-from .quantize import QuantizedWeight, concat_rows, quantize_nbits
+from .quantize import QuantizedWeight, WeightLoader
 from .sources import Source
 
 GRAPH_FILE = "model.onnx"
@@ -49,6 +52,7 @@ class _Writer:
         self._location = data_path.name
         self._fh = open(data_path, "wb")
         self._consts: dict[tuple, str] = {}
+        self._blocksums: dict[tuple[str, int], str] = {}
 
     def close(self) -> None:
         self._fh.close()
@@ -76,6 +80,15 @@ class _Writer:
             array = np.array(values, dtype=np.int64)
             self._consts[key] = self.initializer(f"/const/int64/{values}", array)
         return self._consts[key]
+
+    def blocksum(self, x: str, K: int, block_size: int) -> str:
+        """Sums of `x` [1, S, K] over each block along K, [1, S, K / block]; shared by all readers of `x`."""
+        key = (x, block_size)
+        if key not in self._blocksums:
+            name = f"{x}/blocksum"
+            blocks = self.one("Reshape", f"{name}/Reshape", [x, self.const([0, 0, K // block_size, block_size])])
+            self._blocksums[key] = self.one("ReduceSum", f"{name}/ReduceSum", [blocks, self.const([-1])], keepdims=0)
+        return self._blocksums[key]
 
     def node(self, op: str, name: str, inputs: list[str], outputs: int | list[str] = 1, **attrs) -> list[str]:
         if isinstance(outputs, int):
@@ -106,6 +119,7 @@ class _Linear:
     bits: int = 0
     block_size: int = 0
     cast: bool = False  # fp16 storage: widen to float32 before the MatMul
+    offsets: str = ""  # float32 [n_blocks, N]: y += blocksum(x) @ offsets (GGUF Q4_1)
 
 
 def _bits(quant: QuantConfig) -> int:
@@ -113,6 +127,8 @@ def _bits(quant: QuantConfig) -> int:
 
 
 def _quantized(w: _Writer, prefix: str, q: QuantizedWeight, bias: np.ndarray | None) -> _Linear:
+    if q.offsets is not None and q.K % q.block_size:
+        raise ExportError(f"{prefix}: K {q.K} is not whole blocks of {q.block_size}, offsets need them")
     return _Linear(
         weight=w.initializer(f"{prefix}.qweight", q.packed),
         scales=w.initializer(f"{prefix}.scales", q.scales),
@@ -122,17 +138,23 @@ def _quantized(w: _Writer, prefix: str, q: QuantizedWeight, bias: np.ndarray | N
         N=q.N,
         bits=q.bits,
         block_size=q.block_size,
+        offsets="" if q.offsets is None else w.initializer(f"{prefix}.offsets", q.offsets.T),
     )
 
 
 def make_linear(
-    w: _Writer, prefix: str, weights: list[np.ndarray], quant: QuantConfig, bias: np.ndarray | None = None
+    w: _Writer,
+    prefix: str,
+    source: Source,
+    names: list[str],
+    quant: QuantConfig,
+    loader: WeightLoader | None,
+    bias: np.ndarray | None = None,
 ) -> _Linear:
-    """Store HF weights [out, in] (row blocks fused into one matrix) as `quant` says."""
-    bits = _bits(quant)
-    if bits:
-        parts = [quantize_nbits(m, bits, quant.block_size, quant.symmetric) for m in weights]
-        return _quantized(w, prefix, concat_rows(parts) if len(parts) > 1 else parts[0], bias)
+    """Store the weights `names` [out, in] (row blocks fused into one matrix) as `quant` says."""
+    if loader is not None:
+        return _quantized(w, prefix, loader.load(names), bias)
+    weights = [source.tensor(n) for n in names]
     matrix = np.concatenate(weights).T if len(weights) > 1 else weights[0].T
     dtype = np.float16 if quant.weights == "fp16" else np.float32
     return _Linear(
@@ -147,17 +169,21 @@ def make_linear(
 def apply_linear(w: _Writer, name: str, x: str, lin: _Linear, quant: QuantConfig, out: str | None = None) -> str:
     outputs = [out] if out else 1
     if lin.bits:
-        return w.node(
+        y = w.node(
             "MatMulNBits",
             f"{name}/MatMulNBits",
             [x, lin.weight, lin.scales, lin.zero_points, "", lin.bias],
-            outputs,
+            1 if lin.offsets else outputs,
             K=lin.K,
             N=lin.N,
             bits=lin.bits,
             block_size=lin.block_size,
             accuracy_level=quant.accuracy_level,
         )[0]
+        if not lin.offsets:
+            return y
+        offset = w.one("MatMul", f"{name}/offsets/MatMul", [w.blocksum(x, lin.K, lin.block_size), lin.offsets])
+        return w.node("Add", f"{name}/offsets/Add", [y, offset], outputs)[0]
     weight = w.one("Cast", f"{name}/Cast", [lin.weight], to=TensorProto.FLOAT) if lin.cast else lin.weight
     if not lin.bias:
         return w.node("MatMul", f"{name}/MatMul", [x, weight], outputs)[0]
@@ -231,11 +257,17 @@ def add_norm(w: _Writer, name: str, x: str, residual: str | None, gamma: np.ndar
 
 
 def embed(
-    w: _Writer, source: Source, spec: ModelSpec, quant: QuantConfig, head: _Linear, head_q: QuantizedWeight | None
+    w: _Writer,
+    source: Source,
+    spec: ModelSpec,
+    quant: QuantConfig,
+    loader: WeightLoader | None,
+    head: _Linear,
+    head_q: QuantizedWeight | None,
 ) -> str:
     """input_ids -> hidden states; the tied table is lm_head's own weight, stored once."""
     name = "/model/embed_tokens"
-    if head_q is None and not _bits(quant):
+    if loader is None:
         if spec.tie_embeddings:
             # lm_head holds E^T; onnxruntime folds this Transpose once at load.
             table = w.one("Transpose", f"{name}/Transpose", [head.weight], perm=[1, 0])
@@ -247,7 +279,7 @@ def embed(
     if head_q is not None:
         q, lin = head_q, head
     else:
-        q = quantize_nbits(source.tensor("model.embed_tokens.weight"), _bits(quant), quant.block_size, quant.symmetric)
+        q = loader.load(["model.embed_tokens.weight"])
         lin = _quantized(w, "model.embed_tokens", q, None)
     # GatherBlockQuantized reads the MatMulNBits blocks as one uint8 row per token.
     table = w.one("Reshape", f"{name}/Reshape", [lin.weight, w.const([q.N, -1])])
@@ -260,10 +292,22 @@ def embed(
         gather_axis=0,
         quantize_axis=1,
     )
+    if lin.offsets:
+        hidden = _add_row_offsets(w, name, hidden, lin, q)
     if q.n_blocks * q.block_size != spec.hidden_size:
         # Rows are padded to whole blocks; drop the padding.
         hidden = w.one("Slice", f"{name}/Slice", [hidden, w.const([0]), w.const([spec.hidden_size]), w.const([-1])])
     return hidden
+
+
+def _add_row_offsets(w: _Writer, name: str, hidden: str, lin: _Linear, q: QuantizedWeight) -> str:
+    """Add each gathered row's per-block offsets, read from lm_head's [n_blocks, vocab] table."""
+    offsets = w.one("Gather", f"{name}/offsets/Gather", [lin.offsets, "input_ids"], axis=1)  # [n_blocks, 1, S]
+    offsets = w.one("Transpose", f"{name}/offsets/Transpose", [offsets], perm=[1, 2, 0])
+    offsets = w.one("Unsqueeze", f"{name}/offsets/Unsqueeze", [offsets, w.const([-1])])
+    blocks = w.one("Reshape", f"{name}/offsets/Reshape", [hidden, w.const([0, 0, q.n_blocks, q.block_size])])
+    shifted = w.one("Add", f"{name}/offsets/Add", [blocks, offsets])
+    return w.one("Reshape", f"{name}/offsets/Reshape_1", [shifted, w.const([0, 0, q.n_blocks * q.block_size])])
 
 
 def _head_norm(w: _Writer, name: str, x: str, gamma: np.ndarray, spec: ModelSpec) -> str:
@@ -277,8 +321,8 @@ def _head_norm(w: _Writer, name: str, x: str, gamma: np.ndarray, spec: ModelSpec
 
 
 def attention(
-    w: _Writer, source: Source, spec: ModelSpec, quant: QuantConfig, i: int, x: str, residual: str | None,
-    lengths: tuple[str, str], rope: tuple[str, str],
+    w: _Writer, source: Source, spec: ModelSpec, quant: QuantConfig, loader: WeightLoader | None, i: int, x: str,
+    residual: str | None, lengths: tuple[str, str], rope: tuple[str, str],
 ) -> tuple[str, str]:
     """Norm, fused QKV projection, GroupQueryAttention with in-place KV, o_proj."""
     hf = f"model.layers.{i}"
@@ -287,7 +331,7 @@ def attention(
                                 source.tensor(f"{hf}.input_layernorm.weight"), spec.rms_norm_eps)
     names = [f"{hf}.self_attn.{p}_proj" for p in "qkv"]
     bias = np.concatenate([source.tensor(f"{n}.bias") for n in names]) if spec.attention_bias else None
-    qkv_lin = make_linear(w, f"{hf}.self_attn.qkv_proj", [source.tensor(f"{n}.weight") for n in names], quant, bias)
+    qkv_lin = make_linear(w, f"{hf}.self_attn.qkv_proj", source, [f"{n}.weight" for n in names], quant, loader, bias)
     qkv = apply_linear(w, f"{base}/attn/qkv_proj", normed, qkv_lin, quant)
     if spec.qk_norm:
         q_size, kv_size = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
@@ -308,12 +352,13 @@ def attention(
         rotary_interleaved=0,  # HF q/k rows are in rotate-half order
         local_window_size=spec.sliding_window or -1,
     )
-    o_lin = make_linear(w, f"{hf}.self_attn.o_proj", [source.tensor(f"{hf}.self_attn.o_proj.weight")], quant)
+    o_lin = make_linear(w, f"{hf}.self_attn.o_proj", source, [f"{hf}.self_attn.o_proj.weight"], quant, loader)
     return apply_linear(w, f"{base}/attn/o_proj", attn, o_lin, quant), residual
 
 
 def mlp(
-    w: _Writer, source: Source, spec: ModelSpec, quant: QuantConfig, i: int, x: str, residual: str
+    w: _Writer, source: Source, spec: ModelSpec, quant: QuantConfig, loader: WeightLoader | None, i: int, x: str,
+    residual: str,
 ) -> tuple[str, str]:
     """Norm, fused gate;up projection, SiLU(gate) * up, down projection."""
     hf = f"model.layers.{i}"
@@ -321,27 +366,26 @@ def mlp(
     normed, residual = add_norm(w, f"{base}/post_attention_layernorm", x, residual,
                                 source.tensor(f"{hf}.post_attention_layernorm.weight"), spec.rms_norm_eps)
     gate_up_lin = make_linear(
-        w, f"{hf}.mlp.gate_up_proj", [source.tensor(f"{hf}.mlp.{p}_proj.weight") for p in ("gate", "up")], quant
+        w, f"{hf}.mlp.gate_up_proj", source, [f"{hf}.mlp.{p}_proj.weight" for p in ("gate", "up")], quant, loader
     )
     gate_up = apply_linear(w, f"{base}/mlp/gate_up_proj", normed, gate_up_lin, quant)
     gate, up = w.node("Split", f"{base}/mlp/Split", [gate_up], 2, axis=-1, num_outputs=2)
     sig = w.one("Sigmoid", f"{base}/mlp/act/Sigmoid", [gate])
     silu = w.one("Mul", f"{base}/mlp/act/Mul", [gate, sig])
     hidden = w.one("Mul", f"{base}/mlp/Mul", [silu, up])
-    down_lin = make_linear(w, f"{hf}.mlp.down_proj", [source.tensor(f"{hf}.mlp.down_proj.weight")], quant)
+    down_lin = make_linear(w, f"{hf}.mlp.down_proj", source, [f"{hf}.mlp.down_proj.weight"], quant, loader)
     return apply_linear(w, f"{base}/mlp/down_proj", hidden, down_lin, quant), residual
 
 
 def head_weights(
-    w: _Writer, source: Source, spec: ModelSpec, quant: QuantConfig
+    w: _Writer, source: Source, spec: ModelSpec, quant: QuantConfig, loader: WeightLoader | None
 ) -> tuple[_Linear, QuantizedWeight | None]:
     """lm_head, from the embedding when tied; its quantized form too, for the embedding to share."""
     name = "model.embed_tokens.weight" if spec.tie_embeddings else "lm_head.weight"
-    weight = source.tensor(name)
-    if _bits(quant):
-        q = quantize_nbits(weight, _bits(quant), quant.block_size, quant.symmetric)
+    if loader is not None:
+        q = loader.load([name])
         return _quantized(w, "lm_head", q, None), q if spec.tie_embeddings else None
-    return make_linear(w, "lm_head", [weight], quant), None
+    return make_linear(w, "lm_head", source, [name], quant, None), None
 
 
 def head(w: _Writer, source: Source, spec: ModelSpec, quant: QuantConfig, lin: _Linear, x: str, residual: str) -> str:
@@ -371,33 +415,40 @@ def _io(spec: ModelSpec) -> tuple[list[onnx.ValueInfoProto], list[onnx.ValueInfo
     return inputs, outputs
 
 
-def _notes(spec: ModelSpec, quant: QuantConfig) -> list[str]:
-    if _bits(quant):
+def _notes(spec: ModelSpec, quant: QuantConfig, loader: WeightLoader | None) -> list[str]:
+    if loader is not None:
         sym = "symmetric" if quant.symmetric else "asymmetric"
         notes = [f"{quant.weights} MatMulNBits, block {quant.block_size}, {sym}, accuracy_level {quant.accuracy_level}"]
         shared = "sharing lm_head's quantized weight" if spec.tie_embeddings else "its own quantized table"
-        return notes + [f"embedding: GatherBlockQuantized, {shared}"]
+        return notes + [f"embedding: GatherBlockQuantized, {shared}"] + loader.notes()
     if quant.weights == "fp16":
         return ["fp16: weights stored float16 and widened to float32 when the session loads; compute and KV in float32"]
     return ["fp32: MatMul on transposed float32 weights"]
 
 
-def build_fast_graph(source: Source, quant: QuantConfig, out_dir: Path, progress: Progress | None = None) -> GraphInfo:
-    """Write `out_dir/model.onnx` (+ `model.onnx.data`) for batch-1 decoding; see the module docstring."""
+def build_fast_graph(
+    source: Source, quant: QuantConfig, out_dir: Path, progress: Progress | None = None, *, requantize: bool = False
+) -> GraphInfo:
+    """Write `out_dir/model.onnx` (+ `model.onnx.data`) for batch-1 decoding; see the module docstring.
+
+    int4 at block 32 imports GGUF Q4_0/Q4_1/Q8_0 blocks as they are; `requantize`
+    rounds them afresh instead (for comparing the two).
+    """
     spec = source.spec
     out_dir = Path(out_dir)
     if spec.head_dim % 2:
         raise ExportError(f"head_dim {spec.head_dim}: rotary embedding needs an even head size")
+    loader = WeightLoader(source, quant, exact=not requantize) if _bits(quant) else None
     w = _Writer(out_dir / DATA_FILE)
     try:
         cos, sin = rope_caches(spec)
         rope = (w.initializer("cos_cache", cos), w.initializer("sin_cache", sin))
         lengths = attention_lengths(w)
-        lm_head, lm_head_q = head_weights(w, source, spec, quant)
-        x, residual = embed(w, source, spec, quant, lm_head, lm_head_q), None
+        lm_head, lm_head_q = head_weights(w, source, spec, quant, loader)
+        x, residual = embed(w, source, spec, quant, loader, lm_head, lm_head_q), None
         for i in range(spec.num_layers):
-            x, residual = attention(w, source, spec, quant, i, x, residual, lengths, rope)
-            x, residual = mlp(w, source, spec, quant, i, x, residual)
+            x, residual = attention(w, source, spec, quant, loader, i, x, residual, lengths, rope)
+            x, residual = mlp(w, source, spec, quant, loader, i, x, residual)
             if progress:
                 progress("layers", i + 1, spec.num_layers)
         head(w, source, spec, quant, lm_head, x, residual)
@@ -418,5 +469,5 @@ def build_fast_graph(source: Source, quant: QuantConfig, out_dir: Path, progress
         inputs=[v.name for v in inputs],
         outputs=[v.name for v in outputs],
         kv_dtype="float32",
-        notes=_notes(spec, quant),
+        notes=_notes(spec, quant, loader),
     )
