@@ -205,12 +205,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?", help="profile to show")
 
     try:
-        from .service.commands import add_ask_arguments, add_serve_arguments, run_ask, run_serve
+        from .service.commands import (add_ask_arguments, add_demo_arguments, add_serve_arguments, run_ask,
+                                       run_demo, run_serve)
     except ImportError:
         pass
     else:
         add_serve_arguments(add("serve", run_serve, "answer requests from devices over MQTT"))
         add_ask_arguments(add("ask", run_ask, "send one prompt to an `edgellm serve` over MQTT and print the answer"))
+        add_demo_arguments(add("demo", run_demo, "export SmolLM2 once, serve it on a local broker, ask it over MQTT"))
     return parser
 
 

@@ -1,11 +1,14 @@
-"""An embedded broker: a private mosquitto on 127.0.0.1, so `edgellm serve` works with no setup.
+"""The embedded broker, so `edgellm serve` and `edgellm demo` work with no setup.
 
-The same class runs the brokers of the test suite (with password files or TLS
-added through `options`), so tests exercise exactly what users run.
+A private mosquitto on 127.0.0.1 when one is installed, else amqtt in this process
+(`amqtt_broker`, the `broker` extra). The same Mosquitto class runs the brokers of the
+test suite (with password files or TLS added through `options`), so tests exercise
+exactly what users run.
 """
 from __future__ import annotations
 
 import getpass
+import importlib.util
 import logging
 import os
 import shutil
@@ -14,7 +17,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Protocol, Sequence
 
 from ..errors import EdgeLLMError
 
@@ -24,6 +27,12 @@ INSTALL_HINT = (
     "no MQTT broker available: install mosquitto (Debian/Ubuntu/Raspberry Pi OS: "
     "`sudo apt-get install mosquitto`; macOS: `brew install mosquitto`) or pass --broker mqtt://HOST:1883"
 )
+AMQTT_HINT = '`pip install "edgellm[broker]"`'
+# Forces the embedded broker's kind; unset: mosquitto when found, else the Python one.
+BROKER_ENV = "EDGELLM_BROKER"
+MOSQUITTO, PYTHON = "mosquitto", "python"
+# What each kind speaks: amqtt refuses MQTT 5 CONNECTs.
+MQTT_VERSIONS_OF = {MOSQUITTO: ("5", "3.1.1"), PYTHON: ("3.1.1",)}
 # Debian installs mosquitto in /usr/sbin, which is not on an ordinary user's PATH.
 _SEARCH = ("/usr/sbin", "/usr/local/sbin", "/opt/homebrew/sbin")
 
@@ -51,12 +60,47 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
+class EmbeddedBroker(Protocol):
+    kind: str
+
+    @property
+    def url(self) -> str: ...
+
+    def close(self) -> None: ...
+
+
+def embedded_kind() -> str:
+    """Which embedded broker `start_embedded` will run; cheap, so it is checked before a slow model load."""
+    forced = os.environ.get(BROKER_ENV, "").strip().lower()
+    if forced not in ("", MOSQUITTO, PYTHON):
+        raise BrokerError(f"{BROKER_ENV}={forced!r}: expected {MOSQUITTO} or {PYTHON}")
+    if forced == MOSQUITTO or (not forced and find_mosquitto() is not None):
+        if find_mosquitto() is None:
+            raise BrokerError(f"{BROKER_ENV}={MOSQUITTO}: {INSTALL_HINT}")
+        return MOSQUITTO
+    if importlib.util.find_spec("amqtt") is None:
+        where = f"{BROKER_ENV}={PYTHON}: amqtt is not installed" if forced else INSTALL_HINT
+        raise BrokerError(f"{where} ({AMQTT_HINT} for an in-process Python broker)")
+    return PYTHON
+
+
+def start_embedded(kind: str, port: int = 0, workdir: str | os.PathLike[str] | None = None) -> EmbeddedBroker:
+    """A started broker of `kind` on 127.0.0.1:`port` (0: a free one); `workdir` only for mosquitto."""
+    if kind == PYTHON:
+        from .amqtt_broker import PythonBroker  # the optional extra, imported only when used
+
+        return PythonBroker(port).start()
+    return Mosquitto(workdir, port).start()
+
+
 class Mosquitto:
     """A mosquitto process listening on 127.0.0.1:`port` (0 picks a free one), data in `workdir`.
 
     Persistence is on, so sessions and queued QoS 1 messages survive `stop()`/`start()`
     exactly as they survive a restart of a real broker.
     """
+
+    kind = MOSQUITTO
 
     def __init__(self, workdir: str | os.PathLike[str] | None = None, port: int = 0,
                  options: Sequence[str] = ()) -> None:

@@ -6,7 +6,9 @@ to this request.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import queue
 import uuid
 from typing import Any, Iterator
@@ -17,7 +19,9 @@ from paho.mqtt.properties import Properties
 
 from ..errors import RequestError
 from . import protocol as proto
-from .connection import Connection, connect_async, make_client, refusal
+from .connection import UNSUPPORTED_VERSION, Connection, connect_async, make_client, refusal
+
+log = logging.getLogger("edgellm.service")
 
 
 class AskTimeout(RequestError):
@@ -27,18 +31,38 @@ class AskTimeout(RequestError):
         super().__init__("timeout", message)
 
 
+class VersionRefused(RequestError):
+    """The broker refuses MQTT 5 (amqtt speaks only 3.1.1): `ask(downgrade=True)` asks again over 3.1.1."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("refused", message)
+
+
 def new_request_id() -> str:
     return uuid.uuid4().hex[:16]
 
 
 def ask(
-    conn: Connection, topics: proto.Topics, request: dict[str, Any], timeout: float = 120.0
+    conn: Connection, topics: proto.Topics, request: dict[str, Any], timeout: float = 120.0,
+    *, downgrade: bool = False,
 ) -> Iterator[dict[str, Any]]:
     """Publish `request` (it must have an `id`) and yield reply payloads up to the final one.
 
     Raises RequestError for an error reply or a refused connection, AskTimeout when
-    nothing more arrives within `timeout` seconds of the last reply.
+    nothing more arrives within `timeout` seconds of the last reply. With `downgrade`,
+    a broker that refuses MQTT 5 is asked again over 3.1.1.
     """
+    try:
+        yield from _ask(conn, topics, request, timeout)
+    except VersionRefused:
+        if not (downgrade and conn.v5):
+            raise
+        log.warning("broker %s refuses MQTT 5 (unsupported protocol version); asking over 3.1.1 with reply_to",
+                    conn.broker)
+        yield from _ask(dataclasses.replace(conn, mqtt_version="3.1.1"), topics, request, timeout)
+
+
+def _ask(conn: Connection, topics: proto.Topics, request: dict[str, Any], timeout: float) -> Iterator[dict[str, Any]]:
     rid = request["id"]
     reply_topic = topics.response(rid)
     replies: queue.Queue[tuple[str, Any]] = queue.Queue()
@@ -46,7 +70,8 @@ def ask(
 
     def on_connect(c: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
         if reason.is_failure:
-            replies.put(("refused", refusal(reason) or str(reason)))
+            kind = "version" if reason.value == UNSUPPORTED_VERSION and conn.v5 else "refused"
+            replies.put((kind, refusal(reason) or str(reason)))
         else:
             c.subscribe(reply_topic, qos=1)
 
@@ -83,6 +108,8 @@ def ask(
                 where = f"from {topics.request}" if sent else f"broker {conn.broker} not reached"
                 raise AskTimeout(f"no reply within {timeout:g}s ({where}; is `edgellm serve` running "
                                  f"with --device-id {topics.device}?)") from None
+            if kind == "version":
+                raise VersionRefused(f"broker {conn.broker}: {value}")
             if kind == "refused":
                 raise RequestError("refused", f"broker {conn.broker}: {value}")
             if kind == "sent":

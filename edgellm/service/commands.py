@@ -1,4 +1,4 @@
-"""`edgellm serve` and `edgellm ask`: arguments and entry points the CLI wires in.
+"""`edgellm serve`, `edgellm ask` and `edgellm demo`: arguments and entry points the CLI wires in.
 
 Settings come from the command line, else from the `[serve]` table of `--config`
 (keys are the long option names), else from the defaults of `Connection` and
@@ -16,14 +16,17 @@ import sys
 import threading
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
+from .. import load
 from ..cli import add_load_arguments, add_sampling_arguments, load_model, sampling_params
 from ..errors import RequestError
 from . import protocol as proto
-from .broker import BrokerError, Mosquitto, port_is_free
+from .broker import (MOSQUITTO, MQTT_VERSIONS_OF, PYTHON, BrokerError, EmbeddedBroker, embedded_kind, port_is_free,
+                     start_embedded)
 from .client import ask, new_request_id
 from .connection import MQTT_VERSIONS, BrokerAddress, Connection, read_password
+from .demo import DEFAULT_BUNDLE, DEFAULT_PROMPT, ensure_bundle, local_service
 from .server import Service, ServiceConfig
 
 log = logging.getLogger("edgellm.service")
@@ -125,11 +128,28 @@ def _service_config(args: argparse.Namespace, topics: proto.Topics) -> ServiceCo
                          **{k: v for k, v in given.items() if v is not None})
 
 
-def _embedded_broker() -> Mosquitto:
+def _embedded_version(kind: str, args: argparse.Namespace) -> str:
+    """The MQTT version the service speaks to the embedded broker of `kind`; refuses what it lacks."""
+    spoken = MQTT_VERSIONS_OF[kind]
+    if kind == PYTHON:
+        why = "the in-process Python broker (amqtt, used when mosquitto is not installed)"
+        fix = "install mosquitto or pass --broker mqtt://HOST:1883"
+        if args.mqtt_version not in (None, *spoken):
+            only = " and ".join(spoken)
+            raise BrokerError(f"--mqtt-version {args.mqtt_version}: {why} speaks MQTT {only} only; {fix}")
+        if args.shared_group:
+            raise BrokerError(f"--shared-group: {why} has no shared subscriptions; {fix}")
+    return args.mqtt_version or spoken[0]
+
+
+def _embedded_broker(kind: str) -> EmbeddedBroker:
     """1883 when free, so `edgellm ask` finds it without --broker; else any free port."""
-    broker = Mosquitto(port=1883 if port_is_free(1883) else 0)
-    broker.start()
-    log.warning("no --broker given: started an embedded mosquitto at %s (this host only)", broker.url)
+    broker = start_embedded(kind, port=1883 if port_is_free(1883) else 0)
+    if kind == MOSQUITTO:
+        log.warning("no --broker given: started an embedded mosquitto at %s (this host only)", broker.url)
+    else:
+        log.warning("no --broker given: started the in-process Python broker (amqtt) at %s (this host only); "
+                    "MQTT 5 is unavailable on it, so the service speaks 3.1.1", broker.url)
     return broker
 
 
@@ -138,14 +158,14 @@ def run_serve(args: argparse.Namespace) -> int:
     topics = _topics(args)
     config = _service_config(args, topics)
     conn = _connection(args, args.broker or "mqtt://127.0.0.1")  # bad settings fail before the slow load
+    kind = None
+    if args.broker is None:
+        kind = embedded_kind()
+        conn = dataclasses.replace(conn, mqtt_version=_embedded_version(kind, args))
     model = load_model(args)
     broker = None
-    if args.broker is None:
-        try:
-            broker = _embedded_broker()
-        except BrokerError as exc:
-            log.error("%s", exc)
-            return 1
+    if kind is not None:
+        broker = _embedded_broker(kind)
         conn = dataclasses.replace(conn, broker=BrokerAddress.parse(broker.url))
     service = Service(model, conn, config)
     stop = threading.Event()
@@ -166,28 +186,63 @@ def run_serve(args: argparse.Namespace) -> int:
     return 1 if service.failure else 0
 
 
-def run_ask(args: argparse.Namespace) -> int:
-    prompt = args.prompt
-    request: dict[str, Any] = {"id": new_request_id(), "stream": True}
-    if args.raw:
-        request["prompt"] = prompt
-    else:
-        system = [{"role": "system", "content": args.system}] if args.system else []
-        request["messages"] = [*system, {"role": "user", "content": prompt}]
-    for key, value in sampling_params(args).items():
-        request["max_tokens" if key == "max_new_tokens" else key] = value
-    conn = _connection(args, args.broker or "mqtt://127.0.0.1:1883")
+def _print_replies(command: str, replies: Iterable[dict[str, Any]], as_json: bool = False) -> int:
+    """Deltas to stdout as they arrive, one stats line to stderr; an error reply is one line and exit 1."""
     try:
-        for reply in ask(conn, _topics(args), request, args.timeout):
-            if args.json:
+        for reply in replies:
+            if as_json:
                 print(proto.encode(reply).decode())
             elif reply.get("done"):
                 sys.stdout.write("\n")
-                print(f"[{reply['finish_reason']}] {reply.get('usage', {})}", file=sys.stderr)
+                print(_stats(reply), file=sys.stderr)
             else:
                 sys.stdout.write(reply.get("delta", ""))
                 sys.stdout.flush()
     except RequestError as exc:
-        print(f"edgellm ask: error: {exc.code}: {exc}", file=sys.stderr)
+        print(f"edgellm {command}: error: {exc.code}: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _stats(final: dict[str, Any]) -> str:
+    u = final.get("usage") or {}
+    return (f"[{final.get('finish_reason')}] prompt {u.get('prompt_tokens', '?')} tok, "
+            f"completion {u.get('completion_tokens', '?')} tok, ttft {u.get('ttft_s', 0) * 1000:.0f} ms, "
+            f"{u.get('decode_tokens_per_s', 0):.1f} tok/s")
+
+
+def _chat_request(prompt: str, system: str | None = None) -> dict[str, Any]:
+    system_turn = [{"role": "system", "content": system}] if system else []
+    return {"id": new_request_id(), "stream": True,
+            "messages": [*system_turn, {"role": "user", "content": prompt}]}
+
+
+def run_ask(args: argparse.Namespace) -> int:
+    if args.raw:
+        request: dict[str, Any] = {"id": new_request_id(), "stream": True, "prompt": args.prompt}
+    else:
+        request = _chat_request(args.prompt, args.system)
+    for key, value in sampling_params(args).items():
+        request["max_tokens" if key == "max_new_tokens" else key] = value
+    conn = _connection(args, args.broker or "mqtt://127.0.0.1:1883")
+    # Without an explicit --mqtt-version, a 3.1.1-only broker (the Python fallback) still works.
+    replies = ask(conn, _topics(args), request, args.timeout, downgrade=args.mqtt_version is None)
+    return _print_replies("ask", replies, args.json)
+
+
+def add_demo_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT, help=f"default: {DEFAULT_PROMPT!r}")
+    p.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE, metavar="DIR",
+                   help=f"bundle to serve; SmolLM2 is exported here when it is missing (default: {DEFAULT_BUNDLE})")
+    p.add_argument("--work", type=Path, metavar="DIR",
+                   help="keep the embedded mosquitto's config, data and log here (default: a temporary folder)")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for each reply (default: 120)")
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    model = load(ensure_bundle(args.bundle))
+    request = _chat_request(args.prompt)
+    with local_service(model, args.work) as (conn, topics):
+        log.info("publishing request %s on %s, as a device would; the answer streams back over MQTT",
+                 request["id"], topics.request)
+        return _print_replies("demo", ask(conn, topics, request, args.timeout))

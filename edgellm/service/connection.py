@@ -14,8 +14,14 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.packettypes import PacketTypes
 
 MQTT_VERSIONS = {"5": mqtt.MQTTv5, "3.1.1": mqtt.MQTTv311}
+# amqtt, the Python broker, speaks only 3.1.1 and answers an MQTT 5 CONNECT with this reason.
+UNSUPPORTED_VERSION = 132
 # CONNACK reasons that retrying cannot fix: the operator must change the settings.
-AUTH_REFUSED = {134: "bad user name or password", 135: "not authorized"}
+REFUSED_FOR_GOOD = {
+    UNSUPPORTED_VERSION: "unsupported protocol version (a broker of MQTT 3.1.1 only? pass --mqtt-version 3.1.1)",
+    134: "bad user name or password (check --username/--password-file)",
+    135: "not authorized (check --username/--password-file)",
+}
 
 
 @dataclass(frozen=True)
@@ -102,8 +108,11 @@ def connect_async(client: mqtt.Client, conn: Connection, *, persistent: bool, se
     clean_start: bool | int = mqtt.MQTT_CLEAN_START_FIRST_ONLY
     if conn.v5:
         clean_start = not persistent
+    # Without the property the session expires at once (the MQTT 5 default). Leaving it out also
+    # lets a 3.1.1-only broker (amqtt) read the CONNECT and refuse it; properties make it hang.
+    if conn.v5 and persistent:
         properties = Properties(PacketTypes.CONNECT)
-        properties.SessionExpiryInterval = session_expiry if persistent else 0
+        properties.SessionExpiryInterval = session_expiry
     client.connect_async(
         conn.broker.host,
         conn.broker.port,
@@ -114,9 +123,9 @@ def connect_async(client: mqtt.Client, conn: Connection, *, persistent: bool, se
 
 
 def refusal(reason: object) -> str | None:
-    """A one-line reason when a CONNACK refuses for good (credentials, authorization)."""
+    """A one-line reason when a CONNACK refuses for good (credentials, authorization, protocol version)."""
     value = getattr(reason, "value", None)
-    return AUTH_REFUSED.get(value) if isinstance(value, int) else None
+    return REFUSED_FOR_GOOD.get(value) if isinstance(value, int) else None
 
 
 def publish_properties(correlation: bytes | None) -> Properties | None:

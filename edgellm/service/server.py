@@ -199,8 +199,7 @@ class Service:
             if fatal is None:
                 log.warning("broker %s refused the connection (%s); retrying", self.conn.broker, reason)
                 return
-            self.failure = (f"broker {self.conn.broker} refused the connection: {fatal} "
-                            "(check --username/--password-file)")
+            self.failure = f"broker {self.conn.broker} refused the connection: {fatal}"
             log.error("%s", self.failure)
             client.disconnect()
             self.finished.set()
