@@ -115,6 +115,9 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+PREFILL_CHUNK = 256
+
+
 def generate_step(
     forward: Forward,
     prompt: Sequence[int],
@@ -125,7 +128,10 @@ def generate_step(
 ) -> Iterator[int]:
     """Yield sampled ids without end. `fresh` is the tail of `prompt` not yet in the cache."""
     history = np.asarray(prompt, dtype=np.int64)
-    logits = forward(fresh)
+    # Prefill in chunks: attention scores grow with chunk x context, and the
+    # session's arena keeps its peak, so one 2,000-token pass would hold ~150 MB.
+    for start in range(0, len(fresh), PREFILL_CHUNK):
+        logits = forward(fresh[start : start + PREFILL_CHUNK])
     while True:
         for process in processors:
             logits = process(history, logits)

@@ -23,7 +23,8 @@ log = logging.getLogger("edgellm")
 # Keeps the preallocated KV cache small on a Pi unless a profile or the caller asks for more.
 DEFAULT_MAX_CONTEXT = 4096
 
-Prompt = str | Sequence[dict[str, str]]
+# Text, chat messages, or token ids (for scoring and benchmarks that must feed exact ids).
+Prompt = str | Sequence[dict[str, str]] | Sequence[int]
 
 
 def load(
@@ -90,6 +91,10 @@ def _warn_memory(prof: "DeviceProfile", root: Path, manifest: Manifest, context:
         log.warning("%s", warning)
 
 
+def _is_id(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 class Model:
     """A loaded bundle. Generation keeps the KV cache of the last request, so a
     follow-up that repeats its prefix (a chat turn, a fixed system prompt) prefills
@@ -145,15 +150,20 @@ class Model:
         return self.template.render(list(messages), add_generation_prompt=add_generation_prompt, **extra)
 
     def prompt_ids(self, prompt: Prompt, params: GenerationParams) -> list[int]:
-        """Token ids of a plain prompt, or of messages rendered through the chat template,
-        fitted to the context."""
+        """Token ids of a plain prompt, of messages rendered through the chat template,
+        or the ids themselves, fitted to the context."""
         if isinstance(prompt, str):
-            text = prompt
+            ids = self.encode(prompt)
+        elif isinstance(prompt, (list, tuple)) and prompt and all(_is_id(t) for t in prompt):
+            vocab = self._runner.vocab_size
+            if (bad := next((t for t in prompt if not 0 <= t < vocab), None)) is not None:
+                raise GenerationError(f"prompt token id {bad} is out of range for a vocabulary of {vocab}")
+            ids = list(prompt)
         elif isinstance(prompt, (list, tuple)):
-            text = self.render_chat(prompt, add_generation_prompt=params.add_generation_prompt)
+            ids = self.encode(self.render_chat(prompt, add_generation_prompt=params.add_generation_prompt))
         else:
-            raise GenerationError(f"prompt must be a string or a list of messages, got {type(prompt).__name__}")
-        ids = self.encode(text)
+            raise GenerationError(
+                f"prompt must be a string, a list of messages or a list of token ids, got {type(prompt).__name__}")
         if not ids:
             raise GenerationError("prompt is empty")
         limit = self.max_context

@@ -68,3 +68,15 @@ def smollm2_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("smollm2") / "bundle"
     export_model("smollm2-135m", out)
     return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_fp32_bundle(tmp_path_factory: pytest.TempPathFactory, smollm2_bundle) -> Path:
+    """The same weights with fp32 graph math: the reference the default bundle must follow."""
+    from export.api import export_model
+    from export.config import QuantConfig
+
+    out = tmp_path_factory.mktemp("smollm2-fp32") / "bundle"
+    export_model("smollm2-135m", out, quant=QuantConfig("fp32"), evaluate=False)
+    return out
+

@@ -87,17 +87,18 @@ def _feed(session: ort.InferenceSession, cache: StaticCache, io: ort.IOBinding, 
     return io.copy_outputs_to_cpu()[-1]
 
 
+@pytest.mark.parametrize("initial", [CAPACITY, 2], ids=["preallocated", "growing"])
 @pytest.mark.parametrize("chunks", [[10], [1] * 10, [4, 1, 5], [6, 4]])
-def test_static_cache_any_chunking_matches_reference(gqa, chunks):
+def test_static_cache_any_chunking_matches_reference(gqa, chunks, initial):
     q, k, v = _qkv(10, seed=0)
-    cache = StaticCache(1, KV_HEADS, HEAD_DIM, CAPACITY)
+    cache = StaticCache(1, KV_HEADS, HEAD_DIM, CAPACITY, initial=initial)
     io = gqa.io_binding()
     outs, at = [], 0
     for n in chunks:
         outs.append(_feed(gqa, cache, io, q[:, at : at + n], k[:, at : at + n], v[:, at : at + n]))
         at += n
     np.testing.assert_allclose(np.concatenate(outs, axis=1), _attention(q, k, v), atol=1e-5)
-    assert cache.length == 10
+    assert cache.length == 10 and 10 <= cache.allocated <= CAPACITY
     # The graph wrote the keys straight into the cache's own buffer: no copy per step.
     np.testing.assert_array_equal(cache.keys[0][0, :, :10], k[0].reshape(10, KV_HEADS, HEAD_DIM).transpose(1, 0, 2))
 
@@ -117,9 +118,25 @@ def test_static_rewind_then_diverge_matches_cold_run(gqa):
     assert cache.trim(100) == 7 and cache.length == 0
 
 
-def test_static_snapshot_restore_survives_overwrite(gqa):
+def test_static_cache_grows_by_doubling_up_to_capacity(gqa):
+    cache = StaticCache(1, KV_HEADS, HEAD_DIM, CAPACITY, initial=4)
+    io = gqa.io_binding()
+    q, k, v = _qkv(CAPACITY, seed=5)
+    sizes = []
+    for at in range(CAPACITY):
+        _feed(gqa, cache, io, q[:, at : at + 1], k[:, at : at + 1], v[:, at : at + 1])
+        sizes.append(cache.allocated)
+    assert sorted(set(sizes)) == [4, 8, 16, CAPACITY]  # doubled, then capped at capacity
+    # Rows written before each growth survived it: replaying the last token sees them all.
+    cache.rewind(CAPACITY - 1)
+    last = _feed(gqa, cache, io, q[:, -1:], k[:, -1:], v[:, -1:])
+    np.testing.assert_allclose(last, _attention(q, k, v)[:, -1:], atol=1e-5)
+
+
+@pytest.mark.parametrize("initial", [CAPACITY, 2], ids=["preallocated", "growing"])
+def test_static_snapshot_restore_survives_overwrite(gqa, initial):
     q, k, v = _qkv(8, seed=3)
-    cache = StaticCache(1, KV_HEADS, HEAD_DIM, CAPACITY)
+    cache = StaticCache(1, KV_HEADS, HEAD_DIM, CAPACITY, initial=initial)
     io = gqa.io_binding()
     _feed(gqa, cache, io, q[:, :5], k[:, :5], v[:, :5])
     snap = cache.snapshot(5)

