@@ -151,6 +151,8 @@ def bundle_writer(out: str | os.PathLike[str], force: bool = False) -> Iterator[
         yield tmp
         if not (tmp / MANIFEST).is_file():
             raise BundleError(f"{out}: export wrote no {MANIFEST}")
+        # mkdtemp makes the directory private (0700); a bundle is read by a service user.
+        tmp.chmod(0o755)
         if out.exists():
             old = parent / f".{out.name}.old"
             shutil.rmtree(old, ignore_errors=True)

@@ -36,6 +36,7 @@ def test_bundle_is_self_describing(tiny_hf, tmp_path):
     assert q["tokens"] > 50 and q["perplexity"] > 1 and q["source_perplexity"] > 1
     assert q["ratio"] == pytest.approx(q["perplexity"] / q["source_perplexity"], rel=1e-3)
     assert _leftovers(tmp_path) == ["b"]
+    assert out.stat().st_mode & 0o777 == 0o755  # readable by a service user, like any install
 
 
 def test_existing_output_needs_force(tiny_hf, tmp_path):
