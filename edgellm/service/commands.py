@@ -26,7 +26,7 @@ from .broker import (MOSQUITTO, MQTT_VERSIONS_OF, PYTHON, BrokerError, EmbeddedB
                      start_embedded)
 from .client import ask, new_request_id
 from .connection import MQTT_VERSIONS, BrokerAddress, Connection, read_password
-from .demo import DEFAULT_BUNDLE, DEFAULT_PROMPT, ensure_bundle, local_service
+from .demo import DEFAULT_BUNDLE, DEFAULT_PROMPT, DEMO_SYSTEM, ensure_bundle, local_service
 from .server import Service, ServiceConfig
 
 log = logging.getLogger("edgellm.service")
@@ -237,11 +237,12 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--work", type=Path, metavar="DIR",
                    help="keep the embedded mosquitto's config, data and log here (default: a temporary folder)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for each reply (default: 120)")
+    p.add_argument("--system", default=DEMO_SYSTEM, help=f"system prompt (default: {DEMO_SYSTEM!r})")
 
 
 def run_demo(args: argparse.Namespace) -> int:
     model = load(ensure_bundle(args.bundle))
-    request = _chat_request(args.prompt)
+    request = _chat_request(args.prompt, args.system)
     with local_service(model, args.work) as (conn, topics):
         log.info("publishing request %s on %s, as a device would; the answer streams back over MQTT",
                  request["id"], topics.request)

