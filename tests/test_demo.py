@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from edgellm.service.broker import BROKER_ENV, MOSQUITTO, PYTHON, find_mosquitto
+from edgellm.service.demo import DEMO_SYSTEM
 
 pytestmark = pytest.mark.timeout(120)
 ROOT = Path(__file__).parent.parent
@@ -33,7 +34,8 @@ def test_demo_answers_over_mqtt_on_either_broker(tiny_bundle, tmp_path, kind):
     work = tmp_path / "work"
     done = demo("--bundle", str(tiny_bundle), "--work", str(work), "hello", kind=kind)
     assert done.returncode == 0, done.stderr
-    expected = edgellm.load(tiny_bundle).generate([{"role": "user", "content": "hello"}])
+    expected = edgellm.load(tiny_bundle).generate(
+        [{"role": "system", "content": DEMO_SYSTEM}, {"role": "user", "content": "hello"}])
     assert done.stdout == expected.text + "\n"
     err = done.stderr
     version = "5" if kind == MOSQUITTO else "3.1.1"
@@ -82,7 +84,8 @@ def test_demo_exports_smollm2_once_and_answers_as_the_model_does_in_process(tmp_
     assert first.returncode == 0, first.stderr
     assert "exporting smollm2-135m" in first.stderr
     bundle = tmp_path / DEFAULT_BUNDLE
-    expected = edgellm.load(bundle).generate([{"role": "user", "content": DEFAULT_PROMPT}])
+    expected = edgellm.load(bundle).generate(
+        [{"role": "system", "content": DEMO_SYSTEM}, {"role": "user", "content": DEFAULT_PROMPT}])
     assert first.stdout == expected.text + "\n" and expected.text.strip()
     again = demo("Say hi.", kind=kind, cwd=tmp_path)
     assert again.returncode == 0, again.stderr
