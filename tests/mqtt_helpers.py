@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import queue
 import re
+import signal
 import subprocess
 import threading
 import time
@@ -243,3 +244,27 @@ def schema_errors(value: Any, schema: dict, where: str = "$") -> list[str]:
 
 def load_schema(name: str) -> dict:
     return json.loads((SCHEMAS / f"{name}.json").read_text())
+
+
+def check_status_lifecycle(conn: Callable[[], Connection], status_topic: str, proc: Any) -> dict:
+    """The running `serve` process `proc` has a retained online status; once it is
+    SIGKILLed, its Last Will turns that retained status offline. Returns the online payload."""
+    watcher = Probe(conn(), "watcher", topics=(status_topic,))
+    try:
+        online = payload(watcher.wait(lambda m: payload(m).get("state") == "online", timeout=30))
+        # retained: a device that subscribes later sees it too
+        late = Probe(conn(), "late-1", topics=(status_topic,))
+        assert payload(late.wait(lambda m: m.retain)) == online
+        late.close()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        assert watcher.wait(lambda m: payload(m) == {"state": "offline"}, timeout=10)
+        late = Probe(conn(), "late-2", topics=(status_topic,))
+        assert payload(late.wait(lambda m: m.retain)) == {"state": "offline"}
+        late.close()
+        return online
+    finally:
+        watcher.close()
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()

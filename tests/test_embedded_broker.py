@@ -21,7 +21,7 @@ import pytest
 from edgellm.service import protocol as proto
 from edgellm.service.broker import BROKER_ENV, MOSQUITTO, PYTHON, BrokerError, embedded_kind, port_is_free
 from edgellm.service.client import ask
-from mqtt_helpers import Probe, connection, payload, running_service
+from mqtt_helpers import Probe, check_status_lifecycle, connection, payload, running_service
 
 pytest.importorskip("amqtt", reason='amqtt is not installed (pip install "edgellm[broker]")')
 pytestmark = pytest.mark.timeout(60)
@@ -104,24 +104,8 @@ def test_status_is_retained_and_the_last_will_marks_a_killed_service_offline(bro
          "--mqtt-version", "3.1.1", "--device-id", "killme"],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
-    watcher = Probe(v311(broker.url), "watcher", topics=(status,))
-    try:
-        online = payload(watcher.wait(lambda m: payload(m).get("state") == "online", timeout=30))
-        assert online["capabilities"]["mqtt_version"] == "3.1.1"
-        late = Probe(v311(broker.url), "late-1", topics=(status,))
-        assert payload(late.wait(lambda m: m.retain)) == online
-        late.close()
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(10)
-        assert watcher.wait(lambda m: payload(m) == {"state": "offline"}, timeout=10)
-        late = Probe(v311(broker.url), "late-2", topics=(status,))
-        assert payload(late.wait(lambda m: m.retain)) == {"state": "offline"}
-        late.close()
-    finally:
-        watcher.close()
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
+    online = check_status_lifecycle(lambda: v311(broker.url), status, proc)
+    assert online["capabilities"]["mqtt_version"] == "3.1.1"
 
 
 def _stderr_lines(proc: subprocess.Popen) -> queue.Queue[str]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ import pytest
 from edgellm.service import protocol as proto
 from edgellm.service.broker import BrokerError, Mosquitto, find_mosquitto
 from edgellm.service.client import ask
-from mqtt_helpers import (Gated, Probe, connection, is_reply, load_schema, make_password_file, make_tls_files, payload,
+from mqtt_helpers import (Gated, Probe, check_status_lifecycle, connection, is_reply, load_schema, make_password_file, make_tls_files, payload,
                           running_service, schema_errors, start_broker)
 
 pytestmark = [
@@ -205,27 +204,12 @@ def test_status_is_retained_and_turns_offline_when_the_process_is_killed(broker,
         [sys.executable, "-m", "edgellm.cli", "serve", str(tiny_bundle), "--broker", broker.url,
          "--device-id", "killme"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
-    watcher = Probe(connection(broker.url), "watcher", topics=(status_topic,))
     try:
-        online = payload(watcher.wait(lambda m: payload(m).get("state") == "online", timeout=30))
-        assert schema_errors(online, load_schema("status")) == []
-        assert online["device"] == "killme" and online["capabilities"]["mqtt_version"] == "5"
-        # retained: a device that subscribes later sees it too
-        late = Probe(connection(broker.url), "late-1", topics=(status_topic,))
-        assert payload(late.wait(lambda m: m.retain)) == online
-        late.close()
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(10)
-        assert watcher.wait(lambda m: payload(m) == {"state": "offline"}, timeout=10)
-        late = Probe(connection(broker.url), "late-2", topics=(status_topic,))
-        assert payload(late.wait(lambda m: m.retain)) == {"state": "offline"}
-        late.close()
+        online = check_status_lifecycle(lambda: connection(broker.url), status_topic, proc)
     finally:
-        watcher.close()
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
         proc.stderr.close()
+    assert schema_errors(online, load_schema("status")) == []
+    assert online["device"] == "killme" and online["capabilities"]["mqtt_version"] == "5"
 
 
 def test_username_password_and_a_clear_refusal(tmp_path, model, tiny_bundle, caplog):
