@@ -12,7 +12,9 @@ Initializers are written to `model.onnx.data` as soon as they are built, so the
 export holds one layer's weights at a time, not the whole model twice.
 
 GGUF Q4_1 weights arrive with per-block offsets (see quantize.py): their matmuls
-add blocksum(x) @ offsets^T, with blocksum computed once per activation.
+add blocksum(x) @ offsets^T, with blocksum computed once per activation. Decode
+time goes to reading the float offsets and dispatching the small nodes, not to
+their arithmetic, so blocksum is a single MatMul with a shared 0/1 indicator.
 """
 from __future__ import annotations
 
@@ -53,6 +55,7 @@ class _Writer:
         self._fh = open(data_path, "wb")
         self._consts: dict[tuple, str] = {}
         self._blocksums: dict[tuple[str, int], str] = {}
+        self._indicators: dict[tuple[int, int], str] = {}
 
     def close(self) -> None:
         self._fh.close()
@@ -85,10 +88,20 @@ class _Writer:
         """Sums of `x` [1, S, K] over each block along K, [1, S, K / block]; shared by all readers of `x`."""
         key = (x, block_size)
         if key not in self._blocksums:
-            name = f"{x}/blocksum"
-            blocks = self.one("Reshape", f"{name}/Reshape", [x, self.const([0, 0, K // block_size, block_size])])
-            self._blocksums[key] = self.one("ReduceSum", f"{name}/ReduceSum", [blocks, self.const([-1])], keepdims=0)
+            # One MatMul instead of Reshape + ReduceSum: a node fewer per activation
+            # (120 for SmolLM2, a few percent of decode time), and the indicator is
+            # shared by every layer, so it stays in cache.
+            self._blocksums[key] = self.one("MatMul", f"{x}/blocksum/MatMul", [x, self._indicator(K, block_size)])
         return self._blocksums[key]
+
+    def _indicator(self, K: int, block_size: int) -> str:
+        """float32 [K, K / block]: 1 where row k lies in block column b."""
+        key = (K, block_size)
+        if key not in self._indicators:
+            blocks = np.eye(K // block_size, dtype=np.float32)
+            matrix = np.repeat(blocks, block_size, axis=0)
+            self._indicators[key] = self.initializer(f"/const/blocksum/{K}x{block_size}", matrix)
+        return self._indicators[key]
 
     def node(self, op: str, name: str, inputs: list[str], outputs: int | list[str] = 1, **attrs) -> list[str]:
         if isinstance(outputs, int):

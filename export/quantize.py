@@ -17,8 +17,9 @@ exactly, so a GGUF model keeps the quantization its author chose instead of
 losing quality to a second rounding. Q4_1's `w = d*q + m` becomes the symmetric
 `d*(q - 8)` plus a per-block offset `m + 8d` that the graph adds as
 blocksum(x) @ offsets^T: float zero points would be exact too, but onnxruntime's
-CPU kernel falls back to dequantize + GEMM for them (about 50x slower), while the
-symmetric kernel plus the offset costs a few microseconds a layer.
+CPU kernel falls back to dequantize + GEMM for them (about 50x slower), and uint8
+zero points cannot hold -m/d. The offsets are one float per block and output, as
+many bytes as the scales: reading them is most of what Q4_1 adds to a decode step.
 """
 from __future__ import annotations
 
