@@ -27,8 +27,8 @@ import report  # noqa: E402
 from prompts import PromptSet  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-ENGINES = ("edgellm", "genai", "llamacpp")
-MODULES = {"edgellm": "edgellm", "genai": "onnxruntime_genai", "llamacpp": "llama_cpp"}
+ENGINES = ("edgellm", "edgellm-requant", "genai", "llamacpp")
+MODULES = {"edgellm": "edgellm", "edgellm-requant": "edgellm", "genai": "onnxruntime_genai", "llamacpp": "llama_cpp"}
 INSTALL = {"genai": "pip install onnxruntime-genai onnx-ir", "llamacpp": "pip install llama-cpp-python"}
 
 
@@ -96,11 +96,15 @@ def gguf_of(source: str) -> Path | None:
 
 
 def export_edgellm(args: argparse.Namespace, bundle: Path) -> dict[str, Any]:
-    """Time `edgellm export` with and without the perplexity gate; the gated bundle is the one benchmarked."""
+    """Time `edgellm export` with and without the perplexity gate; the gated bundle is the one benchmarked,
+    and its `--requantize` twin (genai's kind of weights) when that row is asked for."""
     if args.skip_export and (bundle / "manifest.json").is_file():
         return {"default": {"skipped": "--skip-export (reused " + str(bundle) + ")"}}
     results = {}
-    for name, out, extra in (("default", bundle, []), ("--no-eval", args.work / ".export-no-eval", ["--no-eval"])):
+    runs = [("default", bundle, []), ("--no-eval", args.work / ".export-no-eval", ["--no-eval"])]
+    if "edgellm-requant" in args.engines:
+        runs.append(("--requantize", requantized(bundle), ["--requantize"]))
+    for name, out, extra in runs:
         stage(f"edgellm export {args.source} ({name}) -> {out}")
         flag = args.work / "run" / "export.json"
         cmd = [sys.executable, str(HERE / "worker.py"), "export", str(flag), "--",
@@ -129,11 +133,18 @@ def build_genai(args: argparse.Namespace, out: Path) -> str | None:
     return None
 
 
+def requantized(bundle: Path) -> Path:
+    return bundle.with_name(bundle.name + "-requantize")
+
+
 def model_for(key: str, args: argparse.Namespace, bundle: Path, genai_dir: Path) -> tuple[Path | None, str | None]:
     if importlib.util.find_spec(MODULES[key]) is None:
         return None, f"{MODULES[key]} is not installed ({INSTALL[key]})"
     if key == "edgellm":
         return bundle, None
+    if key == "edgellm-requant":
+        ready = (requantized(bundle) / "manifest.json").is_file()
+        return requantized(bundle), None if ready else "no --requantize bundle (run without --skip-export)"
     if key == "genai":
         return genai_dir, build_genai(args, genai_dir)
     gguf = gguf_of(args.source)
@@ -172,7 +183,7 @@ def measure(key: str, model: Path, work: dict[str, Any], run_dir: Path) -> tuple
     if measured["rc"] != 0:
         return {"skipped": f"its benchmark process failed (exit {measured['rc']}; see above)"}, None
     result = {**json.loads(speed.read_text()), **measured}
-    if key == "edgellm":  # its perplexity is the export gate's, in the manifest
+    if key.startswith("edgellm"):  # its perplexity is the export gate's, in the manifest
         return result, None
     scores = run_dir / f"{key}.quality.json"
     if run_measured([sys.executable, str(HERE / "worker.py"), "quality", str(config), str(scores)])["rc"] != 0:
@@ -196,10 +207,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from edgellm.bundle import read_manifest
 
-    gate = read_manifest(bundle, verify=False).quality
     quality: dict[str, Any] = {"text": "export.quality.DEFAULT_TEXT", "tokens": len(work["eval_ids"])}
-    if gate:
-        quality["edgellm"] = {k: gate.get(k) for k in ("perplexity", "source_perplexity", "tokens")}
+    for key, path in (("edgellm", bundle), ("edgellm-requant", requantized(bundle))):
+        if key in args.engines and (path / "manifest.json").is_file():
+            gate = read_manifest(path, verify=False).quality
+            quality[key] = {k: gate.get(k) for k in ("perplexity", "source_perplexity", "tokens")}
     engines: dict[str, dict[str, Any]] = {}
     for key in args.engines:
         model, skipped = model_for(key, args, bundle, args.work / f"genai-{slug}-int4")

@@ -152,4 +152,5 @@ class LlamaCpp:
         return perplexity(self.llm.scores[: len(ids)], ids)
 
 
-ENGINES = {"edgellm": EdgeLLM, "genai": Genai, "llamacpp": LlamaCpp}
+# "edgellm-requant" is the same runtime on a `--requantize` bundle: the weights genai's builder makes.
+ENGINES = {"edgellm": EdgeLLM, "edgellm-requant": EdgeLLM, "genai": Genai, "llamacpp": LlamaCpp}

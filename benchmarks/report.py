@@ -13,7 +13,7 @@ from importlib import metadata
 from typing import Any
 
 PEERS = {"genai": "onnxruntime-genai", "llamacpp": "llama.cpp"}
-LABELS = {"edgellm": "edgellm", **PEERS}
+LABELS = {"edgellm": "edgellm", "edgellm-requant": "edgellm --requantize", **PEERS}
 MB = 1e6
 
 # The bars set in the issues.
