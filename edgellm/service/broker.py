@@ -136,6 +136,9 @@ class Mosquitto:
             "log_type warning",
             "log_type notice",
             f"listener {self.port} 127.0.0.1",
+            # Forwarded requests and replies often follow a PUBACK on the same socket: without
+            # this, Nagle's algorithm holds them for the client's delayed ACK (~40 ms).
+            "set_tcp_nodelay true",
             *self.options,
         ]
         if not any(line.startswith(("allow_anonymous", "password_file")) for line in self.options):
