@@ -56,10 +56,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def stage(message: str) -> None:
-    print(f"==> {message}", file=sys.stderr, flush=True)
-
-
 def run_measured(cmd: list[str], log: Path | None = None, heartbeat: str = "") -> dict[str, Any]:
     """Run `cmd` to the end; its own wall time and peak RSS (wait4 reports this child alone)."""
     started = time.perf_counter()
@@ -72,7 +68,7 @@ def run_measured(cmd: list[str], log: Path | None = None, heartbeat: str = "") -
             if pid:
                 break
             if heartbeat and time.perf_counter() > next_beat:
-                stage(f"{heartbeat} ({time.perf_counter() - started:.0f} s)")
+                report.stage(f"{heartbeat} ({time.perf_counter() - started:.0f} s)")
                 next_beat += 15
             time.sleep(0.2)
     finally:
@@ -105,7 +101,7 @@ def export_edgellm(args: argparse.Namespace, bundle: Path) -> dict[str, Any]:
     if "edgellm-requant" in args.engines:
         runs.append(("--requantize", requantized(bundle), ["--requantize"]))
     for name, out, extra in runs:
-        stage(f"edgellm export {args.source} ({name}) -> {out}")
+        report.stage(f"edgellm export {args.source} ({name}) -> {out}")
         flag = args.work / "run" / "export.json"
         cmd = [sys.executable, str(HERE / "worker.py"), "export", str(flag), "--",
                args.source, "-o", str(out), "--quant", "int4", "--force", *extra]
@@ -125,7 +121,7 @@ def build_genai(args: argparse.Namespace, out: Path) -> str | None:
         return None
     source = gguf_of(args.source) or Path(args.source)
     log = args.work / "genai-build.log"
-    stage(f"building onnxruntime-genai int4 model from {source.name} (once; log: {log})")
+    report.stage(f"building onnxruntime-genai int4 model from {source.name} (once; log: {log})")
     cmd = [sys.executable, str(HERE / "genai_build.py"), str(source), str(out)]
     if run_measured(cmd, log=log, heartbeat="still building the genai model")["rc"] != 0:
         shutil.rmtree(out, ignore_errors=True)
@@ -177,7 +173,7 @@ def measure(key: str, model: Path, work: dict[str, Any], run_dir: Path) -> tuple
     """One engine's speed numbers (its own process) and, for a peer, its perplexity (another)."""
     config = run_dir / f"{key}.config.json"
     config.write_text(json.dumps({**work, "engine": key, "model": str(model)}))
-    stage(f"{report.LABELS[key]}: measuring in its own process")
+    report.stage(f"{report.LABELS[key]}: measuring in its own process")
     speed = run_dir / f"{key}.speed.json"
     measured = run_measured([sys.executable, str(HERE / "worker.py"), "speed", str(config), str(speed)])
     if measured["rc"] != 0:
@@ -187,7 +183,7 @@ def measure(key: str, model: Path, work: dict[str, Any], run_dir: Path) -> tuple
         return result, None
     scores = run_dir / f"{key}.quality.json"
     if run_measured([sys.executable, str(HERE / "worker.py"), "quality", str(config), str(scores)])["rc"] != 0:
-        stage(f"{report.LABELS[key]}: perplexity run failed; left out")
+        report.stage(f"{report.LABELS[key]}: perplexity run failed; left out")
         return result, None
     return result, json.loads(scores.read_text())
 
@@ -197,9 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = args.work / "run"
     run_dir.mkdir(parents=True, exist_ok=True)
     machine = report.machine_info()
-    if machine["load_average_start"] > 0.5 * (machine["logical_cores"] or 1):
-        stage(f"warning: load average {machine['load_average_start']:.1f} on {machine['logical_cores']} cores: "
-              "this machine is busy, timings will not be representative")
+    report.warn_if_busy(machine)
     slug = _slug(args.source)
     bundle = args.work / f"edgellm-{slug}-int4"
     exported = export_edgellm(args, bundle)
@@ -216,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     for key in args.engines:
         model, skipped = model_for(key, args, bundle, args.work / f"genai-{slug}-int4")
         if skipped:
-            stage(f"{report.LABELS[key]}: skipped: {skipped}")
+            report.stage(f"{report.LABELS[key]}: skipped: {skipped}")
             engines[key] = {"skipped": skipped}
             continue
         engines[key], scores = measure(key, model, work, run_dir)
@@ -240,12 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     results["agreement"] = report.agreement(engines)
     results["unstable"] = report.unstable(engines)
     results["bars"] = report.bars(results)
-    print(report.table(results))
-    print()
-    print(report.bar_lines(results["bars"]))
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=1) + "\n")
-        stage(f"wrote {args.json}")
+    report.emit(results, report.table(results), report.bar_lines(results["bars"]), args.json)
     return 0
 
 

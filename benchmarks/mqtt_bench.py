@@ -54,10 +54,6 @@ PROMPTS = (
 )
 
 
-def stage(message: str) -> None:
-    print(f"==> {message}", file=sys.stderr, flush=True)
-
-
 @dataclass
 class Planned:
     """One request as sent, and what a correct service answers: a final reply, or an error with `code` and `id`."""
@@ -228,7 +224,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     device = None
     try:
         device = Device(broker, topics)
-        stage(f"mosquitto on {broker.url}; waiting for `edgellm serve` (pid {service.pid}, log {log_path})")
+        report.stage(f"mosquitto on {broker.url}; waiting for `edgellm serve` (pid {service.pid}, log {log_path})")
         if not device.wait_online(service, args.timeout):
             raise SystemExit(f"mqtt_bench: the service did not come online within {args.timeout:.0f} s; "
                              f"its log ends:\n{_tail(log_path)}")
@@ -238,7 +234,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         started = time.perf_counter()
         for i, p in enumerate(planned):
             if service.poll() is not None:
-                stage(f"the service exited (code {service.returncode}) after {i} requests; its log ends:\n"
+                report.stage(f"the service exited (code {service.returncode}) after {i} requests; its log ends:\n"
                       f"{_tail(log_path)}")
                 break
             outcomes[i] = Outcome(sent=device.send(i, p.payload))
@@ -250,7 +246,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 except psutil.NoSuchProcess:
                     pass
             if done % 100 == 0:
-                stage(f"{done}/{len(planned)} requests ({time.perf_counter() - started:.0f} s)")
+                report.stage(f"{done}/{len(planned)} requests ({time.perf_counter() - started:.0f} s)")
         elapsed = time.perf_counter() - started
         device.collect(outcomes, until=None, timeout=1.0)  # a late duplicate would land here
         alive = service.poll() is None
@@ -390,18 +386,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     machine = report.machine_info()
-    if machine["load_average_start"] > 0.5 * (machine["logical_cores"] or 1):
-        stage(f"warning: load average {machine['load_average_start']:.1f} on {machine['logical_cores']} cores: "
-              "latencies will not be representative")
+    report.warn_if_busy(machine)
     with tempfile.TemporaryDirectory(prefix="edgellm-mqtt-bench-") as tmp:
         results = run(args, Path(tmp))
     results["machine"] = {**machine, "load_average_end": os.getloadavg()[0]}
-    print(table(results))
-    print()
-    print(bar_lines(results["bars"]))
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=1) + "\n")
-        stage(f"wrote {args.json}")
+    report.emit(results, table(results), bar_lines(results["bars"]), args.json)
     return 0
 
 

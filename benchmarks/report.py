@@ -7,8 +7,10 @@ export budgets of the product brief.
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
+import sys
 from importlib import metadata
 from typing import Any
 
@@ -25,6 +27,27 @@ BARS = {
     "export_s": 60.0,
     "export_rss_mb": 2000.0,
 }
+
+
+def stage(message: str) -> None:
+    """A progress line on stderr; stdout carries only the table and the bars."""
+    print(f"==> {message}", file=sys.stderr, flush=True)
+
+
+def warn_if_busy(machine: dict[str, Any]) -> None:
+    if machine["load_average_start"] > 0.5 * (machine["logical_cores"] or 1):
+        stage(f"warning: load average {machine['load_average_start']:.1f} on {machine['logical_cores']} cores: "
+              "this machine is busy, timings will not be representative")
+
+
+def emit(results: dict[str, Any], table_text: str, bars_text: str, json_path: Any = None) -> None:
+    """Print the table and the PASS/FAIL lines; write the raw results as JSON when asked."""
+    print(table_text)
+    print()
+    print(bars_text)
+    if json_path:
+        json_path.write_text(json.dumps(results, indent=1) + "\n")
+        stage(f"wrote {json_path}")
 
 
 def machine_info() -> dict[str, Any]:
