@@ -11,10 +11,12 @@ rows in place when the two share memory, so decoding never copies the cache.
 Initializers are written to `model.onnx.data` as soon as they are built, so the
 export holds one layer's weights at a time, not the whole model twice.
 
-GGUF Q4_1 weights arrive with per-block offsets (see quantize.py): their matmuls
-add blocksum(x) @ offsets^T, with blocksum computed once per activation. Decode
-time goes to reading the float offsets and dispatching the small nodes, not to
-their arithmetic, so blocksum is a single MatMul with a shared 0/1 indicator.
+GGUF Q4_1 weights arrive with per-block offsets (see quantize.py). Decode time
+goes to dispatching small nodes and reading the offsets, not to their arithmetic,
+so with int8 activations the offsets ride inside MatMulNBits as extra blocks of
+codes, fed by the activation's block sums appended to its K (one MatMul against a
+shared 0/1 indicator and a Concat, once per activation). With fp32 activations
+(accuracy_level 0, for exactness) they stay a float MatMul plus an Add.
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ from edgellm.errors import ExportError
 from edgellm.spec import ModelSpec
 
 from .config import GraphInfo, QuantConfig
-from .quantize import QuantizedWeight, WeightLoader
+from .quantize import QuantizedWeight, WeightLoader, offset_blocks
 from .sources import Source
 
 GRAPH_FILE = "model.onnx"
@@ -54,8 +56,8 @@ class _Writer:
         self._location = data_path.name
         self._fh = open(data_path, "wb")
         self._consts: dict[tuple, str] = {}
-        self._blocksums: dict[tuple[str, int], str] = {}
-        self._indicators: dict[tuple[int, int], str] = {}
+        self._blocksums: dict[tuple[str, int, int], str] = {}
+        self._indicators: dict[tuple[int, int, int], str] = {}
 
     def close(self) -> None:
         self._fh.close()
@@ -84,23 +86,36 @@ class _Writer:
             self._consts[key] = self.initializer(f"/const/int64/{values}", array)
         return self._consts[key]
 
-    def blocksum(self, x: str, K: int, block_size: int) -> str:
-        """Sums of `x` [1, S, K] over each block along K, [1, S, K / block]; shared by all readers of `x`."""
-        key = (x, block_size)
+    def blocksum(self, x: str, K: int, block_size: int, width: int | None = None) -> str:
+        """Sums of `x` [1, S, K] over each block along K, [1, S, width] (zero past K / block);
+        shared by all readers of `x`."""
+        width = width or K // block_size
+        key = (x, block_size, width)
         if key not in self._blocksums:
-            # One MatMul instead of Reshape + ReduceSum: a node fewer per activation
-            # (120 for SmolLM2, a few percent of decode time), and the indicator is
-            # shared by every layer, so it stays in cache.
-            self._blocksums[key] = self.one("MatMul", f"{x}/blocksum/MatMul", [x, self._indicator(K, block_size)])
+            # One MatMul instead of Reshape + ReduceSum: a node fewer per activation,
+            # and the indicator is shared by every layer, so it stays in cache.
+            indicator = self._indicator(K, block_size, width)
+            self._blocksums[key] = self.one("MatMul", f"{x}/blocksum_{width}/MatMul", [x, indicator])
         return self._blocksums[key]
 
-    def _indicator(self, K: int, block_size: int) -> str:
-        """float32 [K, K / block]: 1 where row k lies in block column b."""
-        key = (K, block_size)
+    def with_block_sums(self, x: str, K: int, block_size: int, extra: int) -> str:
+        """`x` with copies of its block sums appended along K, `extra` columns in all, for
+        a MatMulNBits whose last blocks hold offsets (quantize.offset_blocks)."""
+        width = -(-K // block_size // block_size) * block_size
+        key = (x, block_size, -extra)
+        if key not in self._blocksums:
+            sums = self.blocksum(x, K, block_size, width)
+            self._blocksums[key] = self.one("Concat", f"{x}/with_block_sums/Concat", [x] + [sums] * (extra // width),
+                                            axis=-1)
+        return self._blocksums[key]
+
+    def _indicator(self, K: int, block_size: int, width: int) -> str:
+        """float32 [K, width]: 1 where row k lies in block column b."""
+        key = (K, block_size, width)
         if key not in self._indicators:
-            blocks = np.eye(K // block_size, dtype=np.float32)
-            matrix = np.repeat(blocks, block_size, axis=0)
-            self._indicators[key] = self.initializer(f"/const/blocksum/{K}x{block_size}", matrix)
+            matrix = np.zeros((K, width), dtype=np.float32)
+            matrix[np.arange(K), np.arange(K) // block_size] = 1
+            self._indicators[key] = self.initializer(f"/const/blocksum/{K}x{width}", matrix)
         return self._indicators[key]
 
     def node(self, op: str, name: str, inputs: list[str], outputs: int | list[str] = 1, **attrs) -> list[str]:
@@ -133,25 +148,38 @@ class _Linear:
     block_size: int = 0
     cast: bool = False  # fp16 storage: widen to float32 before the MatMul
     offsets: str = ""  # float32 [n_blocks, N]: y += blocksum(x) @ offsets (GGUF Q4_1)
+    folded: int = 0  # K columns past K that hold the offsets (fed block sums), instead of `offsets`
 
 
 def _bits(quant: QuantConfig) -> int:
     return {"int4": 4, "int8": 8}.get(quant.weights, 0)
 
 
-def _quantized(w: _Writer, prefix: str, q: QuantizedWeight, bias: np.ndarray | None) -> _Linear:
+def _quantized(
+    w: _Writer, prefix: str, q: QuantizedWeight, bias: np.ndarray | None, quant: QuantConfig, *,
+    matmul: bool = True, gather: bool = False,
+) -> _Linear:
+    """Write `q`'s initializers for a MatMulNBits (`matmul`) and/or a GatherBlockQuantized (`gather`)."""
     if q.offsets is not None and q.K % q.block_size:
         raise ExportError(f"{prefix}: K {q.K} is not whole blocks of {q.block_size}, offsets need them")
+    packed, scales, folded = q.packed, q.scales, 0
+    if matmul and q.offsets is not None and quant.accuracy_level != 0:
+        extra_packed, extra_scales = offset_blocks(q)
+        packed, scales = np.concatenate([packed, extra_packed], axis=1), np.concatenate([scales, extra_scales], axis=1)
+        folded = extra_packed.shape[1] * q.block_size
+    # A gathered row adds its offsets from the float table; so does an unfolded matmul.
+    table = q.offsets is not None and (gather or not folded)
     return _Linear(
-        weight=w.initializer(f"{prefix}.qweight", q.packed),
-        scales=w.initializer(f"{prefix}.scales", q.scales),
+        weight=w.initializer(f"{prefix}.qweight", packed),
+        scales=w.initializer(f"{prefix}.scales", scales),
         zero_points="" if q.zero_points is None else w.initializer(f"{prefix}.qzeros", q.zero_points),
         bias="" if bias is None else w.initializer(f"{prefix}.bias", bias.astype(np.float32)),
         K=q.K,
         N=q.N,
         bits=q.bits,
         block_size=q.block_size,
-        offsets="" if q.offsets is None else w.initializer(f"{prefix}.offsets", q.offsets.T),
+        offsets=w.initializer(f"{prefix}.offsets", q.offsets.T) if table else "",
+        folded=folded,
     )
 
 
@@ -166,7 +194,7 @@ def make_linear(
 ) -> _Linear:
     """Store the weights `names` [out, in] (row blocks fused into one matrix) as `quant` says."""
     if loader is not None:
-        return _quantized(w, prefix, loader.load(names), bias)
+        return _quantized(w, prefix, loader.load(names), bias, quant)
     weights = [source.tensor(n) for n in names]
     matrix = np.concatenate(weights).T if len(weights) > 1 else weights[0].T
     dtype = np.float16 if quant.weights == "fp16" else np.float32
@@ -182,18 +210,20 @@ def make_linear(
 def apply_linear(w: _Writer, name: str, x: str, lin: _Linear, quant: QuantConfig, out: str | None = None) -> str:
     outputs = [out] if out else 1
     if lin.bits:
+        if lin.folded:
+            x = w.with_block_sums(x, lin.K, lin.block_size, lin.folded)
         y = w.node(
             "MatMulNBits",
             f"{name}/MatMulNBits",
             [x, lin.weight, lin.scales, lin.zero_points, "", lin.bias],
-            1 if lin.offsets else outputs,
-            K=lin.K,
+            1 if lin.offsets and not lin.folded else outputs,
+            K=lin.K + lin.folded,
             N=lin.N,
             bits=lin.bits,
             block_size=lin.block_size,
             accuracy_level=quant.accuracy_level,
         )[0]
-        if not lin.offsets:
+        if not lin.offsets or lin.folded:
             return y
         offset = w.one("MatMul", f"{name}/offsets/MatMul", [w.blocksum(x, lin.K, lin.block_size), lin.offsets])
         return w.node("Add", f"{name}/offsets/Add", [y, offset], outputs)[0]
@@ -293,7 +323,7 @@ def embed(
         q, lin = head_q, head
     else:
         q = loader.load(["model.embed_tokens.weight"])
-        lin = _quantized(w, "model.embed_tokens", q, None)
+        lin = _quantized(w, "model.embed_tokens", q, None, quant, matmul=False, gather=True)
     # GatherBlockQuantized reads the MatMulNBits blocks as one uint8 row per token.
     table = w.one("Reshape", f"{name}/Reshape", [lin.weight, w.const([q.N, -1])])
     hidden = w.one(
@@ -305,11 +335,11 @@ def embed(
         gather_axis=0,
         quantize_axis=1,
     )
+    if lin.folded or q.n_blocks * q.block_size != spec.hidden_size:
+        # Rows are padded to whole blocks, or end in lm_head's offset blocks: keep the values.
+        hidden = w.one("Slice", f"{name}/Slice", [hidden, w.const([0]), w.const([spec.hidden_size]), w.const([-1])])
     if lin.offsets:
         hidden = _add_row_offsets(w, name, hidden, lin, q)
-    if q.n_blocks * q.block_size != spec.hidden_size:
-        # Rows are padded to whole blocks; drop the padding.
-        hidden = w.one("Slice", f"{name}/Slice", [hidden, w.const([0]), w.const([spec.hidden_size]), w.const([-1])])
     return hidden
 
 
@@ -397,7 +427,7 @@ def head_weights(
     name = "model.embed_tokens.weight" if spec.tie_embeddings else "lm_head.weight"
     if loader is not None:
         q = loader.load([name])
-        return _quantized(w, "lm_head", q, None), q if spec.tie_embeddings else None
+        return _quantized(w, "lm_head", q, None, quant, gather=spec.tie_embeddings), q if spec.tie_embeddings else None
     return make_linear(w, "lm_head", source, [name], quant, None), None
 
 

@@ -19,7 +19,15 @@ losing quality to a second rounding. Q4_1's `w = d*q + m` becomes the symmetric
 blocksum(x) @ offsets^T: float zero points would be exact too, but onnxruntime's
 CPU kernel falls back to dequantize + GEMM for them (about 50x slower), and uint8
 zero points cannot hold -m/d. The offsets are one float per block and output, as
-many bytes as the scales: reading them is most of what Q4_1 adds to a decode step.
+many bytes as the scales.
+
+With int8 activations (accuracy_level 4) the graph does not add them as a separate
+MatMul: `offset_blocks` writes them as three more blocks of codes per output row
+(each rounding what the previous left, 12 bits in all), and the graph appends the
+activation's block sums to its K, so the one MatMulNBits applies them. Three extra
+nodes per linear layer became two per activation, and the kernel reads 4-bit codes
+instead of float32 offsets. The rounding left (at most 3.6e-4 of a block's largest
+offset, 4-bit digits) is below the kernel's own int8 rounding of those block sums.
 """
 from __future__ import annotations
 
@@ -124,6 +132,37 @@ def _packed_zero_points(q: QuantizedWeight) -> np.ndarray:
 
 def _offsets(q: QuantizedWeight) -> np.ndarray:
     return np.zeros((q.N, q.n_blocks), dtype=np.float32) if q.offsets is None else q.offsets
+
+
+# Blocks of codes that carry the offsets (see offset_blocks): 3 leave at most 3.6e-4 of the largest.
+OFFSET_DIGITS = 3
+
+
+def offset_blocks(q: QuantizedWeight, digits: int = OFFSET_DIGITS) -> tuple[np.ndarray, np.ndarray]:
+    """`q.offsets` as extra MatMulNBits blocks, to append after `q.packed` and `q.scales`.
+
+    The extra K columns read `digits` copies of blocksum(x), each copy padded to whole
+    blocks; digit j's codes round what digits 0..j-1 left of each offset, with a scale
+    per block of its own. Returns (packed [N, digits * width / block, blob], scales).
+    """
+    if q.offsets is None or q.zero_points is not None:
+        raise ExportError("offset_blocks: needs a symmetric weight with offsets")
+    levels = (1 << (q.bits - 1)) - 1
+    blocks = -(-q.n_blocks // q.block_size)
+    residual = np.zeros((q.N, blocks * q.block_size), dtype=np.float64)
+    residual[:, : q.n_blocks] = q.offsets
+    residual = residual.reshape(q.N, blocks, q.block_size)
+    codes, scales = [], []
+    for _ in range(digits):
+        scale = (np.abs(residual).max(axis=-1) / levels).astype(np.float32)
+        safe = np.where(scale == 0, 1, scale).astype(np.float64)[..., None]
+        digit = np.clip(np.rint(residual / safe), -levels - 1, levels)
+        residual = residual - digit * scale.astype(np.float64)[..., None]
+        codes.append((digit + (levels + 1)).astype(np.uint8))
+        scales.append(scale)
+    code = np.concatenate(codes, axis=1)
+    packed = code[..., 0::2] | (code[..., 1::2] << 4) if q.bits == 4 else code
+    return np.ascontiguousarray(packed, dtype=np.uint8), np.concatenate(scales, axis=1)
 
 
 def unpack(q: QuantizedWeight) -> np.ndarray:
