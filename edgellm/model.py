@@ -11,7 +11,7 @@ from .bundle import Manifest, read_manifest
 from .errors import BundleError, GenerationError
 from .generate import Chunk, GenerationParams, Result, collect, stream_chunks
 from .kvcache import DynamicCache, StaticCache
-from .session import ProviderSpec, Runner, create_session
+from .session import ProviderSpec, Runner, create_session, release_freed_heap
 from .spec import ModelSpec
 from .text import ChatTemplate, Tokenizer
 
@@ -61,16 +61,21 @@ def load(
     cache = cache_type(spec.num_layers, spec.num_kv_heads, spec.head_dim, context, dtype)
     if prof is not None:
         _warn_memory(prof, root, manifest, context, cache.dtype.itemsize)
-    session = create_session(graph_path, providers=providers, threads=threads)
-    runner = Runner(session, cache, kind=graph["kind"], where=str(graph_path))
+    # The tokenizer first: parsing its JSON peaks at several times its size, and that
+    # peak should not stack on the session's (45 MB of 280 for SmolLM2, measured).
     tokenizer = Tokenizer.from_bundle(root, manifest.generation)
     template = ChatTemplate.from_bundle(root, manifest.generation)
+    release_freed_heap()
+    session = create_session(graph_path, providers=providers, threads=threads)
+    runner = Runner(session, cache, kind=graph["kind"], where=str(graph_path))
     defaults = manifest.generation.get("defaults") or {}
     try:
         GenerationParams.build(defaults, {}, runner.vocab_size)
     except GenerationError as exc:
         raise BundleError(f"{root / 'manifest.json'}: generation.defaults: {exc}") from None
-    return Model(root, manifest, runner, tokenizer, template, defaults)
+    model = Model(root, manifest, runner, tokenizer, template, defaults)
+    release_freed_heap()
+    return model
 
 
 def _profile(profile: "str | os.PathLike[str] | DeviceProfile | None") -> "DeviceProfile | None":

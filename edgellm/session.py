@@ -7,6 +7,7 @@ last row of logits out of the graph.
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 from pathlib import Path
@@ -81,6 +82,20 @@ def create_session(
         return ort.InferenceSession(str(path), options, providers=[cpu])
     except Exception as exc:  # noqa: BLE001 - reported as the bundle's fault, in one line
         raise BundleError(f"{path}: onnxruntime cannot load the graph ({_first_line(exc)})") from None
+
+
+def release_freed_heap() -> None:
+    """Return the heap that onnxruntime freed while loading to the operating system.
+
+    Prepacking copies each MatMulNBits weight into the kernel's layout and frees the
+    staging buffers; glibc keeps such memory (26 MB for SmolLM2) unless asked, and on
+    a 1 GB board that is memory the KV cache could use.
+    """
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError, TypeError):  # not glibc (musl, macOS, Windows): nothing kept
+        return
+    trim(0)
 
 
 class Runner:

@@ -324,17 +324,26 @@ def embed(
     else:
         q = loader.load(["model.embed_tokens.weight"])
         lin = _quantized(w, "model.embed_tokens", q, None, quant, matmul=False, gather=True)
-    # GatherBlockQuantized reads the MatMulNBits blocks as one uint8 row per token.
-    table = w.one("Reshape", f"{name}/Reshape", [lin.weight, w.const([q.N, -1])])
+    if lin.zero_points:
+        # Packed zero points run along a row's blocks: gather [N, n_blocks * blob] rows.
+        table = w.one("Reshape", f"{name}/Reshape", [lin.weight, w.const([q.N, -1])])
+        scales, axis = lin.scales, 1
+    else:
+        # Gather straight from lm_head's [N, n_blocks, blob] weight: a reshaped copy of
+        # it would be folded into a second table at load (28 MB for SmolLM2's Q8_0 head).
+        table, axis = lin.weight, 2
+        scales = w.one("Reshape", f"{name}/scales/Reshape", [lin.scales, w.const([q.N, -1, 1])])
     hidden = w.one(
         "GatherBlockQuantized",
         f"{name}/GatherBlockQuantized",
-        [table, "input_ids", lin.scales, lin.zero_points],
+        [table, "input_ids", scales, lin.zero_points],
         bits=q.bits,
         block_size=q.block_size,
         gather_axis=0,
-        quantize_axis=1,
+        quantize_axis=axis,
     )
+    if axis == 2:
+        hidden = w.one("Reshape", f"{name}/Reshape", [hidden, w.const([0, 0, -1])])
     if lin.folded or q.n_blocks * q.block_size != spec.hidden_size:
         # Rows are padded to whole blocks, or end in lm_head's offset blocks: keep the values.
         hidden = w.one("Slice", f"{name}/Slice", [hidden, w.const([0]), w.const([spec.hidden_size]), w.const([-1])])
