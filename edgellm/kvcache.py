@@ -15,7 +15,8 @@ import onnxruntime as ort
 
 from .errors import GenerationError
 
-_DTYPES = {"float32": np.float32, "float16": np.float16}
+# int8: GroupQueryAttention quantizes new rows itself, with per-channel scales baked into the graph.
+_DTYPES = {"float32": np.float32, "float16": np.float16, "int8": np.int8}
 
 
 def past_names(layer: int) -> tuple[str, str]:

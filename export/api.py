@@ -9,7 +9,7 @@ import platform
 import tempfile
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Sequence
 
 from edgellm import __version__
 from edgellm.bundle import Manifest, bundle_writer, finalize_manifest
@@ -43,7 +43,8 @@ def export_model(
     """Export `source` (HF folder, .gguf, or a built-in name) to the bundle directory `out`.
 
     Nothing is left at `out` unless the whole export succeeds. GGUF Q4_0/Q4_1/Q8_0
-    blocks are imported as they are under int4 block 32 unless `requantize`.
+    blocks are imported as they are under int4 block 32 unless `requantize`. An
+    int8 KV cache (`quant.kv_cache`) is calibrated on the evaluation text.
     """
     out = Path(out)
     if out.exists() and not force:
@@ -55,10 +56,13 @@ def export_model(
     progress("read", 0, 1)
     src = open_source(source)
     path = _choose_path(src, via)
+    if path == "optimum" and quant.kv_cache != "float32":
+        raise ExportError(f"--kv-cache {quant.kv_cache}: the optimum path has no quantized KV cache (fast graph only)")
+    ids = _eval_ids(src, eval_text)
     progress("read", 1, 1)
     try:
         with bundle_writer(out, force=force) as tmp:
-            info = _build(path, src, quant, tmp, progress, requantize)
+            info = _build(path, src, quant, tmp, progress, requantize, ids)
             (tmp / "tokenizer.json").write_text(src.tokenizer_json, encoding="utf-8")
             if src.chat_template:
                 (tmp / "chat_template.jinja").write_text(src.chat_template, encoding="utf-8")
@@ -72,7 +76,8 @@ def export_model(
                 exporter=_versions(path),
             )
             if evaluate:
-                manifest.quality = _quality_gate(path, src, quant, tmp, info, eval_text, max_ppl_ratio, progress)
+                manifest.quality = _quality_gate(path, src, quant, tmp, info, ids, bool(eval_text),
+                                                 max_ppl_ratio, progress)
             progress("write", 0, 1)
             finalize_manifest(tmp, manifest)
             progress("write", 1, 1)
@@ -96,12 +101,23 @@ def _choose_path(src: Source, via: Via) -> Literal["fast", "optimum"]:
 
 
 def _build(
-    path: str, src: Source, quant: QuantConfig, out_dir: Path, progress: Progress, requantize: bool = False
+    path: str,
+    src: Source,
+    quant: QuantConfig,
+    out_dir: Path,
+    progress: Progress,
+    requantize: bool = False,
+    calibration_ids: Sequence[int] = (),
 ) -> GraphInfo:
     if path == "fast":
         from .graph import build_fast_graph
 
-        return build_fast_graph(src, quant, out_dir, progress, requantize=requantize)
+        scales = None
+        if quant.kv_cache == "int8":
+            from .calibrate import calibrate_kv_scales
+
+            scales = calibrate_kv_scales(src, quant, calibration_ids, out_dir.parent, progress, requantize=requantize)
+        return build_fast_graph(src, quant, out_dir, progress, requantize=requantize, kv_scales=scales)
     from .optimum_path import export_optimum
 
     return export_optimum(src.path, out_dir, quant, progress)
@@ -113,26 +129,17 @@ def _quality_gate(
     quant: QuantConfig,
     bundle_dir: Path,
     info: GraphInfo,
-    eval_text: str | None,
+    ids: list[int],
+    custom_text: bool,
     max_ratio: float,
     progress: Progress,
 ) -> dict[str, Any]:
-    """Perplexity of the bundle and of the fp32 graph of the same weights, on one text."""
-    from tokenizers import Tokenizer
-
-    text = eval_text or DEFAULT_TEXT
-    ids = Tokenizer.from_str(src.tokenizer_json).encode(text, add_special_tokens=False).ids
-    bos = src.generation.get("bos_token_id")
-    if src.generation.get("add_bos_token") and bos is not None:
-        ids = [bos, *ids]
-    ids = ids[: min(MAX_EVAL_TOKENS, src.spec.max_context)]
-    if len(ids) < 2:
-        raise ExportError("evaluation text is shorter than two tokens")
+    """Perplexity of the bundle and of the fp32 graph (float32 KV) of the same weights, on one text."""
     progress("evaluate", 0, 2)
     graph = info.manifest_entry()
     ppl = perplexity(bundle_dir / info.file, graph, src.spec, ids)
     progress("evaluate", 1, 2)
-    if quant.weights == "fp32":
+    if quant.weights == "fp32" and quant.kv_cache == "float32":
         source_ppl = ppl
     else:
         with tempfile.TemporaryDirectory(prefix=".reference.", dir=bundle_dir.parent) as ref:
@@ -148,7 +155,7 @@ def _quality_gate(
             ppl, ratio, source_ppl, max_ratio,
         )
     return {
-        "text": "custom" if eval_text else "builtin",
+        "text": "custom" if custom_text else "builtin",
         "tokens": len(ids),
         "perplexity": round(ppl, 4),
         "source_perplexity": round(source_ppl, 4),
@@ -156,6 +163,20 @@ def _quality_gate(
         "max_ratio": max_ratio,
         "passed": passed,
     }
+
+
+def _eval_ids(src: Source, eval_text: str | None) -> list[int]:
+    """The token ids the quality gate and KV calibration read: the text as the model sees it."""
+    from tokenizers import Tokenizer
+
+    ids = Tokenizer.from_str(src.tokenizer_json).encode(eval_text or DEFAULT_TEXT, add_special_tokens=False).ids
+    bos = src.generation.get("bos_token_id")
+    if src.generation.get("add_bos_token") and bos is not None:
+        ids = [bos, *ids]
+    ids = ids[: min(MAX_EVAL_TOKENS, src.spec.max_context)]
+    if len(ids) < 2:
+        raise ExportError("evaluation text is shorter than two tokens")
+    return ids
 
 
 def _name(src: Source) -> str:

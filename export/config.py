@@ -7,23 +7,28 @@ from typing import Any, Literal
 from edgellm.errors import ExportError
 
 WeightType = Literal["int4", "int8", "fp16", "fp32"]
+KVCacheType = Literal["float32", "int8"]
 
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """How weights are stored. int4/int8 use onnxruntime's MatMulNBits layout."""
+    """How weights (and the KV cache) are stored. int4/int8 use onnxruntime's MatMulNBits layout."""
 
     weights: WeightType = "int4"
     block_size: int = 32
     symmetric: bool = True
     # MatMulNBits accuracy_level: 4 = int8 activations on CPU (fast), 0 = fp32.
     accuracy_level: int = 4
+    # int8: a quarter of the float32 cache's memory, per-channel scales calibrated at export.
+    kv_cache: KVCacheType = "float32"
 
     def __post_init__(self) -> None:
         if self.weights not in ("int4", "int8", "fp16", "fp32"):
             raise ExportError(f"--quant {self.weights!r}: expected int4, int8, fp16 or fp32")
         if self.block_size not in (16, 32, 64, 128, 256):
             raise ExportError(f"--block-size {self.block_size}: expected 16, 32, 64, 128 or 256")
+        if self.kv_cache not in ("float32", "int8"):
+            raise ExportError(f"--kv-cache {self.kv_cache!r}: expected float32 or int8")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -31,6 +36,7 @@ class QuantConfig:
             "block_size": self.block_size if self.weights in ("int4", "int8") else None,
             "symmetric": self.symmetric,
             "accuracy_level": self.accuracy_level,
+            "kv_cache": self.kv_cache,
         }
 
 

@@ -375,8 +375,13 @@ def _head_norm(w: _Writer, name: str, x: str, gamma: np.ndarray, spec: ModelSpec
 def attention(
     w: _Writer, source: Source, spec: ModelSpec, quant: QuantConfig, loader: WeightLoader | None, i: int, x: str,
     residual: str | None, lengths: tuple[str, str], rope: tuple[str, str],
+    kv_scales: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[str, str]:
-    """Norm, fused QKV projection, GroupQueryAttention with in-place KV, o_proj."""
+    """Norm, fused QKV projection, GroupQueryAttention with in-place KV, o_proj.
+
+    `kv_scales` (keys, values: [kv_heads, head_dim]) make the cache int8: the op
+    quantizes new rows (round half to even, saturating) and attends over the int8 rows.
+    """
     hf = f"model.layers.{i}"
     base = f"/model/layers.{i}"
     normed, residual = add_norm(w, f"{base}/input_layernorm", x, residual,
@@ -393,16 +398,26 @@ def attention(
         qkv_inputs = [q, k, v]
     else:
         qkv_inputs = [qkv, "", ""]
+    quantized: list[str] = []
+    quant_attrs: dict[str, str | int] = {}
+    if kv_scales is not None:
+        shape = (1, spec.num_kv_heads, 1, spec.head_dim)
+        scales = [w.initializer(f"{hf}.self_attn.{kind}_scale", s.astype(np.float32).reshape(shape))
+                  for kind, s in zip("kv", kv_scales)]
+        # position_ids, attention_bias and head_sink (inputs 9-11) stay empty.
+        quantized = ["", "", "", *scales]
+        quant_attrs = dict(k_quant_type="PER_CHANNEL", v_quant_type="PER_CHANNEL", kv_cache_bit_width=8)
     attn, _, _ = w.node(
         "GroupQueryAttention",
         f"{base}/attn/GroupQueryAttention",
-        [*qkv_inputs, f"past_key_values.{i}.key", f"past_key_values.{i}.value", *lengths, *rope],
+        [*qkv_inputs, f"past_key_values.{i}.key", f"past_key_values.{i}.value", *lengths, *rope, *quantized],
         [f"{base}/attn/GroupQueryAttention/output_0", f"present.{i}.key", f"present.{i}.value"],
         num_heads=spec.num_heads,
         kv_num_heads=spec.num_kv_heads,
         do_rotary=1,
         rotary_interleaved=0,  # HF q/k rows are in rotate-half order
         local_window_size=spec.sliding_window or -1,
+        **quant_attrs,
     )
     o_lin = make_linear(w, f"{hf}.self_attn.o_proj", source, [f"{hf}.self_attn.o_proj.weight"], quant, loader)
     return apply_linear(w, f"{base}/attn/o_proj", attn, o_lin, quant), residual
@@ -452,7 +467,9 @@ def head(w: _Writer, source: Source, spec: ModelSpec, quant: QuantConfig, lin: _
 # --- the model ---------------------------------------------------------------
 
 
-def _io(spec: ModelSpec) -> tuple[list[onnx.ValueInfoProto], list[onnx.ValueInfoProto]]:
+def _io(
+    spec: ModelSpec, kv_type: int = TensorProto.FLOAT
+) -> tuple[list[onnx.ValueInfoProto], list[onnx.ValueInfoProto]]:
     kv_shape = [1, spec.num_kv_heads, "max_seq_len", spec.head_dim]
     inputs = [
         helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "sequence_length"]),
@@ -462,8 +479,8 @@ def _io(spec: ModelSpec) -> tuple[list[onnx.ValueInfoProto], list[onnx.ValueInfo
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, "kept_positions", spec.vocab_size])]
     for i in range(spec.num_layers):
         for kind in ("key", "value"):
-            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", TensorProto.FLOAT, kv_shape))
-            outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", TensorProto.FLOAT, kv_shape))
+            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", kv_type, kv_shape))
+            outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", kv_type, kv_shape))
     return inputs, outputs
 
 
@@ -479,17 +496,31 @@ def _notes(spec: ModelSpec, quant: QuantConfig, loader: WeightLoader | None) -> 
 
 
 def build_fast_graph(
-    source: Source, quant: QuantConfig, out_dir: Path, progress: Progress | None = None, *, requantize: bool = False
+    source: Source,
+    quant: QuantConfig,
+    out_dir: Path,
+    progress: Progress | None = None,
+    *,
+    requantize: bool = False,
+    kv_scales: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> GraphInfo:
     """Write `out_dir/model.onnx` (+ `model.onnx.data`) for batch-1 decoding; see the module docstring.
 
     int4 at block 32 imports GGUF Q4_0/Q4_1/Q8_0 blocks as they are; `requantize`
-    rounds them afresh instead (for comparing the two).
+    rounds them afresh instead (for comparing the two). `kv_scales` (keys, values:
+    float32 [num_layers, kv_heads, head_dim], see calibrate.py) make the KV cache
+    int8; without them it is float32 whatever `quant.kv_cache` says.
     """
     spec = source.spec
     out_dir = Path(out_dir)
     if spec.head_dim % 2:
         raise ExportError(f"head_dim {spec.head_dim}: rotary embedding needs an even head size")
+    if kv_scales is not None:
+        expected = (spec.num_layers, spec.num_kv_heads, spec.head_dim)
+        if any(np.shape(s) != expected for s in kv_scales):
+            raise ExportError(f"kv_scales: shapes {[np.shape(s) for s in kv_scales]}, expected {expected} each")
+        if not all(np.all(np.isfinite(s) & (s > 0)) for s in kv_scales):
+            raise ExportError("kv_scales: every scale must be finite and positive")
     loader = WeightLoader(source, quant, exact=not requantize) if _bits(quant) else None
     w = _Writer(out_dir / DATA_FILE)
     try:
@@ -499,14 +530,15 @@ def build_fast_graph(
         lm_head, lm_head_q = head_weights(w, source, spec, quant, loader)
         x, residual = embed(w, source, spec, quant, loader, lm_head, lm_head_q), None
         for i in range(spec.num_layers):
-            x, residual = attention(w, source, spec, quant, loader, i, x, residual, lengths, rope)
+            layer_scales = None if kv_scales is None else (kv_scales[0][i], kv_scales[1][i])
+            x, residual = attention(w, source, spec, quant, loader, i, x, residual, lengths, rope, layer_scales)
             x, residual = mlp(w, source, spec, quant, loader, i, x, residual)
             if progress:
                 progress("layers", i + 1, spec.num_layers)
         head(w, source, spec, quant, lm_head, x, residual)
     finally:
         w.close()
-    inputs, outputs = _io(spec)
+    inputs, outputs = _io(spec, TensorProto.FLOAT if kv_scales is None else TensorProto.INT8)
     graph = helper.make_graph(w.nodes, "edgellm_fast", inputs, outputs, w.initializers)
     model = helper.make_model(
         graph,
@@ -515,11 +547,14 @@ def build_fast_graph(
         producer_name="edgellm",
     )
     onnx.save_model(model, out_dir / GRAPH_FILE)
+    notes = _notes(spec, quant, loader)
+    if kv_scales is not None:
+        notes.append("KV cache: int8 per channel (GroupQueryAttention PER_CHANNEL), scales calibrated on the eval text")
     return GraphInfo(
         kind="fast",
         file=GRAPH_FILE,
         inputs=[v.name for v in inputs],
         outputs=[v.name for v in outputs],
-        kv_dtype="float32",
-        notes=_notes(spec, quant, loader),
+        kv_dtype="float32" if kv_scales is None else "int8",
+        notes=notes,
     )

@@ -199,8 +199,8 @@ def test_dynamic_advance_without_bind_is_refused():
 
 
 def test_unknown_kv_dtype_is_refused():
-    with pytest.raises(GenerationError, match="graph.kv_dtype 'int8'"):
-        StaticCache(1, KV_HEADS, HEAD_DIM, CAPACITY, "int8")
+    with pytest.raises(GenerationError, match="graph.kv_dtype 'int4'"):
+        StaticCache(1, KV_HEADS, HEAD_DIM, CAPACITY, "int4")
 
 
 def _rss_mb() -> float:
