@@ -7,6 +7,7 @@ cache. A generic graph (optimum) returns a grown copy every step.
 """
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -108,15 +109,26 @@ class _Base:
         )
 
 
+def _lazy_zeros(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """Zeros in a private anonymous mapping: resident only where written."""
+    count = int(np.prod(shape))
+    size = max(count * dtype.itemsize, 1)
+    private = {"flags": mmap.MAP_PRIVATE} if hasattr(mmap, "MAP_PRIVATE") else {}  # Windows has no flags
+    return np.frombuffer(mmap.mmap(-1, size, **private), dtype, count).reshape(shape)
+
+
 class StaticCache(_Base):
     """Fixed buffers shared by past and present: rewinding is just moving `length`.
 
     Rows past `length` are stale but harmless: the graph attends only to the first
     `attention_mask`-many rows and overwrites the next ones. Preallocating the whole
-    context costs memory only for the rows written: np.zeros maps pages lazily, so a
-    4096-token buffer holding 64 tokens is resident for about 64 (measured: SmolLM2 at
-    64 tokens peaks at 291 MB either way, and growing the buffers instead raised the
-    2,000-token peak from 386 to 514 MB, old and new copies living side by side).
+    context costs memory only for the rows written: the buffers are anonymous memory
+    maps, whose pages the OS provides on first write, so a 4096-token buffer holding
+    64 tokens is resident for about 64 (measured: SmolLM2 at 64 tokens peaks at 291 MB
+    either way, and growing the buffers instead raised the 2,000-token peak from 386 to
+    514 MB, old and new copies living side by side). np.zeros is lazy only while malloc
+    hands out fresh mappings; in a process that has freed memory it may zero recycled
+    heap, all of it resident.
     """
 
     def __init__(
@@ -124,8 +136,8 @@ class StaticCache(_Base):
     ) -> None:
         super().__init__(num_layers, kv_heads, head_dim, capacity, dtype)
         shape = (1, kv_heads, capacity, head_dim)
-        self.keys = [np.zeros(shape, self.dtype) for _ in range(num_layers)]
-        self.values = [np.zeros(shape, self.dtype) for _ in range(num_layers)]
+        self.keys = [_lazy_zeros(shape, self.dtype) for _ in range(num_layers)]
+        self.values = [_lazy_zeros(shape, self.dtype) for _ in range(num_layers)]
         # OrtValues over the numpy buffers (no copy): bound once as both past and present.
         self._ort = [
             (ort.OrtValue.ortvalue_from_numpy(k), ort.OrtValue.ortvalue_from_numpy(v))

@@ -4,6 +4,7 @@ The one entry point the CLI and tests call; each stage lives in its own module.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import platform
 import tempfile
@@ -56,8 +57,9 @@ def export_model(
     progress("read", 0, 1)
     src = open_source(source)
     path = _choose_path(src, via)
-    if path == "optimum" and quant.kv_cache != "float32":
-        raise ExportError(f"--kv-cache {quant.kv_cache}: the optimum path has no quantized KV cache (fast graph only)")
+    if path == "optimum" and quant.kv_cache == "int8":
+        raise ExportError("--kv-cache int8: the optimum path has no quantized KV cache (fast graph only)")
+    quant = dataclasses.replace(quant, kv_cache=quant.resolved_kv_cache(path == "fast"))
     ids = _eval_ids(src, eval_text)
     progress("read", 1, 1)
     try:

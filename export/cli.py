@@ -26,9 +26,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="round GGUF Q4_0/Q4_1/Q8_0 blocks afresh instead of importing them exactly (worse)")
     parser.add_argument("--accuracy-level", type=int, default=4, choices=[0, 1, 2, 3, 4],
                         help="MatMulNBits accuracy_level (4: int8 activations on CPU, fastest)")
-    parser.add_argument("--kv-cache", default="float32", choices=["float32", "int8"],
-                        help="KV cache storage (fast graph only): int8 takes a quarter of float32's memory at a "
-                        "small quality cost, measured in the manifest's perplexity (default float32)")
+    parser.add_argument("--kv-cache", default="auto", choices=["auto", "float32", "int8"],
+                        help="KV cache storage: int8 (fast graph only) takes a quarter of float32's memory, its "
+                        "quality cost measured in the manifest's perplexity; auto (default) picks int8 for int4/int8 "
+                        "weights at accuracy level 1-4 on the fast graph, float32 otherwise")
     parser.add_argument("--via", default="auto", choices=["auto", "fast", "optimum"],
                         help="fast: edgellm's fused graph (llama, mistral, qwen2, qwen3); optimum: any decoder "
                         "optimum supports (needs edgellm[optimum]); auto: fast where supported")
@@ -98,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         bars.close()
     q = manifest.quality
-    line = (f"wrote {args.output} ({manifest.graph['kind']} graph, {quant.weights}, kv {quant.kv_cache}) "
+    line = (f"wrote {args.output} ({manifest.graph['kind']} graph, {quant.weights}, kv {manifest.graph['kv_dtype']}) "
             f"in {time.perf_counter() - start:.1f} s")
     if q:
         line += (f"; perplexity {q['perplexity']:.3f} vs source {q['source_perplexity']:.3f} "

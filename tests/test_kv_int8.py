@@ -135,3 +135,25 @@ def test_optimum_with_int8_kv_is_refused(tiny_hf, tmp_path, capsys):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
     with pytest.raises(ExportError, match="--kv-cache 'int4'"):
         QuantConfig(kv_cache="int4")
+
+
+@pytest.mark.parametrize("quant,fast,expected", [
+    (QuantConfig(), True, "int8"),  # int4 at int8 activations: already rounded to int8
+    (QuantConfig("int8"), True, "int8"),
+    (QuantConfig(accuracy_level=0), True, "float32"),  # asked for fp32 activations: exact
+    (QuantConfig("fp32"), True, "float32"),
+    (QuantConfig("fp16"), True, "float32"),
+    (QuantConfig(), False, "float32"),  # the optimum graph has no quantized cache
+    (QuantConfig(kv_cache="float32"), True, "float32"),
+    (QuantConfig("fp32", kv_cache="int8"), True, "int8"),
+])
+def test_auto_kv_cache_follows_the_activations(quant, fast, expected):
+    assert quant.resolved_kv_cache(fast) == expected
+
+
+def test_default_export_records_the_resolved_cache(tiny_hf, tmp_path):
+    """`auto` is resolved before anything is written: the manifest never says auto."""
+    manifest = export_model(tiny_hf("llama"), tmp_path / "b", evaluate=False)
+    assert manifest.quantization["kv_cache"] == "int8" == manifest.graph["kv_dtype"]
+    manifest = export_model(tiny_hf("llama"), tmp_path / "c", quant=QuantConfig(accuracy_level=0), evaluate=False)
+    assert manifest.quantization["kv_cache"] == "float32" == manifest.graph["kv_dtype"]
