@@ -318,7 +318,7 @@ def test_chunked_prefill_and_logits_to_keep(tiny_hf, tmp_path):
 
 
 def test_graph_layout_and_progress(tiny_hf, tmp_path):
-    """The node budget: 11 nodes a layer plus a fixed head and tail, one shared quantized table."""
+    """The node budget: 11 nodes a layer plus a fixed head and tail."""
     source = open_hf_folder(tiny_hf("llama"))
     calls = []
     info = build_fast_graph(source, QuantConfig(), tmp_path, lambda *a: calls.append(a))
@@ -332,10 +332,13 @@ def test_graph_layout_and_progress(tiny_hf, tmp_path):
     assert ops["MatMulNBits"] == 4 * layers + 1 and ops["GroupQueryAttention"] == layers
     assert ops["GatherBlockQuantized"] == 1 and ops["SkipSimplifiedLayerNormalization"] == 2 * layers
     assert len(graph.node) == 11 * layers + 13
-    assert not any(t.name == "model.embed_tokens.qweight" for t in graph.initializer)
-    # The embedding gathers from lm_head's weight itself, not a reshaped copy folded at load.
+    # Tied, yet the embedding gathers from a table of its own, [N, blocks, blob] as stored
+    # (a reshaped table would be folded into a copy at load): lm_head's prepacked weight
+    # must not keep the shared pages resident.
     gather = next(n for n in graph.node if n.op_type == "GatherBlockQuantized")
-    assert gather.input[0] == "lm_head.qweight"
+    assert source.spec.tie_embeddings and gather.input[0] == "model.embed_tokens.qweight"
+    tables = {t.name: list(t.dims) for t in graph.initializer}
+    assert tables["model.embed_tokens.qweight"] == tables["lm_head.qweight"] and len(tables["lm_head.qweight"]) == 3
     gqa = next(n for n in graph.node if n.op_type == "GroupQueryAttention")
     attrs = {a.name: helper.get_attribute_value(a) for a in gqa.attribute}
     assert attrs["do_rotary"] == 1 and attrs["rotary_interleaved"] == 0 and gqa.output[1] == "present.0.key"
