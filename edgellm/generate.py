@@ -115,7 +115,10 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-PREFILL_CHUNK = 256
+# Prefill feeds at most this many tokens per run. The attention scratch grows with
+# chunk x context and the session's arena keeps its peak: on SmolLM2 at 2,000 tokens,
+# 128 peaks 15 MB lower than 256 (279 vs 294 MB) for 3-5% more time to first token.
+PREFILL_CHUNK = 128
 
 
 def generate_step(
@@ -128,8 +131,7 @@ def generate_step(
 ) -> Iterator[int]:
     """Yield sampled ids without end. `fresh` is the tail of `prompt` not yet in the cache."""
     history = np.asarray(prompt, dtype=np.int64)
-    # Prefill in chunks: attention scores grow with chunk x context, and the
-    # session's arena keeps its peak, so one 2,000-token pass would hold ~150 MB.
+    # Prefill in chunks (see PREFILL_CHUNK): one 2,000-token pass would hold ~150 MB.
     for start in range(0, len(fresh), PREFILL_CHUNK):
         logits = forward(fresh[start : start + PREFILL_CHUNK])
     while True:
