@@ -54,6 +54,25 @@ def test_greedy_matches_transformers(fp32, tiny_hf):
         assert result.finish_reason == "length"
 
 
+def test_chunked_prefill_matches_transformers(fp32, tiny_hf):
+    """A prompt over two prefill chunks (not a whole number of them) still gives the source's tokens."""
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM
+
+    from edgellm.generate import PREFILL_CHUNK
+
+    ids = []
+    while len(ids) < 2 * PREFILL_CHUNK + 37:
+        ids += fp32.encode(" ".join(PROMPTS) + f" {len(ids)}")
+    ids = ids[: 2 * PREFILL_CHUNK + 37]
+    hf = AutoModelForCausalLM.from_pretrained(tiny_hf("llama")).eval()
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([ids]), max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
+    result = _cold(fp32, ids, max_new_tokens=8, ignore_eos=True)
+    assert result.usage.prompt_tokens == len(ids) > 2 * PREFILL_CHUNK
+    assert result.token_ids == out[0, len(ids):].tolist()
+
+
 @pytest.mark.parametrize("which", ["fp32", "int4"])
 def test_prefix_reuse_gives_cold_tokens(which, request):
     model = request.getfixturevalue(which)
