@@ -24,6 +24,8 @@ BARS = {
     "long_vs_short": 0.8,
     "cached_vs_cold_ttft": 0.3,
     "peak_rss_mb": 300.0,
+    "exact_vs_requant": 0.9,
+    "ppl_ratio": 1.05,
     "export_s": 60.0,
     "export_rss_mb": 2000.0,
 }
@@ -214,7 +216,10 @@ def _bar(name: str, value: float | None, limit: float, at_least: bool, unit: str
 
 def bars(results: dict[str, Any]) -> list[dict[str, Any]]:
     ours = metrics(results["engines"].get("edgellm", {}))
+    requant = metrics(results["engines"].get("edgellm-requant", {}))
+    genai = metrics(results["engines"].get("genai", {}))
     vs_genai = results["ratios"].get("edgellm_vs_genai", {})
+    q = results.get("quality", {}).get("edgellm", {})
     out = [
         _bar("edgellm decode (short prompt) >= 1.0x onnxruntime-genai", vs_genai.get("decode_short"),
              BARS["decode_vs_genai"], True),
@@ -223,6 +228,13 @@ def bars(results: dict[str, Any]) -> list[dict[str, Any]]:
         _bar("edgellm long-context decode >= 0.8x short", ours.get("long_vs_short"), BARS["long_vs_short"], True),
         _bar("edgellm cached TTFT <= 0.3x cold", ours.get("cached_vs_cold_ttft"), BARS["cached_vs_cold_ttft"], False),
         _bar("edgellm peak RSS <= 300 MB", ours.get("peak_rss_mb"), BARS["peak_rss_mb"], False, " MB"),
+        # genai's build re-quantizes, so --requantize is edgellm on the same weights.
+        _bar("edgellm --requantize decode (short prompt) >= 1.0x onnxruntime-genai",
+             _ratio(requant.get("decode_short"), genai.get("decode_short")), BARS["decode_vs_genai"], True),
+        _bar("edgellm exact import decode (short prompt) >= 0.9x --requantize",
+             _ratio(ours.get("decode_short"), requant.get("decode_short")), BARS["exact_vs_requant"], True),
+        _bar("edgellm perplexity <= 1.05x its source", _ratio(q.get("perplexity"), q.get("source_perplexity")),
+             BARS["ppl_ratio"], False),
     ]
     for name, e in results["export"].items():
         ok = "skipped" not in e and e["rc"] == 0

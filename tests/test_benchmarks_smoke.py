@@ -124,3 +124,19 @@ def test_bars_compare_in_the_right_direction():
     assert results["ratios"]["edgellm_vs_genai"]["peak_rss_mb"] == pytest.approx(250 / 400)
     assert report.agreement(engines) == {"genai": 2}
     assert report.unstable(engines) == ["edgellm short decode 2.0x apart", "onnxruntime-genai short decode 2.0x apart"]
+
+
+def test_same_weights_and_exact_import_bars():
+    engines = {"edgellm": _engine(27, 20, 1.0, 0.1, 250), "edgellm-requant": _engine(30, 20, 1.0, 0.1, 250),
+               "genai": _engine(31, 24, 0.5, 0.5, 400)}
+    quality = {"edgellm": {"perplexity": 31.0, "source_perplexity": 30.0}}
+    results = {"engines": engines, "ratios": report.ratios(engines), "export": {}, "quality": quality}
+    status = {b["name"]: b["status"] for b in report.bars(results)}
+    assert status["edgellm --requantize decode (short prompt) >= 1.0x onnxruntime-genai"] == "FAIL"  # 30/31
+    assert status["edgellm exact import decode (short prompt) >= 0.9x --requantize"] == "PASS"  # 27/30
+    assert status["edgellm perplexity <= 1.05x its source"] == "PASS"  # 31/30
+    quality["edgellm"]["perplexity"] = 32.0
+    engines["edgellm"] = _engine(26, 20, 1.0, 0.1, 250)
+    status = {b["name"]: b["status"] for b in report.bars(results)}
+    assert status["edgellm exact import decode (short prompt) >= 0.9x --requantize"] == "FAIL"  # 26/30
+    assert status["edgellm perplexity <= 1.05x its source"] == "FAIL"  # 32/30
