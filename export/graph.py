@@ -11,16 +11,10 @@ rows in place when the two share memory, so decoding never copies the cache.
 Initializers are written to `model.onnx.data` as soon as they are built, so the
 export holds one layer's weights at a time, not the whole model twice.
 
-GGUF Q4_1 weights arrive with per-block offsets (see quantize.py). Decode time
-goes to dispatching small nodes and reading the offsets, not to their arithmetic,
-so with int8 activations the offsets ride inside MatMulNBits as extra blocks of
-codes, fed by the activation's block sums appended to its K (one MatMul against a
-shared 0/1 indicator and a Concat, once per activation). With fp32 activations
-(accuracy_level 0, for exactness) they stay a float MatMul plus an Add.
+Linear layers (and GGUF Q4_1's per-block offsets) are laid out by linear.py.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -32,206 +26,17 @@ from edgellm.errors import ExportError
 from edgellm.spec import ModelSpec
 
 from .config import GraphInfo, QuantConfig
-from .quantize import QuantizedWeight, WeightLoader, offset_blocks
+from .linear import Linear, Writer, apply_linear, make_linear, quantized_linear, weight_bits
+from .quantize import QuantizedWeight, WeightLoader
 from .sources import Source
 
 GRAPH_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 OPSET = 21  # onnxruntime >= 1.20, the oldest the runtime supports
 IR_VERSION = 10
-_ALIGN = 4096  # page-aligned external data can be memory-mapped
-_INLINE_BYTES = 1024
 _INT64_MAX = np.iinfo(np.int64).max
 
 Progress = Callable[[str, int, int], None]
-_CONTRIB = {"GroupQueryAttention", "MatMulNBits", "GatherBlockQuantized", "SkipSimplifiedLayerNormalization"}
-
-
-class _Writer:
-    """Collects nodes; streams initializer bytes to the external data file as they come."""
-
-    def __init__(self, data_path: Path) -> None:
-        self.nodes: list[onnx.NodeProto] = []
-        self.initializers: list[TensorProto] = []
-        self._location = data_path.name
-        self._fh = open(data_path, "wb")
-        self._consts: dict[tuple, str] = {}
-        self._blocksums: dict[tuple[str, int, int], str] = {}
-        self._indicators: dict[tuple[int, int, int], str] = {}
-
-    def close(self) -> None:
-        self._fh.close()
-
-    def initializer(self, name: str, array: np.ndarray) -> str:
-        array = np.ascontiguousarray(array)
-        tensor = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype))
-        tensor.dims.extend(array.shape)
-        if array.nbytes < _INLINE_BYTES:
-            tensor.raw_data = array.tobytes()
-        else:
-            offset = -(-self._fh.tell() // _ALIGN) * _ALIGN
-            self._fh.seek(offset)
-            self._fh.write(array.tobytes())
-            tensor.data_location = TensorProto.EXTERNAL
-            for key, value in (("location", self._location), ("offset", offset), ("length", array.nbytes)):
-                tensor.external_data.add(key=key, value=str(value))
-        self.initializers.append(tensor)
-        return name
-
-    def const(self, values: list[int] | int) -> str:
-        """A shared int64 constant (a scalar when `values` is an int)."""
-        key = (values,) if isinstance(values, int) else tuple(values)
-        if key not in self._consts:
-            array = np.array(values, dtype=np.int64)
-            self._consts[key] = self.initializer(f"/const/int64/{values}", array)
-        return self._consts[key]
-
-    def blocksum(self, x: str, K: int, block_size: int, width: int | None = None) -> str:
-        """Sums of `x` [1, S, K] over each block along K, [1, S, width] (zero past K / block);
-        shared by all readers of `x`."""
-        width = width or K // block_size
-        key = (x, block_size, width)
-        if key not in self._blocksums:
-            # One MatMul instead of Reshape + ReduceSum: a node fewer per activation,
-            # and the indicator is shared by every layer, so it stays in cache.
-            indicator = self._indicator(K, block_size, width)
-            self._blocksums[key] = self.one("MatMul", f"{x}/blocksum_{width}/MatMul", [x, indicator])
-        return self._blocksums[key]
-
-    def with_block_sums(self, x: str, K: int, block_size: int, extra: int) -> str:
-        """`x` with copies of its block sums appended along K, `extra` columns in all, for
-        a MatMulNBits whose last blocks hold offsets (quantize.offset_blocks)."""
-        width = -(-K // block_size // block_size) * block_size
-        key = (x, block_size, -extra)
-        if key not in self._blocksums:
-            sums = self.blocksum(x, K, block_size, width)
-            self._blocksums[key] = self.one("Concat", f"{x}/with_block_sums/Concat", [x] + [sums] * (extra // width),
-                                            axis=-1)
-        return self._blocksums[key]
-
-    def _indicator(self, K: int, block_size: int, width: int) -> str:
-        """float32 [K, width]: 1 where row k lies in block column b."""
-        key = (K, block_size, width)
-        if key not in self._indicators:
-            matrix = np.zeros((K, width), dtype=np.float32)
-            matrix[np.arange(K), np.arange(K) // block_size] = 1
-            self._indicators[key] = self.initializer(f"/const/blocksum/{K}x{width}", matrix)
-        return self._indicators[key]
-
-    def node(self, op: str, name: str, inputs: list[str], outputs: int | list[str] = 1, **attrs) -> list[str]:
-        if isinstance(outputs, int):
-            outputs = [f"{name}/output_{i}" for i in range(outputs)]
-        while inputs and inputs[-1] == "":
-            inputs = inputs[:-1]
-        domain = "com.microsoft" if op in _CONTRIB else None
-        self.nodes.append(helper.make_node(op, inputs, outputs, name=name, domain=domain, **attrs))
-        return outputs
-
-    def one(self, op: str, name: str, inputs: list[str], **attrs) -> str:
-        return self.node(op, name, inputs, 1, **attrs)[0]
-
-
-# --- weights -----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Linear:
-    """Initializer names of one linear layer, in whichever storage the quant config picks."""
-
-    weight: str  # MatMulNBits B, or the transposed [K, N] float matrix
-    K: int
-    N: int
-    scales: str = ""
-    zero_points: str = ""
-    bias: str = ""
-    bits: int = 0
-    block_size: int = 0
-    cast: bool = False  # fp16 storage: widen to float32 before the MatMul
-    offsets: str = ""  # float32 [n_blocks, N]: y += blocksum(x) @ offsets (GGUF Q4_1)
-    folded: int = 0  # K columns past K that hold the offsets (fed block sums), instead of `offsets`
-
-
-def _bits(quant: QuantConfig) -> int:
-    return {"int4": 4, "int8": 8}.get(quant.weights, 0)
-
-
-def _quantized(
-    w: _Writer, prefix: str, q: QuantizedWeight, bias: np.ndarray | None, quant: QuantConfig, *,
-    matmul: bool = True,
-) -> _Linear:
-    """Write `q`'s initializers for a MatMulNBits, or for a GatherBlockQuantized (not `matmul`)."""
-    if q.offsets is not None and q.K % q.block_size:
-        raise ExportError(f"{prefix}: K {q.K} is not whole blocks of {q.block_size}, offsets need them")
-    packed, scales, folded = q.packed, q.scales, 0
-    if matmul and q.offsets is not None and quant.accuracy_level != 0:
-        extra_packed, extra_scales = offset_blocks(q)
-        packed, scales = np.concatenate([packed, extra_packed], axis=1), np.concatenate([scales, extra_scales], axis=1)
-        folded = extra_packed.shape[1] * q.block_size
-    # A gathered row adds its offsets from the float table; so does an unfolded matmul.
-    table = q.offsets is not None and not folded
-    return _Linear(
-        weight=w.initializer(f"{prefix}.qweight", packed),
-        scales=w.initializer(f"{prefix}.scales", scales),
-        zero_points="" if q.zero_points is None else w.initializer(f"{prefix}.qzeros", q.zero_points),
-        bias="" if bias is None else w.initializer(f"{prefix}.bias", bias.astype(np.float32)),
-        K=q.K,
-        N=q.N,
-        bits=q.bits,
-        block_size=q.block_size,
-        offsets=w.initializer(f"{prefix}.offsets", q.offsets.T) if table else "",
-        folded=folded,
-    )
-
-
-def make_linear(
-    w: _Writer,
-    prefix: str,
-    source: Source,
-    names: list[str],
-    quant: QuantConfig,
-    loader: WeightLoader | None,
-    bias: np.ndarray | None = None,
-) -> _Linear:
-    """Store the weights `names` [out, in] (row blocks fused into one matrix) as `quant` says."""
-    if loader is not None:
-        return _quantized(w, prefix, loader.load(names), bias, quant)
-    weights = [source.tensor(n) for n in names]
-    matrix = np.concatenate(weights).T if len(weights) > 1 else weights[0].T
-    dtype = np.float16 if quant.weights == "fp16" else np.float32
-    return _Linear(
-        weight=w.initializer(f"{prefix}.weight_t", matrix.astype(dtype)),
-        bias="" if bias is None else w.initializer(f"{prefix}.bias", bias.astype(np.float32)),
-        K=matrix.shape[0],
-        N=matrix.shape[1],
-        cast=dtype == np.float16,
-    )
-
-
-def apply_linear(w: _Writer, name: str, x: str, lin: _Linear, quant: QuantConfig, out: str | None = None) -> str:
-    outputs = [out] if out else 1
-    if lin.bits:
-        if lin.folded:
-            x = w.with_block_sums(x, lin.K, lin.block_size, lin.folded)
-        y = w.node(
-            "MatMulNBits",
-            f"{name}/MatMulNBits",
-            [x, lin.weight, lin.scales, lin.zero_points, "", lin.bias],
-            1 if lin.offsets and not lin.folded else outputs,
-            K=lin.K + lin.folded,
-            N=lin.N,
-            bits=lin.bits,
-            block_size=lin.block_size,
-            accuracy_level=quant.accuracy_level,
-        )[0]
-        if not lin.offsets or lin.folded:
-            return y
-        offset = w.one("MatMul", f"{name}/offsets/MatMul", [w.blocksum(x, lin.K, lin.block_size), lin.offsets])
-        return w.node("Add", f"{name}/offsets/Add", [y, offset], outputs)[0]
-    weight = w.one("Cast", f"{name}/Cast", [lin.weight], to=TensorProto.FLOAT) if lin.cast else lin.weight
-    if not lin.bias:
-        return w.node("MatMul", f"{name}/MatMul", [x, weight], outputs)[0]
-    y = w.one("MatMul", f"{name}/MatMul", [x, weight])
-    return w.node("Add", f"{name}/Add", [y, lin.bias], outputs)[0]
 
 
 # --- rotary ------------------------------------------------------------------
@@ -271,7 +76,7 @@ def _llama3_inv_freq(inv_freq: np.ndarray, s: dict) -> np.ndarray:
 # --- blocks ------------------------------------------------------------------
 
 
-def attention_lengths(w: _Writer) -> tuple[str, str]:
+def attention_lengths(w: Writer) -> tuple[str, str]:
     """seqlens_k (T-1, int32 [1]) and total_sequence_length (T, int32 scalar) from the mask."""
     base = "/model/attn_mask"
     total = w.one("ReduceSum", f"{base}/ReduceSum", ["attention_mask", w.const([1])], keepdims=0)
@@ -282,7 +87,7 @@ def attention_lengths(w: _Writer) -> tuple[str, str]:
     return seqlens, w.one("Cast", f"{base}/Gather/Cast", [length], to=TensorProto.INT32)
 
 
-def add_norm(w: _Writer, name: str, x: str, residual: str | None, gamma: np.ndarray, eps: float) -> tuple[str, str]:
+def add_norm(w: Writer, name: str, x: str, residual: str | None, gamma: np.ndarray, eps: float) -> tuple[str, str]:
     """RMSNorm(x + residual), fusing the residual add; returns (normed, new residual)."""
     scale = w.initializer(f"{name}.weight", gamma.astype(np.float32))
     if residual is None:
@@ -300,12 +105,12 @@ def add_norm(w: _Writer, name: str, x: str, residual: str | None, gamma: np.ndar
 
 
 def embed(
-    w: _Writer,
+    w: Writer,
     source: Source,
     spec: ModelSpec,
     quant: QuantConfig,
     loader: WeightLoader | None,
-    head: _Linear,
+    head: Linear,
     head_q: QuantizedWeight | None,
 ) -> str:
     """input_ids -> hidden states. Float weights gather from lm_head's when tied (only the
@@ -324,7 +129,7 @@ def embed(
     # A table of its own even when tied: prepacking lm_head reads every page of its
     # weight, and a shared table would keep them all resident, while a table of its own
     # is read only at the rows gathered (SmolLM2: 27 MB less memory, 28 MB more disk).
-    lin = _quantized(w, "model.embed_tokens", q, None, quant, matmul=False)
+    lin = quantized_linear(w, "model.embed_tokens", q, None, quant, matmul=False)
     if lin.zero_points:
         # Packed zero points run along a row's blocks: gather [N, n_blocks * blob] rows.
         table = w.one("Reshape", f"{name}/Reshape", [lin.weight, w.const([q.N, -1])])
@@ -353,7 +158,7 @@ def embed(
     return hidden
 
 
-def _add_row_offsets(w: _Writer, name: str, hidden: str, lin: _Linear, q: QuantizedWeight) -> str:
+def _add_row_offsets(w: Writer, name: str, hidden: str, lin: Linear, q: QuantizedWeight) -> str:
     """Add each gathered row's per-block offsets, read from lm_head's [n_blocks, vocab] table."""
     offsets = w.one("Gather", f"{name}/offsets/Gather", [lin.offsets, "input_ids"], axis=1)  # [n_blocks, 1, S]
     offsets = w.one("Transpose", f"{name}/offsets/Transpose", [offsets], perm=[1, 2, 0])
@@ -363,7 +168,7 @@ def _add_row_offsets(w: _Writer, name: str, hidden: str, lin: _Linear, q: Quanti
     return w.one("Reshape", f"{name}/offsets/Reshape_1", [shifted, w.const([0, 0, q.n_blocks * q.block_size])])
 
 
-def _head_norm(w: _Writer, name: str, x: str, gamma: np.ndarray, spec: ModelSpec) -> str:
+def _head_norm(w: Writer, name: str, x: str, gamma: np.ndarray, spec: ModelSpec) -> str:
     """qwen3: RMSNorm over each head of q or k, before rotary."""
     scale = w.initializer(f"{name}.weight", gamma.astype(np.float32))
     heads = w.one("Reshape", f"{name}/Reshape", [x, w.const([0, 0, -1, spec.head_dim])])
@@ -374,7 +179,7 @@ def _head_norm(w: _Writer, name: str, x: str, gamma: np.ndarray, spec: ModelSpec
 
 
 def attention(
-    w: _Writer, source: Source, spec: ModelSpec, quant: QuantConfig, loader: WeightLoader | None, i: int, x: str,
+    w: Writer, source: Source, spec: ModelSpec, quant: QuantConfig, loader: WeightLoader | None, i: int, x: str,
     residual: str | None, lengths: tuple[str, str], rope: tuple[str, str],
     kv_scales: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[str, str]:
@@ -425,7 +230,7 @@ def attention(
 
 
 def mlp(
-    w: _Writer, source: Source, spec: ModelSpec, quant: QuantConfig, loader: WeightLoader | None, i: int, x: str,
+    w: Writer, source: Source, spec: ModelSpec, quant: QuantConfig, loader: WeightLoader | None, i: int, x: str,
     residual: str,
 ) -> tuple[str, str]:
     """Norm, fused gate;up projection, SiLU(gate) * up, down projection."""
@@ -446,17 +251,17 @@ def mlp(
 
 
 def head_weights(
-    w: _Writer, source: Source, spec: ModelSpec, quant: QuantConfig, loader: WeightLoader | None
-) -> tuple[_Linear, QuantizedWeight | None]:
+    w: Writer, source: Source, spec: ModelSpec, quant: QuantConfig, loader: WeightLoader | None
+) -> tuple[Linear, QuantizedWeight | None]:
     """lm_head, from the embedding when tied; its quantized form too, for the embedding to share."""
     name = "model.embed_tokens.weight" if spec.tie_embeddings else "lm_head.weight"
     if loader is not None:
         q = loader.load([name])
-        return _quantized(w, "lm_head", q, None, quant), q if spec.tie_embeddings else None
+        return quantized_linear(w, "lm_head", q, None, quant), q if spec.tie_embeddings else None
     return make_linear(w, "lm_head", source, [name], quant, None), None
 
 
-def head(w: _Writer, source: Source, spec: ModelSpec, quant: QuantConfig, lin: _Linear, x: str, residual: str) -> str:
+def head(w: Writer, source: Source, spec: ModelSpec, quant: QuantConfig, lin: Linear, x: str, residual: str) -> str:
     """Final norm, keep the last `logits_to_keep` positions, lm_head."""
     normed, _ = add_norm(w, "/model/norm", x, residual, source.tensor("model.norm.weight"), spec.rms_norm_eps)
     # Only the kept rows reach lm_head: a long prefill never builds S x vocab logits.
@@ -522,8 +327,8 @@ def build_fast_graph(
             raise ExportError(f"kv_scales: shapes {[np.shape(s) for s in kv_scales]}, expected {expected} each")
         if not all(np.all(np.isfinite(s) & (s > 0)) for s in kv_scales):
             raise ExportError("kv_scales: every scale must be finite and positive")
-    loader = WeightLoader(source, quant, exact=not requantize) if _bits(quant) else None
-    w = _Writer(out_dir / DATA_FILE)
+    loader = WeightLoader(source, quant, exact=not requantize) if weight_bits(quant) else None
+    w = Writer(out_dir / DATA_FILE)
     try:
         cos, sin = rope_caches(spec)
         rope = (w.initializer("cos_cache", cos), w.initializer("sin_cache", sin))

@@ -20,7 +20,8 @@ from onnx import TensorProto, helper
 
 from export.config import QuantConfig
 from export.gguf import open_gguf
-from export.graph import OPSET, _quantized, _Writer, apply_linear, build_fast_graph
+from export.graph import OPSET, build_fast_graph
+from export.linear import Writer, apply_linear, quantized_linear
 from export.quantize import QuantizedWeight, dequantize, from_gguf_blocks, offset_blocks, unpack
 from export.sources import QuantBlocks
 from gguf_writer import write_tiny_gguf
@@ -97,8 +98,8 @@ def test_offset_blocks_carry_the_offsets(bits, n_blocks):
 def _one_linear(q, level: int, tmp: Path) -> ort.InferenceSession:
     """One linear layer exactly as the graph builder lays it out, offsets included."""
     tmp.mkdir()
-    w = _Writer(tmp / "w.data")
-    lin = _quantized(w, "layer", q, None, QuantConfig(accuracy_level=level))
+    w = Writer(tmp / "w.data")
+    lin = quantized_linear(w, "layer", q, None, QuantConfig(accuracy_level=level))
     apply_linear(w, "/layer", "x", lin, QuantConfig(accuracy_level=level), out="y")
     w.close()
     graph = helper.make_graph(

@@ -1,0 +1,210 @@
+"""Writing an ONNX graph: nodes, streamed initializers, and linear layers in each storage.
+
+A linear layer is MatMulNBits (int4/int8 blocks, GGUF blocks imported as they are) or a
+MatMul on a transposed float matrix (fp32/fp16). GGUF Q4_1 offsets are applied one of
+two ways (see quantize.py): with int8 activations as extra blocks of codes inside the
+MatMulNBits, fed by the activation's block sums appended to its K; with fp32
+activations (accuracy_level 0, exact) as a float MatMul plus an Add.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from edgellm.errors import ExportError
+
+from .config import QuantConfig
+from .quantize import QuantizedWeight, WeightLoader, offset_blocks
+from .sources import Source
+
+_ALIGN = 4096  # page-aligned external data can be memory-mapped
+_INLINE_BYTES = 1024
+_CONTRIB = {"GroupQueryAttention", "MatMulNBits", "GatherBlockQuantized", "SkipSimplifiedLayerNormalization"}
+
+
+class Writer:
+    """Collects nodes; streams initializer bytes to the external data file as they come."""
+
+    def __init__(self, data_path: Path) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[TensorProto] = []
+        self._location = data_path.name
+        self._fh = open(data_path, "wb")
+        self._consts: dict[tuple, str] = {}
+        self._blocksums: dict[tuple[str, int, int], str] = {}
+        self._indicators: dict[tuple[int, int, int], str] = {}
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def initializer(self, name: str, array: np.ndarray) -> str:
+        array = np.ascontiguousarray(array)
+        tensor = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype))
+        tensor.dims.extend(array.shape)
+        if array.nbytes < _INLINE_BYTES:
+            tensor.raw_data = array.tobytes()
+        else:
+            offset = -(-self._fh.tell() // _ALIGN) * _ALIGN
+            self._fh.seek(offset)
+            self._fh.write(array.tobytes())
+            tensor.data_location = TensorProto.EXTERNAL
+            for key, value in (("location", self._location), ("offset", offset), ("length", array.nbytes)):
+                tensor.external_data.add(key=key, value=str(value))
+        self.initializers.append(tensor)
+        return name
+
+    def const(self, values: list[int] | int) -> str:
+        """A shared int64 constant (a scalar when `values` is an int)."""
+        key = (values,) if isinstance(values, int) else tuple(values)
+        if key not in self._consts:
+            array = np.array(values, dtype=np.int64)
+            self._consts[key] = self.initializer(f"/const/int64/{values}", array)
+        return self._consts[key]
+
+    def blocksum(self, x: str, K: int, block_size: int, width: int | None = None) -> str:
+        """Sums of `x` [1, S, K] over each block along K, [1, S, width] (zero past K / block);
+        shared by all readers of `x`."""
+        width = width or K // block_size
+        key = (x, block_size, width)
+        if key not in self._blocksums:
+            # One MatMul instead of Reshape + ReduceSum: a node fewer per activation,
+            # and the indicator is shared by every layer, so it stays in cache.
+            indicator = self._indicator(K, block_size, width)
+            self._blocksums[key] = self.one("MatMul", f"{x}/blocksum_{width}/MatMul", [x, indicator])
+        return self._blocksums[key]
+
+    def with_block_sums(self, x: str, K: int, block_size: int, extra: int) -> str:
+        """`x` with copies of its block sums appended along K, `extra` columns in all, for
+        a MatMulNBits whose last blocks hold offsets (quantize.offset_blocks)."""
+        width = -(-K // block_size // block_size) * block_size
+        key = (x, block_size, -extra)
+        if key not in self._blocksums:
+            sums = self.blocksum(x, K, block_size, width)
+            self._blocksums[key] = self.one("Concat", f"{x}/with_block_sums/Concat", [x] + [sums] * (extra // width),
+                                            axis=-1)
+        return self._blocksums[key]
+
+    def _indicator(self, K: int, block_size: int, width: int) -> str:
+        """float32 [K, width]: 1 where row k lies in block column b."""
+        key = (K, block_size, width)
+        if key not in self._indicators:
+            matrix = np.zeros((K, width), dtype=np.float32)
+            matrix[np.arange(K), np.arange(K) // block_size] = 1
+            self._indicators[key] = self.initializer(f"/const/blocksum/{K}x{width}", matrix)
+        return self._indicators[key]
+
+    def node(self, op: str, name: str, inputs: list[str], outputs: int | list[str] = 1, **attrs) -> list[str]:
+        if isinstance(outputs, int):
+            outputs = [f"{name}/output_{i}" for i in range(outputs)]
+        while inputs and inputs[-1] == "":
+            inputs = inputs[:-1]
+        domain = "com.microsoft" if op in _CONTRIB else None
+        self.nodes.append(helper.make_node(op, inputs, outputs, name=name, domain=domain, **attrs))
+        return outputs
+
+    def one(self, op: str, name: str, inputs: list[str], **attrs) -> str:
+        return self.node(op, name, inputs, 1, **attrs)[0]
+
+
+@dataclass(frozen=True)
+class Linear:
+    """Initializer names of one linear layer, in whichever storage the quant config picks."""
+
+    weight: str  # MatMulNBits B, or the transposed [K, N] float matrix
+    K: int
+    N: int
+    scales: str = ""
+    zero_points: str = ""
+    bias: str = ""
+    bits: int = 0
+    block_size: int = 0
+    cast: bool = False  # fp16 storage: widen to float32 before the MatMul
+    offsets: str = ""  # float32 [n_blocks, N]: y += blocksum(x) @ offsets (GGUF Q4_1)
+    folded: int = 0  # K columns past K that hold the offsets (fed block sums), instead of `offsets`
+
+
+def weight_bits(quant: QuantConfig) -> int:
+    return {"int4": 4, "int8": 8}.get(quant.weights, 0)
+
+
+def quantized_linear(
+    w: Writer, prefix: str, q: QuantizedWeight, bias: np.ndarray | None, quant: QuantConfig, *,
+    matmul: bool = True,
+) -> Linear:
+    """Write `q`'s initializers for a MatMulNBits, or for a GatherBlockQuantized (not `matmul`)."""
+    if q.offsets is not None and q.K % q.block_size:
+        raise ExportError(f"{prefix}: K {q.K} is not whole blocks of {q.block_size}, offsets need them")
+    packed, scales, folded = q.packed, q.scales, 0
+    if matmul and q.offsets is not None and quant.accuracy_level != 0:
+        extra_packed, extra_scales = offset_blocks(q)
+        packed, scales = np.concatenate([packed, extra_packed], axis=1), np.concatenate([scales, extra_scales], axis=1)
+        folded = extra_packed.shape[1] * q.block_size
+    # A gathered row adds its offsets from the float table; so does an unfolded matmul.
+    table = q.offsets is not None and not folded
+    return Linear(
+        weight=w.initializer(f"{prefix}.qweight", packed),
+        scales=w.initializer(f"{prefix}.scales", scales),
+        zero_points="" if q.zero_points is None else w.initializer(f"{prefix}.qzeros", q.zero_points),
+        bias="" if bias is None else w.initializer(f"{prefix}.bias", bias.astype(np.float32)),
+        K=q.K,
+        N=q.N,
+        bits=q.bits,
+        block_size=q.block_size,
+        offsets=w.initializer(f"{prefix}.offsets", q.offsets.T) if table else "",
+        folded=folded,
+    )
+
+
+def make_linear(
+    w: Writer,
+    prefix: str,
+    source: Source,
+    names: list[str],
+    quant: QuantConfig,
+    loader: WeightLoader | None,
+    bias: np.ndarray | None = None,
+) -> Linear:
+    """Store the weights `names` [out, in] (row blocks fused into one matrix) as `quant` says."""
+    if loader is not None:
+        return quantized_linear(w, prefix, loader.load(names), bias, quant)
+    weights = [source.tensor(n) for n in names]
+    matrix = np.concatenate(weights).T if len(weights) > 1 else weights[0].T
+    dtype = np.float16 if quant.weights == "fp16" else np.float32
+    return Linear(
+        weight=w.initializer(f"{prefix}.weight_t", matrix.astype(dtype)),
+        bias="" if bias is None else w.initializer(f"{prefix}.bias", bias.astype(np.float32)),
+        K=matrix.shape[0],
+        N=matrix.shape[1],
+        cast=dtype == np.float16,
+    )
+
+
+def apply_linear(w: Writer, name: str, x: str, lin: Linear, quant: QuantConfig, out: str | None = None) -> str:
+    outputs = [out] if out else 1
+    if lin.bits:
+        if lin.folded:
+            x = w.with_block_sums(x, lin.K, lin.block_size, lin.folded)
+        y = w.node(
+            "MatMulNBits",
+            f"{name}/MatMulNBits",
+            [x, lin.weight, lin.scales, lin.zero_points, "", lin.bias],
+            1 if lin.offsets and not lin.folded else outputs,
+            K=lin.K + lin.folded,
+            N=lin.N,
+            bits=lin.bits,
+            block_size=lin.block_size,
+            accuracy_level=quant.accuracy_level,
+        )[0]
+        if not lin.offsets or lin.folded:
+            return y
+        offset = w.one("MatMul", f"{name}/offsets/MatMul", [w.blocksum(x, lin.K, lin.block_size), lin.offsets])
+        return w.node("Add", f"{name}/offsets/Add", [y, offset], outputs)[0]
+    weight = w.one("Cast", f"{name}/Cast", [lin.weight], to=TensorProto.FLOAT) if lin.cast else lin.weight
+    if not lin.bias:
+        return w.node("MatMul", f"{name}/MatMul", [x, weight], outputs)[0]
+    y = w.one("MatMul", f"{name}/MatMul", [x, weight])
+    return w.node("Add", f"{name}/Add", [y, lin.bias], outputs)[0]
