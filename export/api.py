@@ -57,8 +57,6 @@ def export_model(
     progress("read", 0, 1)
     src = open_source(source)
     path = _choose_path(src, via)
-    if path == "optimum" and quant.kv_cache == "int8":
-        raise ExportError("--kv-cache int8: the optimum path has no quantized KV cache (fast graph only)")
     quant = dataclasses.replace(quant, kv_cache=quant.resolved_kv_cache(path == "fast"))
     ids = _eval_ids(src, eval_text)
     progress("read", 1, 1)

@@ -37,8 +37,10 @@ class QuantConfig:
         Such a graph already rounds activations to int8, and on SmolLM2 the int8 cache
         measured no worse (perplexity 0.997x vs 1.006x) while a 2,000-token context
         takes 23 MB instead of 92. fp32/fp16 weights and accuracy_level 0 ask for
-        exactness; the optimum graph has no quantized cache.
+        exactness; the optimum graph has no quantized cache, so asking it for one is an error.
         """
+        if self.kv_cache == "int8" and not fast_graph:
+            raise ExportError("--kv-cache int8: the optimum path has no quantized KV cache (fast graph only)")
         if self.kv_cache != "auto":
             return self.kv_cache
         lossy = self.weights in ("int4", "int8") and self.accuracy_level != 0

@@ -18,7 +18,7 @@ from onnx import TensorProto, helper
 from edgellm.errors import ExportError
 
 from .config import QuantConfig
-from .quantize import QuantizedWeight, WeightLoader, offset_blocks
+from .quantize import QuantizedWeight, WeightLoader, offset_blocks, offset_width
 from .sources import Source
 
 _ALIGN = 4096  # page-aligned external data can be memory-mapped
@@ -36,6 +36,7 @@ class Writer:
         self._fh = open(data_path, "wb")
         self._consts: dict[tuple, str] = {}
         self._blocksums: dict[tuple[str, int, int], str] = {}
+        self._with_sums: dict[tuple[str, int, int], str] = {}
         self._indicators: dict[tuple[int, int, int], str] = {}
 
     def close(self) -> None:
@@ -80,13 +81,13 @@ class Writer:
     def with_block_sums(self, x: str, K: int, block_size: int, extra: int) -> str:
         """`x` with copies of its block sums appended along K, `extra` columns in all, for
         a MatMulNBits whose last blocks hold offsets (quantize.offset_blocks)."""
-        width = -(-K // block_size // block_size) * block_size
-        key = (x, block_size, -extra)
-        if key not in self._blocksums:
+        width = offset_width(K // block_size, block_size)
+        key = (x, block_size, extra)
+        if key not in self._with_sums:
             sums = self.blocksum(x, K, block_size, width)
-            self._blocksums[key] = self.one("Concat", f"{x}/with_block_sums/Concat", [x] + [sums] * (extra // width),
+            self._with_sums[key] = self.one("Concat", f"{x}/with_block_sums/Concat", [x] + [sums] * (extra // width),
                                             axis=-1)
-        return self._blocksums[key]
+        return self._with_sums[key]
 
     def _indicator(self, K: int, block_size: int, width: int) -> str:
         """float32 [K, width]: 1 where row k lies in block column b."""

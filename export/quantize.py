@@ -138,6 +138,11 @@ def _offsets(q: QuantizedWeight) -> np.ndarray:
 OFFSET_DIGITS = 3
 
 
+def offset_width(n_blocks: int, block_size: int) -> int:
+    """K columns one copy of the block sums takes: `n_blocks` sums padded to whole blocks."""
+    return -(-n_blocks // block_size) * block_size
+
+
 def offset_blocks(q: QuantizedWeight, digits: int = OFFSET_DIGITS) -> tuple[np.ndarray, np.ndarray]:
     """`q.offsets` as extra MatMulNBits blocks, to append after `q.packed` and `q.scales`.
 
@@ -148,10 +153,10 @@ def offset_blocks(q: QuantizedWeight, digits: int = OFFSET_DIGITS) -> tuple[np.n
     if q.offsets is None or q.zero_points is not None:
         raise ExportError("offset_blocks: needs a symmetric weight with offsets")
     levels = (1 << (q.bits - 1)) - 1
-    blocks = -(-q.n_blocks // q.block_size)
-    residual = np.zeros((q.N, blocks * q.block_size), dtype=np.float64)
+    width = offset_width(q.n_blocks, q.block_size)
+    residual = np.zeros((q.N, width), dtype=np.float64)
     residual[:, : q.n_blocks] = q.offsets
-    residual = residual.reshape(q.N, blocks, q.block_size)
+    residual = residual.reshape(q.N, width // q.block_size, q.block_size)
     codes, scales = [], []
     for _ in range(digits):
         scale = (np.abs(residual).max(axis=-1) / levels).astype(np.float32)
