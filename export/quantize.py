@@ -165,9 +165,14 @@ def offset_blocks(q: QuantizedWeight, digits: int = OFFSET_DIGITS) -> tuple[np.n
         residual = residual - digit * scale.astype(np.float64)[..., None]
         codes.append((digit + (levels + 1)).astype(np.uint8))
         scales.append(scale)
-    code = np.concatenate(codes, axis=1)
-    packed = code[..., 0::2] | (code[..., 1::2] << 4) if q.bits == 4 else code
-    return np.ascontiguousarray(packed, dtype=np.uint8), np.concatenate(scales, axis=1)
+    return pack(np.concatenate(codes, axis=1), q.bits), np.concatenate(scales, axis=1)
+
+
+def pack(codes: np.ndarray, bits: int) -> np.ndarray:
+    """uint8 codes [..., block_size] in MatMulNBits' layout: 4-bit values two per byte,
+    the first in the low nibble; 8-bit as they are. The inverse of `unpack`."""
+    packed = codes[..., 0::2] | (codes[..., 1::2] << 4) if bits == 4 else codes
+    return np.ascontiguousarray(packed, dtype=np.uint8)
 
 
 def unpack(q: QuantizedWeight) -> np.ndarray:
@@ -234,13 +239,8 @@ def from_gguf_blocks(blocks: QuantBlocks, bits: int | None = None) -> QuantizedW
             offsets = minimum + np.float32(8) * scales
         if bits == 8:
             codes = codes + np.uint8(120)
-    if bits == 4:
-        # MatMulNBits packs consecutive values, the first in the low nibble.
-        packed = codes[..., 0::2] | (codes[..., 1::2] << 4)
-    else:
-        packed = codes
     return QuantizedWeight(
-        packed=np.ascontiguousarray(packed, dtype=np.uint8),
+        packed=pack(codes, bits),
         scales=np.ascontiguousarray(scales),
         zero_points=None,
         bits=bits,
