@@ -23,6 +23,14 @@ REFUSED_FOR_GOOD = {
     134: "bad user name or password (check --username/--password-file)",
     135: "not authorized (check --username/--password-file)",
 }
+# What to do about a certificate the client refused, by OpenSSL's X509_V_ERR code.
+_CERT_HINTS = {
+    9: "check this device's clock",  # not yet valid: a board without a clock before NTP
+    10: "check this device's clock, or renew the broker's certificate",  # expired
+    18: "pass the broker's CA with --tls-ca", 19: "pass the broker's CA with --tls-ca",
+    20: "pass the broker's CA with --tls-ca", 21: "pass the broker's CA with --tls-ca",
+    62: "connect by a host name the certificate lists", 64: "connect by an address the certificate lists",
+}
 
 
 @dataclass(frozen=True)
@@ -33,23 +41,37 @@ class BrokerAddress:
 
     @classmethod
     def parse(cls, url: str) -> "BrokerAddress":
-        """`mqtt://host[:1883]` or `mqtts://host[:8883]`; a bare `host[:port]` means mqtt://."""
-        parts = urlsplit(url if "://" in url else f"mqtt://{url}")
-        if parts.scheme not in ("mqtt", "mqtts"):
-            raise ValueError(f"broker URL {url!r}: scheme must be mqtt:// or mqtts://")
-        if parts.username or parts.password:
-            raise ValueError(f"broker URL {url!r}: pass credentials with --username/--password-file")
-        if not parts.hostname or parts.path not in ("", "/"):
-            raise ValueError(f"broker URL {url!r}: expected mqtt[s]://host[:port]")
+        """`mqtt://host[:1883]` or `mqtts://host[:8883]`; a bare `host[:port]` means mqtt://.
+
+        Messages show the URL with any user:password replaced: error lines end up in logs.
+        """
+        shown = redact(url)
+        if "@" in url:  # before parsing: an unescaped `/` in a password would hide it in the path
+            raise ValueError(f"broker URL {shown!r}: pass credentials with --username/--password-file")
         try:
+            parts = urlsplit(url if "://" in url else f"mqtt://{url}")
             port = parts.port
         except ValueError:
-            raise ValueError(f"broker URL {url!r}: bad port") from None
+            raise ValueError(f"broker URL {shown!r}: bad host or port") from None
+        if parts.scheme not in ("mqtt", "mqtts"):
+            raise ValueError(f"broker URL {shown!r}: scheme must be mqtt:// or mqtts://")
+        if not parts.hostname or parts.path not in ("", "/"):
+            raise ValueError(f"broker URL {shown!r}: expected mqtt[s]://host[:port]")
         tls = parts.scheme == "mqtts"
         return cls(parts.hostname, port or (8883 if tls else 1883), tls)
 
     def __str__(self) -> str:
         return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+
+def redact(url: str) -> str:
+    """`url` with everything before its last `@` (user, password, even an unescaped `/` or `@` in
+    the password) shown as `***`."""
+    head, at, tail = url.rpartition("@")
+    if not at:
+        return url
+    scheme, sep, _ = head.partition("://")
+    return f"{scheme}{sep}***@{tail}" if sep else f"***@{tail}"
 
 
 @dataclass(frozen=True)
@@ -81,11 +103,51 @@ def read_password(path: str) -> str:
         raise ValueError(f"--password-file {path}: cannot read a password ({exc})") from None
 
 
-def make_client(conn: Connection, client_id: str, *, persistent: bool) -> mqtt.Client:
+class Client(mqtt.Client):
+    """paho's client, keeping why its last connection attempt failed: paho calls `on_connect_fail`
+    with no exception, so a refused certificate would read like an unreachable host."""
+
+    connect_error: OSError | None = None
+    tls = False
+
+    def reconnect(self) -> mqtt.MQTTErrorCode:
+        try:
+            result = super().reconnect()
+        except OSError as exc:  # ssl.SSLError and socket errors alike
+            self.connect_error = exc
+            raise
+        self.connect_error = None
+        return result
+
+
+def connect_failure_reason(client: mqtt.Client) -> str:
+    """One line on why `client`'s last connection attempt failed, for `on_connect_fail`."""
+    exc = getattr(client, "connect_error", None)
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        hint = _CERT_HINTS.get(exc.verify_code, "check --tls-ca and the broker's certificate")
+        return f"TLS certificate refused: {exc.verify_message or exc.reason} ({hint})"
+    not_tls = "does this port speak TLS? mqtts:// and --tls-ca imply it"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS handshake failed: {exc.reason or exc} ({not_tls})"
+    if isinstance(exc, ConnectionResetError) and getattr(client, "tls", False):
+        # mosquitto drops a ClientHello on a plain listener as a malformed packet
+        return f"TLS handshake failed: connection reset by the broker ({not_tls})"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused (is the broker running on this port?)"
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve the host name ({exc.strerror})"
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if exc is not None:
+        return exc.strerror or str(exc) or type(exc).__name__
+    return "no reason recorded"
+
+
+def make_client(conn: Connection, client_id: str, *, persistent: bool) -> Client:
     """A paho v2-callback client; `persistent` keeps the broker-side session across reconnects."""
     if conn.mqtt_version not in MQTT_VERSIONS:
         raise ValueError(f"--mqtt-version {conn.mqtt_version!r} is not one of {sorted(MQTT_VERSIONS)}")
-    client = mqtt.Client(
+    client = Client(
         mqtt.CallbackAPIVersion.VERSION2,
         client_id=client_id,
         protocol=MQTT_VERSIONS[conn.mqtt_version],
@@ -95,6 +157,7 @@ def make_client(conn: Connection, client_id: str, *, persistent: bool) -> mqtt.C
         client.username_pw_set(conn.username, conn.password)
     client.on_socket_open = _no_delay
     if conn.tls:
+        client.tls = True
         client.tls_set(
             ca_certs=conn.tls_ca,
             certfile=conn.tls_cert,
