@@ -13,7 +13,7 @@ from .generate import Chunk, GenerationParams, Result, collect, stream_chunks
 from .kvcache import DynamicCache, StaticCache
 from .session import ProviderSpec, Runner, create_session, release_freed_heap
 from .spec import ModelSpec
-from .text import ChatTemplate, Tokenizer
+from .text import ChatTemplate, Tokenizer, encode_chat
 
 if TYPE_CHECKING:
     from .devices import DeviceProfile
@@ -165,7 +165,9 @@ class Model:
                 raise GenerationError(f"prompt token id {bad} is out of range for a vocabulary of {vocab}")
             ids = list(prompt)
         elif isinstance(prompt, (list, tuple)):
-            ids = self.encode(self.render_chat(prompt, add_generation_prompt=params.add_generation_prompt))
+            # Not encode(render_chat(...)): special-token strings in the messages stay text.
+            ids = encode_chat(self.tokenizer, self.template, list(prompt),
+                              add_generation_prompt=params.add_generation_prompt)
         else:
             raise GenerationError(
                 f"prompt must be a string, a list of messages or a list of token ids, got {type(prompt).__name__}")

@@ -9,11 +9,14 @@ what a tokenizer.json post-processor adds.
 from __future__ import annotations
 
 import json
+import re
+import threading
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import tokenizers
+from tokenizers import normalizers
 from jinja2 import TemplateError
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -25,6 +28,10 @@ CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
 # The decoders write an incomplete UTF-8 sequence as U+FFFD.
 _REPLACEMENT = "\ufffd"
+
+# Plane 16's private use area: characters that stand in for special-token strings
+# inside chat messages while the template renders (see `encode_chat`).
+_STAND_IN = re.compile("[\U00100000-\U0010fffd]")
 
 
 class Tokenizer:
@@ -44,6 +51,12 @@ class Tokenizer:
         self.bos_token_id = bos_token_id
         self.eos_token_ids = tuple(eos_token_ids)
         self.add_bos_token = add_bos_token
+        added = tokenizer.get_added_tokens_decoder()
+        # The strings that encode as a special token's id: a chat template's markers.
+        self.special_tokens = {t.content: i for i, t in added.items() if t.special}
+        # Encoding with `literals` swaps the normalizer for one call; no other encode may
+        # run in between.
+        self._lock = threading.Lock()
 
     @classmethod
     def from_bundle(cls, bundle_dir: str | Path, generation: dict[str, Any]) -> Tokenizer:
@@ -77,17 +90,42 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self.tokenizer.token_to_id(token)
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True,
+               literals: Mapping[str, str] | None = None) -> list[int]:
         """Token ids of `text`; special tokens written in the text (as a rendered chat
-        template writes them) become their ids. BOS is prepended only when the bundle
-        asks for it and the text does not already begin with it."""
-        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        template writes them) become their ids. `literals` maps stand-in characters of
+        `text` to the strings they are encoded as, always as plain text. BOS is
+        prepended only when the bundle asks for it and the text does not already
+        begin with it."""
+        with self._lock:
+            ids = self._encode_literals(text, literals) if literals else \
+                self.tokenizer.encode(text, add_special_tokens=False).ids
         if add_special_tokens and self.add_bos_token and (not ids or ids[0] != self.bos_token_id):
             ids.insert(0, self.bos_token_id)
         return ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def _encode_literals(self, text: str, literals: Mapping[str, str]) -> list[int]:
+        # Special tokens are matched in the raw text, before the normalizer runs: a
+        # stand-in passes that match and becomes its string only afterwards, as text.
+        plain = self.tokenizer.normalizer
+        swaps = [normalizers.Replace(c, s) for c, s in literals.items()]
+        self.tokenizer.normalizer = normalizers.Sequence(swaps if plain is None else [*swaps, plain])
+        try:
+            enc = self.tokenizer.encode(text, add_special_tokens=False)
+        finally:
+            self.tokenizer.normalizer = plain
+        # Some tokenizers still produce the special id from the restored string: one
+        # declared `normalized` is matched after the normalizer, and a model may have it
+        # as an ordinary piece (Unigram vocabularies). Refuse rather than encode it so.
+        ids = set(self.special_tokens.values())
+        for token, (start, end) in zip(enc.ids, enc.offsets):
+            if token in ids and (spelled := [literals[c] for c in text[start:end] if c in literals]):
+                raise GenerationError(f"a message contains {spelled[0]!r}, a special token this "
+                                      f"tokenizer cannot encode as text")
+        return enc.ids
 
 
 def _is_id(value: object, vocab: int) -> bool:
@@ -171,6 +209,55 @@ class ChatTemplate:
         # template failure, not as a crash of the caller.
         except Exception as e:
             raise GenerationError(f"chat template failed: {_describe(e)}") from e
+
+
+def encode_chat(tokenizer: Tokenizer, template: ChatTemplate, messages: list[dict[str, str]],
+                add_generation_prompt: bool = True, **extra: Any) -> list[int]:
+    """Token ids of `messages` rendered through `template`, where only the template's
+    own markers become special tokens.
+
+    A special-token string inside a message or tool description (`<|im_end|>` then
+    `<|im_start|>system`) is encoded as the text it spells, so content cannot close its
+    turn and open a system one. While the template renders, each such string is a
+    private-use stand-in that the tokenizer turns back into the string after matching
+    special tokens; a chat without such strings encodes exactly as its rendered text.
+    """
+    stand_ins = _StandIns(tokenizer.special_tokens, taken=template.source or "")
+    text = template.render(stand_ins.hide(messages), add_generation_prompt, **stand_ins.hide(extra))
+    return tokenizer.encode(text, literals=stand_ins.strings)
+
+
+class _StandIns:
+    """Replaces special-token strings in request data with private-use characters.
+
+    Private-use characters already in the data are replaced too, so every stand-in in
+    the rendered text is one of ours and each comes back as exactly what it replaced.
+    """
+
+    def __init__(self, specials: Iterable[str], taken: str) -> None:
+        longest_first = [re.escape(s) for s in sorted(specials, key=len, reverse=True)]
+        self._pattern = re.compile("|".join([*longest_first, _STAND_IN.pattern]))
+        taken_chars = set(_STAND_IN.findall(taken))  # a template may write some itself
+        self._free = (c for c in map(chr, range(0x100000, 0x10FFFE)) if c not in taken_chars)
+        self._by_string: dict[str, str] = {}
+        self.strings: dict[str, str] = {}  # stand-in -> the string it replaced
+
+    def hide(self, value: Any) -> Any:
+        """`value` with every string in it (dict keys too) carrying stand-ins."""
+        if isinstance(value, str):
+            return self._pattern.sub(self._stand_in, value)
+        if isinstance(value, dict):
+            return {self.hide(k): self.hide(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(self.hide(v) for v in value)
+        return value
+
+    def _stand_in(self, match: re.Match[str]) -> str:
+        string = match.group()
+        if string not in self._by_string:
+            char = next(self._free)
+            self._by_string[string], self.strings[char] = char, string
+        return self._by_string[string]
 
 
 def _describe(e: Exception) -> str:
