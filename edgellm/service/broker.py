@@ -4,22 +4,31 @@ A private mosquitto on 127.0.0.1 when one is installed, else amqtt in this proce
 (`amqtt_broker`, the `broker` extra). The same Mosquitto class runs the brokers of the
 test suite (with password files or TLS added through `options`), so tests exercise
 exactly what users run.
+
+A mosquitto must not outlive the process that started it: it would hold port 1883, and the
+next `edgellm serve` would move to another port where `edgellm ask` never looks. On Linux it
+dies with its parent (even one killed by SIGKILL); elsewhere, and for one left by an older
+version, the next start stops it, once its pid file and command line prove it is ours.
 """
 from __future__ import annotations
 
+import ctypes
 import getpass
 import importlib.util
 import logging
 import os
 import shutil
+import signal
 import socket
+import stat
 import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 from ..errors import EdgeLLMError
+from ..ownership import cmdline, mark, owner_gone, pid_running
 
 log = logging.getLogger("edgellm.service")
 
@@ -35,6 +44,9 @@ MOSQUITTO, PYTHON = "mosquitto", "python"
 MQTT_VERSIONS_OF = {MOSQUITTO: ("5", "3.1.1"), PYTHON: ("3.1.1",)}
 # Debian installs mosquitto in /usr/sbin, which is not on an ordinary user's PATH.
 _SEARCH = ("/usr/sbin", "/usr/local/sbin", "/opt/homebrew/sbin")
+# In each embedded mosquitto's directory: who started it, and the mosquitto's own pid.
+OWNER, PID_FILE = "owner.json", "mosquitto.pid"
+_PR_SET_PDEATHSIG = 1
 
 
 class BrokerError(EdgeLLMError):
@@ -46,7 +58,10 @@ def find_mosquitto() -> str | None:
 
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether a broker could listen on `port`: like mosquitto and asyncio, ignore TIME_WAIT
+    connections, which a broker stopped a moment ago leaves behind."""
     with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:
@@ -85,7 +100,14 @@ def embedded_kind() -> str:
 
 
 def start_embedded(kind: str, port: int = 0, workdir: str | os.PathLike[str] | None = None) -> EmbeddedBroker:
-    """A started broker of `kind` on 127.0.0.1:`port` (0: a free one); `workdir` only for mosquitto."""
+    """A started broker of `kind` on 127.0.0.1:`port` when free, else on any free port (0: any).
+
+    A mosquitto a killed edgellm process left is stopped first, so `port` comes back to us;
+    `workdir` only for mosquitto (default: a fresh directory under `runtime_dir()`).
+    """
+    if kind == MOSQUITTO:
+        reap_stale()
+    port = port if port and port_is_free(port) else 0
     if kind == PYTHON:
         from .amqtt_broker import PythonBroker  # the optional extra, imported only when used
 
@@ -93,11 +115,89 @@ def start_embedded(kind: str, port: int = 0, workdir: str | os.PathLike[str] | N
     return Mosquitto(workdir, port).start()
 
 
+def runtime_dir() -> Path:
+    """This user's directory of embedded brokers: a known place, so a later start finds what a
+    killed one left. Refused unless private to this user (it is in a shared /tmp)."""
+    base = Path(tempfile.gettempdir()) / f"edgellm-{os.getuid()}"
+    try:
+        base.mkdir(mode=0o700, exist_ok=True)
+        info = base.lstat()
+    except OSError as exc:
+        raise BrokerError(f"{base}: cannot create the embedded broker's directory ({exc.strerror or exc})") from None
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise BrokerError(f"{base}: not a directory private to this user (uid {info.st_uid}, mode "
+                          f"{stat.filemode(info.st_mode)}); remove it and start again")
+    return base
+
+
+def reap_stale() -> None:
+    """Stop each embedded mosquitto whose starter no longer runs, and remove its directory.
+
+    A process is stopped only when its pid file and its command line (our config file in that
+    directory) prove it is that mosquitto; where /proc cannot prove it (macOS), it is left.
+    """
+    for workdir in sorted(runtime_dir().glob("mosquitto-*")):
+        if not owner_gone(workdir / OWNER):
+            continue
+        if _stop_orphan(workdir):
+            shutil.rmtree(workdir, ignore_errors=True)
+            log.warning("removed the embedded broker a killed edgellm process left in %s", workdir)
+
+
+def _stop_orphan(workdir: Path) -> bool:
+    """Stop the mosquitto recorded in `workdir` if it still runs; False when it cannot be proven ours."""
+    try:
+        pid = int((workdir / PID_FILE).read_text())
+    except (OSError, ValueError):
+        return True  # never started, or a pid file never written: nothing of ours to stop
+    if not _is_ours(pid, workdir):
+        if cmdline(pid) is None and pid_running(pid):
+            log.warning("pid %d may be the embedded mosquitto of a killed edgellm (%s), but this system "
+                        "cannot show its command line: stop it yourself to free its port", pid, workdir)
+            return False
+        return True  # exited, or the pid now belongs to another program
+    os.kill(pid, signal.SIGTERM)  # mosquitto saves its sessions, then exits
+    deadline = time.monotonic() + 5
+    while _is_ours(pid, workdir):
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            deadline = float("inf")
+        time.sleep(0.05)
+    log.warning("stopped mosquitto pid %d, left running by a killed edgellm process", pid)
+    return True
+
+
+def _is_ours(pid: int, workdir: Path) -> bool:
+    args = cmdline(pid)
+    return (bool(args) and Path(args[0]).name == "mosquitto" and pid_running(pid)
+            and args[1:] == ["-c", str(workdir / "mosquitto.conf")])
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A `preexec_fn` that has Linux send the child SIGTERM when this thread's process dies, even
+    by SIGKILL; None where there is no prctl (macOS: `reap_stale` cleans up at the next start)."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec
+
+
 class Mosquitto:
     """A mosquitto process listening on 127.0.0.1:`port` (0 picks a free one), data in `workdir`.
 
     Persistence is on, so sessions and queued QoS 1 messages survive `stop()`/`start()`
-    exactly as they survive a restart of a real broker.
+    exactly as they survive a restart of a real broker. Without `workdir`, a fresh directory
+    under `runtime_dir()` marked with our pid, removed by `close()` or by a later `reap_stale()`.
+    Linux stops the process when the *thread* that called `start()` ends: call it from the
+    thread that lives as long as the broker should (the main thread, in edgellm).
     """
 
     kind = MOSQUITTO
@@ -108,8 +208,11 @@ class Mosquitto:
         if exe is None:
             raise BrokerError(INSTALL_HINT)
         self.exe = exe
-        self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="edgellm-mosquitto-")
-        self.workdir = Path(workdir or self._tmp.name)
+        self._own_dir = workdir is None
+        if workdir is None:
+            workdir = tempfile.mkdtemp(prefix="mosquitto-", dir=runtime_dir())
+            mark(Path(workdir) / OWNER)
+        self.workdir = Path(workdir)
         self.port = port or free_port()
         self._fixed_port = bool(port)
         self.options = list(options)
@@ -150,10 +253,13 @@ class Mosquitto:
         for _ in range(3):
             config = self._write_config()
             with open(self.log_path, "ab") as logfile:
+                # Its own session: a Ctrl-C meant for the service must not stop the broker
+                # before the service has said offline and handed back its replies.
                 self.process = subprocess.Popen(
                     [self.exe, "-c", str(config)], stdout=logfile, stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL,
+                    stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent(),
                 )
+            (self.workdir / PID_FILE).write_text(f"{self.process.pid}\n")
             if self._wait_ready(timeout):
                 self._fixed_port = True  # a restart must come back where clients reconnect
                 log.info("broker: mosquitto %s (pid %d)", self.url, self.process.pid)
@@ -197,8 +303,8 @@ class Mosquitto:
 
     def close(self) -> None:
         self.stop()
-        if self._tmp is not None:
-            self._tmp.cleanup()
+        if self._own_dir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __enter__(self) -> "Mosquitto":
         return self.start()

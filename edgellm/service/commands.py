@@ -22,7 +22,7 @@ from .. import load
 from ..cli import add_load_arguments, add_sampling_arguments, load_model, sampling_params
 from ..errors import RequestError
 from . import protocol as proto
-from .broker import (MOSQUITTO, MQTT_VERSIONS_OF, PYTHON, BrokerError, EmbeddedBroker, embedded_kind, port_is_free,
+from .broker import (MOSQUITTO, MQTT_VERSIONS_OF, PYTHON, BrokerError, EmbeddedBroker, embedded_kind,
                      start_embedded)
 from .client import ask, new_request_id
 from .connection import MQTT_VERSIONS, BrokerAddress, Connection, read_password
@@ -143,8 +143,9 @@ def _embedded_version(kind: str, args: argparse.Namespace) -> str:
 
 
 def _embedded_broker(kind: str) -> EmbeddedBroker:
-    """1883 when free, so `edgellm ask` finds it without --broker; else any free port."""
-    broker = start_embedded(kind, port=1883 if port_is_free(1883) else 0)
+    """1883 when free (once a broker a killed serve left there is stopped), so `edgellm ask` finds
+    it without --broker; else any free port."""
+    broker = start_embedded(kind, port=1883)
     if kind == MOSQUITTO:
         log.warning("no --broker given: started an embedded mosquitto at %s (this host only)", broker.url)
     else:
