@@ -1,0 +1,459 @@
+"""Tool calls: OpenAI function tools in, the model's call syntax back out as OpenAI `tool_calls`.
+
+Four pieces a request's Sequence holds, none of which generates anything itself:
+- `parse_tools` / `parse_tool_choice` validate the request fields, errors naming the JSON path;
+- `chat_inputs` turns messages (tool calls and tool results included) and the offered tools
+  into what `ChatTemplate.render` takes: `tools=[...]` for a template that reads `tools`, or,
+  for one that does not, the documented fallback (`FALLBACK_PREAMBLE` in a system message,
+  calls and results written into plain messages in the same Hermes syntax);
+- `ToolCallParser` finds calls in the generated text, streamed or whole;
+- `call_schema` is the Lark grammar (llguidance dialect) that forces a call for "required"
+  or a named function and checks a call once opened for "auto".
+
+Syntaxes read: Hermes/Qwen `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` anywhere
+in the text, and a whole reply that is one JSON call or a list of them (Llama 3's
+`{"name": ..., "parameters": {...}}`, optionally after `<|python_tag|>`; a small Qwen that
+dropped its tags writes the same). Whatever does not parse into a call of an offered
+function stays text: a malformed call is the model's answer, never a crash.
+"""
+from __future__ import annotations
+
+import json
+import re
+import secrets
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal, Sequence
+
+from jinja2 import Environment, TemplateSyntaxError, meta
+from jinja2.ext import loopcontrols
+
+from .errors import BadRequest
+from .text import _partial_suffix
+
+OPEN, CLOSE = "<tool_call>", "</tool_call>"
+PYTHON_TAG = "<|python_tag|>"
+Syntax = Literal["hermes", "llama3"]
+# OpenAI's rule for function names; it also keeps names safe inside a grammar literal.
+_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_ROLES = ("system", "user", "assistant", "tool")
+_NO_PARAMETERS = {"type": "object", "properties": {}}
+
+FALLBACK_PREAMBLE = (
+    "You can call these functions. Each is described as JSON:\n{functions}\n\n"
+    "To call one, reply with exactly\n"
+    f'{OPEN}{{"name": <function name>, "arguments": <arguments as a JSON object>}}{CLOSE}\n'
+    "with one such block per call. Results come back inside <tool_response></tool_response>."
+)
+
+
+@dataclass(frozen=True)
+class Tool:
+    """One function the model may call; `parameters` is its arguments' JSON schema."""
+
+    name: str
+    description: str = ""
+    parameters: dict[str, Any] = field(default_factory=lambda: dict(_NO_PARAMETERS))
+
+    def to_openai(self) -> dict[str, Any]:
+        """The OpenAI shape, which is also what Hugging Face chat templates read as `tools`."""
+        return {"type": "function", "function": {"name": self.name, "description": self.description,
+                                                 "parameters": self.parameters}}
+
+
+@dataclass(frozen=True)
+class ToolChoice:
+    """`mode` is "auto", "none", "required" or "function" (then `name` is the function)."""
+
+    mode: Literal["auto", "none", "required", "function"]
+    name: str | None = None
+
+    def allowed(self, tools: Sequence[Tool]) -> list[Tool]:
+        """The tools the model may call under this choice, which are also the ones offered."""
+        if self.mode == "none":
+            return []
+        if self.mode == "function":
+            return [t for t in tools if t.name == self.name]
+        return list(tools)
+
+
+def parse_tools(value: object) -> list[Tool]:
+    """Validated `tools` of a request; None means none."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise BadRequest(f"tools must be a list of function tools, got {_kind(value)}")
+    tools: list[Tool] = []
+    for i, item in enumerate(value):
+        where = f"tools[{i}]"
+        _check_keys(item, where, {"type", "function"})
+        if item.get("type") != "function":
+            raise BadRequest(f'{where}.type must be "function", got {item.get("type")!r}')
+        fn = item.get("function")
+        _check_keys(fn, f"{where}.function", {"name", "description", "parameters", "strict"})
+        name = fn.get("name")
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
+            raise BadRequest(f"{where}.function.name must be 1-64 letters, digits, _ or -, got {name!r}")
+        if any(t.name == name for t in tools):
+            raise BadRequest(f"{where}.function.name {name!r} is already the name of another tool")
+        description = fn.get("description", "")
+        if not isinstance(description, str):
+            raise BadRequest(f"{where}.function.description must be a string, got {_kind(description)}")
+        params = fn.get("parameters", dict(_NO_PARAMETERS))
+        if not isinstance(params, dict) or params.get("type", "object") != "object":
+            raise BadRequest(f"{where}.function.parameters must be a JSON schema of type object, "
+                             f"got {params!r}")
+        if not isinstance(fn.get("strict", False), bool):
+            raise BadRequest(f"{where}.function.strict must be true or false, got {fn['strict']!r}")
+        tools.append(Tool(name, description, params))
+    return tools
+
+
+def parse_tool_choice(value: object, tools: Sequence[Tool]) -> ToolChoice:
+    """Validated `tool_choice`; None means OpenAI's default ("auto" with tools, else "none")."""
+    if value is None:
+        return ToolChoice("auto" if tools else "none")
+    if value in ("auto", "none", "required"):
+        if value == "required" and not tools:
+            raise BadRequest('tool_choice is "required" but the request has no tools')
+        return ToolChoice(value)  # type: ignore[arg-type]
+    if isinstance(value, dict):
+        _check_keys(value, "tool_choice", {"type", "function"})
+        fn = value.get("function")
+        if value.get("type") == "function" and isinstance(fn, dict):
+            name = fn.get("name")
+            if not any(t.name == name for t in tools):
+                raise BadRequest(f"tool_choice.function.name {name!r} is not one of the tools "
+                                 f"{[t.name for t in tools]}")
+            return ToolChoice("function", name)
+    raise BadRequest('tool_choice must be "auto", "none", "required" or '
+                     f'{{"type": "function", "function": {{"name": ...}}}}, got {value!r}')
+
+
+def _check_keys(value: object, where: str, allowed: set[str]) -> None:
+    if not isinstance(value, dict):
+        raise BadRequest(f"{where} must be an object, got {_kind(value)}")
+    unknown = sorted(set(value) - allowed)
+    if unknown:
+        raise BadRequest(f"{where} has unknown field {unknown[0]!r}; allowed: {sorted(allowed)}")
+
+
+def _kind(value: object) -> str:
+    return type(value).__name__
+
+
+# --- messages and the chat template -------------------------------------------------------
+
+def normalize_messages(messages: object) -> list[dict[str, Any]]:
+    """Copies of `messages` in the shape chat templates render: an assistant's `tool_calls`
+    with `arguments` as an object (templates apply `tojson` to it), content "" where a call
+    had none, and each tool result's `name` filled from the call it answers."""
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("messages must be a non-empty list of {role, content} objects")
+    names: dict[str, str] = {}
+    out = []
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise BadRequest(f"{where} must be an object with role and content, got {_kind(m)}")
+        m = dict(m)
+        if m.get("role") not in _ROLES:
+            raise BadRequest(f"{where}.role must be one of {list(_ROLES)}, got {m.get('role')!r}")
+        if m["role"] == "assistant" and m.get("tool_calls") is not None:
+            m["tool_calls"] = _normalize_calls(m["tool_calls"], f"{where}.tool_calls")
+            names.update((c["id"], c["function"]["name"]) for c in m["tool_calls"])
+            if m.get("content") is None:
+                m["content"] = ""
+        if m["role"] == "tool":
+            call_id = m.get("tool_call_id")
+            if not isinstance(call_id, str):
+                raise BadRequest(f"{where}.tool_call_id must be a string, got {call_id!r}")
+            name = m.setdefault("name", names.get(call_id))
+            if not isinstance(name, str):
+                raise BadRequest(f"{where}.tool_call_id {call_id!r} answers no earlier tool call; "
+                                 f"give {where}.name")
+        if not isinstance(m.get("content"), str):
+            raise BadRequest(f"{where}.content must be a string, got {m.get('content')!r}")
+        out.append(m)
+    return out
+
+
+def _normalize_calls(calls: object, where: str) -> list[dict[str, Any]]:
+    if not isinstance(calls, list):
+        raise BadRequest(f"{where} must be a list, got {_kind(calls)}")
+    out = []
+    for j, call in enumerate(calls):
+        at = f"{where}[{j}]"
+        _check_keys(call, at, {"id", "type", "function", "index"})
+        fn = call.get("function")
+        _check_keys(fn, f"{at}.function", {"name", "arguments"})
+        if not isinstance(call.get("id"), str) or call.get("type", "function") != "function":
+            raise BadRequest(f'{at} needs a string id and type "function", got {call!r}')
+        if not isinstance(fn.get("name"), str):
+            raise BadRequest(f"{at}.function.name must be a string, got {fn.get('name')!r}")
+        args = fn.get("arguments", {})
+        if isinstance(args, str):
+            try:
+                args = json.loads(args)
+            except json.JSONDecodeError as e:
+                raise BadRequest(f"{at}.function.arguments is not valid JSON: {e}") from e
+        if not isinstance(args, dict):
+            raise BadRequest(f"{at}.function.arguments must be a JSON object, got {args!r}")
+        out.append({"id": call["id"], "type": "function",
+                    "function": {"name": fn["name"], "arguments": args}})
+    return out
+
+
+def template_variables(source: str | None) -> frozenset[str]:
+    """The variables a chat template reads from its caller (`tools`, `enable_thinking`, ...);
+    none for a missing or unparsable template, which then renders without extras."""
+    if source is None:
+        return frozenset()
+    try:
+        ast = Environment(extensions=[loopcontrols]).parse(source)
+    except TemplateSyntaxError:
+        return frozenset()
+    return frozenset(meta.find_undeclared_variables(ast))
+
+
+def call_syntax(source: str | None) -> Syntax:
+    """The call syntax a model was trained on, read from its chat template; Hermes (also the
+    fallback prompt's syntax) unless the template is Llama 3's."""
+    if source and OPEN not in source and (PYTHON_TAG in source or "Environment: ipython" in source):
+        return "llama3"
+    return "hermes"
+
+
+def chat_inputs(messages: object, template_source: str | None, tools: Sequence[Tool],
+                choice: ToolChoice) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """(messages, template variables) for `ChatTemplate.render(messages, **variables)`."""
+    msgs = normalize_messages(messages)
+    offered = choice.allowed(tools)
+    if "tools" in template_variables(template_source):
+        return msgs, ({"tools": [t.to_openai() for t in offered]} if offered else {})
+    return _fallback_messages(msgs, offered), {}
+
+
+def _fallback_messages(msgs: list[dict[str, Any]], offered: list[Tool]) -> list[dict[str, Any]]:
+    """The conversation for a template that knows no tools: the preamble joins the system
+    message, calls become assistant text and each run of results one user message, so
+    templates that insist on alternating user/assistant turns still render it."""
+    out: list[dict[str, Any]] = []
+    for m in msgs:
+        if m["role"] == "assistant" and m.get("tool_calls"):
+            blocks = [OPEN + json.dumps({"name": c["function"]["name"],
+                                         "arguments": c["function"]["arguments"]},
+                                        ensure_ascii=False) + CLOSE for c in m["tool_calls"]]
+            out.append({"role": "assistant", "content": "\n".join([m["content"], *blocks]).strip()})
+        elif m["role"] == "tool":
+            block = f"<tool_response>\n{m['content']}\n</tool_response>"
+            if out and out[-1].get("tool_results"):
+                out[-1]["content"] += "\n" + block
+            else:
+                out.append({"role": "user", "content": block, "tool_results": True})
+        else:
+            out.append(m)
+    for m in out:
+        m.pop("tool_results", None)
+    if offered:
+        functions = "\n".join(json.dumps(t.to_openai()["function"], ensure_ascii=False)
+                              for t in offered)
+        preamble = FALLBACK_PREAMBLE.replace("{functions}", functions)
+        if out[0]["role"] == "system":
+            out[0] = {**out[0], "content": out[0]["content"] + "\n\n" + preamble}
+        else:
+            out.insert(0, {"role": "system", "content": preamble})
+    return out
+
+
+# --- constraining a call ------------------------------------------------------------------
+
+# Separators as `json.dumps` writes them, which is how templates render past calls: the
+# model stays on the layout it was trained on and cannot wander off into whitespace.
+_LAYOUT = {"whitespace_flexible": False, "key_separator": ": ", "item_separator": ", "}
+
+
+def call_schema(tools: Sequence[Tool], choice: ToolChoice,
+                syntax: Syntax = "hermes") -> dict[str, str] | None:
+    """The grammar, as a request's `grammar` field `{"type": "lark", "value": ...}`, that
+    constrains the reply to calls allowed by `choice`; None where nothing is constrained.
+
+    "required" and a named function force one or more calls and nothing else; "auto"
+    leaves text free until the model opens a call, then holds the call to a schema.
+    """
+    allowed = choice.allowed(tools)
+    if not allowed:
+        return None
+    key = "arguments" if syntax == "hermes" else "parameters"
+    bodies = [{"type": "object", "properties": {"name": {"const": t.name}, key: t.parameters},
+               "required": ["name", key], "additionalProperties": False} for t in allowed]
+    schema = {"x-guidance": _LAYOUT, **(bodies[0] if len(bodies) == 1 else {"anyOf": bodies})}
+    body = "body: %json " + json.dumps(schema, ensure_ascii=False)
+    forced = choice.mode != "auto"
+    if syntax == "llama3":
+        # A reply is either one JSON call or text that does not open with "{".
+        start = "start: body" if forced else "start: TEXT | body\nTEXT: /\\s*([^{\\s](?s:.*))?/"
+        return {"type": "lark", "value": f"{start}\n{body}\n"}
+    call = f'"\\n" body "\\n{CLOSE}"'
+    if forced:
+        rules = f'start: call ("\\n" call)*\ncall: "{OPEN}" {call}'
+    else:
+        # The head is lazy, so it ends at the first open tag; the tail may hold no open tag,
+        # so an opened call cannot escape its schema by being read as text.
+        rules = (f"start: (head call)* TAIL\nhead[lazy]: /(?s:.*){OPEN}/\ncall: {call}\n"
+                 f"TAIL: /(?s:.*)/ & ~/(?s:.*){OPEN}(?s:.*)/")
+    return {"type": "lark", "value": f"{rules}\n{body}\n"}
+
+
+# --- parsing the model's calls ------------------------------------------------------------
+
+Event = str | dict[str, Any]  # a text delta or an OpenAI tool-call delta
+
+
+def _random_id() -> str:
+    return "call_" + secrets.token_hex(12)
+
+
+class ToolCallParser:
+    """Splits generated text into content and tool calls, delta by delta.
+
+    `feed` returns events: a `str` is a text delta, released once it can no longer be the
+    start of a call; a `dict` is an OpenAI tool-call delta, `{"index", "id", "type",
+    "function": {"name", "arguments": ""}}` then `{"index", "function": {"arguments"}}`.
+    A call is released whole, once it parses: a malformed one can still turn back into
+    text, so the streamed result always equals the parse of the whole text. Whitespace
+    around calls is dropped, except one run that still parts the text before a call from
+    the text after it. A reply that opens with "{", "[" or `<|python_tag|>` may be a
+    whole-message call and is held to the end.
+    """
+
+    def __init__(self, tools: Sequence[Tool], make_id: Callable[[], str] = _random_id) -> None:
+        self._names = {t.name for t in tools}
+        self._make_id = make_id
+        self._buf = ""
+        self._whole: bool | None = None  # None: the reply's first characters are still unseen
+        self._in_call = False
+        self._ws = ""  # trailing whitespace of released text: kept only if more text follows
+        self._after_call = False
+        self.calls: list[dict[str, Any]] = []
+
+    def feed(self, delta: str) -> list[Event]:
+        self._buf += delta
+        return self._drain(final=False)
+
+    def finish(self) -> tuple[list[Event], list[dict[str, Any]]]:
+        """(the remaining events, every parsed call in OpenAI's `tool_calls` shape)."""
+        events: list[Event] = []
+        if self._whole is not False:
+            calls = _whole_message_calls(self._buf, self._names)
+            if calls:
+                self._buf = ""
+                for name, args in calls:
+                    events += self._emit_call(name, args)
+            self._whole = False
+        events += self._drain(final=True)
+        if not self.calls and self._ws:
+            events.append(self._ws)
+        self._ws = ""
+        return events, self.calls
+
+    def _drain(self, final: bool) -> list[Event]:
+        if self._whole is None:
+            head = self._buf.lstrip()
+            if not head or PYTHON_TAG.startswith(head):
+                return []
+            self._whole = head.startswith(("{", "[", PYTHON_TAG))
+        if self._whole:  # until finish, which settles it
+            return []
+        events: list[Event] = []
+        while True:
+            if self._in_call:
+                end = self._buf.find(CLOSE)
+                if end < 0 and not final:
+                    return events
+                body = self._buf if end < 0 else self._buf[:end]
+                self._buf = "" if end < 0 else self._buf[end + len(CLOSE):]
+                self._in_call = False
+                call = _call_from_json(body, self._names)
+                if call:
+                    events += self._emit_call(*call)
+                else:
+                    events += self._text(OPEN + body + ("" if end < 0 else CLOSE))
+                continue
+            start = self._buf.find(OPEN)
+            if start >= 0:
+                events += self._text(self._buf[:start])
+                self._buf = self._buf[start + len(OPEN):]
+                self._in_call = True
+                continue
+            keep = 0 if final else _partial_suffix(self._buf, OPEN)
+            events += self._text(self._buf[:len(self._buf) - keep])
+            self._buf = self._buf[len(self._buf) - keep:]
+            return events
+
+    def _text(self, text: str) -> list[Event]:
+        if self._after_call:
+            text = text.lstrip()
+            self._after_call = not text
+        body = text.rstrip()
+        if not body:
+            self._ws += text
+            return []
+        out, self._ws = self._ws + body, text[len(body):]
+        return [out]
+
+    def _emit_call(self, name: str, args: dict[str, Any]) -> list[Event]:
+        index, call_id = len(self.calls), self._make_id()
+        arguments = json.dumps(args, ensure_ascii=False)
+        self.calls.append({"id": call_id, "type": "function",
+                           "function": {"name": name, "arguments": arguments}})
+        self._after_call = True
+        return [{"index": index, "id": call_id, "type": "function",
+                 "function": {"name": name, "arguments": ""}},
+                {"index": index, "function": {"arguments": arguments}}]
+
+
+def parse_calls(text: str, tools: Sequence[Tool],
+                make_id: Callable[[], str] = _random_id) -> tuple[str, list[dict[str, Any]]]:
+    """(content, tool_calls) of a whole reply; the same parser the stream uses."""
+    parser = ToolCallParser(tools, make_id)
+    events = parser.feed(text)
+    rest, calls = parser.finish()
+    return "".join(e for e in events + rest if isinstance(e, str)), calls
+
+
+def _call_from_json(text: str, names: set[str]) -> tuple[str, dict[str, Any]] | None:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    return _as_call(value, names)
+
+
+def _as_call(value: object, names: set[str]) -> tuple[str, dict[str, Any]] | None:
+    """(name, arguments) when `value` calls an offered function; arguments may be missing
+    (a function without parameters), an object, or an object written as a JSON string.
+    Any other key means the model wrote something else, whose arguments would be lost."""
+    if (not isinstance(value, dict) or value.get("name") not in names
+            or set(value) - {"name", "arguments", "parameters"}):
+        return None
+    args = value.get("arguments", value.get("parameters", {}))
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except json.JSONDecodeError:
+            return None
+    return (value["name"], args) if isinstance(args, dict) else None
+
+
+def _whole_message_calls(text: str, names: set[str]) -> list[tuple[str, dict[str, Any]]]:
+    """The calls of a reply that is nothing but one JSON call or a list of them."""
+    text = text.strip()
+    if text.startswith(PYTHON_TAG):
+        text = text[len(PYTHON_TAG):]
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return []
+    items = value if isinstance(value, list) else [value]
+    calls = [_as_call(v, names) for v in items]
+    return calls if items and all(calls) else []  # type: ignore[return-value]
