@@ -3,17 +3,23 @@
 Written by `export/`, read by `edgellm.load`: one definition of the layout, the
 manifest schema and the checksums. Writing goes to a temporary sibling directory
 renamed into place at the end, so a failed export never leaves half a bundle.
+
+A bundle is self-contained: every file in it is listed with its checksum, none is
+a symbolic link, and every path the manifest names stays inside it, so a bundle
+cannot make the runtime read (or run) anything it does not verify.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
 import shutil
+import stat
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
 
 from .errors import BundleError
@@ -22,6 +28,7 @@ from .spec import ModelSpec
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 GRAPH_KINDS = ("fast", "generic")
+_SHA256 = re.compile("[0-9a-f]{64}")
 
 
 @dataclass
@@ -32,7 +39,8 @@ class Manifest:
     `quantization` holds: weights ("int4" | "int8" | "fp16" | "fp32"), block_size,
     symmetric, accuracy_level, and per-tensor notes (e.g. GGUF blocks imported exactly).
     `generation` holds: bos_token_id, eos_token_ids, pad_token_id and default sampling.
-    `files` maps every other file of the bundle to its sha256.
+    `files` maps every other file of the bundle (the graph and its external data
+    included) to its sha256.
     """
 
     spec: ModelSpec
@@ -78,13 +86,21 @@ class Manifest:
         for key in ("file", "inputs", "outputs"):
             if key not in graph:
                 raise BundleError(f"{where}: field 'graph.{key}' is missing")
+        files = data["files"]
+        for name, digest in files.items():
+            _check_name(name, where, "files entry")
+            if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
+                raise BundleError(f"{where}: files[{name!r}] must be a sha256 in lowercase hex, got {digest!r}")
+        _check_name(graph["file"], where, "graph.file")
+        if graph["file"] not in files:
+            raise BundleError(f"{where}: graph.file {graph['file']!r} is not in the checksummed files list")
         return cls(
             spec=spec,
             graph=graph,
             quantization=data["quantization"],
             generation=data["generation"],
             source=data.get("source", {}),
-            files=data["files"],
+            files=files,
             exporter=data.get("exporter", {}),
             quality=data.get("quality", {}),
             name=data.get("name", ""),
@@ -99,14 +115,50 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def _check_name(name: object, where: str, what: str) -> None:
+    """Refuse a path that could leave the bundle or name one file two ways: bundle paths
+    are relative POSIX paths without `..`, written as `files` lists them."""
+    if not isinstance(name, str) or not name or "\0" in name:
+        raise BundleError(f"{where}: {what} {name!r} is not a file name")
+    path = PurePosixPath(name)
+    if path.is_absolute() or ".." in path.parts:
+        raise BundleError(f"{where}: {what} {name!r} points outside the bundle")
+    if path.as_posix() != name:
+        raise BundleError(f"{where}: {what} {name!r} must be written {path.as_posix()!r}")
+
+
+def bundle_file(root: str | os.PathLike[str], name: str) -> Path:
+    """The path of the bundle file `name`, after checking that it stays inside `root`
+    and reaches a regular file through no symbolic link. Everything the runtime opens
+    from a bundle is resolved here. `root` itself may be a link (models/current)."""
+    root = Path(root)
+    _check_name(name, str(root), "file")
+    path = root
+    for part in PurePosixPath(name).parts:
+        path = path / part
+        try:
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            raise BundleError(f"{path}: missing from the bundle") from None
+        except OSError as exc:
+            raise BundleError(f"{path}: cannot read ({exc.strerror or exc})") from None
+        if stat.S_ISLNK(mode):
+            raise _link_error(path)
+    if not stat.S_ISREG(mode):
+        raise BundleError(f"{path}: not a regular file")
+    return path
+
+
 def read_manifest(bundle: str | os.PathLike[str], verify: bool = True) -> Manifest:
-    """Parse a bundle's manifest; with `verify`, refuse it if any file's checksum differs."""
+    """Parse a bundle's manifest and refuse a bundle that is not self-contained (a path
+    outside it, a symbolic link, a file the manifest does not list); with `verify`,
+    refuse it too if any file's checksum differs."""
     root = Path(bundle)
-    path = root / MANIFEST
     if not root.is_dir():
         raise BundleError(f"{root}: not a bundle directory")
-    if not path.is_file():
-        raise BundleError(f"{path}: missing (is {root} an edgellm bundle?)")
+    if not os.path.lexists(root / MANIFEST):
+        raise BundleError(f"{root / MANIFEST}: missing (is {root} an edgellm bundle?)")
+    path = bundle_file(root, MANIFEST)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -115,20 +167,46 @@ def read_manifest(bundle: str | os.PathLike[str], verify: bool = True) -> Manife
         raise BundleError(f"{path}: not a JSON object")
     manifest = Manifest.from_dict(data, where=str(path))
     for name in manifest.files:
-        if Path(name).is_absolute() or ".." in Path(name).parts:
-            raise BundleError(f"{path}: file entry {name!r} points outside the bundle")
-        if not (root / name).is_file():
-            raise BundleError(f"{root / name}: listed in the manifest but missing")
+        bundle_file(root, name)
+    for name, file in _bundle_files(root):
+        if name != MANIFEST and name not in manifest.files:
+            raise BundleError(f"{file}: not in {MANIFEST}'s files list, so it cannot be verified; "
+                              f"delete it (copy tools add some, like .DS_Store) or re-export the bundle")
     if verify:
         verify_files(root, manifest)
     return manifest
 
 
-def verify_files(root: Path, manifest: Manifest) -> None:
+def verify_files(root: str | os.PathLike[str], manifest: Manifest) -> list[str]:
+    """Check every listed file's sha256; the names checked (all of `manifest.files`)."""
     for name, expected in manifest.files.items():
-        actual = sha256_file(root / name)
-        if actual != expected:
-            raise BundleError(f"{root / name}: checksum mismatch (file changed or corrupt)")
+        path = bundle_file(root, name)
+        if sha256_file(path) != expected:
+            raise BundleError(f"{path}: checksum mismatch (file changed or corrupt)")
+    return sorted(manifest.files)
+
+
+def _bundle_files(root: Path) -> list[tuple[str, Path]]:
+    """(name as `files` lists it, path) of every file under `root`, refusing symbolic
+    links and anything that is neither a file nor a directory."""
+    found = []
+    for folder, dirs, names in os.walk(root):  # lists links to folders without entering them
+        for entry in sorted(dirs + names):
+            path = Path(folder) / entry
+            mode = os.lstat(path).st_mode
+            if stat.S_ISLNK(mode):
+                raise _link_error(path)
+            if stat.S_ISREG(mode):
+                found.append((path.relative_to(root).as_posix(), path))
+            elif not stat.S_ISDIR(mode):
+                raise BundleError(f"{path}: not a regular file; a bundle holds plain files only")
+    return sorted(found)
+
+
+def _link_error(path: Path) -> BundleError:
+    # A link could point anywhere, and what it points to can change after verification.
+    return BundleError(f"{path}: a symbolic link; a bundle holds plain files only "
+                       f"(put the file itself there, or re-export the bundle)")
 
 
 @contextmanager
@@ -168,10 +246,6 @@ def bundle_writer(out: str | os.PathLike[str], force: bool = False) -> Iterator[
 
 def finalize_manifest(root: Path, manifest: Manifest) -> Manifest:
     """Checksum every file in `root` (but the manifest) and write `manifest.json`."""
-    manifest.files = {
-        p.relative_to(root).as_posix(): sha256_file(p)
-        for p in sorted(root.rglob("*"))
-        if p.is_file() and p.name != MANIFEST
-    }
+    manifest.files = {name: sha256_file(path) for name, path in _bundle_files(root) if name != MANIFEST}
     (root / MANIFEST).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n", encoding="utf-8")
     return manifest

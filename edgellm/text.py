@@ -9,6 +9,7 @@ what a tokenizer.json post-processor adds.
 from __future__ import annotations
 
 import json
+import os
 import re
 import threading
 from datetime import datetime
@@ -21,6 +22,7 @@ from jinja2 import TemplateError
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from .bundle import bundle_file
 from .errors import BundleError, GenerationError
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -61,7 +63,7 @@ class Tokenizer:
     @classmethod
     def from_bundle(cls, bundle_dir: str | Path, generation: dict[str, Any]) -> Tokenizer:
         """Read `tokenizer.json` of a bundle; `generation` is its manifest's generation dict."""
-        path = Path(bundle_dir) / TOKENIZER_FILE
+        path = bundle_file(bundle_dir, TOKENIZER_FILE)
         try:
             tok = tokenizers.Tokenizer.from_file(str(path))
         except Exception as e:  # the Rust side raises plain Exception for I/O and parse errors
@@ -180,11 +182,11 @@ class ChatTemplate:
     @classmethod
     def from_bundle(cls, bundle_dir: str | Path, generation: dict[str, Any]) -> ChatTemplate:
         """The bundle's `chat_template.jinja`, or a template-less ChatTemplate when absent."""
-        path = Path(bundle_dir) / CHAT_TEMPLATE_FILE
         bos = generation.get("bos_token") or ""
         eos = generation.get("eos_token") or ""
-        if not path.is_file():
+        if not os.path.lexists(Path(bundle_dir) / CHAT_TEMPLATE_FILE):
             return cls(None, bos_token=bos, eos_token=eos)
+        path = bundle_file(bundle_dir, CHAT_TEMPLATE_FILE)
         try:
             return cls(path.read_text(encoding="utf-8"), bos_token=bos, eos_token=eos)
         except (OSError, UnicodeDecodeError) as e:
