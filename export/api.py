@@ -7,18 +7,18 @@ from __future__ import annotations
 import dataclasses
 import logging
 import platform
-import tempfile
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
 from edgellm import __version__
-from edgellm.bundle import Manifest, bundle_writer, finalize_manifest
+from edgellm.bundle import Manifest, finalize_manifest
 from edgellm.errors import BundleError, ExportError
 from edgellm.spec import ARCHITECTURES
 
 from .config import GraphInfo, QuantConfig
 from .quality import DEFAULT_TEXT, perplexity
+from .scratch import owned_bundle_writer, remove_stale, scratch_dir, terminate_cleans_up
 from .sources import Source, open_source
 
 log = logging.getLogger("edgellm.export")
@@ -43,7 +43,8 @@ def export_model(
 ) -> Manifest:
     """Export `source` (HF folder, .gguf, or a built-in name) to the bundle directory `out`.
 
-    Nothing is left at `out` unless the whole export succeeds. GGUF Q4_0/Q4_1/Q8_0
+    Nothing is left at `out` unless the whole export succeeds, and nothing beside it even after
+    SIGTERM; what a killed export left beside it is removed first (`scratch`). GGUF Q4_0/Q4_1/Q8_0
     blocks are imported as they are under int4 block 32 unless `requantize`. An
     int8 KV cache (`quant.kv_cache`) is calibrated on the evaluation text.
     """
@@ -61,7 +62,8 @@ def export_model(
     ids = _eval_ids(src, eval_text)
     progress("read", 1, 1)
     try:
-        with bundle_writer(out, force=force) as tmp:
+        remove_stale(out.parent)
+        with terminate_cleans_up(), owned_bundle_writer(out, force) as tmp:
             info = _build(path, src, quant, tmp, progress, requantize, ids)
             (tmp / "tokenizer.json").write_text(src.tokenizer_json, encoding="utf-8")
             if src.chat_template:
@@ -142,9 +144,9 @@ def _quality_gate(
     if quant.weights == "fp32" and quant.kv_cache == "float32":
         source_ppl = ppl
     else:
-        with tempfile.TemporaryDirectory(prefix=".reference.", dir=bundle_dir.parent) as ref:
-            ref_info = _build(path, src, QuantConfig(weights="fp32"), Path(ref), lambda *a: None)
-            source_ppl = perplexity(Path(ref) / ref_info.file, ref_info.manifest_entry(), src.spec, ids)
+        with scratch_dir(bundle_dir.parent, ".reference.") as ref:
+            ref_info = _build(path, src, QuantConfig(weights="fp32"), ref, lambda *a: None)
+            source_ppl = perplexity(ref / ref_info.file, ref_info.manifest_entry(), src.spec, ids)
     progress("evaluate", 2, 2)
     ratio = ppl / source_ppl
     passed = ratio <= max_ratio

@@ -21,7 +21,6 @@ key maxima, 53.50 with pair lengths).
 """
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -32,6 +31,7 @@ from edgellm.session import Runner, create_session
 
 from .config import QuantConfig
 from .graph import build_fast_graph
+from .scratch import scratch_dir
 from .sources import Source
 
 Progress = Callable[[str, int, int], None]
@@ -57,11 +57,11 @@ def calibrate_kv_scales(
     steps = spec.num_layers + 1
     report = progress or (lambda stage, done, total: None)
     report("calibrate", 0, steps)
-    with tempfile.TemporaryDirectory(prefix=".calibrate.", dir=work_dir) as tmp:
-        info = build_fast_graph(source, quant, Path(tmp), lambda _s, done, _t: report("calibrate", done, steps),
+    with scratch_dir(work_dir, ".calibrate.") as tmp:
+        info = build_fast_graph(source, quant, tmp, lambda _s, done, _t: report("calibrate", done, steps),
                                 requantize=requantize)
         cache = StaticCache(spec.num_layers, spec.num_kv_heads, spec.head_dim, len(ids))
-        Runner(create_session(Path(tmp) / info.file), cache, kind="fast", where="calibration graph").forward(ids)
+        Runner(create_session(tmp / info.file), cache, kind="fast", where="calibration graph").forward(ids)
     scales = kv_scales_from_cache(cache.keys, cache.values, cache.length)
     report("calibrate", steps, steps)
     return scales
