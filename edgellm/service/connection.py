@@ -14,6 +14,8 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.properties import Properties
 from paho.mqtt.packettypes import PacketTypes
 
+from .bounded import BoundedClient
+
 MQTT_VERSIONS = {"5": mqtt.MQTTv5, "3.1.1": mqtt.MQTTv311}
 # amqtt, the Python broker, speaks only 3.1.1 and answers an MQTT 5 CONNECT with this reason.
 UNSUPPORTED_VERSION = 132
@@ -103,7 +105,7 @@ def read_password(path: str) -> str:
         raise ValueError(f"--password-file {path}: cannot read a password ({exc})") from None
 
 
-class Client(mqtt.Client):
+class Client(BoundedClient):
     """paho's client, keeping why its last connection attempt failed: paho calls `on_connect_fail`
     with no exception, so a refused certificate would read like an unreachable host."""
 
@@ -143,8 +145,9 @@ def connect_failure_reason(client: mqtt.Client) -> str:
     return "no reason recorded"
 
 
-def make_client(conn: Connection, client_id: str, *, persistent: bool) -> Client:
-    """A paho v2-callback client; `persistent` keeps the broker-side session across reconnects."""
+def make_client(conn: Connection, client_id: str, *, persistent: bool, max_packet: int | None = None) -> Client:
+    """A paho v2-callback client; `persistent` keeps the broker-side session across reconnects,
+    `max_packet` bounds the memory one incoming message may take (see `bounded`)."""
     if conn.mqtt_version not in MQTT_VERSIONS:
         raise ValueError(f"--mqtt-version {conn.mqtt_version!r} is not one of {sorted(MQTT_VERSIONS)}")
     client = Client(
@@ -152,6 +155,7 @@ def make_client(conn: Connection, client_id: str, *, persistent: bool) -> Client
         client_id=client_id,
         protocol=MQTT_VERSIONS[conn.mqtt_version],
         clean_session=None if conn.v5 else not persistent,
+        max_packet=max_packet,
     )
     if conn.username is not None:
         client.username_pw_set(conn.username, conn.password)
@@ -173,8 +177,12 @@ def _no_delay(_client: mqtt.Client, _userdata: object, sock: socket.socket) -> N
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def connect_async(client: mqtt.Client, conn: Connection, *, persistent: bool, session_expiry: int = 0) -> None:
-    """Start connecting without blocking: `loop_start` then retries with backoff until it works."""
+def connect_async(client: mqtt.Client, conn: Connection, *, persistent: bool, session_expiry: int = 0,
+                  max_packet: int | None = None) -> None:
+    """Start connecting without blocking: `loop_start` then retries with backoff until it works.
+
+    On MQTT 5, `max_packet` is advertised as Maximum Packet Size: the broker then drops larger
+    messages instead of sending them to us."""
     properties = None
     clean_start: bool | int = mqtt.MQTT_CLEAN_START_FIRST_ONLY
     if conn.v5:
@@ -184,6 +192,8 @@ def connect_async(client: mqtt.Client, conn: Connection, *, persistent: bool, se
     if conn.v5 and persistent:
         properties = Properties(PacketTypes.CONNECT)
         properties.SessionExpiryInterval = session_expiry
+        if max_packet is not None:
+            properties.MaximumPacketSize = max_packet
     client.connect_async(
         conn.broker.host,
         conn.broker.port,
