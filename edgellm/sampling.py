@@ -2,18 +2,17 @@
 
 Processors are `(tokens, logits) -> logits`, where `tokens` is every token so far
 (prompt and generated); samplers are `logits -> token id`. Both are built by small
-factories that validate their parameters once, so the generation loop only calls.
-Every bad parameter raises GenerationError naming it and its allowed range: the
-MQTT service sends these messages back to devices as they are.
+factories that validate their parameters once (against `edgellm.params`, the one
+declaration of every range), so the generation loop only calls.
 """
 from __future__ import annotations
 
-import math
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
 from .errors import GenerationError
+from .params import check_all
 
 Processor = Callable[[np.ndarray, np.ndarray], np.ndarray]
 Sampler = Callable[[np.ndarray], int]
@@ -23,58 +22,11 @@ Sampler = Callable[[np.ndarray], int]
 _TOP_P_FIRST = 256
 
 
-def _number(name: str, value: object, allowed: str, ok: Callable[[float], bool]) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or not ok(value):
-        raise GenerationError(f"{name} must be {allowed}, got {value!r}")
-    return float(value)
-
-
-def _integer(name: str, value: object, allowed: str, ok: Callable[[int], bool]) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not ok(value):
-        raise GenerationError(f"{name} must be {allowed}, got {value!r}")
-    return value
-
-
-def check_sampling(
-    *,
-    temperature: float = 0.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    min_p: float = 0.0,
-    seed: int | None = None,
-    repetition_penalty: float = 1.0,
-    presence_penalty: float = 0.0,
-    frequency_penalty: float = 0.0,
-    logit_bias: dict[int, float] | None = None,
-    penalty_window: int | None = None,
-    vocab_size: int | None = None,
-) -> None:
-    """Raise GenerationError for the first parameter outside its range.
-
-    The ranges of the penalties and of logit_bias are OpenAI's, so requests written
-    for that API mean the same here. Logit-bias ids are checked against `vocab_size`
-    when it is given, and against the logits row at run time otherwise.
-    """
-    _number("temperature", temperature, "a number >= 0", lambda v: v >= 0)
-    _integer("top_k", top_k, "an integer >= 0 (0 = off)", lambda v: v >= 0)
-    _number("top_p", top_p, "a number in (0, 1]", lambda v: 0 < v <= 1)
-    _number("min_p", min_p, "a number in [0, 1)", lambda v: 0 <= v < 1)
-    if seed is not None:
-        _integer("seed", seed, "an integer >= 0", lambda v: v >= 0)
-    _number("repetition_penalty", repetition_penalty, "a number > 0 (1 = off)", lambda v: v > 0)
-    _number("presence_penalty", presence_penalty, "a number in [-2, 2]", lambda v: -2 <= v <= 2)
-    _number("frequency_penalty", frequency_penalty, "a number in [-2, 2]", lambda v: -2 <= v <= 2)
-    if penalty_window is not None:
-        _integer("penalty_window", penalty_window, "an integer >= 1", lambda v: v >= 1)
-    if logit_bias is not None:
-        if not isinstance(logit_bias, dict):
-            raise GenerationError(f"logit_bias must be a mapping of token id to bias, got {logit_bias!r}")
-        top = "" if vocab_size is None else f" and < {vocab_size}"
-        for token, bias in logit_bias.items():
-            _integer("logit_bias key", token, f"a token id >= 0{top}",
-                     lambda v: v >= 0 and (vocab_size is None or v < vocab_size))
-            _number(f"logit_bias[{token}]", bias, "a number in [-100, 100]", lambda v: -100 <= v <= 100)
+def check_sampling(*, vocab_size: int | None = None, **params: Any) -> None:
+    """Raise GenerationError for the first parameter outside its declared range
+    (`edgellm.params`). Logit-bias ids are checked against `vocab_size` when it is
+    given, and against the logits row at run time otherwise."""
+    check_all(params, vocab_size)
 
 
 def make_logits_processors(

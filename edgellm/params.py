@@ -1,0 +1,321 @@
+"""The generation-parameter contract, declared once in `PARAMS`.
+
+Every front derives from it: the Python API validates with `GenerationParams.build`,
+the CLI builds its flags from it (`edgellm.args`), the MQTT protocol validates a
+request's parameter fields with `from_wire`, and the published request schema's
+parameter properties are `wire_schema()`. tests/test_params.py checks all four
+at every boundary, so a range written here is the range everywhere.
+
+Values follow JSON, since most requests arrive as JSON: an integer parameter also
+takes 2.0 (JSON Schema counts it as an integer, and some device JSON writers print
+every number with a fraction), and a boolean is never a number.
+"""
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+from .errors import GenerationError
+
+Cancel = threading.Event | Callable[[], bool]
+
+# Kinds of value; each has one checker below and, on the wire, one schema.
+INT, NUMBER, BOOL, STRINGS, TOKEN_IDS, LOGIT_BIAS, CHOICE, CANCEL = (
+    "int", "number", "bool", "strings", "token_ids", "logit_bias", "choice", "cancel")
+
+# Wire logit-bias keys are token ids written as JSON object keys: ASCII digits only
+# ("²" passes str.isdigit but not int()), nine at most (every vocabulary fits).
+_BIAS_KEY_DIGITS = 9
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter: what it takes, what it means, and which fronts expose it.
+
+    `low`/`high` bound a number (for `logit_bias`, each bias); an `_open` end
+    excludes the bound itself. `wire` is the MQTT field name (None: not on the wire);
+    the CLI flag is `--` plus the wire name, so both fronts spell it alike.
+    """
+
+    name: str
+    kind: str
+    default: Any
+    help: str
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    optional: bool = False  # None means "not set"
+    max_items: int | None = None  # entries of a list or mapping
+    max_length: int | None = None  # characters of each string
+    choices: tuple[Any, ...] = ()
+    wire: str | None = None
+    cli: bool = False
+    short: str | None = None  # CLI short flag
+
+    @property
+    def flag(self) -> str:
+        return "--" + (self.wire or self.name).replace("_", "-")
+
+    def range(self) -> str:
+        """The bounds as a reader writes them: ">= 1", "in (0, 1]", or ""."""
+        if self.low is not None and self.high is not None:
+            return (f"in {'(' if self.low_open else '['}{_num(self.low)}, "
+                    f"{_num(self.high)}{')' if self.high_open else ']'}")
+        if self.low is not None:
+            return f"{'>' if self.low_open else '>='} {_num(self.low)}"
+        if self.high is not None:
+            return f"{'<' if self.high_open else '<='} {_num(self.high)}"
+        return ""
+
+    def in_range(self, value: float) -> bool:
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return False
+        return self.high is None or not (value > self.high or (self.high_open and value == self.high))
+
+
+def _num(bound: float) -> str:
+    return str(int(bound)) if float(bound).is_integer() else str(bound)
+
+
+PARAMS: tuple[Param, ...] = (
+    Param("max_new_tokens", INT, 256, "most tokens to generate", low=1, wire="max_tokens", cli=True, short="-n"),
+    Param("temperature", NUMBER, 0.0, "0 = greedy", low=0, wire="temperature", cli=True),
+    Param("top_k", INT, 0, "sample from the k most likely tokens (0 = off)", low=0, wire="top_k", cli=True),
+    Param("top_p", NUMBER, 1.0, "sample from the smallest set of tokens holding this much probability (1 = off)",
+          low=0, high=1, low_open=True, wire="top_p", cli=True),
+    Param("min_p", NUMBER, 0.0, "drop tokens less likely than this fraction of the best one (0 = off)",
+          low=0, high=1, high_open=True, wire="min_p", cli=True),
+    Param("repetition_penalty", NUMBER, 1.0, "Hugging Face's: divide the logits of tokens already seen (1 = off)",
+          low=0, low_open=True, wire="repetition_penalty", cli=True),
+    Param("presence_penalty", NUMBER, 0.0, "OpenAI's: subtract once from each token already seen",
+          low=-2, high=2, wire="presence_penalty", cli=True),
+    Param("frequency_penalty", NUMBER, 0.0, "OpenAI's: subtract once per earlier occurrence of a token",
+          low=-2, high=2, wire="frequency_penalty", cli=True),
+    Param("penalty_window", INT, None, "the penalties look at this many last tokens (default: all)",
+          low=1, optional=True, wire="penalty_window", cli=True),
+    Param("logit_bias", LOGIT_BIAS, None, "token id -> bias added to its logit (-100 bans, 100 forces)",
+          low=-100, high=100, optional=True, max_items=300, wire="logit_bias"),
+    Param("seed", INT, None, "makes sampling reproducible", low=0, high=(1 << 63) - 1, optional=True,
+          wire="seed", cli=True),
+    Param("stop", STRINGS, (), "a string that ends the answer; it is not included in the output",
+          max_items=8, max_length=128, wire="stop", cli=True),
+    Param("stop_token_ids", TOKEN_IDS, (), "token ids that end the answer, besides EOS"),
+    Param("ignore_eos", BOOL, False, "run to max_new_tokens whatever is sampled (benchmarks)"),
+    Param("cancel", CANCEL, None, "a threading.Event or a callable; once set, the stream ends 'cancelled'",
+          optional=True),
+    Param("add_generation_prompt", BOOL, True, "end a chat with the template's assistant header"),
+    Param("truncate", CHOICE, None, "'left': drop the oldest prompt tokens that do not fit", optional=True,
+          choices=("left",)),
+)
+BY_NAME: dict[str, Param] = {p.name: p for p in PARAMS}
+BY_WIRE: dict[str, Param] = {p.wire: p for p in PARAMS if p.wire}
+
+
+def _what(kind: str, p: Param) -> str:
+    bounds = p.range()
+    return f"{kind} {bounds}" if bounds else kind
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _integer(p: Param, value: Any, field: str) -> int:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or not p.in_range(value):
+        raise GenerationError(f"{field} must be {_what('an integer', p)}, got {_short(value)}")
+    return value
+
+
+def _number(p: Param, value: Any, field: str) -> float:
+    # Ints are compared as they are: float() of a huge one would overflow.
+    if not _is_number(value) or (isinstance(value, float) and not math.isfinite(value)) or not p.in_range(value):
+        raise GenerationError(f"{field} must be {_what('a number', p)}, got {_short(value)}")
+    return float(value)
+
+
+def _strings(p: Param, value: Any, field: str) -> list[str]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or len(items) > p.max_items \
+            or not all(isinstance(s, str) and 0 < len(s) <= p.max_length for s in items):
+        raise GenerationError(f"{field} must be a non-empty string or a list of at most {p.max_items} of them, "
+                              f"each at most {p.max_length} characters, got {_short(value)}")
+    return list(items)
+
+
+def _token_ids(p: Param, value: Any, field: str, vocab_size: int | None) -> list[int]:
+    if not isinstance(value, (list, tuple)):
+        raise GenerationError(f"{field} must be a list of token ids, got {_short(value)}")
+    top = "" if vocab_size is None else f" below {vocab_size}"
+    for t in value:
+        if isinstance(t, bool) or not isinstance(t, int) or t < 0 or (vocab_size is not None and t >= vocab_size):
+            raise GenerationError(f"{field}: {_short(t)} is not a token id{top}")
+    return list(value)
+
+
+def _logit_bias(p: Param, value: Any, field: str, vocab_size: int | None) -> dict[int, float]:
+    if not isinstance(value, dict) or len(value) > p.max_items:
+        raise GenerationError(f"{field} must be a mapping of token id to bias of at most {p.max_items} entries, "
+                              f"got {_short(value)}")
+    top = "" if vocab_size is None else f" and < {vocab_size}"
+    bias = {}
+    for token, b in value.items():
+        if isinstance(token, bool) or not isinstance(token, int) or token < 0 \
+                or (vocab_size is not None and token >= vocab_size):
+            raise GenerationError(f"{field} key must be a token id >= 0{top}, got {_short(token)}")
+        bias[token] = _number(p, b, f"{field}[{token}]")
+    return bias
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check(p: Param, value: Any, vocab_size: int | None = None, field: str | None = None) -> Any:
+    """`value` validated and normalized (ints as int, numbers as float, lists as list).
+
+    Token ids are checked against `vocab_size` when it is given. Raises
+    GenerationError naming `field` (default: the parameter's name) and its range.
+    """
+    field = field or p.name
+    if value is None and p.optional:
+        return None
+    if p.kind == INT:
+        return _integer(p, value, field)
+    if p.kind == NUMBER:
+        return _number(p, value, field)
+    if p.kind == BOOL:
+        if not isinstance(value, bool):
+            raise GenerationError(f"{field} must be true or false, got {_short(value)}")
+        return value
+    if p.kind == STRINGS:
+        return _strings(p, value, field)
+    if p.kind == TOKEN_IDS:
+        return _token_ids(p, value, field, vocab_size)
+    if p.kind == LOGIT_BIAS:
+        return _logit_bias(p, value, field, vocab_size)
+    if p.kind == CHOICE:
+        if value not in p.choices:
+            raise GenerationError(f"{field} must be one of {list(p.choices)} or None, got {_short(value)}")
+        return value
+    if not (isinstance(value, threading.Event) or callable(value)):  # CANCEL
+        raise GenerationError(f"{field} must be a threading.Event or a callable, got {_short(value)}")
+    return value
+
+
+def check_all(values: Mapping[str, Any], vocab_size: int | None = None) -> dict[str, Any]:
+    """Validate keyword parameters by their API names; unknown names are refused."""
+    for name in values:
+        if name not in BY_NAME:
+            raise GenerationError(f"unknown generation parameter {name!r}")
+    return {name: check(BY_NAME[name], value, vocab_size) for name, value in values.items()}
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """Every knob of one request, validated; unset sampling knobs mean greedy.
+
+    The fields and defaults mirror `PARAMS` (a test holds them equal); they are
+    written out so that type checkers and readers see them.
+    """
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    penalty_window: int | None = None
+    logit_bias: dict[int, float] | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    cancel: Cancel | None = None
+    add_generation_prompt: bool = True
+    truncate: str | None = None
+
+    @classmethod
+    def build(cls, defaults: Mapping[str, Any], params: Mapping[str, Any], vocab_size: int) -> "GenerationParams":
+        """Request params over the bundle's defaults, validated (GenerationError names the first bad one)."""
+        merged = check_all({**defaults, **params}, vocab_size)
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in merged.items()})
+
+    def cancelled(self) -> Callable[[], bool]:
+        if self.cancel is None:
+            return lambda: False
+        return self.cancel.is_set if isinstance(self.cancel, threading.Event) else self.cancel
+
+
+# -- the wire ------------------------------------------------------------------
+
+
+def from_wire(data: Mapping[str, Any]) -> dict[str, Any]:
+    """The parameter fields of a wire request, by API name, validated and normalized.
+
+    Other fields are ignored (the protocol owns them). Errors name the wire field.
+    """
+    params = {}
+    for wire, p in BY_WIRE.items():
+        if wire not in data:
+            continue
+        value = data[wire]
+        if p.kind == LOGIT_BIAS and isinstance(value, dict):
+            value = {_bias_key(key): b for key, b in value.items()}
+        params[p.name] = check(p, value, field=wire)
+    return params
+
+
+def _bias_key(key: str) -> int:
+    if not (0 < len(key) <= _BIAS_KEY_DIGITS and key.isascii() and key.isdigit()):
+        raise GenerationError(f"logit_bias key must be a token id of 1-{_BIAS_KEY_DIGITS} digits, got {_short(key)}")
+    return int(key)
+
+
+def to_wire(params: Mapping[str, Any]) -> dict[str, Any]:
+    """API-named, validated parameters as wire fields (JSON-ready)."""
+    out = {}
+    for name, value in params.items():
+        p = BY_NAME[name]
+        if p.wire is None:
+            raise GenerationError(f"{name} cannot be sent over MQTT")
+        if p.kind == LOGIT_BIAS and value is not None:
+            value = {str(k): v for k, v in value.items()}
+        elif p.kind == STRINGS:
+            value = list(value)
+        out[p.wire] = value
+    return out
+
+
+def wire_schema() -> dict[str, dict[str, Any]]:
+    """JSON Schema (2020-12) properties of the wire parameters, in declaration order."""
+    return {p.wire: {**_schema(p), "description": p.help} for p in PARAMS if p.wire}
+
+
+def _bounds(p: Param) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if p.low is not None:
+        out["exclusiveMinimum" if p.low_open else "minimum"] = p.low
+    if p.high is not None:
+        out["exclusiveMaximum" if p.high_open else "maximum"] = p.high
+    return out
+
+
+def _schema(p: Param) -> dict[str, Any]:
+    if p.kind in (INT, NUMBER):
+        return {"type": "integer" if p.kind == INT else "number", **_bounds(p)}
+    if p.kind == STRINGS:
+        one = {"type": "string", "minLength": 1, "maxLength": p.max_length}
+        return {"oneOf": [one, {"type": "array", "maxItems": p.max_items, "items": one}]}
+    if p.kind == LOGIT_BIAS:
+        return {"type": "object", "maxProperties": p.max_items,
+                "propertyNames": {"pattern": f"^[0-9]{{1,{_BIAS_KEY_DIGITS}}}$"},
+                "additionalProperties": {"type": "number", **_bounds(p)}}
+    raise AssertionError(f"{p.name}: no wire schema for kind {p.kind!r}")
