@@ -12,48 +12,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import __version__
+from .args import add_load_arguments, add_sampling_arguments, load_model, sampling_params
 from .errors import EdgeLLMError
-
-
-def add_load_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("bundle", type=Path, help="bundle directory written by `edgellm export`")
-    p.add_argument("--profile", help="device profile name or .toml path (see `edgellm devices`)")
-    p.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: profile's)")
-    p.add_argument("--max-context", type=int, help="KV cache size in tokens (default: profile's, at most the model's)")
-    p.add_argument("--provider", action="append", dest="providers",
-                   help="execution provider to try, in order (repeatable); CPU is always the last fallback")
-    p.add_argument("--no-verify", action="store_true", help="skip checksum verification (slow storage)")
-
-
-def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("sampling (default: the bundle's defaults, else greedy)")
-    g.add_argument("-n", "--max-tokens", type=int, dest="max_new_tokens", help="most tokens to generate")
-    g.add_argument("--temperature", type=float, help="0 = greedy")
-    g.add_argument("--top-k", type=int)
-    g.add_argument("--top-p", type=float)
-    g.add_argument("--min-p", type=float)
-    g.add_argument("--repetition-penalty", type=float)
-    g.add_argument("--presence-penalty", type=float)
-    g.add_argument("--frequency-penalty", type=float)
-    g.add_argument("--seed", type=int, help="makes sampling reproducible")
-    g.add_argument("--stop", action="append", help="stop string (repeatable); not included in the output")
-    g.add_argument("--system", help="system prompt (chat template)")
-    g.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
-
-
-_SAMPLING = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
-             "presence_penalty", "frequency_penalty", "seed", "stop")
-
-
-def sampling_params(args: argparse.Namespace) -> dict[str, Any]:
-    return {k: getattr(args, k) for k in _SAMPLING if getattr(args, k) is not None}
-
-
-def load_model(args: argparse.Namespace):
-    from . import load
-
-    return load(args.bundle, profile=args.profile, providers=args.providers, threads=args.threads,
-                max_context=args.max_context, verify=not args.no_verify)
+from .service.commands import (add_ask_arguments, add_demo_arguments, add_serve_arguments, run_ask, run_demo,
+                               run_serve)
 
 
 def _stream_to_stdout(model, request, params: dict[str, Any]):
@@ -78,18 +40,20 @@ def _stats(chunk) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    params = sampling_params(args)  # a bad flag fails before the slow load
     model = load_model(args)
     if args.raw:
         request: Any = args.prompt
     else:
         request = ([{"role": "system", "content": args.system}] if args.system else [])
         request.append({"role": "user", "content": args.prompt})
-    last, _ = _stream_to_stdout(model, request, sampling_params(args))
+    last, _ = _stream_to_stdout(model, request, params)
     print(_stats(last), file=sys.stderr)
     return 0
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
+    params = sampling_params(args)
     model = load_model(args)
     history = [{"role": "system", "content": args.system}] if args.system else []
     print(f"edgellm chat with {model.manifest.name} — empty line or Ctrl-D to quit, /reset to clear history",
@@ -106,7 +70,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             continue
         history.append({"role": "user", "content": line})
         # The model keeps the previous turn's KV: only the new turn is prefilled.
-        last, text = _stream_to_stdout(model, history, sampling_params(args))
+        last, text = _stream_to_stdout(model, history, params)
         history.append({"role": "assistant", "content": text})
         print(_stats(last), file=sys.stderr)
     return 0
@@ -204,15 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("devices", cmd_devices, "list device profiles (and the one detected here), or show one")
     p.add_argument("name", nargs="?", help="profile to show")
 
-    try:
-        from .service.commands import (add_ask_arguments, add_demo_arguments, add_serve_arguments, run_ask,
-                                       run_demo, run_serve)
-    except ImportError:
-        pass
-    else:
-        add_serve_arguments(add("serve", run_serve, "answer requests from devices over MQTT"))
-        add_ask_arguments(add("ask", run_ask, "send one prompt to an `edgellm serve` over MQTT and print the answer"))
-        add_demo_arguments(add("demo", run_demo, "export SmolLM2 once, serve it on a local broker, ask it over MQTT"))
+    add_serve_arguments(add("serve", run_serve, "answer requests from devices over MQTT"))
+    add_ask_arguments(add("ask", run_ask, "send one prompt to an `edgellm serve` over MQTT and print the answer"))
+    add_demo_arguments(add("demo", run_demo, "export SmolLM2 once, serve it on a local broker, ask it over MQTT"))
     return parser
 
 

@@ -78,3 +78,28 @@ def test_errors_are_one_line_and_non_zero(tiny_bundle, tmp_path, args, message):
     assert res.returncode != 0
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], res.stderr
+
+
+def _python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+
+
+def test_the_service_commands_do_not_import_the_cli():
+    res = _python("import sys, edgellm.service.commands; print('edgellm.cli' in sys.modules)")
+    assert res.returncode == 0 and res.stdout.strip() == "False", res.stderr
+
+
+def test_a_broken_service_import_fails_loudly_instead_of_hiding_serve():
+    # None in sys.modules makes the import of that module raise ImportError.
+    res = _python("import sys; sys.modules['edgellm.service.server'] = None\n"
+                  "from edgellm.cli import main; main(['--help'])")
+    assert res.returncode != 0 and "import of edgellm.service.server halted" in res.stderr, res.stderr
+    assert "serve" not in res.stdout  # no --help printed without the service commands
+
+
+def test_sampling_flags_come_from_the_parameter_declaration():
+    res = _cli("run", "--help")
+    assert "--penalty-window" in res.stdout and "-n MAX_NEW_TOKENS, --max-tokens" in res.stdout
+    assert "in [0, 1)" in res.stdout  # min_p's range, as params.py declares it
+    res = _cli("run", "bundle-is-not-read", "hi", "--min-p", "1")
+    assert res.returncode == 1 and res.stderr.strip() == "edgellm run: error: min_p must be a number in [0, 1), got 1.0"

@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .. import load
-from ..cli import add_load_arguments, add_sampling_arguments, load_model, sampling_params
+from ..args import add_load_arguments, add_sampling_arguments, load_model, sampling_params
 from ..errors import RequestError
+from ..params import to_wire
 from . import protocol as proto
 from .broker import (MOSQUITTO, MQTT_VERSIONS_OF, PYTHON, BrokerError, EmbeddedBroker, embedded_kind,
                      start_embedded)
@@ -223,8 +224,7 @@ def run_ask(args: argparse.Namespace) -> int:
         request: dict[str, Any] = {"id": new_request_id(), "stream": True, "prompt": args.prompt}
     else:
         request = _chat_request(args.prompt, args.system)
-    for key, value in sampling_params(args).items():
-        request["max_tokens" if key == "max_new_tokens" else key] = value
+    request.update(to_wire(sampling_params(args)))
     conn = _connection(args, args.broker or "mqtt://127.0.0.1:1883")
     # Without an explicit --mqtt-version, a 3.1.1-only broker (the Python fallback) still works.
     replies = ask(conn, _topics(args), request, args.timeout, downgrade=args.mqtt_version is None)

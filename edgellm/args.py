@@ -1,0 +1,62 @@
+"""Command-line arguments shared by `edgellm run/chat` and `edgellm serve/ask`.
+
+Both the CLI and the service commands import this module, never each other. The
+sampling flags come from the parameter declaration (`edgellm.params`), so a flag
+takes exactly what the Python API and the MQTT request take.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from .params import INT, NUMBER, PARAMS, STRINGS, check_all
+
+
+def add_load_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("bundle", type=Path, help="bundle directory written by `edgellm export`")
+    p.add_argument("--profile", help="device profile name or .toml path (see `edgellm devices`)")
+    p.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: profile's)")
+    p.add_argument("--max-context", type=int, help="KV cache size in tokens (default: profile's, at most the model's)")
+    p.add_argument("--provider", action="append", dest="providers",
+                   help="execution provider to try, in order (repeatable); CPU is always the last fallback")
+    p.add_argument("--no-verify", action="store_true", help="skip checksum verification (slow storage)")
+
+
+def _integer(text: str) -> int | float:
+    # "2.0" is an integer to the parameter contract (as in JSON); the check says why "2.5" is not.
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
+_TYPES = {INT: _integer, NUMBER: float}
+
+
+def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling (default: the bundle's defaults, else greedy)")
+    for param in PARAMS:
+        if not param.cli:
+            continue
+        flags = (param.short, param.flag) if param.short else (param.flag,)
+        bounds = f" ({param.range()})" if param.range() else ""
+        if param.kind == STRINGS:
+            g.add_argument(*flags, dest=param.name, action="append", help=param.help + " (repeatable)")
+        else:
+            g.add_argument(*flags, dest=param.name, type=_TYPES[param.kind], help=param.help + bounds)
+    g.add_argument("--system", help="system prompt (chat template)")
+    g.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
+
+
+def sampling_params(args: argparse.Namespace) -> dict[str, Any]:
+    """The sampling flags given, by API name, validated (GenerationError names the bad one)."""
+    return check_all({p.name: getattr(args, p.name) for p in PARAMS
+                      if p.cli and getattr(args, p.name) is not None})
+
+
+def load_model(args: argparse.Namespace):
+    from . import load  # onnxruntime loads here, not for --help
+
+    return load(args.bundle, profile=args.profile, providers=args.providers, threads=args.threads,
+                max_context=args.max_context, verify=not args.no_verify)
