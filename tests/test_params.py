@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import jsonschema  # the test extra's: a second, independent reading of the schema
 import pytest
 
 from edgellm import cli
@@ -21,8 +22,6 @@ from edgellm.errors import GenerationError, RequestError
 from edgellm.params import (BY_NAME, INT, LOGIT_BIAS, NUMBER, PARAMS, STRINGS, GenerationParams, to_wire,
                             wire_schema)
 from edgellm.service import protocol as proto
-
-jsonschema = pytest.importorskip("jsonschema")
 
 SCHEMA_PATH = Path(proto.__file__).parent / "schemas" / "request.json"
 # Logit-bias keys are checked against the vocabulary by the API and by digit count on
