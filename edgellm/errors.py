@@ -18,6 +18,11 @@ class GenerationError(EdgeLLMError):
     """A generation request cannot be run (prompt too long, bad sampling parameter)."""
 
 
+class GrammarError(GenerationError):
+    """A response_format or grammar is malformed, invalid or unsatisfiable (the message names
+    its JSON path), or constrained decoding is asked for without llguidance installed."""
+
+
 class RequestError(EdgeLLMError):
     """A service request is invalid; `code` is stable and goes on the wire."""
 
