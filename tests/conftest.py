@@ -80,3 +80,33 @@ def smollm2_fp32_bundle(tmp_path_factory: pytest.TempPathFactory, smollm2_bundle
     export_model("smollm2-135m", out, quant=QuantConfig("fp32"), evaluate=False)
     return out
 
+
+
+# -- MQTT service tests: override any of these in a test file that needs another shape ------------
+
+@pytest.fixture(scope="module")
+def model(tiny_bundle):
+    """The tiny bundle loaded once per test file, for services to serve."""
+    import edgellm
+
+    return edgellm.load(tiny_bundle)
+
+
+@pytest.fixture
+def broker(tmp_path):
+    """A real mosquitto on a free loopback port, for one test."""
+    from mqtt_helpers import start_broker
+
+    mosq = start_broker(tmp_path / "broker")
+    yield mosq
+    mosq.close()
+
+
+@pytest.fixture
+def probe(broker):
+    """A device subscribed to every topic of `broker`."""
+    from mqtt_helpers import Probe, connection
+
+    p = Probe(connection(broker.url))
+    yield p
+    p.close()

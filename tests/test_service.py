@@ -25,27 +25,6 @@ T = proto.Topics("edgellm", "dev1")
 ROOT = Path(__file__).parent.parent
 
 
-@pytest.fixture(scope="module")
-def model(tiny_bundle):
-    import edgellm
-
-    return edgellm.load(tiny_bundle)
-
-
-@pytest.fixture
-def broker(tmp_path):
-    mosq = start_broker(tmp_path / "broker")
-    yield mosq
-    mosq.close()
-
-
-@pytest.fixture
-def probe(broker):
-    p = Probe(connection(broker.url))
-    yield p
-    p.close()
-
-
 def check_stream(replies: list[dict], rid: str) -> dict:
     """Chunks numbered from 0 that add up to the final text; returns the final reply."""
     *chunks, final = replies
@@ -112,7 +91,7 @@ def test_bad_requests_get_their_code_and_the_next_request_is_answered(broker, pr
         (json.dumps({"id": "b1", "prompt": "x", "temperature": "hot"}).encode(), "b1", proto.BAD_REQUEST),
         (json.dumps({"id": "b2", "prompt": "x", "colour": "red"}).encode(), "b2", proto.BAD_REQUEST),
         (json.dumps({"id": "b3", "prompt": ""}).encode(), "b3", proto.BAD_REQUEST),
-        (json.dumps({"id": "b4", "prompt": "x" * 9000}).encode(), None, proto.TOO_LARGE),
+        (json.dumps({"id": "b4", "prompt": "x" * 9000}).encode(), "b4", proto.TOO_LARGE),
         # valid on the wire, refused by the model: longer than the context
         (json.dumps({"id": "b5", "prompt": "word " * 1500}).encode(), "b5", proto.BAD_REQUEST),
         (b"\xff\xfe", None, proto.BAD_REQUEST),
@@ -144,9 +123,13 @@ def test_queue_full_is_busy_and_queued_requests_still_run(broker, probe, model):
 
 
 def test_a_redelivered_request_is_answered_once_but_another_device_may_reuse_its_id(broker, probe, model):
-    with running_service(model, connection(broker.url)):
-        for _ in range(2):
+    gated = Gated(model)
+    with running_service(gated, connection(broker.url)):
+        for _ in range(2):  # the second arrives while the first is running: nothing more is sent
             probe.publish(T.request, {"id": "dup", "prompt": "Hi", "max_tokens": 3})
+        assert gated.started.wait(5)
+        time.sleep(0.2)
+        gated.gate.set()
         check_stream(probe.replies("dup"), "dup")
         probe.publish(T.request, {"id": "dup", "prompt": "Hi", "max_tokens": 3, "reply_to": "other/device"})
         msg = probe.wait(lambda m: is_reply(payload(m), "dup") and payload(m).get("done") is True)
@@ -159,12 +142,13 @@ def test_cancel_running_and_queued(broker, probe, model, caplog):
     caplog.set_level(logging.INFO, logger="edgellm.service")
     gated = Gated(model)
     with running_service(gated, connection(broker.url)):
-        probe.publish(T.request, {"id": "c1", "prompt": "Hi", "max_tokens": 50})
+        probe.publish(T.request, {"id": "c1", "prompt": "Hi", "max_tokens": 50, "cancel_key": "key-of-c1"})
         assert gated.started.wait(5)
-        probe.publish(T.request, {"id": "c2", "prompt": "Hi", "max_tokens": 50})
-        probe.publish(T.cancel, {"id": "c1"})
-        probe.publish(T.cancel, {"id": "c2"})
-        probe.publish(T.cancel, b"not json")  # ignored, not fatal
+        probe.publish(T.request, {"id": "c2", "prompt": "Hi", "max_tokens": 50, "cancel_key": "key-of-c2"})
+        probe.publish(T.cancel, {"id": "c1", "cancel_key": "key-of-c1"})
+        probe.publish(T.cancel, {"id": "c2", "cancel_key": "key-of-c2"})
+        probe.publish(T.cancel, b"not json")  # refused on the errors topic, not fatal
+        assert payload(probe.wait(lambda m: m.topic == T.errors))["error"]["code"] == proto.BAD_REQUEST
         assert _wait(lambda: sum("cancelling request" in r.getMessage() for r in caplog.records) == 2)
         gated.gate.set()
         assert check_stream(probe.replies("c1"), "c1")["finish_reason"] == "cancelled"

@@ -35,9 +35,10 @@ log = logging.getLogger("edgellm.service")
 # Options a `[serve]` table may set, by argparse dest.
 _CONFIG_KEYS = (
     "broker", "device_id", "topic_prefix", "client_id", "username", "password_file", "tls_ca", "tls_cert",
-    "tls_key", "mqtt_version", "shared_group", "queue_size", "session_expiry", "max_payload",
+    "tls_key", "mqtt_version", "shared_group", "queue_size", "session_expiry", "max_payload", "max_tokens",
+    "queue_per_client",
 )
-_INT_KEYS = ("queue_size", "session_expiry", "max_payload")
+_INT_KEYS = ("queue_size", "session_expiry", "max_payload", "max_tokens", "queue_per_client")
 
 
 def _default_device_id() -> str:
@@ -69,6 +70,11 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--session-expiry", type=int,
                    help="seconds the broker keeps requests for us while offline (default: 3600)")
     g.add_argument("--max-payload", type=int, help="largest request in bytes (default: 65536)")
+    g.add_argument("--max-tokens", type=int,
+                   help="the most tokens one request may ask for; more is refused (default: 1024)")
+    g.add_argument("--queue-per-client", type=int,
+                   help="requests one reply topic may have waiting, so one device cannot fill the queue "
+                        "(default: half of --queue-size)")
 
 
 def add_ask_arguments(p: argparse.ArgumentParser) -> None:
@@ -121,10 +127,13 @@ def _topics(args: argparse.Namespace) -> proto.Topics:
 
 
 def _service_config(args: argparse.Namespace, topics: proto.Topics) -> ServiceConfig:
-    given = {k: getattr(args, k) for k in ("client_id", "shared_group", "queue_size", "session_expiry", "max_payload")}
-    for key, low in (("queue_size", 1), ("max_payload", 1), ("session_expiry", 0)):
+    names = ("client_id", "shared_group", "queue_size", "session_expiry", "max_payload", "max_tokens", "queue_per_client")
+    given = {k: getattr(args, k) for k in names}
+    for key, low in (("queue_size", 1), ("max_payload", 1), ("session_expiry", 0), ("max_tokens", 1),
+                     ("queue_per_client", 1)):
         if given[key] is not None and given[key] < low:
             raise ValueError(f"--{key.replace('_', '-')} must be at least {low}, got {given[key]}")
+    given["per_client"] = given.pop("queue_per_client")
     return ServiceConfig(device_id=topics.device, topic_prefix=topics.prefix,
                          **{k: v for k, v in given.items() if v is not None})
 

@@ -11,14 +11,16 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import RequestError
+from ..errors import GenerationError, RequestError
+from ..params import BY_WIRE, from_wire
 
 BAD_REQUEST = "bad_request"
 TOO_LARGE = "too_large"
 BUSY = "busy"
 CANCELLED = "cancelled"
 INTERNAL = "internal"
-ERROR_CODES = (BAD_REQUEST, TOO_LARGE, BUSY, CANCELLED, INTERNAL)
+FORBIDDEN = "forbidden"  # a cancel that does not carry the request's cancel_key
+ERROR_CODES = (BAD_REQUEST, TOO_LARGE, BUSY, CANCELLED, INTERNAL, FORBIDDEN)
 
 DEFAULT_MAX_PAYLOAD = 64 * 1024
 FINISH_REASONS = ("stop", "length", "cancelled")
@@ -27,28 +29,21 @@ ROLES = ("system", "user", "assistant", "tool")
 # Ids end up in topic names (`.../response/{id}`): no '/', '+', '#' or spaces.
 _ID = re.compile(r"[A-Za-z0-9_.:@-]{1,128}")
 MAX_MESSAGES = 256
-MAX_STOP = 8
-MAX_STOP_LEN = 128
-MAX_LOGIT_BIAS = 300
+MAX_CANCEL_KEY = 128
+# Correlation Data is echoed in every chunk: a large one would multiply the outgoing traffic.
+MAX_CORRELATION = 256
+# Room for the topic, properties and a request a few times over the limit: such a request is
+# still read (into a capped buffer) and answered `too_large`; anything larger the broker drops.
+PACKET_HEADROOM = 64 * 1024
 
-# name -> (accepted types, min, max, min inclusive); bool is refused separately
-# because it is an int in Python but never a number on the wire.
-_NUMBERS: dict[str, tuple[tuple[type, ...], float, float, bool]] = {
-    "max_tokens": ((int,), 1, 1 << 20, True),
-    "temperature": ((int, float), 0.0, 5.0, True),
-    "top_k": ((int,), 0, 1 << 20, True),
-    "top_p": ((int, float), 0.0, 1.0, False),
-    "min_p": ((int, float), 0.0, 1.0, True),
-    "repetition_penalty": ((int, float), 0.0, 10.0, False),
-    "presence_penalty": ((int, float), -2.0, 2.0, True),
-    "frequency_penalty": ((int, float), -2.0, 2.0, True),
-    "seed": ((int,), 0, (1 << 63) - 1, True),
-}
-# Wire names that differ from `Model.stream` keyword names.
-_PARAM_NAMES = {"max_tokens": "max_new_tokens"}
-REQUEST_FIELDS = frozenset(
-    {"id", "prompt", "messages", "stream", "reply_to", "stop", "logit_bias", *_NUMBERS}
-)
+
+def packet_limit(max_payload: int) -> int:
+    """The largest MQTT packet the service reads: advertised as Maximum Packet Size on MQTT 5."""
+    return 4 * max_payload + PACKET_HEADROOM
+
+
+# Generation parameters come from their one declaration (edgellm/params.py).
+REQUEST_FIELDS = frozenset({"id", "prompt", "messages", "stream", "reply_to", "cancel_key", *BY_WIRE})
 
 
 @dataclass(frozen=True)
@@ -60,6 +55,7 @@ class Request:
     params: dict[str, Any] = field(default_factory=dict)
     stream: bool | str = True
     reply_to: str | None = None
+    cancel_key: str | None = None
 
 
 def _bad(message: str) -> RequestError:
@@ -70,16 +66,56 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-def decode_json(payload: bytes, max_bytes: int = DEFAULT_MAX_PAYLOAD) -> Any:
-    """Bytes -> JSON value, refusing oversized payloads before parsing them."""
+def _loads(payload: bytes, max_bytes: int) -> tuple[Any, str]:
     if len(payload) > max_bytes:
         raise RequestError(TOO_LARGE, f"payload is {len(payload)} bytes, limit is {max_bytes}")
     try:
-        return json.loads(payload.decode("utf-8"), parse_constant=_reject_constant)
+        text = payload.decode("utf-8")
+        return json.loads(text, parse_constant=_reject_constant), text
     except UnicodeDecodeError:
         raise _bad("payload is not UTF-8") from None
     except (ValueError, RecursionError) as exc:
         raise _bad(f"payload is not valid JSON ({str(exc)[:80]})") from None
+
+
+def decode_json(payload: bytes, max_bytes: int = DEFAULT_MAX_PAYLOAD) -> Any:
+    """Bytes -> JSON value, refusing oversized payloads before parsing them.
+
+    Strings must be valid Unicode: a lone surrogate (`"\\ud800"`) parses as JSON but can
+    be neither encoded for the tokenizer nor published again, so it is refused here.
+    """
+    data, text = _loads(payload, max_bytes)
+    if "\\u" in text and (where := _surrogate(data)) is not None:
+        raise _bad(f"{where} holds a lone surrogate (\\ud800-\\udfff), which is not text")
+    return data
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _surrogate(data: Any) -> str | None:
+    """Where the first string that cannot be UTF-8 encoded is, as a JSON path; None if none.
+
+    Iterative: nesting is bounded by the JSON parser's recursion limit, not by this walk."""
+    stack: list[tuple[str, Any]] = [("$", data)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, str):
+            if not _encodable(value):
+                return where
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                if not _encodable(key):
+                    return f"a key of {where}"
+                stack.append((f"{where}.{key[:40]}", item))
+        elif isinstance(value, list):
+            stack.extend((f"{where}[{i}]", item) for i, item in enumerate(value))
+    return None
 
 
 def valid_id(value: Any) -> bool:
@@ -90,6 +126,7 @@ def valid_topic(value: Any) -> bool:
     """A topic a reply may be published to: no wildcards, not a `$` system topic."""
     return (
         isinstance(value, str)
+        and _encodable(value)
         and 0 < len(value.encode("utf-8")) <= 1024
         and not value.startswith("$")
         and not any(c in value for c in "+#\0")
@@ -99,9 +136,9 @@ def valid_topic(value: Any) -> bool:
 def peek(payload: bytes, max_bytes: int = DEFAULT_MAX_PAYLOAD) -> tuple[str | None, str | None]:
     """Best-effort (id, reply_to) of a request that failed validation, to route its error."""
     try:
-        data = decode_json(payload, max_bytes)
-    except RequestError:
-        return None, None
+        data, _ = _loads(payload, max_bytes)
+    except RequestError as exc:
+        return (peek_id(payload) if exc.code == TOO_LARGE else None), None
     if not isinstance(data, dict):
         return None, None
     rid = data.get("id") if valid_id(data.get("id")) else None
@@ -109,15 +146,21 @@ def peek(payload: bytes, max_bytes: int = DEFAULT_MAX_PAYLOAD) -> tuple[str | No
     return rid, reply_to
 
 
-def _number(name: str, value: Any) -> int | float:
-    types, low, high, low_inclusive = _NUMBERS[name]
-    if isinstance(value, bool) or not isinstance(value, types):
-        kind = "an integer" if types == (int,) else "a number"
-        raise _bad(f"field {name!r} must be {kind}, got {type(value).__name__}")
-    if value > high or value < low or (value == low and not low_inclusive):
-        bracket = "[" if low_inclusive else "("
-        raise _bad(f"field {name!r} is {value}, must be in {bracket}{low}, {high}]")
-    return value
+def peek_id(payload: bytes) -> str | None:
+    """The id of a request too large to parse, from its first bytes, to route `too_large`."""
+    match = _HEAD_ID.search(payload[:4096])
+    return match.group(1).decode() if match else None
+
+
+_HEAD_ID = re.compile(rb'"id"\s*:\s*"([A-Za-z0-9_.:@-]{1,128})"')
+
+
+def _params(data: dict[str, Any]) -> dict[str, Any]:
+    """The generation parameters of a request, by `Model.stream` keyword name."""
+    try:
+        return from_wire(data)
+    except GenerationError as exc:
+        raise _bad(str(exc)) from None
 
 
 def _messages(value: Any) -> list[dict[str, str]]:
@@ -135,28 +178,6 @@ def _messages(value: Any) -> list[dict[str, str]]:
     if not any(m["content"].strip() for m in value):
         raise _bad("field 'messages' has no content")
     return [dict(m) for m in value]
-
-
-def _stop(value: Any) -> list[str]:
-    stops = [value] if isinstance(value, str) else value
-    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
-        raise _bad("field 'stop' must be a non-empty string or a list of them")
-    if len(stops) > MAX_STOP or any(len(s) > MAX_STOP_LEN for s in stops):
-        raise _bad(f"field 'stop' allows {MAX_STOP} strings of at most {MAX_STOP_LEN} characters")
-    return stops
-
-
-def _logit_bias(value: Any) -> dict[int, float]:
-    if not isinstance(value, dict) or len(value) > MAX_LOGIT_BIAS:
-        raise _bad(f"field 'logit_bias' must be an object of at most {MAX_LOGIT_BIAS} entries")
-    bias = {}
-    for key, b in value.items():
-        if not key.isdigit() or len(key) > 9:
-            raise _bad(f"logit_bias key {key[:20]!r} is not a token id")
-        if isinstance(b, bool) or not isinstance(b, (int, float)) or not -100 <= b <= 100:
-            raise _bad(f"logit_bias[{key}] must be a number in [-100, 100]")
-        bias[int(key)] = float(b)
-    return bias
 
 
 def parse_request(payload: bytes, max_bytes: int = DEFAULT_MAX_PAYLOAD) -> Request:
@@ -187,22 +208,29 @@ def parse_request(payload: bytes, max_bytes: int = DEFAULT_MAX_PAYLOAD) -> Reque
     reply_to = data.get("reply_to")
     if reply_to is not None and not valid_topic(reply_to):
         raise _bad("field 'reply_to' must be a topic without wildcards, not starting with '$'")
-    params: dict[str, Any] = {
-        _PARAM_NAMES.get(name, name): _number(name, data[name]) for name in _NUMBERS if name in data
-    }
-    if "stop" in data:
-        params["stop"] = _stop(data["stop"])
-    if "logit_bias" in data:
-        params["logit_bias"] = _logit_bias(data["logit_bias"])
-    return Request(id=data["id"], prompt=prompt, params=params, stream=stream, reply_to=reply_to)
+    cancel_key = data.get("cancel_key")
+    if cancel_key is not None and not _valid_key(cancel_key):
+        raise _bad(f"field 'cancel_key' must be a string of 8-{MAX_CANCEL_KEY} printable ASCII characters")
+    params = _params(data)
+    return Request(id=data["id"], prompt=prompt, params=params, stream=stream, reply_to=reply_to,
+                   cancel_key=cancel_key)
 
 
-def parse_cancel(payload: bytes) -> str:
-    """A cancel payload {"id": ...} -> the id to cancel."""
+def _valid_key(value: Any) -> bool:
+    return isinstance(value, str) and 8 <= len(value) <= MAX_CANCEL_KEY and value.isascii() and value.isprintable()
+
+
+def parse_cancel(payload: bytes) -> tuple[str, str]:
+    """A cancel payload {"id": ..., "cancel_key": ...} -> (id, key).
+
+    A broker never says who published, so the key the request set is the only proof
+    that a cancel comes from the device that asked."""
     data = decode_json(payload, 1024)
-    if not isinstance(data, dict) or set(data) != {"id"} or not valid_id(data["id"]):
-        raise _bad("cancel must be an object with exactly one valid 'id'")
-    return data["id"]
+    if not isinstance(data, dict) or set(data) != {"id", "cancel_key"} or not valid_id(data["id"]):
+        raise _bad("cancel must be an object with exactly a valid 'id' and the request's 'cancel_key'")
+    if not _valid_key(data["cancel_key"]):
+        raise _bad(f"cancel_key must be a string of 8-{MAX_CANCEL_KEY} printable ASCII characters")
+    return data["id"], data["cancel_key"]
 
 
 def encode(payload: dict[str, Any]) -> bytes:
@@ -310,6 +338,22 @@ class Topics:
 
     def response(self, rid: str) -> str:
         return f"{self.base}/response/{rid}"
+
+    def reply_problem(self, topic: str) -> str | None:
+        """Why a device may not have replies published to `topic`, or None if it may.
+
+        Under our prefix only response topics are allowed, of any device: a request that
+        names another service's request, cancel, status or error topic would let one device
+        inject into, or spoof, what other devices read."""
+        if not valid_topic(topic):
+            return "must be a topic without wildcards or NUL, not starting with '$', at most 1024 bytes"
+        levels = topic.split("/")
+        prefix = self.prefix.split("/")
+        if levels[: len(prefix)] == prefix:
+            rest = levels[len(prefix):]
+            if len(rest) < 3 or rest[1] != "response":
+                return f"is an edgellm control topic; under {self.prefix}/ only {self.prefix}/DEVICE/response/... may be used"
+        return None
 
     @property
     def errors(self) -> str:

@@ -9,21 +9,24 @@ its device.
 from __future__ import annotations
 
 import dataclasses
+import hmac
 import logging
 import os
-import queue
 import socket
 import threading
-from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Hashable, Iterator, Protocol
+from typing import Any, Iterator, Protocol
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from .. import __version__
 from ..errors import GenerationError, RequestError
+from ..params import GenerationParams
+from ..session import release_freed_heap
 from . import protocol as proto
-from .connection import Connection, connect_async, make_client, publish_properties, refusal
+from .admission import ACTIVE, FairQueue, RecentRequests
+from .connection import Connection, connect_async, connect_failure_reason, make_client, publish_properties, refusal
 
 log = logging.getLogger("edgellm.service")
 
@@ -47,6 +50,8 @@ class ServiceConfig:
     session_expiry: int = 3600
     max_payload: int = proto.DEFAULT_MAX_PAYLOAD
     recent_ids: int = 1024
+    max_tokens: int = 1024  # the most any one request may generate: one request cannot hold every device for minutes
+    per_client: int | None = None  # requests one reply topic may have waiting (default: half the queue)
     reconnect_min_s: float = 1.0
     reconnect_max_s: float = 30.0
 
@@ -72,6 +77,7 @@ class Route:
 class Job:
     request: proto.Request
     route: Route
+    client: str  # whose share of the queue it takes: see `admission`
     cancel: threading.Event = dataclasses.field(default_factory=threading.Event)
 
     @property
@@ -79,27 +85,6 @@ class Job:
         """Devices pick ids (often counters from 1): only the same id asking for the same
         reply topic is the same request."""
         return self.route.topic, self.route.correlation, self.request.id
-
-
-class RecentKeys:
-    """A bounded LRU of request keys: a QoS 1 redelivery of a request is not generated twice."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self._keys: OrderedDict[Hashable, None] = OrderedDict()
-
-    def add(self, key: Hashable) -> bool:
-        """Remember `key`; False if it was already there."""
-        if key in self._keys:
-            self._keys.move_to_end(key)
-            return False
-        self._keys[key] = None
-        if len(self._keys) > self.capacity:
-            self._keys.popitem(last=False)
-        return True
-
-    def discard(self, key: Hashable) -> None:
-        self._keys.pop(key, None)
 
 
 def _usage(usage: Any) -> dict[str, Any]:
@@ -128,16 +113,18 @@ class Service:
         self.connected = threading.Event()
         self.finished = threading.Event()
         self.failure: str | None = None
-        self._jobs: queue.Queue[Job | None] = queue.Queue()
+        per_client = config.per_client or max(1, config.queue_size // 2)
+        self._jobs: FairQueue[Job] = FairQueue(config.queue_size, per_client)
         self._active: dict[tuple, Job] = {}  # queued or running, for cancel
-        self._recent = RecentKeys(config.recent_ids)
+        self._recent = RecentRequests(config.recent_ids)
+        self.max_packet = proto.packet_limit(config.max_payload)
         self._lock = threading.Lock()
         self._stopping = False
         self._worker = threading.Thread(target=self._work, name="edgellm-generate", daemon=True)
         self.client = self._make_client()
 
     def _make_client(self) -> mqtt.Client:
-        client = make_client(self.conn, self.client_id, persistent=True)
+        client = make_client(self.conn, self.client_id, persistent=True, max_packet=self.max_packet)
         client.will_set(self.status_topic, proto.encode(proto.status_payload("offline")), qos=1, retain=True)
         client.reconnect_delay_set(self.config.reconnect_min_s, self.config.reconnect_max_s)
         client.on_connect = self._on_connect
@@ -150,7 +137,8 @@ class Service:
 
     def start(self) -> "Service":
         self._worker.start()
-        connect_async(self.client, self.conn, persistent=True, session_expiry=self.config.session_expiry)
+        connect_async(self.client, self.conn, persistent=True, session_expiry=self.config.session_expiry,
+                      max_packet=self.max_packet)
         self.client.loop_start()
         return self
 
@@ -160,7 +148,7 @@ class Service:
         with self._lock:
             for job in self._active.values():
                 job.cancel.set()
-        self._jobs.put(None)
+        self._jobs.close()
         self._worker.join(timeout)
         if self.connected.is_set():
             offline = proto.encode(proto.status_payload("offline"))
@@ -185,6 +173,7 @@ class Service:
                 "messages": True,
                 "max_context": self.model.max_context,
                 "max_payload": self.config.max_payload,
+                "max_tokens": self.config.max_tokens,
                 "queue_size": self.config.queue_size,
                 "mqtt_version": self.conn.mqtt_version,
                 "shared_group": self.config.shared_group,
@@ -207,7 +196,9 @@ class Service:
         request_topic = self.topics.request
         if self.config.shared_group:
             request_topic = f"$share/{self.config.shared_group}/{request_topic}"
-        client.subscribe([(request_topic, 1), (self.topics.cancel, 1)])
+        # Retain As Published: a request published with the retain flag is seen as such, and refused.
+        options = SubscribeOptions(qos=1, retainAsPublished=True) if self.conn.v5 else 1
+        client.subscribe([(request_topic, options), (self.topics.cancel, options)])
         client.publish(self.status_topic, proto.encode(self.status()), qos=1, retain=True)
         self.connected.set()
         log.info(
@@ -216,7 +207,8 @@ class Service:
         )
 
     def _on_connect_fail(self, _c: mqtt.Client, _u: Any) -> None:
-        log.warning("cannot reach broker %s; retrying with backoff", self.conn.broker)
+        log.warning("cannot connect to broker %s: %s; retrying with backoff", self.conn.broker,
+                    connect_failure_reason(self.client))
 
     def _on_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
         self.connected.clear()
@@ -224,83 +216,165 @@ class Service:
             log.warning("lost broker %s (%s); reconnecting, replies are kept until then", self.conn.broker, reason)
 
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        if not msg.payload:
+            return  # how MQTT deletes a retained message (ours included), never a request
         try:
             if msg.topic == self.topics.cancel:
-                self._on_cancel(msg.payload)
+                self._on_cancel(msg)
             elif msg.topic == self.topics.request:
                 self._on_request(msg)
         except Exception:  # noqa: BLE001 - one bad message must never stop the service
             log.exception("unexpected error handling a message on %s", msg.topic)
+            rid = proto.peek_id(msg.payload)
+            self._send(self._fallback_route(rid),
+                       proto.error_payload(rid, proto.INTERNAL, "the service failed to read this message"))
 
     def _route(self, msg: mqtt.MQTTMessage, rid: str | None, reply_to: str | None) -> Route:
-        """v5 Response Topic (+ Correlation Data), else payload `reply_to`, else the default topic."""
+        """v5 Response Topic (+ Correlation Data), else payload `reply_to`, else the default topic.
+
+        A reply topic that is refused raises RequestError; its error goes to the default topic."""
         props = msg.properties
         response_topic = getattr(props, "ResponseTopic", None) if props is not None else None
         correlation = getattr(props, "CorrelationData", None) if props is not None else None
-        if proto.valid_topic(response_topic) and not self._own_topic(response_topic):
-            return Route(response_topic, correlation)
-        if reply_to is not None and not self._own_topic(reply_to):
-            return Route(reply_to)
+        if correlation is not None and len(correlation) > proto.MAX_CORRELATION:
+            raise RequestError(proto.BAD_REQUEST, f"Correlation Data is {len(correlation)} bytes, "
+                                                  f"limit is {proto.MAX_CORRELATION}")
+        for name, topic in (("Response Topic", response_topic), ("field 'reply_to'", reply_to)):
+            if topic is None:
+                continue
+            if (problem := self.topics.reply_problem(topic)) is not None:
+                raise RequestError(proto.BAD_REQUEST, f"{name} {topic[:80]!r} {problem}")
+            return Route(topic, correlation if name == "Response Topic" else None)
+        return self._fallback_route(rid)
+
+    def _fallback_route(self, rid: str | None) -> Route:
         return Route(self.topics.response(rid) if rid else self.topics.errors)
 
-    def _own_topic(self, topic: str) -> bool:
-        """Replies into our own request/cancel/status topics would feed the service itself."""
-        return topic in (self.topics.request, self.topics.cancel, self.status_topic)
+    def _refuse(self, msg: mqtt.MQTTMessage, rid: str | None, reply_to: str | None, code: str, message: str) -> None:
+        try:
+            route = self._route(msg, rid, reply_to)
+        except RequestError:
+            route = self._fallback_route(rid)
+        log.info("refused request %s: %s: %s", rid, code, message)
+        self._send(route, proto.error_payload(rid, code, message))
 
     def _on_request(self, msg: mqtt.MQTTMessage) -> None:
+        size = self.client.oversized(msg)
+        if size is not None:
+            limit = self.config.max_payload
+            self._refuse(msg, proto.peek_id(msg.payload), None, proto.TOO_LARGE,
+                         f"payload is {size} bytes, limit is {limit}")
+            return
+        if msg.retain:
+            # Retained, it would be answered again at every start of every service: delete it.
+            self.client.publish(msg.topic, b"", qos=1, retain=True)
+            # On MQTT 3.1.1 the flag cannot be trusted to mean a retained copy (amqtt sets it on
+            # messages it queued for our offline session), so there it is only deleted.
+            if self.conn.v5:
+                rid, reply_to = proto.peek(msg.payload, self.config.max_payload)
+                self._refuse(msg, rid, reply_to, proto.BAD_REQUEST,
+                             "retained requests are not answered (and this one was deleted): publish without retain")
+                return
         try:
             request = proto.parse_request(msg.payload, self.config.max_payload)
+            route = self._route(msg, request.id, request.reply_to)
+            request = self._capped(request)
         except RequestError as exc:
             rid, reply_to = proto.peek(msg.payload, self.config.max_payload)
-            log.info("rejected request %s: %s: %s", rid, exc.code, exc)
-            self._send(self._route(msg, rid, reply_to), proto.error_payload(rid, exc.code, str(exc)))
+            self._refuse(msg, rid, reply_to, exc.code, str(exc))
             return
-        job = Job(request, self._route(msg, request.id, request.reply_to))
-        with self._lock:
-            if not self._recent.add(job.key):
-                log.info("request %s seen before (QoS 1 redelivery?); not generating it again", request.id)
-                return
-            if self._jobs.qsize() >= self.config.queue_size:
-                self._recent.discard(job.key)  # the device may retry this id later
-                busy = f"queue is full ({self.config.queue_size} waiting); retry later"
-                self._send(job.route, proto.error_payload(request.id, proto.BUSY, busy))
-                return
-            self._active[job.key] = job
-            self._jobs.put(job)
+        self._admit(Job(request, route, client=self._client_of(route)))
 
-    def _on_cancel(self, payload: bytes) -> None:
-        try:
-            rid = proto.parse_cancel(payload)
-        except RequestError as exc:
-            log.info("ignored cancel: %s", exc)
+    def _capped(self, request: proto.Request) -> proto.Request:
+        """The request with its token budget within the service's ceiling (RequestError above it)."""
+        cap = self.config.max_tokens
+        asked = request.params.get("max_new_tokens")
+        if asked is not None and asked > cap:
+            raise RequestError(proto.BAD_REQUEST, f"field 'max_tokens' is {asked}, this service allows at most {cap}")
+        if asked is not None:
+            return request
+        defaults = (getattr(self.model.manifest, "generation", None) or {}).get("defaults") or {}
+        default = defaults.get("max_new_tokens", GenerationParams.max_new_tokens)
+        if isinstance(default, int) and default <= cap:
+            return request
+        return dataclasses.replace(request, params={**request.params, "max_new_tokens": cap})
+
+    def _client_of(self, route: Route) -> str:
+        return self.topics.response("") if route.topic.startswith(self.topics.response("")) else route.topic
+
+    def _admit(self, job: Job) -> None:
+        """Queue a new request; the same request again (same id, same reply topic) is not
+        generated twice: still running, its replies already go to that topic; answered, its
+        final reply is sent again."""
+        rid = job.request.id
+        seen = self._recent.claim(job.key)
+        if seen == ACTIVE:
+            log.info("request %s sent again while being answered; its replies are on their way", rid)
+            return
+        if seen is not None:
+            log.info("request %s answered before; sending its final reply again", rid)
+            self._send_encoded(job.route, seen)
             return
         with self._lock:
-            jobs = [job for job in self._active.values() if job.request.id == rid]
+            refusal_reason = self._jobs.put(job.client, job)
+            if refusal_reason is None:
+                self._active[job.key] = job
+        if refusal_reason is not None:
+            self._recent.forget(job.key)  # the device may retry this id later
+            self._send(job.route, proto.error_payload(rid, proto.BUSY, refusal_reason))
+
+    def _on_cancel(self, msg: mqtt.MQTTMessage) -> None:
+        """Errors go to the cancel's own Response Topic, else to the errors topic with no id:
+        never to the request's reply topic, where they would read as that request's answer."""
+        try:
+            rid, key = proto.parse_cancel(msg.payload)
+        except RequestError as exc:
+            self._refuse_cancel(msg, exc.code, str(exc))
+            return
+        with self._lock:
+            jobs = [job for job in self._active.values() if job.request.id == rid and job.request.cancel_key
+                    and hmac.compare_digest(job.request.cancel_key.encode(), key.encode())]
+        if not jobs:
+            self._refuse_cancel(msg, proto.FORBIDDEN, f"cancel of {rid}: no queued or running request "
+                                                      "with that id has that cancel_key")
+            return
         for job in jobs:
             log.info("cancelling request %s", rid)
             job.cancel.set()
+
+    def _refuse_cancel(self, msg: mqtt.MQTTMessage, code: str, message: str) -> None:
+        try:
+            route = self._route(msg, None, None)
+        except RequestError:
+            route = self._fallback_route(None)
+        log.info("refused cancel: %s: %s", code, message)
+        self._send(route, proto.error_payload(None, code, message))
 
     # -- worker thread -------------------------------------------------------
 
     def _work(self) -> None:
         while (job := self._jobs.get()) is not None:
             try:
-                self._generate(job)
+                final = self._generate(job)
             except GenerationError as exc:
-                self._send(job.route, proto.error_payload(job.request.id, proto.BAD_REQUEST, str(exc)))
+                final = proto.error_payload(job.request.id, proto.BAD_REQUEST, str(exc))
             except Exception as exc:  # noqa: BLE001 - reported to the device, logged in full here
                 log.exception("request %s failed", job.request.id)
                 message = f"generation failed: {type(exc).__name__}: {exc}"[:300]
-                self._send(job.route, proto.error_payload(job.request.id, proto.INTERNAL, message))
-            finally:
-                with self._lock:
-                    self._active.pop(job.key, None)
+                final = proto.error_payload(job.request.id, proto.INTERNAL, message)
+            encoded = proto.encode(final)
+            self._send_encoded(job.route, encoded)
+            self._recent.finish(job.key, encoded)
+            with self._lock:
+                self._active.pop(job.key, None)
+            if not len(self._jobs):
+                release_freed_heap()  # a long prompt's buffers go back to the OS while idle
 
-    def _generate(self, job: Job) -> None:
+    def _generate(self, job: Job) -> dict[str, Any]:
+        """Stream the chunks of one request; returns its final reply, which the caller sends."""
         request = job.request
         if job.cancel.is_set():
-            self._send(job.route, proto.error_payload(request.id, proto.CANCELLED, "cancelled before it started"))
-            return
+            return proto.error_payload(request.id, proto.CANCELLED, "cancelled before it started")
         splitter = proto.SentenceSplitter() if request.stream == "sentence" else None
         seq, parts, last = 0, [], None
 
@@ -323,13 +397,16 @@ class Service:
             emit(rest)
         finish = getattr(last, "finish_reason", None) or "stop"
         usage = _usage(getattr(last, "usage", None))
-        self._send(job.route, proto.final_payload(request.id, "".join(parts), finish, usage))
         log.info("request %s: %s, %s tokens", request.id, finish, usage.get("completion_tokens", "?"))
+        return proto.final_payload(request.id, "".join(parts), finish, usage)
 
     def _send(self, route: Route, payload: dict[str, Any]) -> None:
+        self._send_encoded(route, proto.encode(payload))
+
+    def _send_encoded(self, route: Route, payload: bytes) -> None:
         """QoS 1, from any thread: while disconnected, paho keeps the message and sends it on reconnect."""
         try:
             properties = publish_properties(route.correlation) if self.conn.v5 else None
-            self.client.publish(route.topic, proto.encode(payload), qos=1, properties=properties)
+            self.client.publish(route.topic, payload, qos=1, properties=properties)
         except ValueError as exc:  # a topic paho refuses; the request named it, nothing else to do
             log.warning("cannot publish to %r: %s", route.topic, exc)
