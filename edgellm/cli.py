@@ -77,14 +77,15 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .bundle import read_manifest
+    from .bundle import bundle_file, read_manifest, verify_files
 
-    m = read_manifest(args.bundle, verify=not args.no_verify)
+    m = read_manifest(args.bundle, verify=False)
+    verified = [] if args.no_verify else verify_files(args.bundle, m)
     if args.json:
         print(json.dumps(m.to_dict(), indent=2))
         return 0
     s, q = m.spec, m.quantization
-    size = sum((args.bundle / f).stat().st_size for f in m.files)
+    size = sum(bundle_file(args.bundle, f).stat().st_size for f in m.files)
     rows = [
         ("name", m.name),
         ("source", f"{m.source.get('kind', '?')} {m.source.get('path', '')}"),
@@ -95,8 +96,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("graph", f"{m.graph['kind']} ({m.graph['file']}), kv {m.graph.get('kv_dtype')}"),
         ("weights", f"{q.get('weights')}" + (f", block {q['block_size']}, "
                     f"{'symmetric' if q.get('symmetric') else 'asymmetric'}" if q.get("block_size") else "")),
-        ("size", f"{size / 2**20:.1f} MiB in {len(m.files)} files (checksums verified)"
-                 if not args.no_verify else f"{size / 2**20:.1f} MiB in {len(m.files)} files"),
+        ("size", f"{size / 2**20:.1f} MiB in {len(m.files)} files, "
+                 + (f"sha256 verified ({len(verified)}/{len(m.files)})" if not args.no_verify
+                    else "checksums not verified (--no-verify)")),
     ]
     if m.quality:
         rows.append(("perplexity", f"{m.quality['perplexity']:.3f} vs source {m.quality['source_perplexity']:.3f} "

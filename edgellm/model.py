@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
-from .bundle import Manifest, read_manifest
+from .bundle import Manifest, bundle_file, read_manifest
 from .errors import BundleError, GenerationError
 from .generate import Chunk, GenerationParams, Result, collect, stream_chunks
 from .kvcache import DynamicCache, StaticCache
@@ -54,7 +54,7 @@ def load(
     context = min(wanted, manifest.spec.max_context)
 
     graph = manifest.graph
-    graph_path = root / graph["file"]
+    graph_path = bundle_file(root, graph["file"])
     spec = manifest.spec
     dtype = graph.get("kv_dtype", "float32")
     cache_type = StaticCache if graph["kind"] == "fast" else DynamicCache
@@ -91,7 +91,7 @@ def _warn_memory(prof: "DeviceProfile", root: Path, manifest: Manifest, context:
 
     # The graph file and its external-data siblings (model.onnx.data) are the weights.
     stem = Path(manifest.graph["file"]).name
-    weights = sum((root / f).stat().st_size for f in manifest.files if Path(f).name.startswith(stem))
+    weights = sum(bundle_file(root, f).stat().st_size for f in manifest.files if Path(f).name.startswith(stem))
     if warning := memory_warning(prof, manifest.spec, context, weights, kv_bytes):
         log.warning("%s", warning)
 
