@@ -12,10 +12,10 @@ __version__ = "0.1.0"
 _LAZY = {
     "load": "model",
     "Model": "model",
-    "Chunk": "generate",
-    "Result": "generate",
-    "Usage": "generate",
-    "GenerationParams": "generate",
+    "Chunk": "sequence",
+    "Result": "sequence",
+    "Usage": "sequence",
+    "GenerationParams": "params",
 }
 
 __all__ = ["__version__", *_LAZY]
