@@ -66,12 +66,23 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A key given twice is refused: parsers disagree on which one wins (`{"id": "a", "id": "b"}`
+    would be one request to a bridge or a logger and another to us)."""
+    data = dict(pairs)
+    if len(data) != len(pairs):
+        seen: set[str] = set()
+        twice = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"key {twice[:40]!r} appears twice")
+    return data
+
+
 def _loads(payload: bytes, max_bytes: int) -> tuple[Any, str]:
     if len(payload) > max_bytes:
         raise RequestError(TOO_LARGE, f"payload is {len(payload)} bytes, limit is {max_bytes}")
     try:
         text = payload.decode("utf-8")
-        return json.loads(text, parse_constant=_reject_constant), text
+        return json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_unique_keys), text
     except UnicodeDecodeError:
         raise _bad("payload is not UTF-8") from None
     except (ValueError, RecursionError) as exc:
