@@ -67,5 +67,5 @@ def collect(chunks: Iterator[Chunk]) -> Result:
         parts.append(chunk.text)
         ids.extend(chunk.token_ids)
         if chunk.finish_reason is not None and chunk.usage is not None:
-            return Result("".join(parts), ids, chunk.finish_reason, chunk.usage)
+            return Result("".join(parts), ids, chunk.finish_reason, chunk.usage, chunk.incomplete)
     raise GenerationError("generation ended without a final chunk")

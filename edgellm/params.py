@@ -12,18 +12,22 @@ every number with a fraction), and a boolean is never a number.
 """
 from __future__ import annotations
 
+import json
 import math
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from .errors import GenerationError
+
+if TYPE_CHECKING:
+    from .grammar import GrammarSpec
 
 Cancel = threading.Event | Callable[[], bool]
 
 # Kinds of value; each has one checker below and, on the wire, one schema.
-INT, NUMBER, BOOL, STRINGS, TOKEN_IDS, LOGIT_BIAS, CHOICE, CANCEL = (
-    "int", "number", "bool", "strings", "token_ids", "logit_bias", "choice", "cancel")
+INT, NUMBER, BOOL, STRINGS, TOKEN_IDS, LOGIT_BIAS, CHOICE, CANCEL, OBJECT = (
+    "int", "number", "bool", "strings", "token_ids", "logit_bias", "choice", "cancel", "object")
 
 # Wire logit-bias keys are token ids written as JSON object keys: ASCII digits only
 # ("²" passes str.isdigit but not int()), nine at most (every vocabulary fits).
@@ -50,7 +54,7 @@ class Param:
     optional: bool = False  # None means "not set"
     max_items: int | None = None  # entries of a list or mapping
     max_length: int | None = None  # characters of each string
-    choices: tuple[Any, ...] = ()
+    choices: tuple[Any, ...] = ()  # for an OBJECT, the "type" values it takes
     wire: str | None = None
     cli: bool = False
     short: str | None = None  # CLI short flag
@@ -109,6 +113,11 @@ PARAMS: tuple[Param, ...] = (
     Param("add_generation_prompt", BOOL, True, "end a chat with the template's assistant header"),
     Param("truncate", CHOICE, None, "'left': drop the oldest prompt tokens that do not fit", optional=True,
           choices=("left",)),
+    Param("response_format", OBJECT, None, "OpenAI's: {\"type\": \"json_object\"} or {\"type\": \"json_schema\", "
+          "\"json_schema\": {\"name\", \"schema\", \"strict\"}}; the output is held to it",
+          optional=True, choices=("text", "json_object", "json_schema"), wire="response_format"),
+    Param("grammar", OBJECT, None, "{\"type\": \"regex\" or \"lark\", \"value\": \"...\"}; the output is held to it",
+          optional=True, choices=("regex", "lark"), wire="grammar"),
 )
 BY_NAME: dict[str, Param] = {p.name: p for p in PARAMS}
 BY_WIRE: dict[str, Param] = {p.wire: p for p in PARAMS if p.wire}
@@ -171,6 +180,18 @@ def _logit_bias(p: Param, value: Any, field: str, vocab_size: int | None) -> dic
     return bias
 
 
+def _grammar(p: Param, value: Any, field: str) -> "GrammarSpec | None":
+    """A validated constraint (None for plain text); a GrammarSpec passes as it is, so
+    a request checked on arrival is not compiled twice."""
+    from .grammar import GrammarSpec, parse_response_format  # llguidance loads here, not for --help
+
+    if isinstance(value, GrammarSpec):
+        return value
+    if isinstance(value, dict) and value.get("type") not in p.choices:
+        raise GenerationError(f"{field}.type must be one of {list(p.choices)}, got {_short(value.get('type'))}")
+    return parse_response_format(value, field)
+
+
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
@@ -199,6 +220,8 @@ def check(p: Param, value: Any, vocab_size: int | None = None, field: str | None
         return _token_ids(p, value, field, vocab_size)
     if p.kind == LOGIT_BIAS:
         return _logit_bias(p, value, field, vocab_size)
+    if p.kind == OBJECT:
+        return _grammar(p, value, field)
     if p.kind == CHOICE:
         if value not in p.choices:
             raise GenerationError(f"{field} must be one of {list(p.choices)} or None, got {_short(value)}")
@@ -214,6 +237,19 @@ def check_all(values: Mapping[str, Any], vocab_size: int | None = None) -> dict[
         if name not in BY_NAME:
             raise GenerationError(f"unknown generation parameter {name!r}")
     return {name: check(BY_NAME[name], value, vocab_size) for name, value in values.items()}
+
+
+def check_together(params: Mapping[str, Any], spelled: Callable[[str], str] = lambda name: name) -> None:
+    """Refuse parameters that are valid alone but not together (names as `spelled`).
+
+    A stop string could cut a constrained answer short of valid JSON, and two
+    constraints cannot both hold."""
+    constraints = [name for name in ("response_format", "grammar") if params.get(name) is not None]
+    if len(constraints) == 2:
+        raise GenerationError(f"{spelled('response_format')} and {spelled('grammar')} cannot both be set")
+    if constraints and params.get("stop"):
+        raise GenerationError(f"{spelled('stop')} cannot be combined with {spelled(constraints[0])}: "
+                              f"a stop string could cut the constrained output short of valid")
 
 
 @dataclass(frozen=True)
@@ -241,11 +277,19 @@ class GenerationParams:
     cancel: Cancel | None = None
     add_generation_prompt: bool = True
     truncate: str | None = None
+    response_format: GrammarSpec | None = None
+    grammar: GrammarSpec | None = None
 
     @classmethod
     def build(cls, defaults: Mapping[str, Any], params: Mapping[str, Any], vocab_size: int) -> "GenerationParams":
-        """Request params over the bundle's defaults, validated (GenerationError names the first bad one)."""
-        merged = check_all({**defaults, **params}, vocab_size)
+        """Request params over the bundle's defaults, validated (GenerationError names the first bad one).
+
+        A bundle's default stop strings give way to a request's constraint."""
+        checked = check_all(params, vocab_size)
+        check_together(checked)
+        if any(checked.get(name) is not None for name in ("response_format", "grammar")):
+            defaults = {k: v for k, v in defaults.items() if k != "stop"}
+        merged = {**check_all(defaults, vocab_size), **checked}
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in merged.items()})
 
     def cancelled(self) -> Callable[[], bool]:
@@ -270,6 +314,7 @@ def from_wire(data: Mapping[str, Any]) -> dict[str, Any]:
         if p.kind == LOGIT_BIAS and isinstance(value, dict):
             value = {_bias_key(key): b for key, b in value.items()}
         params[p.name] = check(p, value, field=wire)
+    check_together(params, lambda name: BY_NAME[name].wire or name)
     return params
 
 
@@ -290,8 +335,16 @@ def to_wire(params: Mapping[str, Any]) -> dict[str, Any]:
             value = {str(k): v for k, v in value.items()}
         elif p.kind == STRINGS:
             value = list(value)
+        elif p.kind == OBJECT and value is not None and not isinstance(value, dict):
+            value = _grammar_wire(value)
         out[p.wire] = value
     return out
+
+
+def _grammar_wire(spec: "GrammarSpec") -> dict[str, Any]:
+    if spec.kind == "json_schema":
+        return {"type": "json_schema", "json_schema": {"schema": json.loads(spec.source)}}
+    return {"type": spec.kind, "value": spec.source}
 
 
 def wire_schema() -> dict[str, dict[str, Any]]:
@@ -318,4 +371,24 @@ def _schema(p: Param) -> dict[str, Any]:
         return {"type": "object", "maxProperties": p.max_items,
                 "propertyNames": {"pattern": f"^[0-9]{{1,{_BIAS_KEY_DIGITS}}}$"},
                 "additionalProperties": {"type": "number", **_bounds(p)}}
+    if p.kind == OBJECT:
+        return _object_schema(p)
     raise AssertionError(f"{p.name}: no wire schema for kind {p.kind!r}")
+
+
+def _object_schema(p: Param) -> dict[str, Any]:
+    """The shapes `grammar.parse_response_format` takes for `p`; what is inside a schema or
+    a grammar only the compiler can check."""
+    shapes = []
+    for kind in p.choices:
+        fields: dict[str, Any] = {"type": {"const": kind}}
+        if kind == "json_schema":
+            fields["json_schema"] = {
+                "type": "object", "required": ["schema"], "additionalProperties": False,
+                "properties": {"name": {"type": "string"}, "description": {"type": "string"},
+                               "strict": {"type": "boolean"}, "schema": {"type": "object"}}}
+        elif kind in ("regex", "lark"):
+            fields["value"] = {"type": "string", "minLength": 1}
+        shapes.append({"type": "object", "required": list(fields), "additionalProperties": False,
+                       "properties": fields})
+    return {"oneOf": shapes}

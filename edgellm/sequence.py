@@ -15,6 +15,7 @@ from typing import Callable, Protocol
 
 import numpy as np
 
+from .grammar import GrammarState, compile_grammar
 from .params import GenerationParams
 from .sampling import Processor, make_logits_processors, make_sampler
 from .text import StopMatcher, StreamDecoder, Tokenizer
@@ -35,6 +36,7 @@ class Chunk:
     token_ids: list[int]
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" on the last chunk
     usage: Usage | None = None
+    incomplete: bool = False  # last chunk: the output stopped short of its response_format/grammar
 
 
 @dataclass
@@ -43,6 +45,7 @@ class Result:
     token_ids: list[int]
     finish_reason: str
     usage: Usage
+    incomplete: bool = False  # the text stopped short of its response_format/grammar: it will not validate
 
 
 class TextHook(Protocol):
@@ -91,6 +94,14 @@ class Sequence:
         self.text_hooks: list[TextHook] = []
         self.stop_ids = frozenset(params.stop_token_ids) | (
             frozenset() if params.ignore_eos else frozenset(tokenizer.eos_token_ids))
+        self.grammar: GrammarState | None = None
+        spec = params.response_format or params.grammar
+        if spec is not None:
+            # EOS for the grammar is whatever ends this sequence, so it is allowed only where the output is complete.
+            eos = sorted(self.stop_ids) or tokenizer.eos_token_ids
+            self.grammar = compile_grammar(spec, tokenizer, eos).start()
+            self.processors.insert(0, self.grammar)
+            self.on_token.append(self.grammar.advance)
         self.decoder = StreamDecoder(tokenizer)
         self.matcher = StopMatcher(params.stop)
         self.cancelled = params.cancelled()
@@ -132,7 +143,7 @@ class Sequence:
         self._length += 1
         self._pending.append(token)
         text, stopped = self.matcher.push(self.decoder.push(token))
-        if stopped:
+        if stopped or (self.grammar is not None and self.grammar.done):
             self.finish_reason = "stop"
         elif self.completion_tokens >= self.budget:
             self.finish_reason = "length"
@@ -158,7 +169,14 @@ class Sequence:
             self.finish_reason = "stop" if stopped else self.finish_reason
         for hook in self.text_hooks:
             text = hook.push(text) + hook.flush()
-        return self._chunk(text, self.finish_reason, self.usage())
+        chunk = self._chunk(text, self.finish_reason, self.usage())
+        chunk.incomplete = self.incomplete
+        return chunk
+
+    @property
+    def incomplete(self) -> bool:
+        """The output is not yet a whole answer under the grammar (budget or cancel came first)."""
+        return self.grammar is not None and not self.grammar.accepting
 
     def usage(self) -> Usage:
         count, first, last = self.completion_tokens, self._first, self._last

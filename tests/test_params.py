@@ -19,7 +19,7 @@ import pytest
 from edgellm import cli
 from edgellm.args import sampling_params
 from edgellm.errors import GenerationError, RequestError
-from edgellm.params import (BY_NAME, INT, LOGIT_BIAS, NUMBER, PARAMS, STRINGS, GenerationParams, to_wire,
+from edgellm.params import (BY_NAME, INT, LOGIT_BIAS, NUMBER, OBJECT, PARAMS, STRINGS, GenerationParams, to_wire,
                             wire_schema)
 from edgellm.service import protocol as proto
 
@@ -121,6 +121,26 @@ BIAS_CASES = [
     ([1, 2], False), ("5", False),
 ]
 
+_SCHEMA = {"type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]}
+# Shapes only: a schema that compiles to nothing is refused by the API and the wire, but
+# the published JSON Schema cannot know (tests/test_structured.py covers those).
+RESPONSE_FORMAT_CASES = [
+    ({"type": "json_object"}, True), ({"type": "text"}, True),
+    ({"type": "json_schema", "json_schema": {"name": "r", "schema": _SCHEMA, "strict": True}}, True),
+    ({"type": "json_schema", "json_schema": {"schema": _SCHEMA}}, True),
+    ({"type": "json_schema"}, False), ({"type": "json_schema", "json_schema": {"name": "r"}}, False),
+    ({"type": "json_schema", "json_schema": {"schema": _SCHEMA, "strict": "yes"}}, False),
+    ({"type": "json_schema", "json_schema": {"schema": []}}, False),
+    ({"type": "json_object", "extra": 1}, False), ({"type": "regex", "value": "a+"}, False),
+    ({"type": "yaml"}, False), ({}, False), ("json_object", False), ([{"type": "json_object"}], False),
+]
+GRAMMAR_CASES = [
+    ({"type": "regex", "value": "[a-z]+"}, True), ({"type": "lark", "value": "start: \"yes\" | \"no\""}, True),
+    ({"type": "regex", "value": ""}, False), ({"type": "regex"}, False), ({"type": "regex", "value": 5}, False),
+    ({"type": "json_object"}, False), ({"type": "lark", "value": "x", "flags": 1}, False), ("a+", False),
+]
+OBJECT_CASES = {"response_format": RESPONSE_FORMAT_CASES, "grammar": GRAMMAR_CASES}
+
 
 def cases() -> list[tuple[str, Any, bool]]:
     out = []
@@ -133,6 +153,8 @@ def cases() -> list[tuple[str, Any, bool]]:
             out += [(p.name, v, ok) for v, ok in STOP_CASES]
         elif p.kind == LOGIT_BIAS:
             out += [(p.name, v, ok) for v, ok in BIAS_CASES]
+        elif p.kind == OBJECT:
+            out += [(p.name, v, ok) for v, ok in OBJECT_CASES[p.name]]
         else:
             raise AssertionError(f"{p.name}: add drift cases for kind {p.kind!r}")
     return out
@@ -223,3 +245,22 @@ def test_errors_name_the_field_as_each_front_spells_it():
         GenerationParams.build({}, {"logit_bias": {50: 1}}, 50)
     with pytest.raises(GenerationError, match="cannot be sent over MQTT"):
         to_wire({"ignore_eos": True})
+    with pytest.raises(RequestError, match="^stop cannot be combined with response_format"):
+        proto.parse_request(b'{"id": "a", "prompt": "x", "stop": "}", "response_format": {"type": "json_object"}}')
+    with pytest.raises(GenerationError, match="^response_format and grammar cannot both be set"):
+        GenerationParams.build({}, {"response_format": {"type": "json_object"},
+                                    "grammar": {"type": "regex", "value": "a"}}, VOCAB)
+
+
+def test_a_constraint_goes_over_the_wire_and_back():
+    schema = {"type": "json_schema", "json_schema": {"name": "r", "schema": _SCHEMA}}
+    request = proto.parse_request(json.dumps({"id": "a", "prompt": "x", "response_format": schema}).encode())
+    spec = request.params["response_format"]
+    assert GenerationParams.build({}, request.params, VOCAB).response_format is spec  # compiled once, not again
+    again = proto.parse_request(json.dumps({"id": "a", "prompt": "x", **to_wire(request.params)}).encode())
+    assert again.params["response_format"] == spec
+    grammar = proto.parse_request(b'{"id": "a", "prompt": "x", "grammar": {"type": "regex", "value": "a+"}}')
+    assert to_wire(grammar.params) == {"grammar": {"type": "regex", "value": "a+"}}
+    # A bundle's default stop strings give way to a constraint instead of refusing it.
+    built = GenerationParams.build({"stop": ["\n"]}, {"response_format": {"type": "json_object"}}, VOCAB)
+    assert built.stop == () and built.response_format is not None

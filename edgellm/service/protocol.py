@@ -252,8 +252,14 @@ def chunk_payload(rid: str, seq: int, delta: str) -> dict[str, Any]:
     return {"id": rid, "seq": seq, "delta": delta}
 
 
-def final_payload(rid: str, text: str, finish_reason: str, usage: dict[str, Any]) -> dict[str, Any]:
-    return {"id": rid, "done": True, "text": text, "finish_reason": finish_reason, "usage": usage}
+def final_payload(rid: str, text: str, finish_reason: str, usage: dict[str, Any],
+                  incomplete: bool = False) -> dict[str, Any]:
+    """`incomplete` (sent only when true): the text stopped short of the request's
+    response_format or grammar, so it will not validate."""
+    payload = {"id": rid, "done": True, "text": text, "finish_reason": finish_reason, "usage": usage}
+    if incomplete:
+        payload["incomplete"] = True
+    return payload
 
 
 def error_payload(rid: str | None, code: str, message: str) -> dict[str, Any]:

@@ -398,7 +398,8 @@ class Service:
         finish = getattr(last, "finish_reason", None) or "stop"
         usage = _usage(getattr(last, "usage", None))
         log.info("request %s: %s, %s tokens", request.id, finish, usage.get("completion_tokens", "?"))
-        return proto.final_payload(request.id, "".join(parts), finish, usage)
+        return proto.final_payload(request.id, "".join(parts), finish, usage,
+                                   incomplete=getattr(last, "incomplete", False))
 
     def _send(self, route: Route, payload: dict[str, Any]) -> None:
         self._send_encoded(route, proto.encode(payload))
