@@ -163,7 +163,7 @@ def peek_id(payload: bytes) -> str | None:
     return match.group(1).decode() if match else None
 
 
-_HEAD_ID = re.compile(rb'"id"\s*:\s*"([A-Za-z0-9_.:@-]{1,128})"')
+_HEAD_ID = re.compile(rb'"id"\s*:\s*"(' + _ID.pattern.encode() + rb')"')
 
 
 def _params(data: dict[str, Any]) -> dict[str, Any]:
@@ -220,15 +220,16 @@ def parse_request(payload: bytes, max_bytes: int = DEFAULT_MAX_PAYLOAD) -> Reque
     if reply_to is not None and not valid_topic(reply_to):
         raise _bad("field 'reply_to' must be a topic without wildcards, not starting with '$'")
     cancel_key = data.get("cancel_key")
-    if cancel_key is not None and not _valid_key(cancel_key):
-        raise _bad(f"field 'cancel_key' must be a string of 8-{MAX_CANCEL_KEY} printable ASCII characters")
+    if cancel_key is not None:
+        _check_key(cancel_key, "field 'cancel_key'")
     params = _params(data)
     return Request(id=data["id"], prompt=prompt, params=params, stream=stream, reply_to=reply_to,
                    cancel_key=cancel_key)
 
 
-def _valid_key(value: Any) -> bool:
-    return isinstance(value, str) and 8 <= len(value) <= MAX_CANCEL_KEY and value.isascii() and value.isprintable()
+def _check_key(value: Any, name: str) -> None:
+    if not (isinstance(value, str) and 8 <= len(value) <= MAX_CANCEL_KEY and value.isascii() and value.isprintable()):
+        raise _bad(f"{name} must be a string of 8-{MAX_CANCEL_KEY} printable ASCII characters")
 
 
 def parse_cancel(payload: bytes) -> tuple[str, str]:
@@ -239,8 +240,7 @@ def parse_cancel(payload: bytes) -> tuple[str, str]:
     data = decode_json(payload, 1024)
     if not isinstance(data, dict) or set(data) != {"id", "cancel_key"} or not valid_id(data["id"]):
         raise _bad("cancel must be an object with exactly a valid 'id' and the request's 'cancel_key'")
-    if not _valid_key(data["cancel_key"]):
-        raise _bad(f"cancel_key must be a string of 8-{MAX_CANCEL_KEY} printable ASCII characters")
+    _check_key(data["cancel_key"], "cancel_key")
     return data["id"], data["cancel_key"]
 
 

@@ -251,11 +251,12 @@ class Service:
         return Route(self.topics.response(rid) if rid else self.topics.errors)
 
     def _refuse(self, msg: mqtt.MQTTMessage, rid: str | None, reply_to: str | None, code: str, message: str) -> None:
+        """An error for a message on `msg`'s reply topic, or on the default one if that is refused too."""
         try:
             route = self._route(msg, rid, reply_to)
         except RequestError:
             route = self._fallback_route(rid)
-        log.info("refused request %s: %s: %s", rid, code, message)
+        log.info("refused %s %s: %s: %s", msg.topic, rid, code, message)
         self._send(route, proto.error_payload(rid, code, message))
 
     def _on_request(self, msg: mqtt.MQTTMessage) -> None:
@@ -329,26 +330,18 @@ class Service:
         try:
             rid, key = proto.parse_cancel(msg.payload)
         except RequestError as exc:
-            self._refuse_cancel(msg, exc.code, str(exc))
+            self._refuse(msg, None, None, exc.code, str(exc))
             return
         with self._lock:
             jobs = [job for job in self._active.values() if job.request.id == rid and job.request.cancel_key
                     and hmac.compare_digest(job.request.cancel_key.encode(), key.encode())]
         if not jobs:
-            self._refuse_cancel(msg, proto.FORBIDDEN, f"cancel of {rid}: no queued or running request "
-                                                      "with that id has that cancel_key")
+            self._refuse(msg, None, None, proto.FORBIDDEN, f"cancel of {rid}: no queued or running request "
+                                                           "with that id has that cancel_key")
             return
         for job in jobs:
             log.info("cancelling request %s", rid)
             job.cancel.set()
-
-    def _refuse_cancel(self, msg: mqtt.MQTTMessage, code: str, message: str) -> None:
-        try:
-            route = self._route(msg, None, None)
-        except RequestError:
-            route = self._fallback_route(None)
-        log.info("refused cancel: %s: %s", code, message)
-        self._send(route, proto.error_payload(None, code, message))
 
     # -- worker thread -------------------------------------------------------
 
