@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Callable
 
 import numpy as np
 
@@ -48,22 +48,12 @@ class Result:
     incomplete: bool = False  # the text stopped short of its response_format/grammar: it will not validate
 
 
-class TextHook(Protocol):
-    """Rewrites the text stream on its way out, after stop strings are cut (a
-    streaming reasoning splitter is one). It may hold text back until `flush`."""
-
-    def push(self, text: str) -> str: ...
-
-    def flush(self) -> str: ...
-
-
 class Sequence:
     """The decoding state of one request; see the module docstring for who drives it.
 
     `processors` apply in order before the sampler; a grammar state joins the list
     (first, so that nothing after it sees a token it forbids as likely) and puts its
     `advance` in `on_token`, which hears every sampled token, stop tokens included.
-    `text_hooks` see every text delta in order before it becomes a Chunk.
     """
 
     def __init__(
@@ -91,7 +81,6 @@ class Sequence:
             penalty_window=params.penalty_window, vocab_size=vocab_size,
         )
         self.on_token: list[Callable[[int], None]] = []
-        self.text_hooks: list[TextHook] = []
         self.stop_ids = frozenset(params.stop_token_ids) | (
             frozenset() if params.ignore_eos else frozenset(tokenizer.eos_token_ids))
         self.grammar: GrammarState | None = None
@@ -150,8 +139,6 @@ class Sequence:
         if self.finish_reason is not None:
             self._tail = text
             return None
-        for hook in self.text_hooks:
-            text = hook.push(text)
         return self._chunk(text) if text else None
 
     def check_cancel(self) -> bool:
@@ -167,8 +154,6 @@ class Sequence:
             more, stopped = self.matcher.push(self.decoder.flush())
             text += more if stopped else more + self.matcher.flush()
             self.finish_reason = "stop" if stopped else self.finish_reason
-        for hook in self.text_hooks:
-            text = hook.push(text) + hook.flush()
         chunk = self._chunk(text, self.finish_reason, self.usage())
         chunk.incomplete = self.incomplete
         return chunk

@@ -100,30 +100,6 @@ def test_a_stateful_processor_constrains_what_is_sampled(tokenizer):
     assert state.seen == [len(seq.prompt) + k for k in range(len(script))]
 
 
-def test_text_hooks_see_every_delta_and_flush_at_the_end(tokenizer):
-    class HoldLastChar:
-        def __init__(self) -> None:
-            self.held = ""
-
-        def push(self, text: str) -> str:
-            text, self.held = self.held + text, ""
-            if text:
-                text, self.held = text[:-1], text[-1]
-            return text.upper()
-
-        def flush(self) -> str:
-            held, self.held = self.held, ""
-            return held.upper()
-
-    plain = drive(new(tokenizer, tokenizer.encode("Hello"), max_new_tokens=8))
-    seq = new(tokenizer, tokenizer.encode("Hello"), max_new_tokens=8)
-    seq.text_hooks.append(HoldLastChar())
-    hooked = drive(seq)
-    text = lambda run: "".join(c.text for c in run[0] + [run[1]])  # noqa: E731
-    assert text(hooked) == text(plain).upper()
-    assert ids_of(hooked) == ids_of(plain)
-
-
 def test_stop_token_cancel_and_stop_string_end_a_sequence(tokenizer):
     prompt = tokenizer.encode("Hello")
     seq = new(tokenizer, prompt, max_new_tokens=8)
