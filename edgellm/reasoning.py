@@ -17,8 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
 from .errors import BundleError
-from .text import _partial_suffix
-from .tools import template_variables
+from .text import partial_suffix, template_variables
 
 Mode = Literal["separate", "hide", "inline", "off"]
 MODES: tuple[Mode, ...] = ("separate", "hide", "inline", "off")
@@ -142,7 +141,7 @@ class ReasoningSplitter:
                 self._state, self._buf = "answer", self._buf[at + len(end):]
                 self._ws, self._strip = "", True
             else:
-                keep = 0 if final else _partial_suffix(self._buf, end)
+                keep = 0 if final else partial_suffix(self._buf, end)
                 reasoning = self._reasoning(self._buf[:len(self._buf) - keep])
                 self._buf = self._buf[len(self._buf) - keep:]
                 return reasoning, ""

@@ -18,7 +18,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import tokenizers
 from tokenizers import normalizers
-from jinja2 import TemplateError
+from jinja2 import TemplateError, TemplateSyntaxError, meta
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -162,6 +162,18 @@ def _environment() -> ImmutableSandboxedEnvironment:
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
     return env
+
+
+def template_variables(source: str | None) -> frozenset[str]:
+    """The variables a chat template reads from its caller (`tools`, `enable_thinking`, ...);
+    none for a missing or unparsable template, which then renders without extras."""
+    if source is None:
+        return frozenset()
+    try:
+        ast = _environment().parse(source)
+    except TemplateSyntaxError:
+        return frozenset()
+    return frozenset(meta.find_undeclared_variables(ast))
 
 
 class ChatTemplate:
@@ -348,7 +360,7 @@ class StopMatcher:
             self._held = ""
             self.stopped = True
             return text[: min(hits)], True
-        keep = max((_partial_suffix(text, s) for s in self.stop), default=0)
+        keep = max((partial_suffix(text, s) for s in self.stop), default=0)
         self._held = text[len(text) - keep:] if keep else ""
         return text[: len(text) - keep], False
 
@@ -358,7 +370,7 @@ class StopMatcher:
         return held
 
 
-def _partial_suffix(text: str, stop: str) -> int:
+def partial_suffix(text: str, stop: str) -> int:
     """Length of the longest end of `text` that is a proper start of `stop`."""
     for n in range(min(len(stop) - 1, len(text)), 0, -1):
         if text.endswith(stop[:n]):

@@ -24,11 +24,9 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Sequence
 
-from jinja2 import Environment, TemplateSyntaxError, meta
-from jinja2.ext import loopcontrols
 
 from .errors import BadRequest
-from .text import _partial_suffix
+from .text import partial_suffix, template_variables
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 PYTHON_TAG = "<|python_tag|>"
@@ -203,18 +201,6 @@ def _normalize_calls(calls: object, where: str) -> list[dict[str, Any]]:
     return out
 
 
-def template_variables(source: str | None) -> frozenset[str]:
-    """The variables a chat template reads from its caller (`tools`, `enable_thinking`, ...);
-    none for a missing or unparsable template, which then renders without extras."""
-    if source is None:
-        return frozenset()
-    try:
-        ast = Environment(extensions=[loopcontrols]).parse(source)
-    except TemplateSyntaxError:
-        return frozenset()
-    return frozenset(meta.find_undeclared_variables(ast))
-
-
 def call_syntax(source: str | None) -> Syntax:
     """The call syntax a model was trained on, read from its chat template; Hermes (also the
     fallback prompt's syntax) unless the template is Llama 3's."""
@@ -385,7 +371,7 @@ class ToolCallParser:
                 self._buf = self._buf[start + len(OPEN):]
                 self._in_call = True
                 continue
-            keep = 0 if final else _partial_suffix(self._buf, OPEN)
+            keep = 0 if final else partial_suffix(self._buf, OPEN)
             events += self._text(self._buf[:len(self._buf) - keep])
             self._buf = self._buf[len(self._buf) - keep:]
             return events

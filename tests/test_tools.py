@@ -9,10 +9,10 @@ import random
 import pytest
 
 from edgellm.errors import BadRequest
-from edgellm.text import ChatTemplate
+from edgellm.text import ChatTemplate, template_variables
 from edgellm.tools import (FALLBACK_PREAMBLE, Tool, ToolCallParser, ToolChoice, call_schema,
                            call_syntax, chat_inputs, normalize_messages, parse_calls,
-                           parse_tool_choice, parse_tools, template_variables)
+                           parse_tool_choice, parse_tools)
 from tests.tiny import CHAT_TEMPLATE
 
 WEATHER = {"type": "function", "function": {
