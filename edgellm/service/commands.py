@@ -22,6 +22,9 @@ from .. import load
 from ..args import add_load_arguments, add_sampling_arguments, load_model, sampling_params
 from ..errors import RequestError
 from ..params import to_wire
+from ..recipes import RECIPES
+from ..recipes.anomaly import AnomalyRecipe
+from ..recipes.config import AnomalyConfig, load_config
 from . import protocol as proto
 from .broker import (MOSQUITTO, MQTT_VERSIONS_OF, PYTHON, BrokerError, EmbeddedBroker, embedded_kind,
                      start_embedded)
@@ -62,7 +65,11 @@ def _add_connection_arguments(p: argparse.ArgumentParser) -> None:
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     add_load_arguments(p)
     _add_connection_arguments(p)
-    p.add_argument("--config", type=Path, help="TOML file with a [serve] table of these options")
+    p.add_argument("--config", type=Path, help="TOML file with a [serve] table of these options "
+                                               "(and an [anomaly] table for --recipe anomaly)")
+    p.add_argument("--recipe", choices=RECIPES,
+                   help="also run this recipe, a client of this service, in the same process "
+                        "(settings: its table in --config; see docs/anomaly.md)")
     g = p.add_argument_group("service")
     g.add_argument("--client-id", help="MQTT client id (default: edgellm-DEVICE; keep it stable to keep the session)")
     g.add_argument("--shared-group", help="share requests with other services via $share/NAME/...")
@@ -164,10 +171,19 @@ def _embedded_broker(kind: str) -> EmbeddedBroker:
     return broker
 
 
+def _recipe_config(args: argparse.Namespace, topics: proto.Topics, config: ServiceConfig) -> AnomalyConfig | None:
+    if args.recipe is None:
+        return None
+    recipe = load_config(args.config)
+    recipe.check_service(topics, config.max_tokens)
+    return recipe
+
+
 def run_serve(args: argparse.Namespace) -> int:
     _apply_config(args)
     topics = _topics(args)
     config = _service_config(args, topics)
+    recipe_config = _recipe_config(args, topics, config)  # a bad recipe setting fails before the slow load too
     conn = _connection(args, args.broker or "mqtt://127.0.0.1")  # bad settings fail before the slow load
     kind = None
     if args.broker is None:
@@ -179,10 +195,13 @@ def run_serve(args: argparse.Namespace) -> int:
         broker = _embedded_broker(kind)
         conn = dataclasses.replace(conn, broker=BrokerAddress.parse(broker.url))
     service = Service(model, conn, config)
+    recipe = None
     stop = threading.Event()
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
         service.start()
+        if recipe_config is not None:
+            recipe = AnomalyRecipe(conn, topics, recipe_config, client_id=f"{service.client_id}-anomaly").start()
         log.info("serving %s as device %r: requests on %s", model.manifest.name or args.bundle,
                  topics.device, topics.request)
         while not stop.is_set() and not service.finished.is_set():
@@ -191,6 +210,8 @@ def run_serve(args: argparse.Namespace) -> int:
         pass
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if recipe is not None:
+            recipe.stop()
         service.stop()
         if broker is not None:
             broker.close()

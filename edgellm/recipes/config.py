@@ -1,0 +1,227 @@
+"""The anomaly recipe's settings: the `[anomaly]` table of the `--config` TOML file `edgellm serve` reads.
+
+Everything is checked at load, before the model loads, and every error names the file and
+the key, so a typo in a settings file a technician edited is one clear line, not a silent
+default or a failure at the first anomaly of the night shift.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from jinja2 import StrictUndefined, Template, TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from ..errors import EdgeLLMError, GenerationError
+from ..params import BY_NAME, check
+from ..service import protocol as proto
+
+HERE = Path(__file__).parent
+DEFAULT_PROMPT = HERE / "anomaly_prompt.jinja"
+SCHEMA: dict[str, Any] = json.loads((HERE / "anomaly_schema.json").read_text(encoding="utf-8"))
+RESPONSE_FORMAT = {"type": "json_schema", "json_schema": {"name": "anomaly_explanation", "schema": SCHEMA,
+                                                            "strict": True}}
+DEFAULT_SYSTEM = ("You are a maintenance assistant for industrial machines. You explain sensor anomalies to "
+                  "technicians in plain words and answer in JSON only.")
+TABLE = "anomaly"
+
+
+class RecipeError(EdgeLLMError):
+    """A recipe's settings file, prompt template or schema is unusable; the message names the file and key."""
+
+
+@dataclass(frozen=True)
+class AnomalyConfig:
+    events: str = "factory/+/+/anomaly"
+    output: str = "factory/{machine}/{sensor}/explanation"
+    errors: str = "factory/anomaly-recipe/errors"
+    status: str = "factory/anomaly-recipe/status"
+    prompt: Path = DEFAULT_PROMPT
+    system: str = DEFAULT_SYSTEM
+    window: float = 10.0  # seconds in which events of one machine and sensor become one explanation
+    queue_size: int = 16  # explanations that may wait; the oldest is dropped beyond this
+    in_flight: int = 1  # requests at the service at once: the service's queue stays short, ours drops
+    max_tokens: int = 512
+    temperature: float = 0.2
+    seed: int | None = None
+    max_event_bytes: int = 4096
+    timeout: float = 300.0  # seconds to wait for the service's answer
+    source: str = "the defaults"  # where these came from, for messages
+    template: Template | None = field(default=None, repr=False, compare=False)  # compiled from `prompt`
+
+    def output_topic(self, machine: str, sensor: str) -> str:
+        return self.output.format(machine=machine, sensor=sensor)
+
+    def params(self) -> dict[str, Any]:
+        """The generation fields of each request, as the service's wire protocol spells them."""
+        wire = {"max_tokens": self.max_tokens, "temperature": self.temperature, "response_format": RESPONSE_FORMAT}
+        return wire if self.seed is None else {**wire, "seed": self.seed}
+
+    def check_service(self, topics: proto.Topics, service_max_tokens: int) -> None:
+        """What only the service's settings reveal, checked now rather than at every anomaly: the
+        service refuses a request over its token ceiling, and an event filter that matches the
+        recipe's reply topic would read the service's answers as events."""
+        if self.max_tokens > service_max_tokens:
+            raise RecipeError(f"{self.source}: {TABLE}.max-tokens is {self.max_tokens}, above the service's "
+                              f"--max-tokens {service_max_tokens}")
+        if mqtt.topic_matches_sub(self.events, reply_topic(topics)):
+            raise RecipeError(f"{self.source}: {TABLE}.events {self.events!r} matches the recipe's reply topic "
+                              f"{reply_topic(topics)!r}: it would read the service's answers as events")
+
+
+def reply_topic(topics: proto.Topics) -> str:
+    """Where the service answers the recipe: under `response/`, so the service accepts it, and with
+    two levels after it, so no request's default reply topic (`response/{id}`, ids have no '/') is it."""
+    return f"{topics.response('recipe-anomaly')}/replies"
+
+
+# key -> (kind, low, high); kinds: "topic", "filter", "template", "path", "str", "int", "float", "param"
+_KEYS: dict[str, tuple[str, float | None, float | None]] = {
+    "events": ("filter", None, None),
+    "output": ("template", None, None),
+    "errors": ("topic", None, None),
+    "status": ("topic", None, None),
+    "prompt": ("path", None, None),
+    "system": ("str", None, None),
+    "window": ("float", 0, 3600),
+    "queue_size": ("int", 1, 100_000),
+    "in_flight": ("int", 1, 8),
+    "max_tokens": ("param", None, None),
+    "temperature": ("param", None, None),
+    "seed": ("param", None, None),
+    "max_event_bytes": ("int", 64, 65536),
+    "timeout": ("float", 1, 86400),
+}
+_PARAM_NAMES = {"max_tokens": "max_new_tokens", "temperature": "temperature", "seed": "seed"}
+
+
+def load_config(path: Path | None) -> AnomalyConfig:
+    """The `[anomaly]` table of `path` over the defaults (all defaults when `path` is None or has no table)."""
+    try:  # compiles the schema: without the grammar extra, say so before the model loads
+        check(BY_NAME["response_format"], RESPONSE_FORMAT)
+    except GenerationError as exc:
+        raise RecipeError(f"{HERE / 'anomaly_schema.json'}: {exc}") from None
+    if path is None:
+        return _with_template(AnomalyConfig(), None)
+    try:
+        table = tomllib.loads(path.read_text(encoding="utf-8")).get(TABLE, {})
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise RecipeError(f"--config {path}: {exc}") from None
+    if not isinstance(table, dict):
+        raise RecipeError(f"{path}: [{TABLE}] must be a table")
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        name = key.replace("-", "_")
+        if name not in _KEYS:
+            raise RecipeError(f"{path}: unknown key {TABLE}.{key} (known: {', '.join(_spelled(k) for k in _KEYS)})")
+        values[name] = _value(path, name, value)
+    config = AnomalyConfig(**values, source=str(path))
+    _check_topics(config)
+    return _with_template(config, path)
+
+
+def _spelled(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _value(path: Path, name: str, value: Any) -> Any:
+    kind, low, high = _KEYS[name]
+    where = f"{path}: {TABLE}.{_spelled(name)}"
+    if kind == "param":
+        try:
+            return check(BY_NAME[_PARAM_NAMES[name]], value, field=f"{TABLE}.{_spelled(name)}")
+        except GenerationError as exc:
+            raise RecipeError(f"{path}: {exc}") from None
+    if kind in ("int", "float"):
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not number or (kind == "int" and not isinstance(value, int)) or not math.isfinite(value):
+            raise RecipeError(f"{where} must be {'an integer' if kind == 'int' else 'a number'}, got {value!r}")
+        if not low <= value <= high:  # type: ignore[operator]
+            raise RecipeError(f"{where} must be in [{low}, {high}], got {value!r}")
+        return float(value) if kind == "float" else value
+    if not isinstance(value, str) or not value:
+        raise RecipeError(f"{where} must be a non-empty string, got {value!r}")
+    if kind == "path":
+        return (path.parent / value).resolve()  # relative to the settings file, wherever serve runs
+    if kind == "filter" and not valid_filter(value):
+        raise RecipeError(f"{where} {value!r} is not an MQTT topic filter ('+' and '#' only as whole levels, "
+                          "'#' last)")
+    if kind == "topic" and not proto.valid_topic(value):
+        raise RecipeError(f"{where} {value!r} must be a topic without wildcards, not starting with '$'")
+    if kind == "template":
+        try:
+            sample = value.format(machine="m", sensor="s")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise RecipeError(f"{where} {value!r}: only {{machine}} and {{sensor}} may be filled in ({exc!r})") \
+                from None
+        if not proto.valid_topic(sample):
+            raise RecipeError(f"{where} {value!r} must give a topic without wildcards, not starting with '$'")
+    return value
+
+
+def valid_filter(value: str) -> bool:
+    levels = value.split("/")
+    return (0 < len(value.encode("utf-8")) <= 1024 and "\0" not in value
+            and all(level in ("+", "#") or not ({"+", "#"} & set(level)) for level in levels)
+            and "#" not in levels[:-1])
+
+
+def _check_topics(config: AnomalyConfig) -> None:
+    """A topic the recipe publishes to must not match its own event filter: it would read its
+    own explanations as (malformed) events, report them, read those reports, ..."""
+    for name, topic in (("output", config.output_topic("m", "s")), ("errors", config.errors),
+                        ("status", config.status)):
+        if mqtt.topic_matches_sub(config.events, topic):
+            raise RecipeError(f"{config.source}: {TABLE}.{name} {topic!r} matches {TABLE}.events "
+                              f"{config.events!r}: the recipe would read its own messages as events")
+
+
+def _with_template(config: AnomalyConfig, path: Path | None) -> AnomalyConfig:
+    """`config` with its prompt template compiled and tried on a sample event, so an unknown
+    variable or a syntax error is found now, naming the template file and line."""
+    where = f"{config.prompt}" if path is None or config.prompt == DEFAULT_PROMPT else \
+        f"{config.prompt} ({TABLE}.prompt of {path})"
+    try:
+        source = config.prompt.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"prompt template {where}: {exc}") from None
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, undefined=StrictUndefined)
+    try:
+        template = env.from_string(source)
+        for sample in SAMPLES:
+            template.render(**sample)
+    except TemplateError as exc:
+        line = template_line(exc)
+        raise RecipeError(f"prompt template {where}{f' line {line}' if line else ''}: {exc}") from None
+    return dataclasses.replace(config, template=template)
+
+
+def template_line(exc: TemplateError) -> int | None:
+    """The template line at fault: a syntax error carries it, a render error only in its traceback
+    (Jinja rewrites the template's frames to the template's own line numbers)."""
+    line = getattr(exc, "lineno", None)
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == "<template>":
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return line
+
+
+# What a template may use; kept here so the load-time trial render and the docs agree (see
+# docs/anomaly.md). `events.Group.variables` fills the same names.
+SAMPLE_VARIABLES: dict[str, Any] = {
+    "id": "ev-1", "machine": "press-3", "sensor": "vibration", "unit": "mm/s", "value": 9.1, "baseline": 2.8,
+    "deviation": 6.3, "deviation_pct": 225.0, "timestamp": "2025-01-01T00:00:00Z", "context": "shift B",
+    "count": 2, "min_value": 7.5, "max_value": 9.1, "first_timestamp": "2025-01-01T00:00:00Z",
+    "last_timestamp": "2025-01-01T00:00:05Z", "ids": ["ev-0", "ev-1"],
+}
+# Both sides of the branches a template is likely to have: one event, no context, a zero baseline.
+SAMPLES = (SAMPLE_VARIABLES, {**SAMPLE_VARIABLES, "count": 1, "ids": ["ev-1"], "context": None, "baseline": 0.0,
+                              "deviation": 9.1, "deviation_pct": None})
