@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from .params import INT, NUMBER, PARAMS, STRINGS, check_all
+from .params import CHOICE, INT, NUMBER, PARAMS, STRINGS, check_all
 
 
 def add_load_arguments(p: argparse.ArgumentParser) -> None:
@@ -43,6 +43,8 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
         bounds = f" ({param.range()})" if param.range() else ""
         if param.kind == STRINGS:
             g.add_argument(*flags, dest=param.name, action="append", help=param.help + " (repeatable)")
+        elif param.kind == CHOICE:
+            g.add_argument(*flags, dest=param.name, choices=param.choices, help=param.help)
         else:
             g.add_argument(*flags, dest=param.name, type=_TYPES[param.kind], help=param.help + bounds)
     g.add_argument("--system", help="system prompt (chat template)")

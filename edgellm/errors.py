@@ -30,9 +30,3 @@ class RequestError(EdgeLLMError):
         super().__init__(message)
         self.code = code
 
-
-class BadRequest(RequestError):
-    """A request field (tools, messages, ...) is malformed; the message names its JSON path."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__("bad_request", message)

@@ -7,15 +7,16 @@ leaves the cache holding exactly what was fed.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterator, Sequence as Ids
+from typing import Any, Callable, Iterator, Sequence as Ids
 
 import numpy as np
 
 from .errors import GenerationError
 from .params import GenerationParams
-from .sequence import Chunk, Result, Sequence, Usage  # noqa: F401  Usage: edgellm.Usage resolves here
+from .sequence import Chunk, Conventions, Result, Sequence, Usage  # noqa: F401  Usage: edgellm.Usage resolves here
 from .session import Runner
 from .text import Tokenizer
+from .tools import merge_deltas
 
 Forward = Callable[[Ids[int]], np.ndarray]
 
@@ -41,6 +42,7 @@ def stream_chunks(
     params: GenerationParams,
     *,
     started: float,
+    conventions: Conventions = Conventions(),
 ) -> Iterator[Chunk]:
     """Generate after `prompt`, reusing the cached prefix; the last chunk has finish_reason and usage.
 
@@ -49,7 +51,7 @@ def stream_chunks(
     """
     cached = runner.reuse(prompt)
     seq = Sequence(prompt, params, tokenizer, capacity=runner.capacity, vocab_size=runner.vocab_size,
-                   cached=cached, started=started)
+                   cached=cached, started=started, conventions=conventions)
     token = None
     while seq.finish_reason is None and not seq.check_cancel():
         logits = prefill(runner.forward, prompt[cached:]) if token is None else runner.forward([token])
@@ -62,10 +64,15 @@ def stream_chunks(
 def collect(chunks: Iterator[Chunk]) -> Result:
     """Drain a stream into one Result."""
     parts: list[str] = []
+    thoughts: list[str] = []
+    calls: list[dict[str, Any]] = []
     ids: list[int] = []
     for chunk in chunks:
         parts.append(chunk.text)
+        thoughts.append(chunk.reasoning)
+        merge_deltas(calls, chunk.tool_calls)
         ids.extend(chunk.token_ids)
         if chunk.finish_reason is not None and chunk.usage is not None:
-            return Result("".join(parts), ids, chunk.finish_reason, chunk.usage, chunk.incomplete)
+            return Result("".join(parts), ids, chunk.finish_reason, chunk.usage, chunk.incomplete,
+                          "".join(thoughts), calls)
     raise GenerationError("generation ended without a final chunk")

@@ -105,7 +105,7 @@ def parse_response_format(value: Any, where: str = "response_format") -> Grammar
         return None
     if kind == "json_object":
         _only(obj, where, ("type",))
-        return _json_spec({"type": "object"}, where)
+        return check_schema({"type": "object"}, where)
     if kind == "json_schema":
         _only(obj, where, ("type", "json_schema"))
         inner_where = f"{where}.json_schema"
@@ -117,7 +117,7 @@ def parse_response_format(value: Any, where: str = "response_format") -> Grammar
                 raise GrammarError(f"{inner_where}.{key} must be {what}, got {inner[key]!r}")
         if "schema" not in inner:
             raise GrammarError(f"{inner_where}.schema is required")
-        return _json_spec(_object(inner["schema"], f"{inner_where}.schema"), f"{inner_where}.schema")
+        return check_schema(_object(inner["schema"], f"{inner_where}.schema"), f"{inner_where}.schema")
     if kind in ("regex", "lark"):
         _only(obj, where, ("type", "value"))
         text = obj.get("value")
@@ -145,7 +145,8 @@ def _only(obj: dict[str, Any], where: str, known: tuple[str, ...]) -> None:
             raise GrammarError(f"{where}.{key} is not a known field (expected {', '.join(known)})")
 
 
-def _json_spec(schema: dict[str, Any], where: str) -> GrammarSpec:
+def check_schema(schema: dict[str, Any], where: str) -> GrammarSpec:
+    """A JSON schema compiled to a constraint; GrammarError naming the keyword at fault."""
     try:
         source = json.dumps(schema, ensure_ascii=False, allow_nan=False)
     except (TypeError, ValueError, RecursionError) as e:

@@ -9,11 +9,13 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from .bundle import Manifest, bundle_file, read_manifest
 from .errors import BundleError, GenerationError
-from .generate import Chunk, GenerationParams, Result, collect, stream_chunks
+from .generate import Chunk, Conventions, GenerationParams, Result, collect, stream_chunks
 from .kvcache import DynamicCache, StaticCache
+from .reasoning import CONFIG_KEY, detect_markers, template_extras
 from .session import ProviderSpec, Runner, create_session, release_freed_heap
 from .spec import ModelSpec
 from .text import ChatTemplate, Tokenizer, encode_chat
+from .tools import CLOSE, OPEN, call_syntax, chat_inputs, settle_choice
 
 if TYPE_CHECKING:
     from .devices import DeviceProfile
@@ -65,6 +67,10 @@ def load(
     # peak should not stack on the session's (45 MB of 280 for SmolLM2, measured).
     tokenizer = Tokenizer.from_bundle(root, manifest.generation)
     template = ChatTemplate.from_bundle(root, manifest.generation)
+    conventions = Conventions(
+        markers=detect_markers(template.source, tokenizer.token_to_id, manifest.generation.get(CONFIG_KEY)),
+        syntax=call_syntax(template.source),
+        call_tags={OPEN, CLOSE} <= tokenizer.added_tokens)
     release_freed_heap()
     session = create_session(graph_path, providers=providers, threads=threads)
     runner = Runner(session, cache, kind=graph["kind"], where=str(graph_path))
@@ -73,7 +79,7 @@ def load(
         GenerationParams.build(defaults, {}, runner.vocab_size)
     except GenerationError as exc:
         raise BundleError(f"{root / 'manifest.json'}: generation.defaults: {exc}") from None
-    model = Model(root, manifest, runner, tokenizer, template, defaults)
+    model = Model(root, manifest, runner, tokenizer, template, defaults, conventions)
     release_freed_heap()
     return model
 
@@ -117,6 +123,7 @@ class Model:
         tokenizer: Tokenizer,
         template: ChatTemplate,
         defaults: dict[str, Any],
+        conventions: Conventions = Conventions(),
     ) -> None:
         self.path = path
         self.manifest = manifest
@@ -124,6 +131,7 @@ class Model:
         self.template = template
         self._runner = runner
         self._defaults = defaults
+        self.conventions = conventions
         self._generation = 0  # which stream owns the cache; older ones must not touch it
 
     @property
@@ -155,8 +163,10 @@ class Model:
         return self.template.render(list(messages), add_generation_prompt=add_generation_prompt, **extra)
 
     def prompt_ids(self, prompt: Prompt, params: GenerationParams) -> list[int]:
-        """Token ids of a plain prompt, of messages rendered through the chat template,
-        or the ids themselves, fitted to the context."""
+        """Token ids of a plain prompt, of messages rendered through the chat template
+        (with the request's tools and reasoning mode), or the ids themselves, fitted to the context."""
+        if params.tools and not (isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], dict)):
+            raise GenerationError("tools need chat messages: the chat template renders them")
         if isinstance(prompt, str):
             ids = self.encode(prompt)
         elif isinstance(prompt, (list, tuple)) and prompt and all(_is_id(t) for t in prompt):
@@ -165,9 +175,12 @@ class Model:
                 raise GenerationError(f"prompt token id {bad} is out of range for a vocabulary of {vocab}")
             ids = list(prompt)
         elif isinstance(prompt, (list, tuple)):
+            choice = settle_choice(params.tool_choice, params.tools)
+            messages, variables = chat_inputs(list(prompt), self.template.source, params.tools, choice)
+            variables.update(template_extras(params.reasoning or "separate", self.template.source))
             # Not encode(render_chat(...)): special-token strings in the messages stay text.
-            ids = encode_chat(self.tokenizer, self.template, list(prompt),
-                              add_generation_prompt=params.add_generation_prompt)
+            ids = encode_chat(self.tokenizer, self.template, messages,
+                              add_generation_prompt=params.add_generation_prompt, **variables)
         else:
             raise GenerationError(
                 f"prompt must be a string, a list of messages or a list of token ids, got {type(prompt).__name__}")
@@ -190,7 +203,8 @@ class Model:
         started = time.perf_counter()
         p = GenerationParams.build(self._defaults, params, self._runner.vocab_size)
         ids = self.prompt_ids(prompt, p)
-        return self._owned(stream_chunks(self._runner, self.tokenizer, ids, p, started=started))
+        return self._owned(stream_chunks(self._runner, self.tokenizer, ids, p, started=started,
+                                         conventions=self.conventions))
 
     def generate(self, prompt: Prompt, **params: Any) -> Result:
         """The whole completion at once; same parameters as `stream`."""

@@ -22,12 +22,15 @@ from .errors import GenerationError
 
 if TYPE_CHECKING:
     from .grammar import GrammarSpec
+    from .tools import Tool, ToolChoice
 
 Cancel = threading.Event | Callable[[], bool]
 
 # Kinds of value; each has one checker below and, on the wire, one schema.
-INT, NUMBER, BOOL, STRINGS, TOKEN_IDS, LOGIT_BIAS, CHOICE, CANCEL, OBJECT = (
-    "int", "number", "bool", "strings", "token_ids", "logit_bias", "choice", "cancel", "object")
+INT, NUMBER, BOOL, STRINGS, TOKEN_IDS, LOGIT_BIAS, CHOICE, CANCEL, OBJECT, TOOLS, TOOL_CHOICE = (
+    "int", "number", "bool", "strings", "token_ids", "logit_bias", "choice", "cancel", "object", "tools",
+    "tool_choice")
+REASONING_MODES = ("separate", "hide", "inline", "off")  # edgellm.reasoning.MODES, without importing numpy here
 
 # Wire logit-bias keys are token ids written as JSON object keys: ASCII digits only
 # ("²" passes str.isdigit but not int()), nine at most (every vocabulary fits).
@@ -118,6 +121,17 @@ PARAMS: tuple[Param, ...] = (
           optional=True, choices=("text", "json_object", "json_schema"), wire="response_format"),
     Param("grammar", OBJECT, None, "{\"type\": \"regex\" or \"lark\", \"value\": \"...\"}; the output is held to it",
           optional=True, choices=("regex", "lark"), wire="grammar"),
+    Param("tools", TOOLS, (), "OpenAI function tools the model may call (chat messages only); calls come back "
+          "as tool_calls", max_items=64, wire="tools"),
+    Param("tool_choice", TOOL_CHOICE, None, "\"auto\" (default with tools), \"none\", \"required\" or "
+          "{\"type\": \"function\", \"function\": {\"name\": ...}}; required and named calls are held to the "
+          "function's parameter schema", optional=True, choices=("auto", "none", "required"), wire="tool_choice"),
+    Param("parallel_tool_calls", BOOL, True, "OpenAI's: false allows at most one call per reply",
+          wire="parallel_tool_calls"),
+    Param("reasoning", CHOICE, None, "a reasoning model's think block: separate (default), hide, inline or off",
+          optional=True, choices=REASONING_MODES, wire="reasoning", cli=True),
+    Param("max_reasoning_tokens", INT, None, "close the think block after this many tokens", low=0, optional=True,
+          wire="max_reasoning_tokens", cli=True),
 )
 BY_NAME: dict[str, Param] = {p.name: p for p in PARAMS}
 BY_WIRE: dict[str, Param] = {p.wire: p for p in PARAMS if p.wire}
@@ -192,6 +206,22 @@ def _grammar(p: Param, value: Any, field: str) -> "GrammarSpec | None":
     return parse_response_format(value, field)
 
 
+def _tools(p: Param, value: Any, field: str) -> "tuple[Tool, ...]":
+    """Validated tools; each one's parameter schema is compiled here, so a bad one is
+    refused naming its path before any generation starts."""
+    from .grammar import check_schema
+    from .tools import Tool, parse_tools
+
+    if isinstance(value, (list, tuple)) and all(isinstance(t, Tool) for t in value):
+        return tuple(value)
+    if isinstance(value, list) and len(value) > p.max_items:
+        raise GenerationError(f"{field} has {len(value)} tools, limit is {p.max_items}")
+    tools = parse_tools(value)
+    for i, tool in enumerate(tools):
+        check_schema(tool.parameters, f"{field}[{i}].function.parameters")
+    return tuple(tools)
+
+
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
@@ -222,6 +252,12 @@ def check(p: Param, value: Any, vocab_size: int | None = None, field: str | None
         return _logit_bias(p, value, field, vocab_size)
     if p.kind == OBJECT:
         return _grammar(p, value, field)
+    if p.kind == TOOLS:
+        return _tools(p, value, field)
+    if p.kind == TOOL_CHOICE:
+        from .tools import parse_tool_choice
+
+        return parse_tool_choice(value)
     if p.kind == CHOICE:
         if value not in p.choices:
             raise GenerationError(f"{field} must be one of {list(p.choices)} or None, got {_short(value)}")
@@ -242,14 +278,32 @@ def check_all(values: Mapping[str, Any], vocab_size: int | None = None) -> dict[
 def check_together(params: Mapping[str, Any], spelled: Callable[[str], str] = lambda name: name) -> None:
     """Refuse parameters that are valid alone but not together (names as `spelled`).
 
-    A stop string could cut a constrained answer short of valid JSON, and two
-    constraints cannot both hold."""
+    A stop string could cut a constrained answer short of valid JSON, two constraints
+    cannot both hold, and a call is held to its schema only if no grammar competes."""
     constraints = [name for name in ("response_format", "grammar") if params.get(name) is not None]
     if len(constraints) == 2:
         raise GenerationError(f"{spelled('response_format')} and {spelled('grammar')} cannot both be set")
+    choice = None
+    if params.get("tools") or params.get("tool_choice") is not None:
+        from .tools import settle_choice
+
+        choice = settle_choice(params.get("tool_choice"), params.get("tools") or ())
+        if choice.mode in ("required", "function"):
+            constraints.append("tool_choice")
+        if choice.mode != "none" and params.get("grammar") is not None:
+            raise GenerationError(f"{spelled('grammar')} cannot be combined with {spelled('tools')}; "
+                                  f"use {spelled('response_format')} for the answer that is not a call")
     if constraints and params.get("stop"):
         raise GenerationError(f"{spelled('stop')} cannot be combined with {spelled(constraints[0])}: "
                               f"a stop string could cut the constrained output short of valid")
+
+
+def constrained(params: Mapping[str, Any]) -> bool:
+    """Whether the output is held to a grammar from its first token (then a bundle's default
+    stop strings give way)."""
+    choice = params.get("tool_choice")
+    forced = params.get("tools") and choice is not None and choice.mode in ("required", "function")
+    return bool(forced) or any(params.get(name) is not None for name in ("response_format", "grammar"))
 
 
 @dataclass(frozen=True)
@@ -279,6 +333,11 @@ class GenerationParams:
     truncate: str | None = None
     response_format: GrammarSpec | None = None
     grammar: GrammarSpec | None = None
+    tools: tuple[Tool, ...] = ()
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool = True
+    reasoning: str | None = None
+    max_reasoning_tokens: int | None = None
 
     @classmethod
     def build(cls, defaults: Mapping[str, Any], params: Mapping[str, Any], vocab_size: int) -> "GenerationParams":
@@ -287,7 +346,7 @@ class GenerationParams:
         A bundle's default stop strings give way to a request's constraint."""
         checked = check_all(params, vocab_size)
         check_together(checked)
-        if any(checked.get(name) is not None for name in ("response_format", "grammar")):
+        if constrained(checked):
             defaults = {k: v for k, v in defaults.items() if k != "stop"}
         merged = {**check_all(defaults, vocab_size), **checked}
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in merged.items()})
@@ -337,6 +396,11 @@ def to_wire(params: Mapping[str, Any]) -> dict[str, Any]:
             value = list(value)
         elif p.kind == OBJECT and value is not None and not isinstance(value, dict):
             value = _grammar_wire(value)
+        elif p.kind == TOOLS:
+            value = [t if isinstance(t, dict) else t.to_openai() for t in value]
+        elif p.kind == TOOL_CHOICE and value is not None and not isinstance(value, (str, dict)):
+            value = value.mode if value.mode != "function" else {"type": "function",
+                                                                   "function": {"name": value.name}}
         out[p.wire] = value
     return out
 
@@ -373,6 +437,25 @@ def _schema(p: Param) -> dict[str, Any]:
                 "additionalProperties": {"type": "number", **_bounds(p)}}
     if p.kind == OBJECT:
         return _object_schema(p)
+    if p.kind == CHOICE:
+        return {"enum": list(p.choices)}
+    if p.kind == BOOL:
+        return {"type": "boolean"}
+    if p.kind == TOOLS:
+        function = {"type": "object", "required": ["name"], "additionalProperties": False,
+                    "properties": {"name": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
+                                   "description": {"type": "string"},
+                                   "parameters": {"type": "object", "properties": {"type": {"const": "object"}}},
+                                   "strict": {"type": "boolean"}}}
+        return {"type": "array", "maxItems": p.max_items,
+                "items": {"type": "object", "required": ["type", "function"], "additionalProperties": False,
+                          "properties": {"type": {"const": "function"}, "function": function}}}
+    if p.kind == TOOL_CHOICE:
+        named = {"type": "object", "required": ["type", "function"], "additionalProperties": False,
+                 "properties": {"type": {"const": "function"},
+                                "function": {"type": "object", "required": ["name"], "additionalProperties": False,
+                                             "properties": {"name": {"type": "string"}}}}}
+        return {"oneOf": [{"enum": list(p.choices)}, named]}
     raise AssertionError(f"{p.name}: no wire schema for kind {p.kind!r}")
 
 

@@ -7,17 +7,20 @@ once answer text has started, a later marker is just text, and a grammar on the 
 knows where it begins.
 
 Modes (`MODES`): "separate" gives (reasoning, text) apart; "hide" drops the reasoning;
-"inline" leaves the text as generated, markers included; "off" renders the template with
-`enable_thinking=False` where it reads that variable and drops any block the model still
-writes, so a TTS never speaks one.
+"inline" leaves the text as generated (markers included where the tokenizer spells them);
+"off" renders the template with `enable_thinking=False` where it reads that variable, never
+lets a block open and closes at once one the prompt opened, so a TTS never speaks one.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
+import numpy as np
+
 from .errors import BundleError
-from .text import partial_suffix, template_variables
+from .sampling import Processor
+from .text import StreamDecoder, Tokenizer, template_variables
 
 Mode = Literal["separate", "hide", "inline", "off"]
 MODES: tuple[Mode, ...] = ("separate", "hide", "inline", "off")
@@ -33,13 +36,6 @@ class Markers:
     end: str
     start_id: int
     end_id: int
-
-    def force_end(self, spent: int, max_reasoning_tokens: int | None) -> list[int]:
-        """The tokens to force now that `spent` tokens went into reasoning: the end marker
-        once the budget is used up, else none."""
-        if max_reasoning_tokens is not None and spent >= max_reasoning_tokens:
-            return [self.end_id]
-        return []
 
     def opened_by(self, prompt: str) -> bool:
         """Whether the rendered prompt ends inside a block (a DeepSeek-R1 distill's generation
@@ -77,92 +73,99 @@ def template_extras(mode: Mode, template: str | None) -> dict[str, Any]:
     return {}
 
 
-class ReasoningSplitter:
-    """Splits streamed reply text into (reasoning, text) deltas by `mode`.
+class Reasoning:
+    """One reply's progress through its think block, token by token, and the block's text.
 
-    A marker split across deltas (`<thi` + `nk>`) is held back until it is whole or
-    cannot become one. Whitespace that only separates the block from the answer (the
-    newline after `<think>`, the blank line after `</think>`) goes to neither channel.
+    The markers are single tokens, so the phase follows token ids: text that merely spells
+    a marker never switches it, whether or not the tokenizer calls the marker special.
+    Phases: "start" (the reply may still open a block), "inside", "answer". A grammar holds
+    only the answer (`constrain`); `forced` closes the block once `max_tokens` are spent.
+    Whitespace that only parts the block from the answer goes to neither channel.
     """
 
-    def __init__(self, markers: Markers, mode: Mode = "separate", *, inside: bool = False) -> None:
-        self._markers = markers
-        self._mode = mode
-        # "start": the reply may still open a block; "inside" it; "answer": the block is over.
-        self._state = "inside" if inside else "start"
-        self._buf = ""
+    def __init__(self, markers: Markers, mode: Mode, tokenizer: Tokenizer, *, inside: bool = False,
+                 max_tokens: int | None = None) -> None:
+        self.markers = markers
+        self.mode = mode
+        self.phase = "inside" if inside else "start"
+        self.spent = 0  # tokens inside the block, markers not counted
+        # "off": a block the prompt opened is closed at once, and none may open.
+        self.budget = 0 if mode == "off" else max_tokens
+        self._decoder = StreamDecoder(tokenizer)
         self._ws = ""  # trailing whitespace of released reasoning, dropped if the block ends
-        self._strip = inside  # strip the next channel's leading whitespace
-        self._prefix = markers.start if inside and mode == "inline" else ""
-
-    @property
-    def in_reasoning(self) -> bool:
-        return self._state == "inside"
+        self._lead = True  # the reasoning channel has not started: strip its leading whitespace
+        self._strip_answer = False  # the block just ended: strip the answer's leading whitespace
 
     @property
     def answering(self) -> bool:
-        """True once the reply is past its reasoning (or has none): a grammar applies from here."""
-        return self._state == "answer"
+        """The reply is past its reasoning (or has none): a grammar holds from here."""
+        return self.phase == "answer"
 
-    def feed(self, delta: str) -> tuple[str, str]:
-        self._buf += delta
-        return self._out(delta, *self._drain(final=False))
+    def forced(self) -> int | None:
+        """The token to emit instead of sampling: the end marker once the budget is spent."""
+        if self.phase == "inside" and self.budget is not None and self.spent >= self.budget:
+            return self.markers.end_id
+        return None
 
-    def flush(self) -> tuple[str, str]:
-        """What is held back, once the reply is over; a block never closed is all reasoning."""
-        return self._out("", *self._drain(final=True))
+    def constrain(self, tokens: np.ndarray, logits: np.ndarray, grammar: Processor | None) -> np.ndarray:
+        """`logits` as this phase allows: free inside the block; the grammar on the answer;
+        at the start the grammar's choices plus the start marker. In "off" no marker is
+        ever sampled outside a block."""
+        if self.phase == "inside":
+            return logits
+        start = self.markers.start_id
+        opener = float(logits[start]) if self.phase == "start" and self.mode != "off" else None
+        if grammar is not None:
+            logits = grammar(tokens, logits)
+        if opener is None and self.mode != "off":
+            return logits
+        if logits.dtype != np.float32 or not logits.flags.writeable:
+            logits = logits.astype(np.float32)
+        if self.mode == "off":
+            logits[[start, self.markers.end_id]] = -np.inf
+        else:
+            logits[start] = opener
+        return logits
 
-    def _out(self, raw: str, reasoning: str, text: str) -> tuple[str, str]:
-        if self._mode == "inline":
-            raw, self._prefix = self._prefix + raw, ""
-            return "", raw
-        if self._mode == "separate":
-            return reasoning, text
-        return "", text
+    def push(self, token: int) -> str | None:
+        """The reasoning delta `token` makes ("" while held back or hidden); None when the
+        token is answer text. In "inline" mode everything is answer text."""
+        if self.phase == "start":
+            if token != self.markers.start_id:
+                self.phase = "answer"
+                return None
+            self.phase = "inside"
+            return None if self.mode == "inline" else ""
+        if self.phase == "answer":
+            return None
+        if token == self.markers.end_id:
+            self.phase, self._strip_answer = "answer", self.mode != "inline"
+            rest = self.flush()
+            self._ws = ""
+            return None if self.mode == "inline" else rest
+        self.spent += 1
+        if self.mode == "inline":
+            return None
+        return self._release(self._decoder.push(token)) if self.mode == "separate" else ""
 
-    def _drain(self, final: bool) -> tuple[str, str]:
-        start, end = self._markers.start, self._markers.end
-        reasoning = ""
-        if self._state == "start":
-            head = self._buf.lstrip()
-            if not final and (not head or start.startswith(head)):
-                return "", ""
-            if head.startswith(start):
-                self._state, self._buf, self._strip = "inside", head[len(start):], True
-            else:
-                self._state = "answer"
-        if self._state == "inside":
-            if self._strip:
-                self._buf = self._buf.lstrip()
-                self._strip = not self._buf
-            at = self._buf.find(end)
-            if at >= 0:
-                reasoning = self._reasoning(self._buf[:at])
-                self._state, self._buf = "answer", self._buf[at + len(end):]
-                self._ws, self._strip = "", True
-            else:
-                keep = 0 if final else partial_suffix(self._buf, end)
-                reasoning = self._reasoning(self._buf[:len(self._buf) - keep])
-                self._buf = self._buf[len(self._buf) - keep:]
-                return reasoning, ""
-        text, self._buf = self._buf, ""
-        if self._strip:
+    def answer_text(self, text: str) -> str:
+        """Answer text with the whitespace that follows a closed block removed."""
+        if self._strip_answer:
             text = text.lstrip()
-            self._strip = not text
-        return reasoning, text
+            self._strip_answer = not text
+        return text
 
-    def _reasoning(self, text: str) -> str:
+    def flush(self) -> str:
+        """Reasoning text still held back; a block never closed is all reasoning."""
+        return self._release(self._decoder.flush()) if self.mode == "separate" else ""
+
+    def _release(self, text: str) -> str:
+        if self._lead:
+            text = text.lstrip()
+            self._lead = not text
         body = text.rstrip()
         if not body:
             self._ws += text
             return ""
         out, self._ws = self._ws + body, text[len(body):]
         return out
-
-
-def split_reasoning(text: str, markers: Markers, *, inside: bool = False) -> tuple[str, str]:
-    """(reasoning, answer) of a whole reply; the same splitter the stream uses."""
-    splitter = ReasoningSplitter(markers, "separate", inside=inside)
-    r1, t1 = splitter.feed(text)
-    r2, t2 = splitter.flush()
-    return r1 + r2, t1 + t2

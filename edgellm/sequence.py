@@ -1,24 +1,38 @@
 """One request's decoding state: a row of logits in, a token out, text out.
 
 A `Sequence` is built once from validated parameters and holds everything that
-belongs to one request: sampler, logits processors, stop rules, the streaming
-detokenizer, the token budget, cancel and usage counters. It does not hold the
-model or its KV cache: whoever owns those (today `generate.stream_chunks`, one
-sequence at a time; later a scheduler stepping many with one batched forward)
-hands each sequence its logits and feeds back the token it picked.
+belongs to one request: sampler, logits processors, grammar, stop rules, the
+streaming detokenizer, the think-block tracker, the tool-call parser, the token
+budget, cancel and usage counters. It does not hold the model or its KV cache:
+whoever owns those (today `generate.stream_chunks`, one sequence at a time; later a
+scheduler stepping many with one batched forward) hands each sequence its logits
+and feeds back the token it picked.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
-from .grammar import GrammarState, compile_grammar
+from .grammar import GrammarState, compile_grammar, parse_response_format
 from .params import GenerationParams
+from .reasoning import Markers, Reasoning
 from .sampling import Processor, make_logits_processors, make_sampler
 from .text import StopMatcher, StreamDecoder, Tokenizer
+from .tools import Syntax, ToolCallParser, ToolChoice, call_schema, settle_choice
+
+
+@dataclass(frozen=True)
+class Conventions:
+    """What a model's chat format says about its replies, read once at load: its think
+    markers (None: it does not reason), the syntax it writes tool calls in, and whether
+    its vocabulary has the Hermes call tags as tokens."""
+
+    markers: Markers | None = None
+    syntax: Syntax = "hermes"
+    call_tags: bool = False
 
 
 @dataclass
@@ -28,15 +42,18 @@ class Usage:
     completion_tokens: int  # sampled tokens, a final EOS or stop token included
     ttft_s: float  # from the request to the first sampled token
     decode_tokens_per_s: float  # tokens after the first, over the time after the first
+    reasoning_tokens: int = 0  # completion tokens inside the think block, markers not counted
 
 
 @dataclass
 class Chunk:
     text: str
     token_ids: list[int]
-    finish_reason: str | None = None  # "stop" | "length" | "cancelled" on the last chunk
+    finish_reason: str | None = None  # "stop" | "length" | "tool_calls" | "cancelled" on the last chunk
     usage: Usage | None = None
-    incomplete: bool = False  # last chunk: the output stopped short of its response_format/grammar
+    incomplete: bool = False  # last chunk: the output stopped short of its response_format/grammar/call
+    reasoning: str = ""  # think-block text, apart from `text` (reasoning "separate")
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)  # OpenAI tool-call deltas
 
 
 @dataclass
@@ -46,14 +63,17 @@ class Result:
     finish_reason: str
     usage: Usage
     incomplete: bool = False  # the text stopped short of its response_format/grammar: it will not validate
+    reasoning: str = ""
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)  # OpenAI's `tool_calls`, arguments as JSON text
 
 
 class Sequence:
     """The decoding state of one request; see the module docstring for who drives it.
 
-    `processors` apply in order before the sampler; a grammar state joins the list
-    (first, so that nothing after it sees a token it forbids as likely) and puts its
-    `advance` in `on_token`, which hears every sampled token, stop tokens included.
+    Before each sample the grammar masks the logits (only the answer's: a think block
+    is free), then `processors` apply in order, then the sampler. Each token kept goes
+    to the think-block tracker or, as answer text, through the grammar, the stop
+    matcher and the tool-call parser.
     """
 
     def __init__(
@@ -66,6 +86,7 @@ class Sequence:
         vocab_size: int,
         cached: int = 0,
         started: float | None = None,
+        conventions: Conventions = Conventions(),
     ) -> None:
         self.prompt = prompt
         self.params = params
@@ -80,17 +101,17 @@ class Sequence:
             frequency_penalty=params.frequency_penalty, logit_bias=params.logit_bias,
             penalty_window=params.penalty_window, vocab_size=vocab_size,
         )
-        self.on_token: list[Callable[[int], None]] = []
         self.stop_ids = frozenset(params.stop_token_ids) | (
             frozenset() if params.ignore_eos else frozenset(tokenizer.eos_token_ids))
-        self.grammar: GrammarState | None = None
-        spec = params.response_format or params.grammar
-        if spec is not None:
-            # EOS for the grammar is whatever ends this sequence, so it is allowed only where the output is complete.
-            eos = sorted(self.stop_ids) or tokenizer.eos_token_ids
-            self.grammar = compile_grammar(spec, tokenizer, eos).start()
-            self.processors.insert(0, self.grammar)
-            self.on_token.append(self.grammar.advance)
+        choice = settle_choice(params.tool_choice, params.tools)
+        callable_tools = choice.allowed(params.tools)
+        self.tools = ToolCallParser(callable_tools) if callable_tools else None
+        self.grammar = self._grammar(params, tokenizer, choice, conventions)
+        self.reasoning: Reasoning | None = None
+        if (markers := conventions.markers) is not None:
+            inside = markers.opened_by(tokenizer.decode(prompt[-8:], skip_special_tokens=False))
+            self.reasoning = Reasoning(markers, params.reasoning or "separate", tokenizer, inside=inside,
+                                       max_tokens=params.max_reasoning_tokens)
         self.decoder = StreamDecoder(tokenizer)
         self.matcher = StopMatcher(params.stop)
         self.cancelled = params.cancelled()
@@ -102,8 +123,23 @@ class Sequence:
         self._ids[: len(prompt)] = prompt
         self._length = len(prompt)
         self._pending: list[int] = []  # ids whose text is still held back
-        self._tail = ""  # text made ready by the token that ended the sequence
+        self._text = self._thought = ""  # output made ready and not yet handed out in a chunk
+        self._calls: list[dict[str, Any]] = []
         self._first = self._last = 0.0
+
+    def _grammar(self, params: GenerationParams, tokenizer: Tokenizer, choice: ToolChoice,
+                 conventions: Conventions) -> GrammarState | None:
+        spec = params.response_format or params.grammar
+        answer = spec.source if spec is not None and spec.kind == "json_schema" else None
+        calls = call_schema(params.tools, choice, conventions.syntax, answer, conventions.call_tags,
+                            params.parallel_tool_calls)
+        if calls is not None:
+            spec = parse_response_format(calls, "tools")
+        if spec is None:
+            return None
+        # EOS for the grammar is whatever ends this sequence, so it is allowed only where the output is complete.
+        eos = sorted(self.stop_ids) or tokenizer.eos_token_ids
+        return compile_grammar(spec, tokenizer, eos).start()
 
     @property
     def tokens(self) -> np.ndarray:
@@ -112,34 +148,45 @@ class Sequence:
 
     def sample(self, logits: np.ndarray) -> int:
         """The next token from this sequence's row of logits."""
+        if self.reasoning is not None:
+            if (forced := self.reasoning.forced()) is not None:
+                return forced
+            logits = self.reasoning.constrain(self.tokens, logits, self.grammar)
+        elif self.grammar is not None:
+            logits = self.grammar(self.tokens, logits)
         for process in self.processors:
             logits = process(self.tokens, logits)
         return self.sampler(logits)
 
     def append(self, token: int) -> Chunk | None:
-        """Take the token just sampled: a Chunk when it makes text ready and the sequence
+        """Take the token just sampled: a Chunk when it makes output ready and the sequence
         goes on. When it ends the sequence, `finish_reason` is set and `finish` gives the
         last chunk."""
         self._last = time.perf_counter()
         self._first = self._first or self._last
         self.completion_tokens += 1
-        for hook in self.on_token:
-            hook(token)
         if token in self.stop_ids:
             self.finish_reason = "stop"
             return None
         self._ids[self._length] = token
         self._length += 1
         self._pending.append(token)
-        text, stopped = self.matcher.push(self.decoder.push(token))
+        thought = self.reasoning.push(token) if self.reasoning is not None else None
+        stopped = False
+        if thought is not None:
+            self._thought += thought
+        else:
+            if self.grammar is not None:
+                self.grammar.advance(token)
+            text, stopped = self.matcher.push(self.decoder.push(token))
+            self._answer(text)
         if stopped or (self.grammar is not None and self.grammar.done):
             self.finish_reason = "stop"
         elif self.completion_tokens >= self.budget:
             self.finish_reason = "length"
-        if self.finish_reason is not None:
-            self._tail = text
-            return None
-        return self._chunk(text) if text else None
+        if self.finish_reason is None and (self._text or self._thought or self._calls):
+            return self._chunk()
+        return None
 
     def check_cancel(self) -> bool:
         """Whether the request was cancelled (then it is finished): ask before each forward."""
@@ -148,13 +195,19 @@ class Sequence:
         return self.finish_reason == "cancelled"
 
     def finish(self) -> Chunk:
-        """The last chunk: text still held back, finish_reason and usage."""
-        text = self._tail
+        """The last chunk: output still held back, finish_reason and usage."""
         if not self.matcher.stopped:
             more, stopped = self.matcher.push(self.decoder.flush())
-            text += more if stopped else more + self.matcher.flush()
+            self._answer(more if stopped else more + self.matcher.flush())
             self.finish_reason = "stop" if stopped else self.finish_reason
-        chunk = self._chunk(text, self.finish_reason, self.usage())
+        if self.reasoning is not None:
+            self._thought += self.reasoning.flush()
+        if self.tools is not None:
+            events, calls = self.tools.finish()
+            self._route(events)
+            if calls and self.finish_reason == "stop":
+                self.finish_reason = "tool_calls"
+        chunk = self._chunk(self.finish_reason, self.usage())
         chunk.incomplete = self.incomplete
         return chunk
 
@@ -171,9 +224,26 @@ class Sequence:
             completion_tokens=count,
             ttft_s=(first - self.started) if count else 0.0,
             decode_tokens_per_s=(count - 1) / (last - first) if count > 1 and last > first else 0.0,
+            reasoning_tokens=self.reasoning.spent if self.reasoning is not None else 0,
         )
 
-    def _chunk(self, text: str, finish_reason: str | None = None, usage: Usage | None = None) -> Chunk:
-        chunk = Chunk(text, self._pending, finish_reason, usage)
-        self._pending = []
+    def _answer(self, text: str) -> None:
+        if self.reasoning is not None:
+            text = self.reasoning.answer_text(text)
+        if self.tools is not None:
+            self._route(self.tools.feed(text))
+        else:
+            self._text += text
+
+    def _route(self, events: list[str | dict[str, Any]]) -> None:
+        for event in events:
+            if isinstance(event, str):
+                self._text += event
+            else:
+                self._calls.append(event)
+
+    def _chunk(self, finish_reason: str | None = None, usage: Usage | None = None) -> Chunk:
+        chunk = Chunk(self._text, self._pending, finish_reason, usage, reasoning=self._thought,
+                      tool_calls=self._calls)
+        self._text, self._thought, self._pending, self._calls = "", "", [], []
         return chunk

@@ -56,6 +56,9 @@ class Tokenizer:
         added = tokenizer.get_added_tokens_decoder()
         # The strings that encode as a special token's id: a chat template's markers.
         self.special_tokens = {t.content: i for i, t in added.items() if t.special}
+        # Every added token, special or not: llguidance reads them all as special tokens,
+        # which a grammar names as `<content>` rather than spelling out.
+        self.added_tokens = frozenset(t.content for t in added.values())
         # Encoding with `literals` swaps the normalizer for one call; no other encode may
         # run in between.
         self._lock = threading.Lock()

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Sequence
 
 
-from .errors import BadRequest
+from .errors import GenerationError
 from .text import partial_suffix, template_variables
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
@@ -79,60 +79,68 @@ def parse_tools(value: object) -> list[Tool]:
     if value is None:
         return []
     if not isinstance(value, list):
-        raise BadRequest(f"tools must be a list of function tools, got {_kind(value)}")
+        raise GenerationError(f"tools must be a list of function tools, got {_kind(value)}")
     tools: list[Tool] = []
     for i, item in enumerate(value):
         where = f"tools[{i}]"
         _check_keys(item, where, {"type", "function"})
         if item.get("type") != "function":
-            raise BadRequest(f'{where}.type must be "function", got {item.get("type")!r}')
+            raise GenerationError(f'{where}.type must be "function", got {item.get("type")!r}')
         fn = item.get("function")
         _check_keys(fn, f"{where}.function", {"name", "description", "parameters", "strict"})
         name = fn.get("name")
         if not isinstance(name, str) or not _NAME.fullmatch(name):
-            raise BadRequest(f"{where}.function.name must be 1-64 letters, digits, _ or -, got {name!r}")
+            raise GenerationError(f"{where}.function.name must be 1-64 letters, digits, _ or -, got {name!r}")
         if any(t.name == name for t in tools):
-            raise BadRequest(f"{where}.function.name {name!r} is already the name of another tool")
+            raise GenerationError(f"{where}.function.name {name!r} is already the name of another tool")
         description = fn.get("description", "")
         if not isinstance(description, str):
-            raise BadRequest(f"{where}.function.description must be a string, got {_kind(description)}")
+            raise GenerationError(f"{where}.function.description must be a string, got {_kind(description)}")
         params = fn.get("parameters", dict(_NO_PARAMETERS))
         if not isinstance(params, dict) or params.get("type", "object") != "object":
-            raise BadRequest(f"{where}.function.parameters must be a JSON schema of type object, "
-                             f"got {params!r}")
+            raise GenerationError(f"{where}.function.parameters must be a JSON schema of type object, "
+                                  f"got {params!r}")
         if not isinstance(fn.get("strict", False), bool):
-            raise BadRequest(f"{where}.function.strict must be true or false, got {fn['strict']!r}")
+            raise GenerationError(f"{where}.function.strict must be true or false, got {fn['strict']!r}")
         tools.append(Tool(name, description, params))
     return tools
 
 
-def parse_tool_choice(value: object, tools: Sequence[Tool]) -> ToolChoice:
-    """Validated `tool_choice`; None means OpenAI's default ("auto" with tools, else "none")."""
-    if value is None:
-        return ToolChoice("auto" if tools else "none")
+def parse_tool_choice(value: object) -> ToolChoice | None:
+    """Validated `tool_choice` (its shape; `settle_choice` checks it against the tools); None: not given."""
+    if value is None or isinstance(value, ToolChoice):
+        return value
     if value in ("auto", "none", "required"):
-        if value == "required" and not tools:
-            raise BadRequest('tool_choice is "required" but the request has no tools')
         return ToolChoice(value)  # type: ignore[arg-type]
     if isinstance(value, dict):
         _check_keys(value, "tool_choice", {"type", "function"})
         fn = value.get("function")
-        if value.get("type") == "function" and isinstance(fn, dict):
-            name = fn.get("name")
-            if not any(t.name == name for t in tools):
-                raise BadRequest(f"tool_choice.function.name {name!r} is not one of the tools "
-                                 f"{[t.name for t in tools]}")
-            return ToolChoice("function", name)
-    raise BadRequest('tool_choice must be "auto", "none", "required" or '
-                     f'{{"type": "function", "function": {{"name": ...}}}}, got {value!r}')
+        if value.get("type") == "function" and isinstance(fn, dict) and isinstance(fn.get("name"), str):
+            _check_keys(fn, "tool_choice.function", {"name"})
+            return ToolChoice("function", fn["name"])
+    raise GenerationError('tool_choice must be "auto", "none", "required" or '
+                          f'{{"type": "function", "function": {{"name": ...}}}}, got {value!r}')
+
+
+def settle_choice(choice: ToolChoice | None, tools: Sequence[Tool]) -> ToolChoice:
+    """The choice in force: OpenAI's default for None ("auto" with tools, else "none");
+    GenerationError when it asks for a call no offered tool can make."""
+    if choice is None:
+        return ToolChoice("auto" if tools else "none")
+    if choice.mode == "required" and not tools:
+        raise GenerationError('tool_choice is "required" but the request has no tools')
+    if choice.mode == "function" and not any(t.name == choice.name for t in tools):
+        raise GenerationError(f"tool_choice.function.name {choice.name!r} is not one of the tools "
+                              f"{[t.name for t in tools]}")
+    return choice
 
 
 def _check_keys(value: object, where: str, allowed: set[str]) -> None:
     if not isinstance(value, dict):
-        raise BadRequest(f"{where} must be an object, got {_kind(value)}")
+        raise GenerationError(f"{where} must be an object, got {_kind(value)}")
     unknown = sorted(set(value) - allowed)
     if unknown:
-        raise BadRequest(f"{where} has unknown field {unknown[0]!r}; allowed: {sorted(allowed)}")
+        raise GenerationError(f"{where} has unknown field {unknown[0]!r}; allowed: {sorted(allowed)}")
 
 
 def _kind(value: object) -> str:
@@ -146,16 +154,16 @@ def normalize_messages(messages: object) -> list[dict[str, Any]]:
     with `arguments` as an object (templates apply `tojson` to it), content "" where a call
     had none, and each tool result's `name` filled from the call it answers."""
     if not isinstance(messages, list) or not messages:
-        raise BadRequest("messages must be a non-empty list of {role, content} objects")
+        raise GenerationError("messages must be a non-empty list of {role, content} objects")
     names: dict[str, str] = {}
     out = []
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(m, dict):
-            raise BadRequest(f"{where} must be an object with role and content, got {_kind(m)}")
+            raise GenerationError(f"{where} must be an object with role and content, got {_kind(m)}")
         m = dict(m)
         if m.get("role") not in _ROLES:
-            raise BadRequest(f"{where}.role must be one of {list(_ROLES)}, got {m.get('role')!r}")
+            raise GenerationError(f"{where}.role must be one of {list(_ROLES)}, got {m.get('role')!r}")
         if m["role"] == "assistant" and m.get("tool_calls") is not None:
             m["tool_calls"] = _normalize_calls(m["tool_calls"], f"{where}.tool_calls")
             names.update((c["id"], c["function"]["name"]) for c in m["tool_calls"])
@@ -164,20 +172,20 @@ def normalize_messages(messages: object) -> list[dict[str, Any]]:
         if m["role"] == "tool":
             call_id = m.get("tool_call_id")
             if not isinstance(call_id, str):
-                raise BadRequest(f"{where}.tool_call_id must be a string, got {call_id!r}")
+                raise GenerationError(f"{where}.tool_call_id must be a string, got {call_id!r}")
             name = m.setdefault("name", names.get(call_id))
             if not isinstance(name, str):
-                raise BadRequest(f"{where}.tool_call_id {call_id!r} answers no earlier tool call; "
-                                 f"give {where}.name")
+                raise GenerationError(f"{where}.tool_call_id {call_id!r} answers no earlier tool call; "
+                                      f"give {where}.name")
         if not isinstance(m.get("content"), str):
-            raise BadRequest(f"{where}.content must be a string, got {m.get('content')!r}")
+            raise GenerationError(f"{where}.content must be a string, got {m.get('content')!r}")
         out.append(m)
     return out
 
 
 def _normalize_calls(calls: object, where: str) -> list[dict[str, Any]]:
     if not isinstance(calls, list):
-        raise BadRequest(f"{where} must be a list, got {_kind(calls)}")
+        raise GenerationError(f"{where} must be a list, got {_kind(calls)}")
     out = []
     for j, call in enumerate(calls):
         at = f"{where}[{j}]"
@@ -185,17 +193,17 @@ def _normalize_calls(calls: object, where: str) -> list[dict[str, Any]]:
         fn = call.get("function")
         _check_keys(fn, f"{at}.function", {"name", "arguments"})
         if not isinstance(call.get("id"), str) or call.get("type", "function") != "function":
-            raise BadRequest(f'{at} needs a string id and type "function", got {call!r}')
+            raise GenerationError(f'{at} needs a string id and type "function", got {call!r}')
         if not isinstance(fn.get("name"), str):
-            raise BadRequest(f"{at}.function.name must be a string, got {fn.get('name')!r}")
+            raise GenerationError(f"{at}.function.name must be a string, got {fn.get('name')!r}")
         args = fn.get("arguments", {})
         if isinstance(args, str):
             try:
                 args = json.loads(args)
             except json.JSONDecodeError as e:
-                raise BadRequest(f"{at}.function.arguments is not valid JSON: {e}") from e
+                raise GenerationError(f"{at}.function.arguments is not valid JSON: {e}") from e
         if not isinstance(args, dict):
-            raise BadRequest(f"{at}.function.arguments must be a JSON object, got {args!r}")
+            raise GenerationError(f"{at}.function.arguments must be a JSON object, got {args!r}")
         out.append({"id": call["id"], "type": "function",
                     "function": {"name": fn["name"], "arguments": args}})
     return out
@@ -258,13 +266,19 @@ def _fallback_messages(msgs: list[dict[str, Any]], offered: list[Tool]) -> list[
 _LAYOUT = {"whitespace_flexible": False, "key_separator": ": ", "item_separator": ", "}
 
 
-def call_schema(tools: Sequence[Tool], choice: ToolChoice,
-                syntax: Syntax = "hermes") -> dict[str, str] | None:
+def call_schema(tools: Sequence[Tool], choice: ToolChoice, syntax: Syntax = "hermes",
+                answer: str | None = None, tag_tokens: bool = False,
+                parallel: bool = True) -> dict[str, str] | None:
     """The grammar, as a request's `grammar` field `{"type": "lark", "value": ...}`, that
     constrains the reply to calls allowed by `choice`; None where nothing is constrained.
 
     "required" and a named function force one or more calls and nothing else; "auto"
-    leaves text free until the model opens a call, then holds the call to a schema.
+    leaves text free until the model opens a call, then holds the call to a schema, or,
+    with `answer` (a JSON schema as text: the request's response_format), makes the reply
+    either calls or one JSON value under that schema. `tag_tokens`: the vocabulary has the
+    Hermes tags as tokens of their own (Qwen's), which the grammar then names as tokens,
+    so the model writes the tag it was trained on rather than spelling it out. Without
+    `parallel`, a reply holds one call at most.
     """
     allowed = choice.allowed(tools)
     if not allowed:
@@ -273,21 +287,34 @@ def call_schema(tools: Sequence[Tool], choice: ToolChoice,
     bodies = [{"type": "object", "properties": {"name": {"const": t.name}, key: t.parameters},
                "required": ["name", key], "additionalProperties": False} for t in allowed]
     schema = {"x-guidance": _LAYOUT, **(bodies[0] if len(bodies) == 1 else {"anyOf": bodies})}
-    body = "body: %json " + json.dumps(schema, ensure_ascii=False)
+    rules = ["body: %json " + json.dumps(schema, ensure_ascii=False)]
     forced = choice.mode != "auto"
+    if answer is not None and not forced:
+        rules.append("answer: %json " + answer)
     if syntax == "llama3":
         # A reply is either one JSON call or text that does not open with "{".
-        start = "start: body" if forced else "start: TEXT | body\nTEXT: /\\s*([^{\\s](?s:.*))?/"
-        return {"type": "lark", "value": f"{start}\n{body}\n"}
-    call = f'"\\n" body "\\n{CLOSE}"'
-    if forced:
-        rules = f'start: call ("\\n" call)*\ncall: "{OPEN}" {call}'
+        if forced:
+            rules.insert(0, "start: body")
+        elif answer is not None:
+            rules.insert(0, "start: answer | body")
+        else:
+            rules[:0] = ["start: TEXT | body", "TEXT: /\\s*([^{\\s](?s:.*))?/"]
+        return {"type": "lark", "value": "\n".join(rules) + "\n"}
+    open_, close = (OPEN, CLOSE) if tag_tokens else (f'"{OPEN}"', f'"{CLOSE}"')
+    call = f'call: {open_} "\\n" body "\\n" {close}'
+    more = "*" if parallel else "?"
+    if forced or answer is not None:
+        calls = 'call ("\\n" call)*' if parallel else "call"
+        rules[:0] = [f'start: {"" if forced else "answer | "}{calls}', call]
+    elif tag_tokens:
+        # Text cannot hold a token llguidance counts as special, so it ends where the tag comes.
+        rules[:0] = [f"start: TEXT (call TEXT){more}", "TEXT: /(?s:.*)/", call]
     else:
         # The head is lazy, so it ends at the first open tag; the tail may hold no open tag,
         # so an opened call cannot escape its schema by being read as text.
-        rules = (f"start: (head call)* TAIL\nhead[lazy]: /(?s:.*){OPEN}/\ncall: {call}\n"
-                 f"TAIL: /(?s:.*)/ & ~/(?s:.*){OPEN}(?s:.*)/")
-    return {"type": "lark", "value": f"{rules}\n{body}\n"}
+        rules[:0] = [f"start: (head call){more} TAIL", f"head[lazy]: /(?s:.*){OPEN}/",
+                     f'call: "\\n" body "\\n" {close}', f"TAIL: /(?s:.*)/ & ~/(?s:.*){OPEN}(?s:.*)/"]
+    return {"type": "lark", "value": "\n".join(rules) + "\n"}
 
 
 # --- parsing the model's calls ------------------------------------------------------------
@@ -443,3 +470,14 @@ def _whole_message_calls(text: str, names: set[str]) -> list[tuple[str, dict[str
     items = value if isinstance(value, list) else [value]
     calls = [_as_call(v, names) for v in items]
     return calls if items and all(calls) else []  # type: ignore[return-value]
+
+
+def merge_deltas(calls: list[dict[str, Any]], deltas: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Streamed tool-call deltas folded into `calls` (OpenAI's `tool_calls` shape), in place."""
+    for delta in deltas:
+        index = delta["index"]
+        if index == len(calls):
+            calls.append({"id": delta["id"], "type": "function",
+                          "function": {"name": delta["function"]["name"], "arguments": ""}})
+        calls[index]["function"]["arguments"] += delta["function"].get("arguments", "")
+    return calls

@@ -19,8 +19,8 @@ import pytest
 from edgellm import cli
 from edgellm.args import sampling_params
 from edgellm.errors import GenerationError, RequestError
-from edgellm.params import (BY_NAME, INT, LOGIT_BIAS, NUMBER, OBJECT, PARAMS, STRINGS, GenerationParams, to_wire,
-                            wire_schema)
+from edgellm.params import (BOOL, BY_NAME, CHOICE, INT, LOGIT_BIAS, NUMBER, OBJECT, PARAMS, STRINGS, TOOL_CHOICE, TOOLS,
+                            GenerationParams, to_wire, wire_schema)
 from edgellm.service import protocol as proto
 
 SCHEMA_PATH = Path(proto.__file__).parent / "schemas" / "request.json"
@@ -142,6 +142,32 @@ GRAMMAR_CASES = [
 OBJECT_CASES = {"response_format": RESPONSE_FORMAT_CASES, "grammar": GRAMMAR_CASES}
 
 
+def _tool(**function: Any) -> dict[str, Any]:
+    return {"type": "function", "function": function}
+
+
+# Shapes only, as for the constraints: a duplicate name or a "required" choice without
+# tools needs the whole request (tests/test_tool_calls.py).
+TOOLS_CASES = [
+    ([], True), ([_tool(name="set_light")], True),
+    ([_tool(name="set_light", description="on or off", parameters={"type": "object", "properties": {
+        "on": {"type": "boolean"}}, "required": ["on"]}, strict=True)], True),
+    ([_tool(name=f"t{i}") for i in range(64)], True), ([_tool(name=f"t{i}") for i in range(65)], False),
+    ([_tool(name="set light")], False), ([_tool(name="x" * 65)], False), ([_tool(name="")], False),
+    ([_tool(name="a", parameters={"type": "array"})], False), ([_tool(name="a", parameters=[])], False),
+    ([_tool(name="a", extra=1)], False), ([_tool(name="a", strict="yes")], False),
+    ([{"type": "retrieval", "function": {"name": "a"}}], False), ([{"type": "function"}], False),
+    (_tool(name="a"), False), ("set_light", False),
+]
+TOOL_CHOICE_CASES = [
+    ("auto", True), ("none", True), ("maybe", False), ("", False), (1, False),
+    ({"type": "function"}, False), ({"type": "function", "function": {"name": 1}}, False),
+]
+BOOL_CASES = [(True, True), (False, True), (1, False), (0, False), ("true", False), (None, False)]
+CHOICE_CASES = {"reasoning": [("separate", True), ("hide", True), ("inline", True), ("off", True),
+                              ("on", False), ("", False), (True, False), (1, False)]}
+
+
 def cases() -> list[tuple[str, Any, bool]]:
     out = []
     for p in PARAMS:
@@ -155,6 +181,14 @@ def cases() -> list[tuple[str, Any, bool]]:
             out += [(p.name, v, ok) for v, ok in BIAS_CASES]
         elif p.kind == OBJECT:
             out += [(p.name, v, ok) for v, ok in OBJECT_CASES[p.name]]
+        elif p.kind == TOOLS:
+            out += [(p.name, v, ok) for v, ok in TOOLS_CASES]
+        elif p.kind == TOOL_CHOICE:
+            out += [(p.name, v, ok) for v, ok in TOOL_CHOICE_CASES]
+        elif p.kind == CHOICE:
+            out += [(p.name, v, ok) for v, ok in CHOICE_CASES[p.name]]
+        elif p.kind == BOOL:
+            out += [(p.name, v, ok) for v, ok in BOOL_CASES]
         else:
             raise AssertionError(f"{p.name}: add drift cases for kind {p.kind!r}")
     return out

@@ -58,7 +58,7 @@ BAD = {
     "prompt not string": b'{"id": "a", "prompt": ["x"]}',
     "empty messages": b'{"id": "a", "messages": []}',
     "bad role": b'{"id": "a", "messages": [{"role": "robot", "content": "x"}]}',
-    "message extra key": b'{"id": "a", "messages": [{"role": "user", "content": "x", "name": "n"}]}',
+    "message extra key": b'{"id": "a", "messages": [{"role": "user", "content": "x", "weight": 2}]}',
     "message content not string": b'{"id": "a", "messages": [{"role": "user", "content": 1}]}',
     "messages without content": b'{"id": "a", "messages": [{"role": "user", "content": ""}]}',
     "temperature string": b'{"id": "a", "prompt": "x", "temperature": "hot"}',

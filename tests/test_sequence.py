@@ -74,7 +74,7 @@ def test_sequences_share_no_state_so_a_scheduler_can_interleave_them(tokenizer):
 
 
 def test_a_stateful_processor_constrains_what_is_sampled(tokenizer):
-    """How a grammar state takes part: a processor that masks, advanced by every token."""
+    """How a grammar state takes part: it masks every sample and is advanced by every kept token."""
     seq = new(tokenizer, tokenizer.encode("Hello"), max_new_tokens=7, stop_token_ids=[5])
     script = tokenizer.encode(" the quick") + [5]
 
@@ -92,11 +92,13 @@ def test_a_stateful_processor_constrains_what_is_sampled(tokenizer):
             assert token == script[self.at]
             self.at += 1
 
+        done, accepting = False, True
+
     state = Script()
-    seq.processors.insert(0, state)
-    seq.on_token.append(state.advance)
+    seq.grammar = state
     run = drive(seq)
-    assert ids_of(run) == script[:-1] and run[1].finish_reason == "stop" and state.at == len(script)
+    # The stop token ends the sequence without an advance: nothing follows it.
+    assert ids_of(run) == script[:-1] and run[1].finish_reason == "stop" and state.at == len(script) - 1
     assert state.seen == [len(seq.prompt) + k for k in range(len(script))]
 
 

@@ -8,11 +8,11 @@ import random
 
 import pytest
 
-from edgellm.errors import BadRequest
+from edgellm.errors import GenerationError
 from edgellm.text import ChatTemplate, template_variables
 from edgellm.tools import (FALLBACK_PREAMBLE, Tool, ToolCallParser, ToolChoice, call_schema,
                            call_syntax, chat_inputs, normalize_messages, parse_calls,
-                           parse_tool_choice, parse_tools)
+                           parse_tool_choice, parse_tools, settle_choice)
 from tests.tiny import CHAT_TEMPLATE
 
 WEATHER = {"type": "function", "function": {
@@ -88,16 +88,16 @@ def test_tools_parse_into_their_openai_shape():
     ([{"type": "function", "function": {"name": "f", "strict": "yes"}}], "tools[0].function.strict"),
 ])
 def test_bad_tools_name_their_path(value, path):
-    with pytest.raises(BadRequest) as err:
+    with pytest.raises(GenerationError) as err:
         parse_tools(value)
-    assert path in str(err.value) and err.value.code == "bad_request"
+    assert path in str(err.value)
 
 
 def test_tool_choice():
-    assert parse_tool_choice(None, TOOLS) == ToolChoice("auto")
-    assert parse_tool_choice(None, []) == ToolChoice("none")
-    assert parse_tool_choice("required", TOOLS) == ToolChoice("required")
-    named = parse_tool_choice({"type": "function", "function": {"name": "set_light"}}, TOOLS)
+    assert settle_choice(parse_tool_choice(None), TOOLS) == ToolChoice("auto")
+    assert settle_choice(parse_tool_choice(None), []) == ToolChoice("none")
+    assert settle_choice(parse_tool_choice("required"), TOOLS) == ToolChoice("required")
+    named = settle_choice(parse_tool_choice({"type": "function", "function": {"name": "set_light"}}), TOOLS)
     assert named == ToolChoice("function", "set_light")
     assert [t.name for t in named.allowed(TOOLS)] == ["set_light"]
     assert ToolChoice("none").allowed(TOOLS) == [] and ToolChoice("auto").allowed(TOOLS) == TOOLS
@@ -111,8 +111,8 @@ def test_tool_choice():
     ({"type": "function", "name": "set_light"}, TOOLS, "tool_choice has unknown field 'name'"),
 ])
 def test_bad_tool_choice(value, tools, message):
-    with pytest.raises(BadRequest) as err:
-        parse_tool_choice(value, tools)
+    with pytest.raises(GenerationError) as err:
+        settle_choice(parse_tool_choice(value), tools)
     assert message in str(err.value)
 
 
@@ -142,7 +142,7 @@ def test_round_trip_messages_are_normalised_for_templates():
 ])
 def test_bad_messages_name_their_path(patch, path):
     msgs = [{**m, **patch.get(i, {})} for i, m in enumerate(ROUND_TRIP)]
-    with pytest.raises(BadRequest) as err:
+    with pytest.raises(GenerationError) as err:
         normalize_messages(msgs)
     assert path in str(err.value)
 

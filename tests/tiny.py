@@ -23,6 +23,39 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
+# Qwen3's chat template reduced to what edgellm reads from it: tools in the system turn,
+# Hermes calls and tool responses, and the think block (history drops it; enable_thinking
+# false writes an empty one). Its vocabulary needs THINK_TOOL_TOKENS.
+QWEN3_TEMPLATE = (
+    "{%- if tools %}{{ '<|im_start|>system\\n' }}"
+    "{%- if messages[0].role == 'system' %}{{ messages[0].content + '\\n\\n' }}{% endif %}"
+    "{{ '# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n' }}"
+    "{{ 'You are provided with function signatures within <tools></tools> XML tags:\\n<tools>' }}"
+    "{%- for tool in tools %}{{ '\\n' + (tool | tojson) }}{% endfor %}"
+    "{{ '\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments '"
+    " + 'within <tool_call></tool_call> XML tags:\\n<tool_call>\\n'"
+    " + '{\\\"name\\\": <function-name>, \\\"arguments\\\": <args-json-object>}\\n</tool_call><|im_end|>\\n' }}"
+    "{%- elif messages[0].role == 'system' %}"
+    "{{ '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}{% endif %}"
+    "{%- for message in messages %}"
+    "{%- if message.role == 'tool' %}"
+    "{{ '<|im_start|>user\\n<tool_response>\\n' + message.content + '\\n</tool_response><|im_end|>\\n' }}"
+    "{%- elif message.role == 'assistant' %}"
+    "{%- set answer = message.content.split('</think>')[-1].lstrip() %}"
+    "{{ '<|im_start|>assistant' }}{% if answer %}{{ '\\n' + answer }}{% endif %}"
+    "{%- for call in message.tool_calls or [] %}"
+    "{{ '\\n<tool_call>\\n' + ({'name': call.function.name, 'arguments': call.function.arguments} | tojson)"
+    " + '\\n</tool_call>' }}"
+    "{%- endfor %}{{ '<|im_end|>\\n' }}"
+    "{%- elif message.role != 'system' %}"
+    "{{ '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}{% endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}"
+    "{%- endif %}{% endif %}"
+)
+THINK_TOOL_TOKENS = ("<think>", "</think>", "<tool_call>", "</tool_call>")
+
 ARCH_CONFIGS = {
     "llama": dict(model_type="llama", architectures=["LlamaForCausalLM"]),
     "qwen2": dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"]),
@@ -62,12 +95,16 @@ def make_tiny_model(
     max_position_embeddings: int = 512,
     rope_scaling: dict | None = None,
     dtype: str = "float32",
+    added_tokens: tuple[str, ...] = (),
+    chat_template: str = CHAT_TEMPLATE,
 ) -> Path:
-    """Write a tiny random `arch` checkpoint to `out` and return it."""
+    """Write a tiny random `arch` checkpoint to `out` and return it; `added_tokens` join
+    the vocabulary as whole, non-special tokens (think markers, tool-call tags)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
     tok = build_tokenizer()
+    tok.add_tokens(list(added_tokens))
     vocab = tok.get_vocab_size()
     kw = dict(ARCH_CONFIGS[arch])
     model_type = kw.pop("model_type")
@@ -111,6 +148,6 @@ def make_tiny_model(
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
     )
-    fast.chat_template = CHAT_TEMPLATE
+    fast.chat_template = chat_template
     fast.save_pretrained(out)
     return out

@@ -13,6 +13,7 @@ from typing import Any
 
 from ..errors import GenerationError, RequestError
 from ..params import BY_WIRE, from_wire
+from ..tools import normalize_messages
 
 BAD_REQUEST = "bad_request"
 TOO_LARGE = "too_large"
@@ -24,7 +25,7 @@ ERROR_CODES = (BAD_REQUEST, TOO_LARGE, BUSY, CANCELLED, INTERNAL, FORBIDDEN)
 
 DEFAULT_MAX_PAYLOAD = 64 * 1024
 FINISH_REASONS = ("stop", "length", "cancelled")
-ROLES = ("system", "user", "assistant", "tool")
+MESSAGE_FIELDS = frozenset({"role", "content", "tool_calls", "tool_call_id", "name"})
 
 # Ids end up in topic names (`.../response/{id}`): no '/', '+', '#' or spaces.
 _ID = re.compile(r"[A-Za-z0-9_.:@-]{1,128}")
@@ -174,21 +175,22 @@ def _params(data: dict[str, Any]) -> dict[str, Any]:
         raise _bad(str(exc)) from None
 
 
-def _messages(value: Any) -> list[dict[str, str]]:
+def _messages(value: Any) -> list[dict[str, Any]]:
     if not isinstance(value, list) or not value:
         raise _bad("field 'messages' must be a non-empty list")
     if len(value) > MAX_MESSAGES:
         raise _bad(f"field 'messages' has {len(value)} entries, limit is {MAX_MESSAGES}")
     for i, message in enumerate(value):
-        if not isinstance(message, dict) or set(message) != {"role", "content"}:
-            raise _bad(f"messages[{i}] must be an object with exactly 'role' and 'content'")
-        if message["role"] not in ROLES:
-            raise _bad(f"messages[{i}].role {message['role']!r} is not one of {list(ROLES)}")
-        if not isinstance(message["content"], str):
-            raise _bad(f"messages[{i}].content must be a string")
-    if not any(m["content"].strip() for m in value):
+        if not isinstance(message, dict) or "role" not in message or not set(message) <= MESSAGE_FIELDS:
+            raise _bad(f"messages[{i}] must be an object with role and content (and tool_calls, tool_call_id "
+                       "or name where OpenAI's messages have them), nothing else")
+    try:
+        messages = normalize_messages(value)
+    except GenerationError as exc:
+        raise _bad(str(exc)) from None
+    if not any(m["content"].strip() or m.get("tool_calls") for m in messages):
         raise _bad("field 'messages' has no content")
-    return [dict(m) for m in value]
+    return messages
 
 
 def parse_request(payload: bytes, max_bytes: int = DEFAULT_MAX_PAYLOAD) -> Request:
@@ -248,17 +250,29 @@ def encode(payload: dict[str, Any]) -> bytes:
     return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
-def chunk_payload(rid: str, seq: int, delta: str) -> dict[str, Any]:
-    return {"id": rid, "seq": seq, "delta": delta}
+def chunk_payload(rid: str, seq: int, delta: str, reasoning: str = "",
+                  tool_calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """`reasoning` and `tool_calls` (OpenAI's deltas) are sent only when there are some."""
+    payload: dict[str, Any] = {"id": rid, "seq": seq, "delta": delta}
+    if reasoning:
+        payload["reasoning"] = reasoning
+    if tool_calls:
+        payload["tool_calls"] = tool_calls
+    return payload
 
 
-def final_payload(rid: str, text: str, finish_reason: str, usage: dict[str, Any],
-                  incomplete: bool = False) -> dict[str, Any]:
+def final_payload(rid: str, text: str, finish_reason: str, usage: dict[str, Any], incomplete: bool = False,
+                  reasoning: str = "", tool_calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """`incomplete` (sent only when true): the text stopped short of the request's
-    response_format or grammar, so it will not validate."""
+    response_format, grammar or forced call, so it will not validate. `reasoning` and
+    `tool_calls` are sent only when there are some."""
     payload = {"id": rid, "done": True, "text": text, "finish_reason": finish_reason, "usage": usage}
     if incomplete:
         payload["incomplete"] = True
+    if reasoning:
+        payload["reasoning"] = reasoning
+    if tool_calls:
+        payload["tool_calls"] = tool_calls
     return payload
 
 

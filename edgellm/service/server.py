@@ -24,6 +24,7 @@ from .. import __version__
 from ..errors import GenerationError, RequestError
 from ..params import GenerationParams
 from ..session import release_freed_heap
+from ..tools import merge_deltas
 from . import protocol as proto
 from .admission import ACTIVE, FairQueue, RecentRequests
 from .connection import Connection, connect_async, connect_failure_reason, make_client, publish_properties, refusal
@@ -52,6 +53,7 @@ class ServiceConfig:
     recent_ids: int = 1024
     max_tokens: int = 1024  # the most any one request may generate: one request cannot hold every device for minutes
     per_client: int | None = None  # requests one reply topic may have waiting (default: half the queue)
+    reasoning_topic: str | None = None  # every request's reasoning is also published here, for an audit log
     reconnect_min_s: float = 1.0
     reconnect_max_s: float = 30.0
 
@@ -104,6 +106,9 @@ class Service:
         self.topics = proto.Topics(config.topic_prefix, config.device_id)
         if config.shared_group is not None and not proto.valid_id(config.shared_group):
             raise ValueError(f"--shared-group {config.shared_group!r} must be one topic level of A-Z a-z 0-9 _ . : @ -")
+        if config.reasoning_topic is not None and not proto.valid_topic(config.reasoning_topic):
+            raise ValueError(f"--reasoning-topic {config.reasoning_topic!r} must be a topic without wildcards, "
+                             "not starting with '$'")
         self.client_id = config.resolved_client_id()
         # One status per process: with a shared group, each member's Last Will
         # must only ever mark that member offline.
@@ -357,6 +362,10 @@ class Service:
                 final = proto.error_payload(job.request.id, proto.INTERNAL, message)
             encoded = proto.encode(final)
             self._send_encoded(job.route, encoded)
+            if self.config.reasoning_topic and final.get("reasoning"):
+                self._send(Route(self.config.reasoning_topic), {
+                    "id": job.request.id, "reply_topic": job.route.topic, "reasoning": final["reasoning"],
+                    "finish_reason": final["finish_reason"]})
             self._recent.finish(job.key, encoded)
             with self._lock:
                 self._active.pop(job.key, None)
@@ -364,35 +373,40 @@ class Service:
                 release_freed_heap()  # a long prompt's buffers go back to the OS while idle
 
     def _generate(self, job: Job) -> dict[str, Any]:
-        """Stream the chunks of one request; returns its final reply, which the caller sends."""
+        """Stream the chunks of one request; returns its final reply, which the caller sends.
+
+        Reasoning and tool-call deltas ride on the chunks of a token stream; a sentence
+        stream (for a TTS) carries only the answer, and the final reply has everything."""
         request = job.request
         if job.cancel.is_set():
             return proto.error_payload(request.id, proto.CANCELLED, "cancelled before it started")
         splitter = proto.SentenceSplitter() if request.stream == "sentence" else None
-        seq, parts, last = 0, [], None
+        seq, parts, thoughts, calls, last = 0, [], [], [], None
 
-        def emit(delta: str) -> None:
+        def emit(delta: str, reasoning: str = "", tool_calls: list[dict[str, Any]] | None = None) -> None:
             nonlocal seq
-            self._send(job.route, proto.chunk_payload(request.id, seq, delta))
+            self._send(job.route, proto.chunk_payload(request.id, seq, delta, reasoning, tool_calls))
             seq += 1
 
         for chunk in self.model.stream(request.prompt, **request.params, cancel=job.cancel):
             last = chunk
-            if not chunk.text:
-                continue
             parts.append(chunk.text)
+            thoughts.append(chunk.reasoning)
+            merge_deltas(calls, chunk.tool_calls)
             if splitter is not None:
                 for sentence in splitter.feed(chunk.text):
                     emit(sentence)
-            elif request.stream:
-                emit(chunk.text)
+            elif request.stream and (chunk.text or chunk.reasoning or chunk.tool_calls):
+                emit(chunk.text, chunk.reasoning, chunk.tool_calls)
         if splitter is not None and (rest := splitter.flush()):
             emit(rest)
         finish = getattr(last, "finish_reason", None) or "stop"
         usage = _usage(getattr(last, "usage", None))
+        reasoning = "".join(thoughts)
         log.info("request %s: %s, %s tokens", request.id, finish, usage.get("completion_tokens", "?"))
         return proto.final_payload(request.id, "".join(parts), finish, usage,
-                                   incomplete=getattr(last, "incomplete", False))
+                                   incomplete=getattr(last, "incomplete", False), reasoning=reasoning,
+                                   tool_calls=calls)
 
     def _send(self, route: Route, payload: dict[str, Any]) -> None:
         self._send_encoded(route, proto.encode(payload))
