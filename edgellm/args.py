@@ -7,10 +7,12 @@ takes exactly what the Python API and the MQTT request take.
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Any
 
-from .params import CHOICE, INT, NUMBER, PARAMS, STRINGS, check_all
+from .errors import GenerationError
+from .params import BY_NAME, CHOICE, INT, NUMBER, PARAMS, STRINGS, check_all, check_together
 
 
 def add_load_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,6 +34,8 @@ def _integer(text: str) -> int | float:
 
 
 _TYPES = {INT: _integer, NUMBER: float}
+# Parameters whose value is a JSON document: their flags take a file (or a name), not the value.
+DOCUMENT_FLAGS = {"response_format": "--json-schema", "tools": "--tools", "tool_choice": "--tool-choice"}
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
@@ -49,12 +53,39 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
             g.add_argument(*flags, dest=param.name, type=_TYPES[param.kind], help=param.help + bounds)
     g.add_argument("--system", help="system prompt (chat template)")
     g.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
+    g = p.add_argument_group("output a program can use (needs edgellm[grammar])")
+    g.add_argument("--json-schema", type=Path, metavar="FILE",
+                   help="answer with JSON that validates against this JSON Schema file")
+    g.add_argument("--tools", type=Path, metavar="FILE",
+                   help="JSON file with a list of OpenAI function tools the model may call; "
+                        "calls are printed as JSON lines")
+    g.add_argument("--tool-choice", metavar="CHOICE",
+                   help="auto (default with --tools), none, required, or the name of one tool to call")
 
 
 def sampling_params(args: argparse.Namespace) -> dict[str, Any]:
-    """The sampling flags given, by API name, validated (GenerationError names the bad one)."""
-    return check_all({p.name: getattr(args, p.name) for p in PARAMS
-                      if p.cli and getattr(args, p.name) is not None})
+    """The sampling and output flags given, by API name, validated (GenerationError names the bad one)."""
+    params = {p.name: getattr(args, p.name) for p in PARAMS if p.cli and getattr(args, p.name) is not None}
+    if args.json_schema is not None:
+        schema = _read_json(args.json_schema, "--json-schema")
+        params["response_format"] = {"type": "json_schema",
+                                     "json_schema": {"name": args.json_schema.stem, "schema": schema}}
+    if args.tools is not None:
+        params["tools"] = _read_json(args.tools, "--tools")
+    if args.tool_choice is not None:
+        choice = args.tool_choice
+        params["tool_choice"] = choice if choice in ("auto", "none", "required") else {
+            "type": "function", "function": {"name": choice}}
+    checked = check_all(params)
+    check_together(checked, lambda name: DOCUMENT_FLAGS.get(name) or BY_NAME[name].flag)
+    return checked
+
+
+def _read_json(path: Path, flag: str) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise GenerationError(f"{flag} {path}: {exc}") from None
 
 
 def load_model(args: argparse.Namespace):

@@ -13,23 +13,24 @@ from typing import Any, Callable
 
 from . import __version__
 from .args import add_load_arguments, add_sampling_arguments, load_model, sampling_params
+from .console import AnswerPrinter
 from .errors import EdgeLLMError
 from .service.commands import (add_ask_arguments, add_demo_arguments, add_serve_arguments, run_ask, run_demo,
                                run_serve)
+from .tools import merge_deltas
 
 
 def _stream_to_stdout(model, request, params: dict[str, Any]):
-    """Print deltas as they come; return the final chunk and the whole text."""
-    last, parts = None, []
+    """Print the answer as it comes; return the final chunk, the whole text and the tool calls."""
+    last, parts, calls, printer = None, [], [], AnswerPrinter()
     for chunk in model.stream(request, **params):
-        if chunk.text:
-            parts.append(chunk.text)
-            sys.stdout.write(chunk.text)
-            sys.stdout.flush()
+        printer.reasoning(chunk.reasoning)
+        printer.text(chunk.text)
+        parts.append(chunk.text)
+        merge_deltas(calls, chunk.tool_calls)
         last = chunk
-    sys.stdout.write("\n")
-    sys.stdout.flush()  # before the stats line goes to stderr
-    return last, "".join(parts)
+    printer.finish(calls)  # before the stats line goes to stderr
+    return last, "".join(parts), calls
 
 
 def _stats(chunk) -> str:
@@ -47,7 +48,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         request = ([{"role": "system", "content": args.system}] if args.system else [])
         request.append({"role": "user", "content": args.prompt})
-    last, _ = _stream_to_stdout(model, request, params)
+    last, _, _ = _stream_to_stdout(model, request, params)
     print(_stats(last), file=sys.stderr)
     return 0
 
@@ -70,8 +71,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
             continue
         history.append({"role": "user", "content": line})
         # The model keeps the previous turn's KV: only the new turn is prefilled.
-        last, text = _stream_to_stdout(model, history, params)
-        history.append({"role": "assistant", "content": text})
+        last, text, calls = _stream_to_stdout(model, history, params)
+        history.append({"role": "assistant", "content": text, **({"tool_calls": calls} if calls else {})})
         print(_stats(last), file=sys.stderr)
     return 0
 

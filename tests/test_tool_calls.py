@@ -7,6 +7,8 @@ every channel split because of the think-marker tokens.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import jsonschema  # the test extra's: an independent judge of the arguments
 import pytest
@@ -228,3 +230,45 @@ def test_mqtt_carries_tool_calls_and_reasoning(broker, probe, model):
     assert json.loads(logged.payload) == {"id": "r1", "reply_topic": topics.response("r1"),
                                           "reasoning": thought[-1]["reasoning"], "finish_reason": "length"}
     assert bad["error"]["code"] == proto.BAD_REQUEST and "tools[0].function.parameters" in bad["error"]["message"]
+
+
+# -- the command line ----------------------------------------------------------------------
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "edgellm.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_the_command_line_takes_schemas_and_tools_from_files(model, tmp_path):
+    tools, schema = tmp_path / "tools.json", tmp_path / "report.json"
+    tools.write_text(json.dumps(TOOLS))
+    report = {"type": "object", "properties": {"severity": {"enum": ["low", "high"]}, "ok": {"type": "boolean"}},
+              "required": ["severity", "ok"], "additionalProperties": False}
+    schema.write_text(json.dumps(report))
+    bundle, ask = str(model.path), ASK[0]["content"]
+    seed = next(s for s in range(20) if model.generate(ASK, tools=TOOLS, tool_choice="required", reasoning="off",
+                                                       temperature=1.0, seed=s, max_new_tokens=BUDGET).finish_reason
+                == "tool_calls")
+    expected = model.generate(ASK, tools=TOOLS, tool_choice="required", reasoning="off", temperature=1.0, seed=seed,
+                              max_new_tokens=BUDGET)
+    res = _cli("run", bundle, ask, "--tools", str(tools), "--tool-choice", "required", "--reasoning", "off",
+               "-n", str(BUDGET), "--temperature", "1.0", "--seed", str(seed))
+    assert res.returncode == 0, res.stderr
+    printed = [json.loads(line) for line in res.stdout.splitlines() if line.strip()]
+    assert [c["function"] for c in printed] == [c["function"] for c in expected.tool_calls]
+    assert "[tool_calls]" in res.stderr
+
+    res = _cli("run", bundle, ask, "--json-schema", str(schema), "--reasoning", "off", "-n", "60")
+    assert res.returncode == 0, res.stderr
+    jsonschema.validate(json.loads(res.stdout), report)
+
+    res = _cli("run", bundle, model.render_chat(ASK) + "<think>\n", "--raw", "--max-reasoning-tokens", "3",
+               "-n", "8", "--temperature", "1.0", "--seed", "1")
+    assert res.returncode == 0 and res.stderr.startswith("[reasoning] "), res.stderr
+    assert "</think>" not in res.stdout
+
+    for args, message in [(("--tools", str(tmp_path / "none.json")), "--tools"),
+                          (("--json-schema", str(schema), "--stop", "x"), "--stop cannot be combined with --json-schema"),
+                          (("--tools", str(tools), "--tool-choice", "unknown_tool"), "'unknown_tool' is not one of")]:
+        res = _cli("run", bundle, ask, *args)
+        lines = res.stderr.strip().splitlines()
+        assert res.returncode == 1 and len(lines) == 1 and message in lines[0], res.stderr

@@ -20,6 +20,7 @@ from typing import Any, Iterable
 
 from .. import load
 from ..args import add_load_arguments, add_sampling_arguments, load_model, sampling_params
+from ..console import AnswerPrinter
 from ..errors import RequestError
 from ..params import to_wire
 from ..recipes import RECIPES
@@ -39,7 +40,7 @@ log = logging.getLogger("edgellm.service")
 _CONFIG_KEYS = (
     "broker", "device_id", "topic_prefix", "client_id", "username", "password_file", "tls_ca", "tls_cert",
     "tls_key", "mqtt_version", "shared_group", "queue_size", "session_expiry", "max_payload", "max_tokens",
-    "queue_per_client",
+    "queue_per_client", "reasoning_topic",
 )
 _INT_KEYS = ("queue_size", "session_expiry", "max_payload", "max_tokens", "queue_per_client")
 
@@ -82,6 +83,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--queue-per-client", type=int,
                    help="requests one reply topic may have waiting, so one device cannot fill the queue "
                         "(default: half of --queue-size)")
+    g.add_argument("--reasoning-topic",
+                   help="also publish every request's reasoning (think block) here, for an audit log")
 
 
 def add_ask_arguments(p: argparse.ArgumentParser) -> None:
@@ -134,7 +137,8 @@ def _topics(args: argparse.Namespace) -> proto.Topics:
 
 
 def _service_config(args: argparse.Namespace, topics: proto.Topics) -> ServiceConfig:
-    names = ("client_id", "shared_group", "queue_size", "session_expiry", "max_payload", "max_tokens", "queue_per_client")
+    names = ("client_id", "shared_group", "queue_size", "session_expiry", "max_payload", "max_tokens", "queue_per_client",
+             "reasoning_topic")
     given = {k: getattr(args, k) for k in names}
     for key, low in (("queue_size", 1), ("max_payload", 1), ("session_expiry", 0), ("max_tokens", 1),
                      ("queue_per_client", 1)):
@@ -219,17 +223,18 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def _print_replies(command: str, replies: Iterable[dict[str, Any]], as_json: bool = False) -> int:
-    """Deltas to stdout as they arrive, one stats line to stderr; an error reply is one line and exit 1."""
+    """The answer to stdout as it arrives, one stats line to stderr; an error reply is one line and exit 1."""
+    printer = AnswerPrinter()
     try:
         for reply in replies:
             if as_json:
                 print(proto.encode(reply).decode())
             elif reply.get("done"):
-                sys.stdout.write("\n")
+                printer.finish(reply.get("tool_calls", []))
                 print(_stats(reply), file=sys.stderr)
             else:
-                sys.stdout.write(reply.get("delta", ""))
-                sys.stdout.flush()
+                printer.reasoning(reply.get("reasoning", ""))
+                printer.text(reply.get("delta", ""))
     except RequestError as exc:
         print(f"edgellm {command}: error: {exc.code}: {exc}", file=sys.stderr)
         return 1
