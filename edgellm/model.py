@@ -14,7 +14,7 @@ from .kvcache import DynamicCache, StaticCache
 from .reasoning import CONFIG_KEY, detect_markers, template_extras
 from .session import ProviderSpec, Runner, create_session, release_freed_heap
 from .spec import ModelSpec
-from .text import ChatTemplate, Tokenizer, encode_chat
+from .text import ChatTemplate, Tokenizer, encode_chat, template_variables
 from .tools import CLOSE, OPEN, call_syntax, chat_inputs, settle_choice
 
 if TYPE_CHECKING:
@@ -70,7 +70,8 @@ def load(
     conventions = Conventions(
         markers=detect_markers(template.source, tokenizer.token_to_id, manifest.generation.get(CONFIG_KEY)),
         syntax=call_syntax(template.source),
-        call_tags={OPEN, CLOSE} <= tokenizer.added_tokens)
+        call_tags={OPEN, CLOSE} <= tokenizer.added_tokens,
+        native_tools="tools" in template_variables(template.source))
     release_freed_heap()
     session = create_session(graph_path, providers=providers, threads=threads)
     runner = Runner(session, cache, kind=graph["kind"], where=str(graph_path))

@@ -126,8 +126,9 @@ PARAMS: tuple[Param, ...] = (
     Param("tool_choice", TOOL_CHOICE, None, "\"auto\" (default with tools), \"none\", \"required\" or "
           "{\"type\": \"function\", \"function\": {\"name\": ...}}; required and named calls are held to the "
           "function's parameter schema", optional=True, choices=("auto", "none", "required"), wire="tool_choice"),
-    Param("parallel_tool_calls", BOOL, True, "OpenAI's: false allows at most one call per reply",
-          wire="parallel_tool_calls"),
+    Param("parallel_tool_calls", BOOL, None, "OpenAI's: false allows at most one call per reply (default: true "
+          "where the chat template renders tools, false for the fallback prompt of a model never taught them)",
+          optional=True, wire="parallel_tool_calls"),
     Param("reasoning", CHOICE, None, "a reasoning model's think block: separate (default), hide, inline or off",
           optional=True, choices=REASONING_MODES, wire="reasoning", cli=True),
     Param("max_reasoning_tokens", INT, None, "close the think block after this many tokens", low=0, optional=True,
@@ -335,7 +336,7 @@ class GenerationParams:
     grammar: GrammarSpec | None = None
     tools: tuple[Tool, ...] = ()
     tool_choice: ToolChoice | None = None
-    parallel_tool_calls: bool = True
+    parallel_tool_calls: bool | None = None
     reasoning: str | None = None
     max_reasoning_tokens: int | None = None
 

@@ -27,12 +27,14 @@ from .tools import Syntax, ToolCallParser, ToolChoice, call_schema, settle_choic
 @dataclass(frozen=True)
 class Conventions:
     """What a model's chat format says about its replies, read once at load: its think
-    markers (None: it does not reason), the syntax it writes tool calls in, and whether
-    its vocabulary has the Hermes call tags as tokens."""
+    markers (None: it does not reason), the syntax it writes tool calls in, whether its
+    vocabulary has the Hermes call tags as tokens, and whether its template renders tools
+    (a model that was taught to call them)."""
 
     markers: Markers | None = None
     syntax: Syntax = "hermes"
     call_tags: bool = False
+    native_tools: bool = False
 
 
 @dataclass
@@ -131,8 +133,9 @@ class Sequence:
                  conventions: Conventions) -> GrammarState | None:
         spec = params.response_format or params.grammar
         answer = spec.source if spec is not None and spec.kind == "json_schema" else None
-        calls = call_schema(params.tools, choice, conventions.syntax, answer, conventions.call_tags,
-                            params.parallel_tool_calls)
+        # A model never taught tools repeats a call it was shown rather than ending its turn.
+        parallel = conventions.native_tools if params.parallel_tool_calls is None else params.parallel_tool_calls
+        calls = call_schema(params.tools, choice, conventions.syntax, answer, conventions.call_tags, parallel)
         if calls is not None:
             spec = parse_response_format(calls, "tools")
         if spec is None:

@@ -163,7 +163,7 @@ TOOL_CHOICE_CASES = [
     ("auto", True), ("none", True), ("maybe", False), ("", False), (1, False),
     ({"type": "function"}, False), ({"type": "function", "function": {"name": 1}}, False),
 ]
-BOOL_CASES = [(True, True), (False, True), (1, False), (0, False), ("true", False), (None, False)]
+BOOL_CASES = [(True, True), (False, True), (1, False), (0, False), ("true", False)]
 CHOICE_CASES = {"reasoning": [("separate", True), ("hide", True), ("inline", True), ("off", True),
                               ("on", False), ("", False), (True, False), (1, False)]}
 
