@@ -23,6 +23,10 @@ class GrammarError(GenerationError):
     its JSON path), or constrained decoding is asked for without llguidance installed."""
 
 
+class RecipeError(EdgeLLMError):
+    """A recipe's settings file, prompt template or schema is unusable; the message names the file and key."""
+
+
 class RequestError(EdgeLLMError):
     """A service request is invalid; `code` is stable and goes on the wire."""
 

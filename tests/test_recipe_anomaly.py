@@ -20,9 +20,9 @@ import pytest
 
 import edgellm
 from edgellm.cli import main
-from edgellm.errors import RequestError
+from edgellm.errors import RecipeError, RequestError
 from edgellm.recipes.anomaly import AnomalyRecipe, explanation
-from edgellm.recipes.config import SCHEMA, AnomalyConfig, RecipeError, load_config
+from edgellm.recipes.config import SCHEMA, AnomalyConfig, load_config
 from edgellm.recipes.events import MAX_IDS, Coalescer, Group, parse_event
 from edgellm.service import protocol as proto
 from edgellm.service.broker import find_mosquitto

@@ -18,7 +18,7 @@ import paho.mqtt.client as mqtt
 from jinja2 import StrictUndefined, Template, TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from ..errors import EdgeLLMError, GenerationError
+from ..errors import GenerationError, RecipeError
 from ..params import BY_NAME, check
 from ..service import protocol as proto
 
@@ -32,8 +32,6 @@ DEFAULT_SYSTEM = ("You are a maintenance assistant for industrial machines. You 
 TABLE = "anomaly"
 
 
-class RecipeError(EdgeLLMError):
-    """A recipe's settings file, prompt template or schema is unusable; the message names the file and key."""
 
 
 @dataclass(frozen=True)
