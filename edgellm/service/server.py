@@ -1,7 +1,8 @@
 """The MQTT service: requests in, `Model.stream` chunks out. No generation logic lives here.
 
-One worker thread runs one generation at a time (the model is not thread-safe);
-paho's network thread only validates, routes and queues. Replies go out at QoS 1:
+The engine's worker thread runs one generation at a time (the model is not thread-safe)
+and calls back here with each chunk; paho's network thread only validates, routes and
+queues. The engine may be shared with the HTTP front. Replies go out at QoS 1:
 paho keeps unacknowledged and not-yet-sent QoS 1 messages and sends them after a
 reconnect, so a generation that finishes while the broker is away still reaches
 its device.
@@ -14,31 +15,23 @@ import logging
 import os
 import socket
 import threading
+import time
 from dataclasses import dataclass
-from typing import Any, Iterator, Protocol
+from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from .. import __version__
+from ..engine import Engine, Outcome, StreamingModel
+from ..engine import Job as EngineJob
 from ..errors import GenerationError, RequestError
-from ..params import GenerationParams
-from ..session import release_freed_heap
 from ..tools import merge_deltas
 from . import protocol as proto
-from .admission import ACTIVE, FairQueue, RecentRequests
+from .admission import ACTIVE, RecentRequests
 from .connection import Connection, connect_async, connect_failure_reason, make_client, publish_properties, refusal
 
 log = logging.getLogger("edgellm.service")
-
-
-class StreamingModel(Protocol):
-    """What the service needs of `edgellm.Model`."""
-
-    manifest: Any
-    max_context: int
-
-    def stream(self, prompt: Any, **params: Any) -> Iterator[Any]: ...
 
 
 @dataclass(frozen=True)
@@ -96,10 +89,19 @@ def _usage(usage: Any) -> dict[str, Any]:
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in data.items()}
 
 
-class Service:
-    """Serves one model to the devices of one broker; `start()`, then `stop()`."""
+def engine_for(model: StreamingModel, config: ServiceConfig) -> Engine:
+    """The engine `config`'s queue settings and token ceiling describe."""
+    return Engine(model, config.queue_size, config.per_client, config.max_tokens)
 
-    def __init__(self, model: StreamingModel, conn: Connection, config: ServiceConfig) -> None:
+
+class Service:
+    """Serves one model to the devices of one broker; `start()`, then `stop()`.
+
+    Without an `engine`, it makes its own from `config`; a shared one (MQTT next to
+    HTTP) is started and closed by its owner, and `stop()` only cancels this front's jobs."""
+
+    def __init__(self, model: StreamingModel, conn: Connection, config: ServiceConfig,
+                 engine: Engine | None = None) -> None:
         self.model = model
         self.conn = conn
         self.config = config
@@ -118,14 +120,13 @@ class Service:
         self.connected = threading.Event()
         self.finished = threading.Event()
         self.failure: str | None = None
-        per_client = config.per_client or max(1, config.queue_size // 2)
-        self._jobs: FairQueue[Job] = FairQueue(config.queue_size, per_client)
+        self._owns_engine = engine is None
+        self.engine = engine_for(model, config) if engine is None else engine
         self._active: dict[tuple, Job] = {}  # queued or running, for cancel
         self._recent = RecentRequests(config.recent_ids)
         self.max_packet = proto.packet_limit(config.max_payload)
         self._lock = threading.Lock()
         self._stopping = False
-        self._worker = threading.Thread(target=self._work, name="edgellm-generate", daemon=True)
         self.client = self._make_client()
 
     def _make_client(self) -> mqtt.Client:
@@ -141,7 +142,8 @@ class Service:
     # -- lifecycle ---------------------------------------------------------
 
     def start(self) -> "Service":
-        self._worker.start()
+        if self._owns_engine:
+            self.engine.start()
         connect_async(self.client, self.conn, persistent=True, session_expiry=self.config.session_expiry,
                       max_packet=self.max_packet)
         self.client.loop_start()
@@ -153,8 +155,10 @@ class Service:
         with self._lock:
             for job in self._active.values():
                 job.cancel.set()
-        self._jobs.close()
-        self._worker.join(timeout)
+        if self._owns_engine:
+            self.engine.close(timeout)
+        else:
+            self._wait_for_finals(timeout)
         if self.connected.is_set():
             offline = proto.encode(proto.status_payload("offline"))
             # Replies still pending go out before it: QoS 1 messages leave in order.
@@ -293,17 +297,10 @@ class Service:
 
     def _capped(self, request: proto.Request) -> proto.Request:
         """The request with its token budget within the service's ceiling (RequestError above it)."""
-        cap = self.config.max_tokens
-        asked = request.params.get("max_new_tokens")
-        if asked is not None and asked > cap:
-            raise RequestError(proto.BAD_REQUEST, f"field 'max_tokens' is {asked}, this service allows at most {cap}")
-        if asked is not None:
-            return request
-        defaults = (getattr(self.model.manifest, "generation", None) or {}).get("defaults") or {}
-        default = defaults.get("max_new_tokens", GenerationParams.max_new_tokens)
-        if isinstance(default, int) and default <= cap:
-            return request
-        return dataclasses.replace(request, params={**request.params, "max_new_tokens": cap})
+        try:
+            return dataclasses.replace(request, params=self.engine.capped(request.params))
+        except GenerationError as exc:
+            raise RequestError(proto.BAD_REQUEST, str(exc)) from None
 
     def _client_of(self, route: Route) -> str:
         return self.topics.response("") if route.topic.startswith(self.topics.response("")) else route.topic
@@ -322,7 +319,7 @@ class Service:
             self._send_encoded(job.route, seen)
             return
         with self._lock:
-            refusal_reason = self._jobs.put(job.client, job)
+            refusal_reason = self.engine.submit(self._engine_job(job))
             if refusal_reason is None:
                 self._active[job.key] = job
         if refusal_reason is not None:
@@ -348,48 +345,30 @@ class Service:
             log.info("cancelling request %s", rid)
             job.cancel.set()
 
-    # -- worker thread -------------------------------------------------------
+    # -- engine worker thread --------------------------------------------------
 
-    def _work(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            try:
-                final = self._generate(job)
-            except GenerationError as exc:
-                final = proto.error_payload(job.request.id, proto.BAD_REQUEST, str(exc))
-            except Exception as exc:  # noqa: BLE001 - reported to the device, logged in full here
-                log.exception("request %s failed", job.request.id)
-                message = f"generation failed: {type(exc).__name__}: {exc}"[:300]
-                final = proto.error_payload(job.request.id, proto.INTERNAL, message)
-            encoded = proto.encode(final)
-            self._send_encoded(job.route, encoded)
-            if self.config.reasoning_topic and final.get("reasoning"):
-                self._send(Route(self.config.reasoning_topic), {
-                    "id": job.request.id, "reply_topic": job.route.topic, "reasoning": final["reasoning"],
-                    "finish_reason": final["finish_reason"]})
-            self._recent.finish(job.key, encoded)
-            with self._lock:
-                self._active.pop(job.key, None)
-            if not len(self._jobs):
-                release_freed_heap()  # a long prompt's buffers go back to the OS while idle
+    def _wait_for_finals(self, timeout: float) -> None:
+        """With a shared engine, this front's cancelled jobs still send their final replies
+        (before the offline status): wait for them, not for the other fronts' jobs."""
+        deadline = time.monotonic() + timeout
+        while self._active and time.monotonic() < deadline:
+            time.sleep(0.02)
 
-    def _generate(self, job: Job) -> dict[str, Any]:
-        """Stream the chunks of one request; returns its final reply, which the caller sends.
+    def _engine_job(self, job: Job) -> EngineJob:
+        """The engine's view of `job`: its chunks become chunk replies, its end the final reply.
 
         Reasoning and tool-call deltas ride on the chunks of a token stream; a sentence
         stream (for a TTS) carries only the answer, and the final reply has everything."""
         request = job.request
-        if job.cancel.is_set():
-            return proto.error_payload(request.id, proto.CANCELLED, "cancelled before it started")
         splitter = proto.SentenceSplitter() if request.stream == "sentence" else None
-        seq, parts, thoughts, calls, last = 0, [], [], [], None
+        seq, parts, thoughts, calls = 0, [], [], []
 
         def emit(delta: str, reasoning: str = "", tool_calls: list[dict[str, Any]] | None = None) -> None:
             nonlocal seq
             self._send(job.route, proto.chunk_payload(request.id, seq, delta, reasoning, tool_calls))
             seq += 1
 
-        for chunk in self.model.stream(request.prompt, **request.params, cancel=job.cancel):
-            last = chunk
+        def on_chunk(chunk: Any) -> None:
             parts.append(chunk.text)
             thoughts.append(chunk.reasoning)
             merge_deltas(calls, chunk.tool_calls)
@@ -398,15 +377,45 @@ class Service:
                     emit(sentence)
             elif request.stream and (chunk.text or chunk.reasoning or chunk.tool_calls):
                 emit(chunk.text, chunk.reasoning, chunk.tool_calls)
-        if splitter is not None and (rest := splitter.flush()):
-            emit(rest)
-        finish = getattr(last, "finish_reason", None) or "stop"
-        usage = _usage(getattr(last, "usage", None))
-        reasoning = "".join(thoughts)
-        log.info("request %s: %s, %s tokens", request.id, finish, usage.get("completion_tokens", "?"))
-        return proto.final_payload(request.id, "".join(parts), finish, usage,
-                                   incomplete=getattr(last, "incomplete", False), reasoning=reasoning,
-                                   tool_calls=calls)
+
+        def final(outcome: Outcome) -> dict[str, Any]:
+            if outcome.waited_out:
+                return proto.error_payload(request.id, proto.CANCELLED, "cancelled before it started")
+            if isinstance(outcome.error, GenerationError):
+                return proto.error_payload(request.id, proto.BAD_REQUEST, str(outcome.error))
+            if outcome.error is not None:
+                exc = outcome.error
+                log.error("request %s failed", request.id, exc_info=exc)
+                message = f"generation failed: {type(exc).__name__}: {exc}"[:300]
+                return proto.error_payload(request.id, proto.INTERNAL, message)
+            if splitter is not None and (rest := splitter.flush()):
+                emit(rest)
+            last = outcome.last
+            finish = getattr(last, "finish_reason", None) or "stop"
+            usage = _usage(getattr(last, "usage", None))
+            log.info("request %s: %s, %s tokens", request.id, finish, usage.get("completion_tokens", "?"))
+            return proto.final_payload(request.id, "".join(parts), finish, usage,
+                                       incomplete=getattr(last, "incomplete", False), reasoning="".join(thoughts),
+                                       tool_calls=calls)
+
+        def on_end(outcome: Outcome) -> None:
+            try:
+                reply = final(outcome)
+            except Exception as exc:  # noqa: BLE001 - reported to the device, logged in full here
+                log.exception("request %s failed", request.id)
+                reply = proto.error_payload(request.id, proto.INTERNAL,
+                                            f"generation failed: {type(exc).__name__}: {exc}"[:300])
+            encoded = proto.encode(reply)
+            self._send_encoded(job.route, encoded)
+            if self.config.reasoning_topic and reply.get("reasoning"):
+                self._send(Route(self.config.reasoning_topic), {
+                    "id": request.id, "reply_topic": job.route.topic, "reasoning": reply["reasoning"],
+                    "finish_reason": reply["finish_reason"]})
+            self._recent.finish(job.key, encoded)
+            with self._lock:
+                self._active.pop(job.key, None)
+
+        return EngineJob(request.prompt, request.params, job.client, on_chunk, on_end, job.cancel)
 
     def _send(self, route: Route, payload: dict[str, Any]) -> None:
         self._send_encoded(route, proto.encode(payload))

@@ -1,0 +1,142 @@
+"""One model, one queue, one worker: every front (MQTT, HTTP) submits its requests here.
+
+The model is not thread-safe, so one worker thread runs one generation at a time and
+hands each chunk to the job's callbacks on that thread. Fronts only translate: they
+turn their requests into a `Job` and the chunks into their replies. The queue is fair
+across clients (`FairQueue`), so one flooding client takes only its own share.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable, Hashable, Iterator, Mapping, Protocol
+
+from .errors import GenerationError
+from .params import GenerationParams
+from .service.admission import FairQueue
+from .session import release_freed_heap
+
+log = logging.getLogger("edgellm.engine")
+
+
+class StreamingModel(Protocol):
+    """What the engine needs of `edgellm.Model`."""
+
+    manifest: Any
+    max_context: int
+
+    def stream(self, prompt: Any, **params: Any) -> Iterator[Any]: ...
+
+
+@dataclass
+class Outcome:
+    """How a job ended: its last chunk (finish_reason, usage), or the error that ended it.
+
+    A GenerationError is the request's fault (a prompt too long for the context); any
+    other error is ours. `waited_out`: cancelled while still queued, never run."""
+
+    last: Any = None
+    error: Exception | None = None
+    waited_out: bool = False
+
+
+@dataclass
+class Job:
+    """One request. The callbacks run on the worker thread and must not block for long:
+    they stand between two tokens."""
+
+    prompt: Any
+    params: Mapping[str, Any]
+    client: Hashable  # whose share of the queue it takes
+    on_chunk: Callable[[Any], None]
+    on_end: Callable[[Outcome], None]
+    cancel: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+
+class Engine:
+    """Serves one model to any number of fronts; `start()`, `submit()`, then `close()`."""
+
+    def __init__(self, model: StreamingModel, queue_size: int = 8, per_client: int | None = None,
+                 max_tokens: int = 1024) -> None:
+        self.model = model
+        self.max_tokens = max_tokens  # the most any one request may generate: one request cannot hold every client
+        self._jobs: FairQueue[Job] = FairQueue(queue_size, per_client or max(1, queue_size // 2))
+        self._by_id: dict[int, Job] = {}  # queued or running, cancelled on close
+        self._lock = threading.Lock()
+        self.running: Job | None = None
+        self._worker = threading.Thread(target=self._work, name="edgellm-generate", daemon=True)
+        self._closed = False
+
+    @property
+    def waiting(self) -> int:
+        return len(self._jobs)
+
+    def start(self) -> "Engine":
+        if not self._worker.is_alive():
+            self._worker.start()
+        return self
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Cancel every queued and running job (each still gets its `on_end`), then stop the worker."""
+        with self._lock:
+            self._closed = True
+            for job in self._by_id.values():
+                job.cancel.set()
+        self._jobs.close()
+        if self._worker.is_alive():
+            self._worker.join(timeout)
+
+    def submit(self, job: Job) -> str | None:
+        """Queue `job`; the reason it was refused (busy), or None."""
+        with self._lock:
+            if self._closed:
+                return "the service is shutting down"
+            refusal = self._jobs.put(job.client, job)
+            if refusal is None:
+                self._by_id[id(job)] = job
+            return refusal
+
+    def capped(self, params: Mapping[str, Any], field: str = "max_tokens") -> dict[str, Any]:
+        """`params` with the token budget within the ceiling; GenerationError naming `field` above it.
+
+        Without a budget, the bundle's default applies unless it is above the ceiling."""
+        asked = params.get("max_new_tokens")
+        if asked is not None and asked > self.max_tokens:
+            raise GenerationError(f"field '{field}' is {asked}, this service allows at most {self.max_tokens}")
+        if asked is not None:
+            return dict(params)
+        defaults = (getattr(self.model.manifest, "generation", None) or {}).get("defaults") or {}
+        default = defaults.get("max_new_tokens", GenerationParams.max_new_tokens)
+        if isinstance(default, int) and default <= self.max_tokens:
+            return dict(params)
+        return {**params, "max_new_tokens": self.max_tokens}
+
+    # -- worker thread -------------------------------------------------------
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            self.running = job
+            outcome = self._run(job)
+            self.running = None
+            with self._lock:
+                self._by_id.pop(id(job), None)
+            try:
+                job.on_end(outcome)
+            except Exception:  # noqa: BLE001 - one front's failure must never stop the worker
+                log.exception("a front failed to finish a request")
+            if not len(self._jobs):
+                release_freed_heap()  # a long prompt's buffers go back to the OS while idle
+
+    def _run(self, job: Job) -> Outcome:
+        if job.cancel.is_set():
+            return Outcome(waited_out=True)
+        last = None
+        try:
+            for chunk in self.model.stream(job.prompt, **job.params, cancel=job.cancel):
+                last = chunk
+                job.on_chunk(chunk)
+        except Exception as exc:  # noqa: BLE001 - handed to the front, which reports it
+            return Outcome(last, exc)
+        return Outcome(last)
