@@ -1,0 +1,336 @@
+"""The HTTP front: OpenAI- and Ollama-shaped routes over the same engine as MQTT.
+
+Starlette routes on uvicorn, in a thread of the serving process. Generation runs on
+the engine's worker thread; each job's chunks cross onto the event loop through
+`call_soon_threadsafe` into an asyncio queue (`Run`). A client that goes away sets
+the job's cancel event, so the worker stops at the next token. The routes live in
+`http_openai` and `http_ollama`; this module holds what they share.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable, Mapping
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from ..engine import Engine, Job, Outcome
+from ..errors import GenerationError
+from ..generate import Result, collect
+from .http_metrics import Metrics
+
+DEFAULT_PORT = 8080
+DEFAULT_MAX_BODY = 1 << 20  # a Home Assistant chat with many exposed entities is tens of KB
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    api_key: str | None = None  # every route but /health then needs "Authorization: Bearer KEY"
+    max_body: int = DEFAULT_MAX_BODY
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """HOST:PORT, [IPv6]:PORT, :PORT or PORT (host 127.0.0.1) -> (host, port)."""
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = "", text
+    host = host.strip("[]") or "127.0.0.1"
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"--http {text!r}: expected HOST:PORT with a port in 0-65535")
+    return host, int(port)
+
+
+class HttpError(Exception):
+    """A request answered with an error status; the route's shape (OpenAI or Ollama) writes the body."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.param = param
+        self.code = code
+        self.headers = dict(headers or {})
+
+
+def bad_request(exc: GenerationError, fields: Mapping[str, Any] = {}) -> HttpError:
+    """400 for a parameter params.py refused; `param` is the field its message starts with."""
+    message = str(exc)
+    param = next((name for name in fields if message.startswith(name)), None)
+    code = "context_length_exceeded" if message.startswith("prompt has") else None
+    return HttpError(400, message, param=param, code=code)
+
+
+_GONE = object()  # the client disconnected
+
+
+@dataclass
+class Run:
+    """One job's chunks, carried from the engine's worker thread onto the event loop."""
+
+    loop: asyncio.AbstractEventLoop
+    cancel: threading.Event = field(default_factory=threading.Event)
+    items: asyncio.Queue = field(default_factory=asyncio.Queue)
+    first: Any = None
+    outcome: Outcome | None = None
+    _watch: asyncio.Task | None = None
+
+    def put(self, item: Any) -> None:  # worker thread
+        self.loop.call_soon_threadsafe(self.items.put_nowait, item)
+
+    def watch(self, request: Request) -> None:
+        """Until `unwatch`: a disconnect cancels the job and ends the wait for its chunks."""
+        async def until_gone() -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            self.cancel.set()
+            self.items.put_nowait(_GONE)
+
+        self._watch = asyncio.ensure_future(until_gone())
+
+    def unwatch(self) -> None:
+        """A streaming response listens for the disconnect itself from here on."""
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
+
+    async def next(self) -> Any:
+        item = await self.items.get()
+        if item is _GONE:
+            raise ClientDisconnect()
+        return item
+
+    async def chunks(self) -> AsyncIterator[Any]:
+        """Every chunk (the first included); the outcome is then in `self.outcome`."""
+        item = self.first
+        while not isinstance(item, Outcome):
+            yield item
+            item = await self.next()
+        self.outcome = item
+
+
+class Front:
+    """What every route needs: the engine, the served model's names, body reading, submitting."""
+
+    def __init__(self, engine: Engine, config: HttpConfig, metrics: Metrics) -> None:
+        self.engine = engine
+        self.model = engine.model
+        self.config = config
+        self.metrics = metrics
+        manifest = self.model.manifest
+        self.name = manifest.name or getattr(getattr(self.model, "path", None), "name", "") or "edgellm"
+        self.started = time.time()
+
+    @property
+    def tag(self) -> str:
+        """The name as Ollama lists it (name:tag)."""
+        return self.name if ":" in self.name else f"{self.name}:latest"
+
+    def check_model(self, name: Any, field: str = "model") -> None:
+        if name is None:
+            return  # like llama.cpp's server: one model is served, naming it is optional
+        if not isinstance(name, str):
+            raise HttpError(400, f"{field} must be a string, got {type(name).__name__}", param=field)
+        if name not in (self.name, self.tag):
+            raise HttpError(404, f"model {name!r} not found; this server serves {self.name!r}", param=field,
+                            code="model_not_found")
+
+    async def read_json(self, request: Request) -> dict[str, Any]:
+        """The body as a JSON object, refused with 413 once it passes the limit (before parsing)."""
+        limit = self.config.max_body
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise HttpError(413, f"body is {declared} bytes, limit is {limit}", code="too_large")
+        body = bytearray()
+        async for part in request.stream():
+            body += part
+            if len(body) > limit:
+                raise HttpError(413, f"body is over {limit} bytes, the limit", code="too_large")
+        try:
+            data = json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise HttpError(400, f"body is not valid JSON: {exc}", code="invalid_json") from None
+        if not isinstance(data, dict):
+            raise HttpError(400, f"body must be a JSON object, got {type(data).__name__}")
+        return data
+
+    async def submit(self, request: Request, prompt: Any, params: Mapping[str, Any],
+                     budget_field: str = "max_tokens") -> Run:
+        """Queue a job and wait for its first chunk: errors found before it (a prompt too long
+        for the context) still get their own status. 429 when the queue is full."""
+        try:
+            params = self.engine.capped(params, budget_field)
+        except GenerationError as exc:
+            raise HttpError(400, str(exc), param=budget_field) from None
+        run = Run(asyncio.get_running_loop())
+        host = request.client.host if request.client else "?"
+        refusal = self.engine.submit(Job(prompt, params, ("http", host), run.put, run.put, run.cancel))
+        if refusal is not None:
+            raise HttpError(429, f"busy: {refusal}", code="busy", headers={"Retry-After": "1"})
+        run.watch(request)
+        try:
+            run.first = await run.next()
+        except BaseException:
+            run.cancel.set()
+            run.unwatch()
+            raise
+        if isinstance(run.first, Outcome):
+            run.unwatch()
+            raise outcome_error(run.first)
+        return run
+
+    async def whole(self, run: Run) -> Result:
+        """A job answered in one body, as the Python API's Result; a disconnect cancels it."""
+        try:
+            chunks = [chunk async for chunk in run.chunks()]
+        finally:
+            run.cancel.set()  # a no-op once it finished
+            run.unwatch()
+        if run.outcome.error is not None:
+            raise outcome_error(run.outcome)
+        return collect(iter(chunks))
+
+
+def outcome_error(outcome: Outcome) -> HttpError:
+    """The status of a job that ended with no chunk, or of the error a stream ended with."""
+    if outcome.waited_out:
+        return HttpError(503, "cancelled before it started: the service is shutting down", code="cancelled")
+    if isinstance(outcome.error, GenerationError):
+        return bad_request(outcome.error)
+    exc = outcome.error
+    return HttpError(500, f"generation failed: {type(exc).__name__}: {exc}"[:300], code="internal")
+
+
+Shape = Callable[[HttpError], Response]
+
+
+def endpoint(front: Front, route: str, shape: Shape, handler: Callable[..., Any]) -> Callable[..., Any]:
+    """`handler(front, request)` with its HttpErrors written in `shape` and counted by outcome."""
+    async def call(request: Request) -> Response:
+        try:
+            response = await handler(front, request)
+        except HttpError as exc:
+            front.metrics.request(route, exc.status)
+            return shape(exc)
+        except ClientDisconnect:
+            front.metrics.request(route, 499)
+            return Response(status_code=499)
+        except Exception as exc:  # noqa: BLE001 - the client gets a 500, the server keeps serving
+            front.metrics.request(route, 500)
+            return shape(HttpError(500, f"internal error: {type(exc).__name__}: {exc}"[:300], code="internal"))
+        front.metrics.request(route, response.status_code)
+        return response
+    return call
+
+
+def openai_error(exc: HttpError) -> JSONResponse:
+    kind = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+            413: "invalid_request_error", 429: "rate_limit_error"}.get(exc.status, "server_error")
+    body = {"error": {"message": str(exc), "type": kind, "param": exc.param, "code": exc.code}}
+    return JSONResponse(body, exc.status, headers=exc.headers)
+
+
+def ollama_error(exc: HttpError) -> JSONResponse:
+    return JSONResponse({"error": str(exc)}, exc.status, headers=exc.headers)
+
+
+def _shape_of(path: str) -> Shape:
+    return ollama_error if path.startswith("/api/") else openai_error
+
+
+class _Auth:
+    """Every route but /health needs the bearer key, when one is set; compared in constant time."""
+
+    def __init__(self, app: Any, key: str) -> None:
+        self.app = app
+        self.key = f"Bearer {key}".encode()
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] == "http" and scope["path"] != "/health":
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.key):
+                error = HttpError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
+                                  code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+                await _shape_of(scope["path"])(error)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+async def _health(front: Front, _request: Request) -> Response:
+    return JSONResponse({"status": "ok", "model": front.name, "waiting": front.engine.waiting,
+                         "busy": front.engine.running is not None})
+
+
+async def _metrics(front: Front, _request: Request) -> Response:
+    return Response(front.metrics.render(front.engine.waiting), media_type="text/plain; version=0.0.4")
+
+
+def build_app(engine: Engine, config: HttpConfig, metrics: Metrics | None = None) -> Any:
+    """The ASGI app: OpenAI and Ollama routes, /health and /metrics, behind the key if any."""
+    from . import http_ollama, http_openai
+
+    front = Front(engine, config, metrics or Metrics())
+    routes = [Route("/health", endpoint(front, "/health", openai_error, _health)),
+              Route("/metrics", endpoint(front, "/metrics", openai_error, _metrics))]
+    for module, shape in ((http_openai, openai_error), (http_ollama, ollama_error)):
+        for path, methods, handler in module.ROUTES:
+            routes.append(Route(path, endpoint(front, path, shape, handler), methods=methods))
+
+    async def not_found(request: Request, exc: HTTPException) -> Response:
+        return _shape_of(request.url.path)(HttpError(exc.status_code, f"{request.method} {request.url.path}: "
+                                                                      f"{exc.detail}", code="not_found"))
+
+    app = Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found})
+    return _Auth(app, config.api_key) if config.api_key else app
+
+
+class HttpServer:
+    """uvicorn on its own thread, bound before `start` returns (a port in use fails here, in the caller)."""
+
+    def __init__(self, engine: Engine, config: HttpConfig, metrics: Metrics | None = None) -> None:
+        import uvicorn
+
+        self.config = config
+        family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+        self.socket = socket.socket(family, socket.SOCK_STREAM)
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            self.socket.bind((config.host, config.port))
+        except OSError as exc:
+            self.socket.close()
+            raise OSError(f"--http {config.host}:{config.port}: {exc.strerror or exc}") from None
+        self.socket.listen(128)
+        self.port = self.socket.getsockname()[1]
+        app = build_app(engine, config, metrics)
+        self._server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False))
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self.socket]},
+                                        name="edgellm-http", daemon=True)
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.config.host}]" if ":" in self.config.host else self.config.host
+        return f"http://{host}:{self.port}"
+
+    def start(self, timeout: float = 10.0) -> "HttpServer":
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise OSError(f"the HTTP server on {self.url} did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout)
+        self.socket.close()

@@ -1,0 +1,50 @@
+"""A real uvicorn on a free loopback port, serving a model through a real engine."""
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from typing import Any, Iterator
+
+from edgellm.engine import Engine
+from edgellm.service.http import HttpConfig, HttpServer
+
+
+@contextlib.contextmanager
+def serving(model: Any, queue_size: int = 8, max_tokens: int = 1024, **config: Any) -> Iterator[HttpServer]:
+    """An engine and its HTTP server on 127.0.0.1 (port chosen by the OS), closed on exit."""
+    engine = Engine(model, queue_size=queue_size, max_tokens=max_tokens).start()
+    server = HttpServer(engine, HttpConfig(port=0, **config)).start()
+    server.engine = engine
+    try:
+        yield server
+    finally:
+        server.stop()
+        engine.close()
+
+
+class Paced:
+    """A real model whose chunks come `delay` seconds apart, their tokens counted as they are yielded,
+    so a test can tell how many were generated after it hung up."""
+
+    def __init__(self, model: Any, delay: float = 0.05) -> None:
+        self.model = model
+        self.delay = delay
+        self.manifest = model.manifest
+        self.max_context = model.max_context
+        self.path = model.path
+        self.yielded = 0
+        self.last: Any = None
+        self.done = threading.Event()
+
+    def stream(self, prompt: Any, **params: Any) -> Iterator[Any]:
+        self.yielded, self.last = 0, None
+        self.done.clear()
+        try:
+            for chunk in self.model.stream(prompt, **params):
+                time.sleep(self.delay)
+                self.yielded += len(chunk.token_ids)
+                self.last = chunk
+                yield chunk
+        finally:
+            self.done.set()
