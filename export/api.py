@@ -98,7 +98,8 @@ def _choose_path(src: Source, via: Via) -> Literal["fast", "optimum"]:
     if src.spec.arch in ARCHITECTURES:
         return "fast"
     if via == "fast":
-        raise ExportError(f"{src.path}: architecture {src.spec.arch!r} has no fast graph (try --via optimum)")
+        raise ExportError(f"{src.path}: architecture {src.spec.arch!r} has no fast graph "
+                          f"(fast: {', '.join(ARCHITECTURES)}; try --via optimum)")
     return "optimum"
 
 

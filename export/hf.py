@@ -107,12 +107,10 @@ def _rope_scaling(config: dict[str, Any], where: Path) -> dict[str, Any] | None:
 
 
 def read_spec(config: dict[str, Any], where: Path) -> ModelSpec:
-    """ModelSpec from a HF config.json dict."""
+    """ModelSpec from a HF config.json dict; shapes only for an architecture without a fast graph."""
     arch = config.get("model_type")
     if arch not in ARCHITECTURES:
-        raise ExportError(
-            f"{where}: unknown architecture {arch!r} (supported: {', '.join(ARCHITECTURES)}; try --via optimum)"
-        )
+        return generic_spec(config, where)
     try:
         heads = int(config["num_attention_heads"])
         hidden = int(config["hidden_size"])
@@ -139,6 +137,53 @@ def read_spec(config: dict[str, Any], where: Path) -> ModelSpec:
         )
     except KeyError as exc:
         raise ExportError(f"{where}: field {exc.args[0]!r} is missing") from None
+    except (TypeError, ValueError) as exc:
+        raise ExportError(f"{where}: invalid value ({exc})") from None
+
+
+# Names other model families give the fields the runtime sizes its KV cache by.
+_ALIASES = {
+    "num_hidden_layers": ("num_hidden_layers", "n_layer", "num_layers"),
+    "hidden_size": ("hidden_size", "n_embd", "d_model"),
+    "num_attention_heads": ("num_attention_heads", "n_head", "num_heads"),
+    "max_position_embeddings": ("max_position_embeddings", "n_positions", "max_sequence_length"),
+}
+
+
+def generic_spec(config: dict[str, Any], where: Path) -> ModelSpec:
+    """The shapes of a decoder the optimum path exports: enough for the runtime's KV cache.
+
+    Read before the path is chosen, so it must not refuse what only the fast graph cannot do.
+    """
+    arch = config.get("model_type")
+    if not isinstance(arch, str):
+        raise ExportError(f"{where}: field 'model_type' is missing")
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+
+    def pick(field: str, default: Any = ...) -> Any:
+        for name in _ALIASES.get(field, (field,)):
+            if text.get(name) is not None:
+                return text[name]
+        if default is ...:
+            raise ExportError(f"{where}: field {field!r} is missing")
+        return default
+
+    try:
+        heads = int(pick("num_attention_heads"))
+        hidden = int(pick("hidden_size"))
+        kv_heads = 1 if text.get("multi_query") else int(pick("num_key_value_heads", heads))
+        return ModelSpec(
+            arch=arch,
+            num_layers=int(pick("num_hidden_layers")),
+            hidden_size=hidden,
+            intermediate_size=int(pick("intermediate_size", 4 * hidden)),
+            num_heads=heads,
+            num_kv_heads=kv_heads,
+            head_dim=int(pick("head_dim", hidden // heads)),
+            vocab_size=int(pick("vocab_size")),
+            max_context=int(pick("max_position_embeddings", 2048)),
+            tie_embeddings=bool(config.get("tie_word_embeddings", True)),
+        )
     except (TypeError, ValueError) as exc:
         raise ExportError(f"{where}: invalid value ({exc})") from None
 

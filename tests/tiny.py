@@ -61,6 +61,8 @@ ARCH_CONFIGS = {
     "qwen2": dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"]),
     "qwen3": dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"]),
     "mistral": dict(model_type="mistral", architectures=["MistralForCausalLM"]),
+    # No fast graph: exported by the generic (optimum) path.
+    "olmo": dict(model_type="olmo", architectures=["OlmoForCausalLM"]),
 }
 
 
