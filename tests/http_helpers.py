@@ -6,8 +6,22 @@ import threading
 import time
 from typing import Any, Iterator
 
+import edgellm
 from edgellm.engine import Engine
 from edgellm.service.http import HttpConfig, HttpServer
+from tests.tiny import QWEN3_TEMPLATE, THINK_TOOL_TOKENS
+
+LIGHT = {"type": "object", "properties": {"on": {"type": "boolean"}, "level": {"type": "integer", "minimum": 0,
+                                                                              "maximum": 100}},
+         "required": ["on"], "additionalProperties": False}
+TOOLS = [{"type": "function", "function": {"name": "set_light", "description": "Switch the light",
+                                           "parameters": LIGHT}}]
+
+
+def load_qwen3(tiny_bundle_factory: Any) -> Any:
+    """The tiny Qwen3-shaped model of tests/test_tool_calls.py: think markers, call tags, a template with tools."""
+    return edgellm.load(tiny_bundle_factory("qwen3", added_tokens=THINK_TOOL_TOKENS, chat_template=QWEN3_TEMPLATE,
+                                            max_position_embeddings=2048))
 
 
 @contextlib.contextmanager

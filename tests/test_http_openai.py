@@ -11,17 +11,11 @@ import jsonschema
 import openai
 import pytest
 
-import edgellm
 from edgellm.tools import merge_deltas
-from http_helpers import serving
-from tests.tiny import QWEN3_TEMPLATE, THINK_TOOL_TOKENS
+from http_helpers import LIGHT, TOOLS, load_qwen3, serving
 
 ASK = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
-LIGHT = {"type": "object", "properties": {"on": {"type": "boolean"}, "level": {"type": "integer", "minimum": 0,
-                                                                              "maximum": 100}},
-         "required": ["on"], "additionalProperties": False}
-TOOLS = [{"type": "function", "function": {"name": "set_light", "description": "Switch the light",
-                                           "parameters": LIGHT}}]
+
 
 
 @pytest.fixture(scope="module")
@@ -110,8 +104,7 @@ def test_errors_raise_the_openai_exception_classes(client, model):
 
 @pytest.fixture(scope="module")
 def qwen3(tiny_bundle_factory):
-    return edgellm.load(tiny_bundle_factory("qwen3", added_tokens=THINK_TOOL_TOKENS, chat_template=QWEN3_TEMPLATE,
-                                            max_position_embeddings=2048))
+    return load_qwen3(tiny_bundle_factory)
 
 
 def test_tool_calls_whole_and_as_streamed_deltas(qwen3):
