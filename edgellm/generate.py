@@ -1,9 +1,10 @@
 """The generation loop: one Sequence driven against the runner, and the text around it.
 
 `stream_chunks` owns the model side (prefix reuse, chunked prefill, one forward per
-token); the request side (sampling, stops, text, usage) is the `Sequence`. A token
-is fed back only when the next one is asked for, so a consumer that stops early
-leaves the cache holding exactly what was fed.
+token, or per drafted run of tokens with speculation); the request side (sampling,
+stops, text, usage, drafts) is the `Sequence`. A token is fed back only when the next
+one is asked for, and the cache keeps only rows of tokens that were kept, so a consumer
+that stops early leaves it holding ids and keys that agree.
 """
 from __future__ import annotations
 
@@ -54,10 +55,25 @@ def stream_chunks(
                    cached=cached, started=started, conventions=conventions)
     token = None
     while seq.finish_reason is None and not seq.check_cancel():
-        logits = prefill(runner.forward, prompt[cached:]) if token is None else runner.forward([token])
-        token = seq.sample(logits)
-        if (chunk := seq.append(token)) is not None:
-            yield chunk
+        if token is None:
+            logits = [prefill(runner.forward, prompt[cached:])]
+            draft: list[int] = []
+        else:
+            draft = seq.draft()
+            logits = runner.forward_all([token, *draft]) if draft else [runner.forward([token])]
+        base, accepted, ready = runner.length - len(draft), 0, []
+        for i, row in enumerate(logits):
+            token = seq.sample(row)
+            if (chunk := seq.append(token)) is not None:
+                ready.append(chunk)
+            if seq.finish_reason is not None or i == len(draft) or token != draft[i]:
+                break
+            accepted += 1
+        if draft:
+            # Rows after the first rejected draft token hold keys of a text that was not written.
+            runner.rewind(base + accepted)
+            seq.lookup.update(len(draft), accepted)
+        yield from ready
     yield seq.finish()
 
 

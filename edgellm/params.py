@@ -131,6 +131,9 @@ PARAMS: tuple[Param, ...] = (
           optional=True, wire="parallel_tool_calls"),
     Param("reasoning", CHOICE, None, "a reasoning model's think block: separate (default), hide, inline or off",
           optional=True, choices=REASONING_MODES, wire="reasoning", cli=True),
+    Param("speculative", CHOICE, None, "prompt_lookup: draft tokens from n-grams of the prompt and answer and "
+          "verify them in one step (same tokens, faster when the answer quotes its input); off",
+          optional=True, choices=("off", "prompt_lookup"), wire="speculative", cli=True),
     Param("max_reasoning_tokens", INT, None, "close the think block after this many tokens", low=0, optional=True,
           wire="max_reasoning_tokens", cli=True),
 )
@@ -338,6 +341,7 @@ class GenerationParams:
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
     reasoning: str | None = None
+    speculative: str | None = None
     max_reasoning_tokens: int | None = None
 
     @classmethod

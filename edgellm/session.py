@@ -142,9 +142,10 @@ class Runner:
         self._row = np.zeros((1, 1, vocab), self._logits_dtype)
         self._row_ort = ort.OrtValue.ortvalue_from_numpy(self._row)
         self._held: dict[str, ort.OrtValue] = {}
+        # Only the last position's logits are computed unless a caller verifies a draft.
+        self._keep_one = ort.OrtValue.ortvalue_from_numpy(np.ones(1, np.int64))
         if kind == "fast":
-            # Only the last position's logits are computed: the rest would be discarded.
-            self._bind_input("logits_to_keep", np.ones(1, np.int64))
+            self._bind_held("logits_to_keep", self._keep_one)
         self._bind_output_row()
 
     @property
@@ -171,6 +172,14 @@ class Runner:
 
     def forward(self, ids: Sequence[int]) -> np.ndarray:
         """Feed `ids` after the cached ones; return the last position's logits (float32, a copy)."""
+        return self._run(ids, 1)[-1]
+
+    def forward_all(self, ids: Sequence[int]) -> np.ndarray:
+        """Feed `ids` after the cached ones; return every fed position's logits (float32,
+        `(len(ids), vocab)`), so a run of drafted tokens is verified in one step."""
+        return self._run(ids, len(ids))
+
+    def _run(self, ids: Sequence[int], keep: int) -> np.ndarray:
         n = len(ids)
         if n == 0:
             raise GenerationError("forward needs at least one token id")
@@ -184,20 +193,24 @@ class Runner:
         self._bind_input("attention_mask", self._mask[:, : start + n])
         if self._positions:
             self._bind_input("position_ids", self._arange[:, start : start + n])
-        if self.kind == "generic" and n > 1:
-            # A generic graph returns logits for every fed position.
-            logits = np.empty((1, n, self.vocab_size), self._logits_dtype)
-            self._bind_output("logits", logits)
-        else:
+        if keep == 1 and (self.kind == "fast" or n == 1):
             logits = self._row
             self._bind_output_row()
+            if self.kind == "fast":
+                self._bind_held("logits_to_keep", self._keep_one)
+        else:
+            # A generic graph returns logits for every fed position; a fast one the last `keep`.
+            logits = np.empty((1, n if self.kind == "generic" else keep, self.vocab_size), self._logits_dtype)
+            self._bind_output("logits", logits)
+            if self.kind == "fast":
+                self._bind_input("logits_to_keep", np.array([keep], np.int64))
         try:
             self.session.run_with_iobinding(self._io)
         except Exception as exc:  # noqa: BLE001 - onnxruntime's errors share no base class
             raise GenerationError(f"{self._where}: onnxruntime run failed ({_first_line(exc)})") from None
         self.cache.advance(n)
         self.tokens.extend(int(t) for t in ids)
-        return logits[0, -1].astype(np.float32)
+        return logits[0, -keep:].astype(np.float32)
 
     def _bind_input(self, name: str, array: np.ndarray) -> None:
         self._bind_held(name, ort.OrtValue.ortvalue_from_numpy(array))

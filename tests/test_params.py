@@ -164,7 +164,8 @@ TOOL_CHOICE_CASES = [
     ({"type": "function"}, False), ({"type": "function", "function": {"name": 1}}, False),
 ]
 BOOL_CASES = [(True, True), (False, True), (1, False), (0, False), ("true", False)]
-CHOICE_CASES = {"reasoning": [("separate", True), ("hide", True), ("inline", True), ("off", True),
+CHOICE_CASES = {"speculative": [("prompt_lookup", True), ("off", True), ("ngram", False), (1, False)],
+                "reasoning": [("separate", True), ("hide", True), ("inline", True), ("off", True),
                               ("on", False), ("", False), (True, False), (1, False)]}
 
 

@@ -1,0 +1,51 @@
+"""Prompt-lookup drafts: guess the next tokens by finding where the text last said what it
+says now, and verify the guess in one forward.
+
+An answer that quotes its input (an anomaly explanation naming sensors and readings, an
+answer citing a manual) repeats runs of the prompt; so does code or a list. The last few
+tokens are looked up earlier in the prompt and the answer so far, and the tokens that
+followed there are the draft. The model then scores the fed token and the whole draft in
+one step, and the Sequence samples each row as it would have one token at a time: every
+row yields exactly one token from the same history, so greedy and seeded sampling give the
+very same tokens as plain decoding (up to the graph's arithmetic on several rows), and the
+draft only decides how many of them one step produces.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+# Longest and shortest suffix looked up: a single token matches everywhere and drafts mostly
+# wrong guesses, each of which costs a wider step.
+MAX_NGRAM, MIN_NGRAM = 3, 2
+# Draft length: starts here, +2 after a draft accepted whole, -1 after a rejection.
+START_DRAFT, MAX_DRAFT = 4, 10
+
+
+class PromptLookup:
+    """One request's drafter; `draft` proposes, `update` learns how much was accepted."""
+
+    def __init__(self) -> None:
+        self.length = START_DRAFT
+        self.drafted = self.accepted = 0  # totals, for measurements
+
+    def draft(self, tokens: np.ndarray, room: int) -> list[int]:
+        """Up to `room` tokens that followed the latest earlier occurrence of the longest
+        suffix of `tokens` (MAX_NGRAM down to MIN_NGRAM tokens); [] when none recurs."""
+        size = min(self.length, room)
+        if size < 1:
+            return []
+        for n in range(MAX_NGRAM, MIN_NGRAM - 1, -1):
+            if len(tokens) <= n:
+                continue
+            # Windows that start early enough to have a continuation (the suffix itself has none).
+            windows = np.lib.stride_tricks.sliding_window_view(tokens[:-1], n)
+            hits = np.flatnonzero((windows == tokens[-n:]).all(axis=1))
+            if hits.size:
+                start = int(hits[-1]) + n
+                return tokens[start : start + size].tolist()
+        return []
+
+    def update(self, drafted: int, accepted: int) -> None:
+        self.drafted += drafted
+        self.accepted += accepted
+        self.length = min(self.length + 2, MAX_DRAFT) if accepted == drafted else max(1, self.length - 1)

@@ -1,0 +1,91 @@
+"""Prompt-lookup speculation: drafts verified in one step give the very tokens plain decoding
+gives, on fp32 graphs where one row and several rows compute alike."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import edgellm
+from edgellm.speculate import PromptLookup
+
+QUOTE = ("Sensor report: machine press-7, sensor spindle-vibration, value 9.4 mm/s, baseline 2.1 mm/s. "
+         "Machine press-7 spindle-vibration 9.4 mm/s against 2.1 mm/s baseline. The report again: ")
+PROMPTS = [QUOTE, "The quick brown fox", [{"role": "user", "content": "Copy this line: " + QUOTE}]]
+
+
+def test_a_draft_is_what_followed_the_latest_earlier_occurrence():
+    lookup = PromptLookup()
+    tokens = np.array([5, 6, 7, 8, 9, 1, 5, 6, 7, 2, 3, 5, 6, 7])
+    assert lookup.draft(tokens, room=10) == [2, 3, 5, 6]  # the latest "5 6 7", four tokens to start
+    assert lookup.draft(tokens, room=2) == [2, 3]
+    assert lookup.draft(tokens, room=0) == []
+    assert lookup.draft(np.array([1, 2, 3, 4]), room=5) == []  # nothing recurs
+    assert lookup.draft(np.array([1, 9, 4, 9]), room=5) == []  # one token is too little evidence
+    lookup.update(4, 4)
+    assert lookup.length == 6
+    lookup.update(6, 1)
+    assert (lookup.length, lookup.drafted, lookup.accepted) == (5, 10, 5)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_bundle):
+    return edgellm.load(tiny_bundle)
+
+
+def both(model, prompt, **params):
+    model.reset()
+    plain = model.generate(prompt, **params)
+    model.reset()
+    fast = model.generate(prompt, speculative="prompt_lookup", **params)
+    return plain, fast
+
+
+@pytest.mark.parametrize("prompt", PROMPTS, ids=["quoting", "free", "chat"])
+def test_greedy_and_seeded_sampling_give_the_same_tokens(model, prompt):
+    for params in ({}, {"temperature": 0.9, "top_p": 0.95, "seed": 4}, {"repetition_penalty": 1.2}):
+        plain, fast = both(model, prompt, max_new_tokens=48, **params)
+        assert fast.token_ids == plain.token_ids and fast.text == plain.text, params
+        assert fast.finish_reason == plain.finish_reason
+        assert fast.usage.completion_tokens == plain.usage.completion_tokens
+        assert fast.usage.accepted_draft_tokens <= fast.usage.draft_tokens
+
+
+def test_drafts_are_taken_and_the_cache_keeps_only_what_was_written(model):
+    # A random model repeats itself soon, so its own text gives drafts to accept.
+    model.reset()
+    result = model.generate(QUOTE, max_new_tokens=120, speculative="prompt_lookup")
+    assert result.usage.accepted_draft_tokens > 0, result.usage
+    prompt = model.encode(QUOTE)
+    fed = prompt + result.token_ids[:-1]  # the last token is sampled, never fed
+    assert model.cached_tokens == fed[: len(model.cached_tokens)] and len(model.cached_tokens) == len(fed)
+    # The next turn reuses that cache as it would after plain decoding.
+    again = model.generate(QUOTE, max_new_tokens=8, speculative="prompt_lookup")
+    assert again.usage.cached_prompt_tokens == len(prompt) - 1
+
+
+def test_budget_stop_strings_and_grammars_hold(model):
+    for budget in (1, 2, 7):
+        plain, fast = both(model, QUOTE, max_new_tokens=budget)
+        assert fast.token_ids == plain.token_ids and len(fast.token_ids) <= budget
+    text = both(model, QUOTE, max_new_tokens=60)[0].text
+    stop = text[20:23]
+    plain, fast = both(model, QUOTE, max_new_tokens=60, stop=[stop])
+    assert fast.text == plain.text == text[: text.index(stop)] and fast.finish_reason == "stop"
+    pytest.importorskip("llguidance", reason="constrained decoding needs the grammar extra")
+    for seed in range(3):
+        plain, fast = both(model, QUOTE, max_new_tokens=120, response_format={"type": "json_object"},
+                           temperature=1.0, seed=seed)
+        assert fast.token_ids == plain.token_ids and fast.incomplete == plain.incomplete
+        if not fast.incomplete:
+            assert isinstance(json.loads(fast.text), dict)
+
+
+@pytest.mark.slow
+def test_smollm2_fp32_greedy_is_identical(smollm2_fp32_bundle):
+    model = edgellm.load(smollm2_fp32_bundle)
+    for prompt in PROMPTS:
+        plain, fast = both(model, prompt, max_new_tokens=60)
+        assert fast.token_ids == plain.token_ids, prompt
+    assert fast.usage.accepted_draft_tokens > 0
