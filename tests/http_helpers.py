@@ -38,8 +38,8 @@ def serving(model: Any, queue_size: int = 8, max_tokens: int = 1024, **config: A
 
 
 class Paced:
-    """A real model whose chunks come `delay` seconds apart, their tokens counted as they are yielded,
-    so a test can tell how many were generated after it hung up."""
+    """A real model whose chunks come `delay` seconds apart, counted as they are yielded (the
+    final one apart), so a test can tell how many were generated after it hung up."""
 
     def __init__(self, model: Any, delay: float = 0.05) -> None:
         self.model = model
@@ -47,17 +47,17 @@ class Paced:
         self.manifest = model.manifest
         self.max_context = model.max_context
         self.path = model.path
-        self.yielded = 0
+        self.chunks = 0
         self.last: Any = None
         self.done = threading.Event()
 
     def stream(self, prompt: Any, **params: Any) -> Iterator[Any]:
-        self.yielded, self.last = 0, None
+        self.chunks, self.last = 0, None
         self.done.clear()
         try:
             for chunk in self.model.stream(prompt, **params):
                 time.sleep(self.delay)
-                self.yielded += len(chunk.token_ids)
+                self.chunks += chunk.finish_reason is None
                 self.last = chunk
                 yield chunk
         finally:

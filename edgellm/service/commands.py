@@ -3,6 +3,10 @@
 Settings come from the command line, else from the `[serve]` table of `--config`
 (keys are the long option names), else from the defaults of `Connection` and
 `ServiceConfig`.
+
+`serve` runs MQTT, HTTP (`--http`) or both over one engine: with `--http` and no
+`--broker` it serves HTTP only; `--broker embedded` starts the embedded broker as
+when neither is given.
 """
 from __future__ import annotations
 
@@ -32,7 +36,7 @@ from .broker import (MOSQUITTO, MQTT_VERSIONS_OF, PYTHON, BrokerError, EmbeddedB
 from .client import ask, new_request_id
 from .connection import MQTT_VERSIONS, BrokerAddress, Connection, read_password
 from .demo import DEFAULT_BUNDLE, DEFAULT_PROMPT, DEMO_SYSTEM, ensure_bundle, local_service
-from .server import Service, ServiceConfig
+from .server import Service, ServiceConfig, engine_for
 
 log = logging.getLogger("edgellm.service")
 
@@ -40,9 +44,10 @@ log = logging.getLogger("edgellm.service")
 _CONFIG_KEYS = (
     "broker", "device_id", "topic_prefix", "client_id", "username", "password_file", "tls_ca", "tls_cert",
     "tls_key", "mqtt_version", "shared_group", "queue_size", "session_expiry", "max_payload", "max_tokens",
-    "queue_per_client", "reasoning_topic",
+    "queue_per_client", "reasoning_topic", "http", "api_key_file", "http_max_body",
 )
-_INT_KEYS = ("queue_size", "session_expiry", "max_payload", "max_tokens", "queue_per_client")
+_INT_KEYS = ("queue_size", "session_expiry", "max_payload", "max_tokens", "queue_per_client", "http_max_body")
+EMBEDDED = "embedded"  # --broker value: start the embedded broker even next to --http
 
 
 def _default_device_id() -> str:
@@ -52,7 +57,8 @@ def _default_device_id() -> str:
 
 def _add_connection_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("broker")
-    g.add_argument("--broker", help="mqtt://host[:1883] or mqtts://host[:8883]")
+    g.add_argument("--broker", help="mqtt://host[:1883] or mqtts://host[:8883]; for serve, 'embedded' starts a "
+                                    "broker on this host (the default without --http)")
     g.add_argument("--device-id", help="this device's topic level (default: host name)")
     g.add_argument("--topic-prefix", help="first topic level (default: edgellm)")
     g.add_argument("--username")
@@ -85,6 +91,13 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: half of --queue-size)")
     g.add_argument("--reasoning-topic",
                    help="also publish every request's reasoning (think block) here, for an audit log")
+    h = p.add_argument_group("http (needs edgellm[http]; see docs/http.md)")
+    h.add_argument("--http", metavar="HOST:PORT",
+                   help="also serve OpenAI- and Ollama-compatible HTTP here (HOST defaults to 127.0.0.1); "
+                        "without --broker, HTTP only")
+    h.add_argument("--api-key-file", help="file whose first line is the bearer key HTTP clients must send "
+                                          "(kept off the command line)")
+    h.add_argument("--http-max-body", type=int, help="largest HTTP request body in bytes (default: 1048576)")
 
 
 def add_ask_arguments(p: argparse.ArgumentParser) -> None:
@@ -183,32 +196,70 @@ def _recipe_config(args: argparse.Namespace, topics: proto.Topics, config: Servi
     return recipe
 
 
+def _http_config(args: argparse.Namespace) -> Any:
+    """The HTTP front's settings, or None without --http; the key file is read here, before the slow load."""
+    if args.http is None:
+        if args.api_key_file or args.http_max_body is not None:
+            raise ValueError("--api-key-file and --http-max-body need --http HOST:PORT")
+        return None
+    try:
+        from .http import DEFAULT_MAX_BODY, HttpConfig, parse_address
+    except ImportError as exc:
+        raise ValueError(f"--http needs the http extra ({exc.name} is missing): pip install 'edgellm[http]'") from None
+    host, port = parse_address(args.http)
+    key = None
+    if args.api_key_file:
+        try:
+            key = Path(args.api_key_file).read_text(encoding="utf-8").splitlines()[0].strip()
+        except (OSError, UnicodeDecodeError, IndexError) as exc:
+            raise ValueError(f"--api-key-file {args.api_key_file}: cannot read a key ({exc})") from None
+        if not key:
+            raise ValueError(f"--api-key-file {args.api_key_file}: its first line is empty")
+    max_body = DEFAULT_MAX_BODY if args.http_max_body is None else args.http_max_body
+    if max_body < 1:
+        raise ValueError(f"--http-max-body must be at least 1, got {max_body}")
+    return HttpConfig(host, port, key, max_body)
+
+
 def run_serve(args: argparse.Namespace) -> int:
     _apply_config(args)
     topics = _topics(args)
     config = _service_config(args, topics)
+    http_config = _http_config(args)
+    mqtt = args.broker is not None or http_config is None
+    if args.recipe and not mqtt:
+        raise ValueError(f"--recipe {args.recipe} is a client of the MQTT service: pass --broker (or "
+                         f"--broker {EMBEDDED}) next to --http")
     recipe_config = _recipe_config(args, topics, config)  # a bad recipe setting fails before the slow load too
-    conn = _connection(args, args.broker or "mqtt://127.0.0.1")  # bad settings fail before the slow load
+    embedded = mqtt and args.broker in (None, EMBEDDED)
+    # bad settings fail before the slow load
+    conn = _connection(args, "mqtt://127.0.0.1" if embedded else args.broker) if mqtt else None
     kind = None
-    if args.broker is None:
+    if embedded:
         kind = embedded_kind()
         conn = dataclasses.replace(conn, mqtt_version=_embedded_version(kind, args))
     model = load_model(args)
-    broker = None
-    if kind is not None:
-        broker = _embedded_broker(kind)
-        conn = dataclasses.replace(conn, broker=BrokerAddress.parse(broker.url))
-    service = Service(model, conn, config)
-    recipe = None
+    engine = engine_for(model, config).start()  # one queue for MQTT and HTTP alike
+    broker = service = http = recipe = None
     stop = threading.Event()
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
-        service.start()
-        if recipe_config is not None:
-            recipe = AnomalyRecipe(conn, topics, recipe_config, client_id=f"{service.client_id}-anomaly").start()
-        log.info("serving %s as device %r: requests on %s", model.manifest.name or args.bundle,
-                 topics.device, topics.request)
-        while not stop.is_set() and not service.finished.is_set():
+        if kind is not None:
+            broker = _embedded_broker(kind)
+            conn = dataclasses.replace(conn, broker=BrokerAddress.parse(broker.url))
+        if http_config is not None:
+            from .http import HttpServer
+
+            http = HttpServer(engine, http_config).start()
+            log.info("serving %s over HTTP at %s (OpenAI: %s/v1, Ollama: %s)%s", model.manifest.name or args.bundle,
+                     http.url, http.url, http.url, "; bearer key required" if http_config.api_key else "")
+        if mqtt:
+            service = Service(model, conn, config, engine).start()
+            if recipe_config is not None:
+                recipe = AnomalyRecipe(conn, topics, recipe_config, client_id=f"{service.client_id}-anomaly").start()
+            log.info("serving %s as device %r: requests on %s", model.manifest.name or args.bundle,
+                     topics.device, topics.request)
+        while not stop.is_set() and not (service is not None and service.finished.is_set()):
             stop.wait(0.5)
     except KeyboardInterrupt:
         pass
@@ -216,10 +267,14 @@ def run_serve(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, previous)
         if recipe is not None:
             recipe.stop()
-        service.stop()
+        engine.close()  # cancels every request: MQTT finals go out before the service says offline
+        if http is not None:
+            http.stop()
+        if service is not None:
+            service.stop()
         if broker is not None:
             broker.close()
-    return 1 if service.failure else 0
+    return 1 if service is not None and service.failure else 0
 
 
 def _print_replies(command: str, replies: Iterable[dict[str, Any]], as_json: bool = False) -> int:

@@ -312,7 +312,8 @@ class HttpServer:
         self.socket.listen(128)
         self.port = self.socket.getsockname()[1]
         app = build_app(engine, config, metrics)
-        self._server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False))
+        self._server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False,
+                                                    timeout_graceful_shutdown=2))
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self.socket]},
                                         name="edgellm-http", daemon=True)
 
