@@ -27,6 +27,10 @@ def test_a_draft_is_what_followed_the_latest_earlier_occurrence():
     assert lookup.length == 6
     lookup.update(6, 1)
     assert (lookup.length, lookup.drafted, lookup.accepted) == (5, 10, 5)
+    for _ in range(5):  # rejections wear the draft down to nothing, and the drafter rests
+        lookup.update(1, 0)
+    assert lookup.length == 0
+    assert [lookup.draft(tokens, room=10) for _ in range(16)] == [[]] * 15 + [[2]]
 
 
 @pytest.fixture(scope="module")
