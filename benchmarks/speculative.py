@@ -16,7 +16,6 @@ Progress on stderr; the table and the PASS/FAIL lines on stdout.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
