@@ -32,6 +32,15 @@ class ModelSpec:
     qk_norm: bool = False  # qwen3: RMSNorm on each q/k head before rotary
     sliding_window: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # What families beyond llama vary (export/arch/); the defaults are llama's, so bundles
+    # written before these fields existed still load.
+    partial_rotary_factor: float = 1.0  # share of each head's dims that rotary turns (Phi-4-mini 0.75)
+    # Per layer "sliding_attention" (window `sliding_window`) or "full_attention" (Gemma 3).
+    layer_types: list[str] | None = None
+    rope_local_theta: float | None = None  # rotary base of sliding layers, unscaled (Gemma 3)
+    attention_scale: float | None = None  # softmax scale; None: 1/sqrt(head_dim)
+    embedding_scale: float | None = None  # embeddings are multiplied by it (Gemma: sqrt(hidden))
+    activation: str = "silu"  # gated MLP activation: "silu" or "gelu_tanh"
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:

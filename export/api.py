@@ -14,8 +14,8 @@ from typing import Any, Callable, Literal, Sequence
 from edgellm import __version__
 from edgellm.bundle import Manifest, finalize_manifest
 from edgellm.errors import BundleError, ExportError
-from edgellm.spec import ARCHITECTURES
 
+from . import arch
 from .config import GraphInfo, QuantConfig
 from .quality import DEFAULT_TEXT, perplexity
 from .scratch import owned_bundle_writer, remove_stale, scratch_dir, terminate_cleans_up
@@ -95,11 +95,11 @@ def _choose_path(src: Source, via: Via) -> Literal["fast", "optimum"]:
         if not src.path.is_dir():
             raise ExportError(f"{src.path}: the optimum path needs a Hugging Face folder, not a GGUF file")
         return "optimum"
-    if src.spec.arch in ARCHITECTURES:
+    if arch.by_spec(src.spec.arch) is not None:
         return "fast"
     if via == "fast":
         raise ExportError(f"{src.path}: architecture {src.spec.arch!r} has no fast graph "
-                          f"(fast: {', '.join(ARCHITECTURES)}; try --via optimum)")
+                          f"(fast: {', '.join(arch.FAST_ARCHS)}; try --via optimum)")
     return "optimum"
 
 

@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+from .arch import FAST_ARCHS
 from .config import QuantConfig
 
 
@@ -31,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "quality cost measured in the manifest's perplexity; auto (default) picks int8 for int4/int8 "
                         "weights at accuracy level 1-4 on the fast graph, float32 otherwise")
     parser.add_argument("--via", default="auto", choices=["auto", "fast", "optimum"],
-                        help="fast: edgellm's fused graph (llama, mistral, qwen2, qwen3); optimum: any decoder "
+                        help=f"fast: edgellm's fused graph ({', '.join(FAST_ARCHS)}); optimum: any decoder "
                         "optimum supports (needs edgellm[optimum]); auto: fast where supported")
     parser.add_argument("--force", action="store_true", help="overwrite an existing output directory")
     parser.add_argument("--eval-text", type=Path, help="text file for the perplexity gate (default: built-in)")

@@ -25,6 +25,9 @@ from onnx import TensorProto, helper
 from edgellm.errors import ExportError
 from edgellm.spec import ModelSpec
 
+from . import arch
+from .arch import Layer, Rope
+from .arch.base import ROPE_TYPES
 from .config import GraphInfo, QuantConfig
 from .linear import Linear, Writer, apply_linear, make_linear, quantized_linear, weight_bits
 from .quantize import QuantizedWeight, WeightLoader
@@ -42,24 +45,32 @@ Progress = Callable[[str, int, int], None]
 # --- rotary ------------------------------------------------------------------
 
 
-def rope_caches(spec: ModelSpec) -> tuple[np.ndarray, np.ndarray]:
-    """cos/sin [max_context, head_dim/2] for GroupQueryAttention, HF's frequencies."""
-    dim = spec.head_dim
+def rope_caches(spec: ModelSpec, rope: Rope | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin [max_context, rotary_dim/2] for GroupQueryAttention, HF's frequencies.
+
+    `rope` picks the base and scaling (default: the spec's); the rotary width is the
+    spec's partial_rotary_factor of head_dim, and GroupQueryAttention reads it from the cache.
+    """
+    rope = rope or Rope("", spec.rope_theta, spec.rope_scaling)
+    dim = int(spec.head_dim * spec.partial_rotary_factor)
     # Frequencies in float32 as HF computes them; angles in float64 so late positions stay exact.
     exponents = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
-    inv_freq = (1.0 / np.float32(spec.rope_theta) ** exponents).astype(np.float32)
-    scaling = spec.rope_scaling or {}
+    inv_freq = (1.0 / np.float32(rope.theta) ** exponents).astype(np.float32)
+    scaling = rope.scaling or {}
     kind = scaling.get("rope_type", scaling.get("type", "default"))
+    magnitude = 1.0
     # dynamic NTK changes frequencies only past max_position_embeddings, which is
     # max_context here, so within the cache's range it is the default.
     if kind == "linear":
         inv_freq = inv_freq / np.float32(scaling["factor"])
     elif kind == "llama3":
         inv_freq = _llama3_inv_freq(inv_freq, scaling)
+    elif kind == "longrope":
+        inv_freq, magnitude = _longrope(inv_freq, scaling, spec)
     elif kind not in ("default", "dynamic"):
-        raise ExportError(f"rope_scaling type {kind!r} is not supported (supported: default, linear, llama3, dynamic)")
+        raise ExportError(f"rope_scaling type {kind!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
     angles = np.outer(np.arange(spec.max_context, dtype=np.float64), inv_freq.astype(np.float64))
-    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+    return (np.cos(angles) * magnitude).astype(np.float32), (np.sin(angles) * magnitude).astype(np.float32)
 
 
 def _llama3_inv_freq(inv_freq: np.ndarray, s: dict) -> np.ndarray:
@@ -71,6 +82,15 @@ def _llama3_inv_freq(inv_freq: np.ndarray, s: dict) -> np.ndarray:
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     medium = (wavelen >= old / high) & (wavelen <= old / low)
     return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def _longrope(inv_freq: np.ndarray, s: dict, spec: ModelSpec) -> tuple[np.ndarray, float]:
+    """Phi-3's longrope within original_max_position_embeddings (the family caps max_context
+    there): short factors divide the frequencies; cos/sin carry the attention factor."""
+    factors = np.asarray(s["short_factor"], dtype=np.float32)
+    if factors.shape != inv_freq.shape:
+        raise ExportError(f"rope_scaling short_factor: {factors.size} factors for {inv_freq.size} rotary frequencies")
+    return (inv_freq / factors).astype(np.float32), float(s["attention_factor"])
 
 
 # --- blocks ------------------------------------------------------------------
@@ -169,7 +189,7 @@ def _add_row_offsets(w: Writer, name: str, hidden: str, lin: Linear, q: Quantize
 
 
 def _head_norm(w: Writer, name: str, x: str, gamma: np.ndarray, spec: ModelSpec) -> str:
-    """qwen3: RMSNorm over each head of q or k, before rotary."""
+    """RMSNorm over each head of q or k, before rotary (Qwen3, Gemma 3)."""
     scale = w.initializer(f"{name}.weight", gamma.astype(np.float32))
     heads = w.one("Reshape", f"{name}/Reshape", [x, w.const([0, 0, -1, spec.head_dim])])
     normed = w.one(
@@ -178,9 +198,24 @@ def _head_norm(w: Writer, name: str, x: str, gamma: np.ndarray, spec: ModelSpec)
     return w.one("Reshape", f"{name}/Reshape_1", [normed, w.const([0, 0, -1])])
 
 
+def _norm_name(base: str, hf_name: str) -> str:
+    """Node name of a norm: its HF module name under the layer's node path."""
+    return f"{base}/{hf_name.rpartition('.')[2]}"
+
+
+def _post_norm(w: Writer, base: str, hf_name: str | None, source: Source, spec: ModelSpec, x: str) -> str:
+    """Gemma's sandwich norm on a block's output, before it joins the residual stream."""
+    if hf_name is None:
+        return x
+    name = _norm_name(base, hf_name)
+    scale = w.initializer(f"{name}.weight", source.tensor(f"{hf_name}.weight").astype(np.float32))
+    return w.one("SimplifiedLayerNormalization", f"{name}/SimplifiedLayerNorm", [x, scale], axis=-1,
+                 epsilon=spec.rms_norm_eps)
+
+
 def attention(
-    w: Writer, source: Source, spec: ModelSpec, quant: QuantConfig, loader: WeightLoader | None, i: int, x: str,
-    residual: str | None, lengths: tuple[str, str], rope: tuple[str, str],
+    w: Writer, source: Source, spec: ModelSpec, quant: QuantConfig, loader: WeightLoader | None, i: int,
+    layer: Layer, x: str, residual: str | None, lengths: tuple[str, str], rope: tuple[str, str],
     kv_scales: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[str, str]:
     """Norm, fused QKV projection, GroupQueryAttention with in-place KV, o_proj.
@@ -190,22 +225,22 @@ def attention(
     """
     hf = f"model.layers.{i}"
     base = f"/model/layers.{i}"
-    normed, residual = add_norm(w, f"{base}/input_layernorm", x, residual,
-                                source.tensor(f"{hf}.input_layernorm.weight"), spec.rms_norm_eps)
-    names = [f"{hf}.self_attn.{p}_proj" for p in "qkv"]
-    bias = np.concatenate([source.tensor(f"{n}.bias") for n in names]) if spec.attention_bias else None
-    qkv_lin = make_linear(w, f"{hf}.self_attn.qkv_proj", source, [f"{n}.weight" for n in names], quant, loader, bias)
+    normed, residual = add_norm(w, _norm_name(base, layer.attn_norm), x, residual,
+                                source.tensor(f"{layer.attn_norm}.weight"), spec.rms_norm_eps)
+    bias = np.concatenate([source.tensor(f"{n}.bias") for n in layer.qkv]) if layer.qkv_bias else None
+    qkv_lin = make_linear(w, f"{hf}.self_attn.qkv_proj", source, [f"{n}.weight" for n in layer.qkv], quant, loader,
+                          bias)
     qkv = apply_linear(w, f"{base}/attn/qkv_proj", normed, qkv_lin, quant)
-    if spec.qk_norm:
+    if layer.q_norm and layer.k_norm:
         q_size, kv_size = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
         q, k, v = w.node("Split", f"{base}/attn/qkv_split", [qkv, w.const([q_size, kv_size, kv_size])], 3, axis=-1)
-        q = _head_norm(w, f"{base}/attn/q_norm", q, source.tensor(f"{hf}.self_attn.q_norm.weight"), spec)
-        k = _head_norm(w, f"{base}/attn/k_norm", k, source.tensor(f"{hf}.self_attn.k_norm.weight"), spec)
+        q = _head_norm(w, f"{base}/attn/q_norm", q, source.tensor(f"{layer.q_norm}.weight"), spec)
+        k = _head_norm(w, f"{base}/attn/k_norm", k, source.tensor(f"{layer.k_norm}.weight"), spec)
         qkv_inputs = [q, k, v]
     else:
         qkv_inputs = [qkv, "", ""]
     quantized: list[str] = []
-    quant_attrs: dict[str, str | int] = {}
+    quant_attrs: dict[str, str | int | float] = {}
     if kv_scales is not None:
         shape = (1, spec.num_kv_heads, 1, spec.head_dim)
         scales = [w.initializer(f"{hf}.self_attn.{kind}_scale", s.astype(np.float32).reshape(shape))
@@ -213,6 +248,8 @@ def attention(
         # position_ids, attention_bias and head_sink (inputs 9-11) stay empty.
         quantized = ["", "", "", *scales]
         quant_attrs = dict(k_quant_type="PER_CHANNEL", v_quant_type="PER_CHANNEL", kv_cache_bit_width=8)
+    if layer.scale is not None:
+        quant_attrs["scale"] = layer.scale
     attn, _, _ = w.node(
         "GroupQueryAttention",
         f"{base}/attn/GroupQueryAttention",
@@ -222,32 +259,40 @@ def attention(
         kv_num_heads=spec.num_kv_heads,
         do_rotary=1,
         rotary_interleaved=0,  # HF q/k rows are in rotate-half order
-        local_window_size=spec.sliding_window or -1,
+        local_window_size=layer.window or -1,
         **quant_attrs,
     )
-    o_lin = make_linear(w, f"{hf}.self_attn.o_proj", source, [f"{hf}.self_attn.o_proj.weight"], quant, loader)
-    return apply_linear(w, f"{base}/attn/o_proj", attn, o_lin, quant), residual
+    o_lin = make_linear(w, f"{hf}.self_attn.o_proj", source, [f"{layer.o}.weight"], quant, loader)
+    out = apply_linear(w, f"{base}/attn/o_proj", attn, o_lin, quant)
+    return _post_norm(w, base, layer.attn_post_norm, source, spec, out), residual
+
+
+def _activation(w: Writer, name: str, gate: str, kind: str) -> str:
+    if kind == "silu":
+        sig = w.one("Sigmoid", f"{name}/Sigmoid", [gate])
+        return w.one("Mul", f"{name}/Mul", [gate, sig])
+    if kind == "gelu_tanh":
+        return w.one("Gelu", f"{name}/Gelu", [gate], approximate="tanh")
+    raise ExportError(f"activation {kind!r} is not supported (supported: silu, gelu_tanh)")
 
 
 def mlp(
-    w: Writer, source: Source, spec: ModelSpec, quant: QuantConfig, loader: WeightLoader | None, i: int, x: str,
-    residual: str,
+    w: Writer, source: Source, spec: ModelSpec, quant: QuantConfig, loader: WeightLoader | None, i: int,
+    layer: Layer, x: str, residual: str,
 ) -> tuple[str, str]:
-    """Norm, fused gate;up projection, SiLU(gate) * up, down projection."""
+    """Norm, fused gate;up projection, act(gate) * up, down projection."""
     hf = f"model.layers.{i}"
     base = f"/model/layers.{i}"
-    normed, residual = add_norm(w, f"{base}/post_attention_layernorm", x, residual,
-                                source.tensor(f"{hf}.post_attention_layernorm.weight"), spec.rms_norm_eps)
-    gate_up_lin = make_linear(
-        w, f"{hf}.mlp.gate_up_proj", source, [f"{hf}.mlp.{p}_proj.weight" for p in ("gate", "up")], quant, loader
-    )
+    normed, residual = add_norm(w, _norm_name(base, layer.ffn_norm), x, residual,
+                                source.tensor(f"{layer.ffn_norm}.weight"), spec.rms_norm_eps)
+    gate_up_lin = make_linear(w, f"{hf}.mlp.gate_up_proj", source, [f"{n}.weight" for n in layer.gate_up], quant,
+                              loader)
     gate_up = apply_linear(w, f"{base}/mlp/gate_up_proj", normed, gate_up_lin, quant)
     gate, up = w.node("Split", f"{base}/mlp/Split", [gate_up], 2, axis=-1, num_outputs=2)
-    sig = w.one("Sigmoid", f"{base}/mlp/act/Sigmoid", [gate])
-    silu = w.one("Mul", f"{base}/mlp/act/Mul", [gate, sig])
-    hidden = w.one("Mul", f"{base}/mlp/Mul", [silu, up])
-    down_lin = make_linear(w, f"{hf}.mlp.down_proj", source, [f"{hf}.mlp.down_proj.weight"], quant, loader)
-    return apply_linear(w, f"{base}/mlp/down_proj", hidden, down_lin, quant), residual
+    hidden = w.one("Mul", f"{base}/mlp/Mul", [_activation(w, f"{base}/mlp/act", gate, layer.activation), up])
+    down_lin = make_linear(w, f"{hf}.mlp.down_proj", source, [f"{layer.down}.weight"], quant, loader)
+    out = apply_linear(w, f"{base}/mlp/down_proj", hidden, down_lin, quant)
+    return _post_norm(w, base, layer.ffn_post_norm, source, spec, out), residual
 
 
 def head_weights(
@@ -319,6 +364,9 @@ def build_fast_graph(
     """
     spec = source.spec
     out_dir = Path(out_dir)
+    family = arch.by_spec(spec.arch)
+    if family is None:
+        raise ExportError(f"architecture {spec.arch!r} has no fast graph (fast: {', '.join(arch.FAST_ARCHS)})")
     if spec.head_dim % 2:
         raise ExportError(f"head_dim {spec.head_dim}: rotary embedding needs an even head size")
     if kv_scales is not None:
@@ -330,15 +378,25 @@ def build_fast_graph(
     loader = WeightLoader(source, quant, exact=not requantize) if weight_bits(quant) else None
     w = Writer(out_dir / DATA_FILE)
     try:
-        cos, sin = rope_caches(spec)
-        rope = (w.initializer("cos_cache", cos), w.initializer("sin_cache", sin))
+        layers = [family.layer(spec, i) for i in range(spec.num_layers)]
+        ropes: dict[str, tuple[str, str]] = {}
+        for layer in layers:
+            if layer.rope.name not in ropes:
+                cos, sin = rope_caches(spec, layer.rope)
+                suffix = f"_{layer.rope.name}" if layer.rope.name else ""
+                ropes[layer.rope.name] = (w.initializer(f"cos_cache{suffix}", cos),
+                                          w.initializer(f"sin_cache{suffix}", sin))
         lengths = attention_lengths(w)
         lm_head, lm_head_q = head_weights(w, source, spec, quant, loader)
         x, residual = embed(w, source, spec, quant, loader, lm_head, lm_head_q), None
-        for i in range(spec.num_layers):
+        if spec.embedding_scale is not None:
+            scale = w.initializer("/model/embed_tokens/scale", np.array(spec.embedding_scale, dtype=np.float32))
+            x = w.one("Mul", "/model/embed_tokens/Mul", [x, scale])
+        for i, layer in enumerate(layers):
             layer_scales = None if kv_scales is None else (kv_scales[0][i], kv_scales[1][i])
-            x, residual = attention(w, source, spec, quant, loader, i, x, residual, lengths, rope, layer_scales)
-            x, residual = mlp(w, source, spec, quant, loader, i, x, residual)
+            x, residual = attention(w, source, spec, quant, loader, i, layer, x, residual, lengths,
+                                    ropes[layer.rope.name], layer_scales)
+            x, residual = mlp(w, source, spec, quant, loader, i, layer, x, residual)
             if progress:
                 progress("layers", i + 1, spec.num_layers)
         head(w, source, spec, quant, lm_head, x, residual)

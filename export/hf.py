@@ -15,11 +15,12 @@ from typing import Any
 import numpy as np
 
 from edgellm.errors import ExportError
-from edgellm.spec import ARCHITECTURES, ModelSpec
+from edgellm.spec import ModelSpec
+
+from . import arch
 
 _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}
 _SAMPLING_KEYS = ("temperature", "top_p", "top_k", "repetition_penalty")
-_ROPE_TYPES = ("default", "linear", "llama3", "dynamic")
 _MAX_HEADER = 100 << 20
 
 
@@ -96,49 +97,12 @@ def _weight_files(folder: Path) -> list[Path]:
     return files
 
 
-def _rope_scaling(config: dict[str, Any], where: Path) -> dict[str, Any] | None:
-    scaling = config.get("rope_scaling")
-    if not scaling:
-        return None
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
-    if kind not in _ROPE_TYPES:
-        raise ExportError(f"{where}: rope_scaling type {kind!r} is not supported (supported: {', '.join(_ROPE_TYPES)})")
-    return {**scaling, "rope_type": kind}
-
-
 def read_spec(config: dict[str, Any], where: Path) -> ModelSpec:
     """ModelSpec from a HF config.json dict; shapes only for an architecture without a fast graph."""
-    arch = config.get("model_type")
-    if arch not in ARCHITECTURES:
+    family = arch.by_hf_type(config.get("model_type"))
+    if family is None:
         return generic_spec(config, where)
-    try:
-        heads = int(config["num_attention_heads"])
-        hidden = int(config["hidden_size"])
-        sliding = config.get("sliding_window") if arch == "mistral" else None
-        if arch in ("qwen2", "qwen3") and config.get("use_sliding_window"):
-            raise ExportError(f"{where}: use_sliding_window=true is not supported for {arch}")
-        return ModelSpec(
-            arch=arch,
-            num_layers=int(config["num_hidden_layers"]),
-            hidden_size=hidden,
-            intermediate_size=int(config["intermediate_size"]),
-            num_heads=heads,
-            num_kv_heads=int(config.get("num_key_value_heads") or heads),
-            head_dim=int(config.get("head_dim") or hidden // heads),
-            vocab_size=int(config["vocab_size"]),
-            max_context=int(config.get("max_position_embeddings", 2048)),
-            rope_theta=float(config.get("rope_theta", 10000.0)),
-            rope_scaling=_rope_scaling(config, where),
-            rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
-            tie_embeddings=bool(config.get("tie_word_embeddings", False)),
-            attention_bias=arch == "qwen2" or bool(config.get("attention_bias", False)),
-            qk_norm=arch == "qwen3",
-            sliding_window=int(sliding) if sliding else None,
-        )
-    except KeyError as exc:
-        raise ExportError(f"{where}: field {exc.args[0]!r} is missing") from None
-    except (TypeError, ValueError) as exc:
-        raise ExportError(f"{where}: invalid value ({exc})") from None
+    return family.read_hf(config, where)
 
 
 # Names other model families give the fields the runtime sizes its KV cache by.
@@ -240,6 +204,7 @@ class HFSource:
         if config is None:
             raise ExportError(f"{path / 'config.json'}: missing (is {path} a Hugging Face model folder?)")
         self.spec = read_spec(config, path / "config.json")
+        self.family = arch.by_hf_type(config.get("model_type"))
         tok_path = path / "tokenizer.json"
         if not tok_path.is_file():
             raise ExportError(f"{tok_path}: missing (the fast export needs a tokenizers tokenizer.json)")
@@ -270,7 +235,7 @@ class HFSource:
         st = self._where.get(name)
         if st is None:
             raise ExportError(f"{self.path}: tensor {name!r} is missing from the checkpoint")
-        return st.read(name)
+        return st.read(name) if self.family is None else self.family.hf_tensor(name, st.read(name))
 
     def quant_blocks(self, name: str) -> None:
         return None

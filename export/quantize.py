@@ -304,8 +304,4 @@ class WeightLoader:
 
 def _stored_types(source: Source) -> dict[str, str]:
     """GGUF type names by HF tensor name; empty for float sources."""
-    from .gguf import GGUFSource, hf_name
-
-    if not isinstance(source, GGUFSource):
-        return {}
-    return {hf_name(t.name): t.tensor_type.name for t in source.reader.tensors}
+    return getattr(source, "stored_types", {})

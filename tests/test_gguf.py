@@ -223,7 +223,6 @@ def test_unpermute_on_uneven_heads(tiny_hf, tmp_path):
         {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 8.0,
          "original_max_position_embeddings": 256},
         {"rope_type": "linear", "factor": 2.0},
-        {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128},
     ],
     ids=lambda s: s["rope_type"],
 )
@@ -231,6 +230,12 @@ def test_rope_scaling_round_trip(tiny_hf, tmp_path, scaling):
     folder = tiny_hf("llama" if scaling["rope_type"] == "llama3" else "qwen2", rope_scaling=scaling)
     got = open_gguf(write_tiny_gguf(folder, tmp_path / "m.gguf")).spec.rope_scaling
     assert got == pytest.approx(scaling)
+
+
+def test_rope_scaling_the_graph_cannot_build_is_refused_on_reading(tiny_hf, tmp_path):
+    """As from a HF folder: yarn is refused when read, not later by the graph builder."""
+    folder = tiny_hf("qwen2", rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128})
+    _expect_error(write_tiny_gguf(folder, tmp_path / "m.gguf"), "qwen2.rope.scaling.type 'yarn' is not supported")
 
 
 # ---- pre-tokenizers and SentencePiece ------------------------------------------------------
