@@ -8,11 +8,13 @@ modes alike; the first repetition is a warm-up (it also compiles the grammars). 
 mode has the same `max_new_tokens`: plain decode ignores EOS and runs all of them; a
 constrained one ends where its grammar does (EOS is allowed only where the output is
 complete), so the tokens each actually generated are reported next to its rate. The
-rate is `usage.decode_tokens_per_s` (tokens after the first over the time after the
-first), a per-token step time that does not depend on how many tokens there were.
-A last, untimed pass per mode wraps the runtime's step functions with timers and
-says where a step's time goes (forward, grammar mask, grammar advance, the rest).
-Progress goes to stderr; the table and PASS/FAIL lines to stdout.
+bar's rate is `usage.decode_tokens_per_s` (tokens after the first over the time after
+the first), a per-token pace that does not depend on how many tokens there were.
+Two readings that other work on a shared machine moves less are printed next to it:
+the lower quartile of all decode steps (timed from the stream), and an estimate built
+from the median of each part of a step (forward, grammar mask, grammar advance,
+sampler, the rest), timed in a few more runs with the runtime's step functions wrapped.
+Progress goes to stderr; the tables and PASS/FAIL lines to stdout.
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ import report  # noqa: E402
 from bench import HERE, run_measured  # noqa: E402
 
 BAR = 0.95  # constrained decode tok/s over plain, same run
+NOISY = 1.3  # fastest over slowest run of one mode beyond which a run is called unstable (as bench.py does)
 SOURCE = "smollm2-135m"
 DEFAULT_BUNDLE = Path.home() / ".cache" / "edgellm-bench" / f"edgellm-{SOURCE}-int4"  # bench.py's
 
@@ -124,14 +127,25 @@ def load(bundle: Path, threads: int | None) -> Any:
 
 
 def run_once(model: Any, mode: str, tokens: int) -> dict[str, Any]:
+    """One generation, streamed so that each step is timed as well as the whole."""
     model.reset()  # every run prefills cold, so no mode inherits another's cache
     started = time.perf_counter()
-    r = model.generate(MESSAGES, max_new_tokens=tokens, temperature=0.0, **MODES[mode])
+    chunks, steps, before = [], [], None
+    for chunk in model.stream(MESSAGES, max_new_tokens=tokens, temperature=0.0, **MODES[mode]):
+        now = time.perf_counter()
+        chunks.append(chunk)
+        # Chunks between the first (which carries the prefill) and the last: k tokens in
+        # `now - before` seconds are k steps of that length.
+        if before is not None and chunk.finish_reason is None:
+            steps += [(now - before) / len(chunk.token_ids)] * len(chunk.token_ids)
+        before = now
     wall = time.perf_counter() - started
-    u = r.usage
+    last, text = chunks[-1], "".join(c.text for c in chunks)
+    u = last.usage
     return {"decode_tokens_per_s": u.decode_tokens_per_s, "completion_tokens": u.completion_tokens,
-            "prompt_tokens": u.prompt_tokens, "ttft_s": u.ttft_s, "wall_s": wall, "finish_reason": r.finish_reason,
-            "incomplete": r.incomplete, "valid": None if r.incomplete else valid(mode, r.text), "text": r.text}
+            "step_ms": [round(1000 * t, 4) for t in steps],
+            "prompt_tokens": u.prompt_tokens, "ttft_s": u.ttft_s, "wall_s": wall, "finish_reason": last.finish_reason,
+            "incomplete": last.incomplete, "valid": None if last.incomplete else valid(mode, text), "text": text}
 
 
 def measure(model: Any, tokens: int, runs: int) -> dict[str, list[dict[str, Any]]]:
@@ -149,17 +163,18 @@ def measure(model: Any, tokens: int, runs: int) -> dict[str, list[dict[str, Any]
 
 
 def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    rate = statistics.median(r["decode_tokens_per_s"] for r in runs)
+    rates = [r["decode_tokens_per_s"] for r in runs]
+    steps = [t for r in runs for t in r["step_ms"]]
     return {
-        "decode_tokens_per_s": rate,
-        "best_tokens_per_s": max(r["decode_tokens_per_s"] for r in runs),
-        "step_ms": 1000 / rate if rate else None,
+        "decode_tokens_per_s": statistics.median(rates),
+        "best_tokens_per_s": max(rates),
+        # Other work on the machine only ever slows a step: the fastest quarter is the model's own pace.
+        "q1_step_ms": statistics.quantiles(steps, n=4)[0] if len(steps) > 1 else None,
         "completion_tokens": statistics.median(r["completion_tokens"] for r in runs),
         "wall_s": statistics.median(r["wall_s"] for r in runs),
         "incomplete": sum(r["incomplete"] for r in runs),
         "invalid": sum(r["valid"] is False for r in runs),
-        "spread": max(r["decode_tokens_per_s"] for r in runs) / min(r["decode_tokens_per_s"] for r in runs)
-        if all(r["decode_tokens_per_s"] for r in runs) else None,
+        "spread": max(rates) / min(rates) if min(rates) > 0 else None,
     }
 
 
@@ -200,28 +215,41 @@ def timers() -> Iterator[dict[str, list[float]]]:
             setattr(cls, name, fn)
 
 
-def profile(model: Any, tokens: int) -> dict[str, dict[str, float]]:
-    """Per decode step, ms: the forward, the grammar's mask (a processor, inside sampling),
-    its advance (inside append), the sampler and other processors, and the rest of append
-    (detokenizing, stop checks). `step` is 1000 / decode_tokens_per_s of the same run;
-    `loop` is what is left of it (the generator, chunking, the wrappers themselves)."""
-    out = {}
-    for mode in MODES:
-        report.stage(f"profiling {mode}")
-        with timers() as spent:
-            run = run_once(model, mode, tokens)
-        steps = max(run["completion_tokens"] - 1, 1)
+PARTS = ("forward", "mask", "advance", "sampler", "append")
 
-        def ms(part: str) -> float:
-            # The first sampled token's sample/append/mask belong to the prefill side of the step count.
-            return 1000 * sum(spent[part][1:]) / steps if spent[part] else 0.0
 
-        parts = {"forward": 1000 * sum(spent["forward"]) / steps, "mask": ms("mask"), "advance": ms("advance")}
-        parts["sampler"] = ms("sample") - parts["mask"]
-        parts["append"] = ms("append") - parts["advance"]
-        step = 1000 / run["decode_tokens_per_s"] if run["decode_tokens_per_s"] else 0.0
-        out[mode] = {**parts, "step": step, "loop": step - sum(parts.values())}
-    return out
+def profile(model: Any, tokens: int, runs: int = 3) -> dict[str, Any]:
+    """Where a decode step's time goes, from `runs` more runs per mode with timers: the
+    one-token forward, the grammar's mask (a processor, inside sampling), its advance
+    (inside append), the sampler and other processors, and the rest of append
+    (detokenizing, stop checks); medians per step, in ms.
+
+    The forward does not depend on the mode, so the bar's ratio is estimated as
+    (forward + plain's overhead) / (forward + the mode's), with one forward for all: the
+    lower quartile of every mode's forwards, the pace other work on the machine did not slow."""
+    calls: dict[str, dict[str, list[float]]] = {mode: {part: [] for part in PARTS} for mode in MODES}
+    for rep in range(runs):
+        report.stage(f"profiling every mode with timers, {rep + 1}/{runs}")
+        for mode in MODES:
+            with timers() as spent:
+                run_once(model, mode, tokens)
+            c = calls[mode]
+            # Per step: sample and mask, append and advance are called once each (no grammar: zero).
+            mask = spent["mask"] or [0.0] * len(spent["sample"])
+            advance = spent["advance"] or [0.0] * len(spent["append"])
+            c["forward"] += spent["forward"]
+            c["mask"] += mask
+            c["advance"] += advance
+            c["sampler"] += [a - b for a, b in zip(spent["sample"], mask)]
+            c["append"] += [a - b for a, b in zip(spent["append"], advance)]
+    forward = 1000 * statistics.quantiles([t for c in calls.values() for t in c["forward"]], n=4)[0]
+    modes = {}
+    for mode, c in calls.items():
+        parts = {part: 1000 * statistics.median(c[part]) for part in PARTS}
+        modes[mode] = {**parts, "overhead": sum(parts.values()) - parts["forward"]}
+    for p in modes.values():
+        p["estimated_ratio"] = (forward + modes["plain"]["overhead"]) / (forward + p["overhead"])
+    return {"forward_q1_ms": forward, "modes": modes}
 
 
 # -- report ---------------------------------------------------------------------------------
@@ -242,26 +270,39 @@ def bars(modes: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
 
 def table(results: dict[str, Any]) -> str:
     modes, prof, s = results["modes"], results["profile"], results["settings"]
-    plain = modes["plain"]["decode_tokens_per_s"]
-    best = modes["plain"]["best_tokens_per_s"]
-    head = ("mode", "tok/s", "step ms", "vs plain", "best tok/s", "best vs best", "tokens", "wall s", "spread",
-            "incomplete", "invalid")
+    plain = modes["plain"]
+
+    def vs(value: float | None, base: float | None) -> str:
+        return f"{value / base:.3f}x" if value and base else "—"
+
+    head = ("mode", "tok/s", "vs plain", "best tok/s", "vs plain", "q1 step ms", "vs plain", "tokens", "wall s",
+            "spread", "incomplete", "invalid")
     rows = [head]
     for name, m in modes.items():
-        rows.append((name, f"{m['decode_tokens_per_s']:.1f}", f"{m['step_ms']:.2f}",
-                     f"{m['decode_tokens_per_s'] / plain:.3f}x", f"{m['best_tokens_per_s']:.1f}",
-                     f"{m['best_tokens_per_s'] / best:.3f}x", f"{m['completion_tokens']:.0f}",
-                     f"{m['wall_s']:.2f}", f"{m['spread']:.2f}x" if m["spread"] else "—",
-                     f"{m['incomplete']}/{s['runs']}", f"{m['invalid']}/{s['runs']}"))
-    parts = ("forward", "mask", "advance", "sampler", "append", "loop", "step")
-    rows += [(), ("ms per step", *parts)]
-    rows += [(name, *(f"{p[k]:.3f}" for k in parts)) for name, p in prof.items()]
+        rate, step = m["decode_tokens_per_s"], m["q1_step_ms"]
+        rows.append((name, f"{rate:.1f}", vs(rate, plain["decode_tokens_per_s"]),
+                     f"{m['best_tokens_per_s']:.1f}", vs(m["best_tokens_per_s"], plain["best_tokens_per_s"]),
+                     "—" if step is None else f"{step:.2f}", vs(plain["q1_step_ms"], step),
+                     f"{m['completion_tokens']:.0f}", f"{m['wall_s']:.2f}",
+                     f"{m['spread']:.2f}x" if m["spread"] else "—", f"{m['incomplete']}/{s['runs']}",
+                     f"{m['invalid']}/{s['runs']}"))
+    rows += [(), ("median ms per step", *PARTS, "overhead", "est. vs plain")]
+    rows += [(name, *(f"{p[k]:.3f}" for k in (*PARTS, "overhead")), f"{p['estimated_ratio']:.3f}x")
+             for name, p in prof["modes"].items()]
     lines = aligned(rows)
     threads = s["threads"] or "the profile's"
-    lines.append(f"({s['tokens']} max new tokens, greedy, {threads} threads, median of "
-                 f"{s['runs']} interleaved repetitions after a warm-up; best: the fastest run, the least disturbed "
-                 "by other work; plain ignores EOS, constrained modes end where their grammar does; spread: fastest "
-                 "over slowest run; the step table is one extra run per mode with timers, for diagnosis)")
+    lines.append(f"({s['tokens']} max new tokens, greedy, {threads} threads, {s['runs']} interleaved repetitions "
+                 "after a warm-up. tok/s: median of usage.decode_tokens_per_s (the bar); best: the fastest run; "
+                 "q1 step: the lower quartile of every decode step of every run, the pace other work on the machine "
+                 "did not slow; 'vs plain' is a rate ratio, > 1 faster. Plain ignores EOS, constrained modes end "
+                 "where their grammar does; spread: fastest run over slowest. The second table times each part of "
+                 f"a step in {s['profile_runs']} more runs per mode; overhead: all but the forward; est. vs plain: "
+                 f"(F + plain's overhead) / (F + this one's), F = {prof['forward_q1_ms']:.2f} ms, the lower quartile "
+                 "of all forwards: the bar's ratio at the machine's quiet pace)")
+    if noisy := [name for name, m in modes.items() if m["spread"] and m["spread"] > NOISY]:
+        lines.append(f"(unstable: {', '.join(noisy)} runs differ by more than {NOISY}x: the machine was busy and "
+                     "the medians above are not the engine's; rerun on a quiet machine, or read the q1 and "
+                     "per-part ratios)")
     return "\n".join(lines)
 
 
@@ -286,9 +327,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_model_args(p)
     p.add_argument("--tokens", type=int, default=128, help="max new tokens per run, every mode (default 128)")
     p.add_argument("--runs", type=int, default=5, help="measured repetitions after one warm-up (default 5)")
+    p.add_argument("--profile-runs", type=int, default=3, help="runs per mode with per-part timers (default 3)")
     args = p.parse_args(argv)
-    if args.tokens < 2 or args.runs < 1:
-        p.error("--tokens must be at least 2 and --runs at least 1")
+    if args.tokens < 2 or args.runs < 1 or args.profile_runs < 1:
+        p.error("--tokens must be at least 2, --runs and --profile-runs at least 1")
     return args
 
 
@@ -303,10 +345,11 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {
         "machine": {**machine, "load_average_end": os.getloadavg()[0]},
         "settings": {"bundle": str(bundle), "tokens": args.tokens, "runs": args.runs, "threads": args.threads,
-                     "prompt_tokens": runs["plain"][0]["prompt_tokens"], "schema": SCHEMA, "regex": REGEX},
+                     "profile_runs": args.profile_runs, "prompt_tokens": runs["plain"][0]["prompt_tokens"],
+                     "schema": SCHEMA, "regex": REGEX},
         "modes": modes,
         "runs": runs,
-        "profile": profile(model, args.tokens),
+        "profile": profile(model, args.tokens, args.profile_runs),
     }
     results["bars"] = bars(modes)
     report.emit(results, table(results), report.bar_lines(results["bars"]), args.json)

@@ -60,6 +60,7 @@ def test_every_mode_runs_the_same_budget_interleaved(speed_run):
         assert len(runs) == RUNS
         for run in runs:
             assert 1 < run["completion_tokens"] <= TOKENS and run["decode_tokens_per_s"] > 0
+            assert len(run["step_ms"]) < run["completion_tokens"] and all(t > 0 for t in run["step_ms"])
             assert run["prompt_tokens"] == results["settings"]["prompt_tokens"]  # one prompt for all modes
             # Only a run the budget cut short can be incomplete, and only under a constraint.
             assert not run["incomplete"] or (mode != "plain" and run["finish_reason"] == "length"), run
@@ -69,13 +70,16 @@ def test_every_mode_runs_the_same_budget_interleaved(speed_run):
 
 def test_profile_splits_a_step_and_only_constrained_modes_pay_for_a_mask(speed_run):
     results, stdout = speed_run
-    prof = results["profile"]
+    prof = results["profile"]["modes"]
     assert prof["plain"]["mask"] == prof["plain"]["advance"] == 0
+    assert prof["plain"]["estimated_ratio"] == 1.0
     for mode in ("json_object", "json_schema", "regex"):
         assert prof[mode]["mask"] > 0 and prof[mode]["advance"] > 0
+        assert prof[mode]["overhead"] > prof[mode]["mask"]
     for p in prof.values():
-        assert p["forward"] > 0 and p["step"] > 0
-    assert "ms per step" in stdout and "forward" in stdout
+        assert p["overhead"] == pytest.approx(sum(p[k] for k in structured.PARTS) - p["forward"])
+    assert results["profile"]["forward_q1_ms"] > 0
+    assert "median ms per step" in stdout and results["settings"]["profile_runs"] == 3
 
 
 def test_speed_bars_are_ratios_against_plain(speed_run):
