@@ -68,6 +68,7 @@ class Engine:
         self.running: Job | None = None
         self._worker = threading.Thread(target=self._work, name="edgellm-generate", daemon=True)
         self._closed = False
+        self.observers: list[Callable[[Outcome], None]] = []  # told of every job's end (metrics)
 
     @property
     def waiting(self) -> int:
@@ -122,10 +123,11 @@ class Engine:
             self.running = None
             with self._lock:
                 self._by_id.pop(id(job), None)
-            try:
-                job.on_end(outcome)
-            except Exception:  # noqa: BLE001 - one front's failure must never stop the worker
-                log.exception("a front failed to finish a request")
+            for tell in (job.on_end, *self.observers):
+                try:
+                    tell(outcome)
+                except Exception:  # noqa: BLE001 - one front's failure must never stop the worker
+                    log.exception("a front failed to finish a request")
             if not len(self._jobs):
                 release_freed_heap()  # a long prompt's buffers go back to the OS while idle
 

@@ -170,3 +170,19 @@ def test_serve_answers_http_and_mqtt_from_one_process(tiny_bundle, broker, tmp_p
         probe.close()
     assert process.returncode == 0, err
     assert f"http://127.0.0.1:{port}" in err and "s3cret" not in err
+
+
+def test_metrics_count_requests_tokens_and_timings(model):
+    with serving(model) as server:
+        assert post(server, "/v1/chat/completions", {"messages": ASK, "max_tokens": 4}).status_code == 200
+        assert post(server, "/v1/chat/completions", b"{bad").status_code == 400
+        assert post(server, "/api/generate", {"prompt": "Hi", "raw": True, "stream": False,
+                                              "options": {"num_predict": 3}}).status_code == 200
+        text = httpx.get(server.url + "/metrics").text
+    samples = dict(line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))
+    assert samples['edgellm_http_requests_total{route="/v1/chat/completions",status="200"}'] == "1"
+    assert samples['edgellm_http_requests_total{route="/v1/chat/completions",status="400"}'] == "1"
+    assert samples['edgellm_generations_total{finish_reason="length"}'] == "2"
+    assert samples['edgellm_tokens_total{kind="completion"}'] == "7"
+    assert samples['edgellm_ttft_seconds_count'] == samples['edgellm_ttft_seconds_bucket{le="+Inf"}'] == "2"
+    assert samples['edgellm_decode_tokens_per_second_count'] == "2" and samples["edgellm_queue_waiting"] == "0"

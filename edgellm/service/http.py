@@ -272,7 +272,8 @@ async def _health(front: Front, _request: Request) -> Response:
 
 
 async def _metrics(front: Front, _request: Request) -> Response:
-    return Response(front.metrics.render(front.engine.waiting), media_type="text/plain; version=0.0.4")
+    return Response(front.metrics.render(front.engine.waiting, front.engine.running is not None),
+                    media_type="text/plain; version=0.0.4")
 
 
 def build_app(engine: Engine, config: HttpConfig, metrics: Metrics | None = None) -> Any:
@@ -311,7 +312,9 @@ class HttpServer:
             raise OSError(f"--http {config.host}:{config.port}: {exc.strerror or exc}") from None
         self.socket.listen(128)
         self.port = self.socket.getsockname()[1]
-        app = build_app(engine, config, metrics)
+        self.metrics = metrics or Metrics()
+        engine.observers.append(self.metrics.finished)
+        app = build_app(engine, config, self.metrics)
         self._server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False,
                                                     timeout_graceful_shutdown=2))
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self.socket]},
