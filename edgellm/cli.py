@@ -127,6 +127,11 @@ def cmd_devices(args: argparse.Namespace) -> int:
         mark = "*" if name == here.name else " "
         print(f"{mark} {name:<18} {load_profile(name).description}")
     print(f"(* detected on this machine: {here.name})")
+    from .session import available_devices  # onnxruntime loads here, not for the profile list
+
+    print("\nexecution providers and devices on this machine:")
+    for provider, kind, vendor in available_devices():
+        print(f"  {provider:<28} {kind or '-':<4} {vendor}")
     return 0
 
 
