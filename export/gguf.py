@@ -97,6 +97,10 @@ class GGUFSource:
         self.stored_types = {name: t.tensor_type.name for name, t in self._tensors.items()}
         self.tokenizer_json = build_tokenizer(self.meta, where=str(path)).to_str()
         self.chat_template: str | None = self.meta.get("tokenizer.chat_template")
+        # A GGUF without a template gets its family's known one; describe() says so.
+        self.template_from = "gguf" if self.chat_template else None
+        if self.chat_template is None and family.chat_template is not None:
+            self.chat_template, self.template_from = family.chat_template, f"{family.name} family default"
         self.generation = generation_config(self.meta)
 
     def names(self) -> list[str]:
@@ -130,6 +134,7 @@ class GGUFSource:
             "sha256": digest.hexdigest(),
             "file_type": file_type_name,
             "tensor_types": dict(Counter(t.tensor_type.name for t in self.reader.tensors)),
+            "chat_template": self.template_from,
         }
 
     def _get(self, name: str) -> ReaderTensor:

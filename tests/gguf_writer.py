@@ -22,7 +22,7 @@ DEFAULT_QTYPES = {
     "mlp.gate_proj.weight": Q.Q4_1,
     "mlp.down_proj.weight": Q.Q4_0,
 }
-GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3_text": "gemma3"}
 _GLOBAL = {
     "model.embed_tokens.weight": "token_embd.weight",
     "model.norm.weight": "output_norm.weight",
@@ -42,13 +42,21 @@ _BLOCK = {
     "mlp.down_proj": "ffn_down",
 }
 
+# llama.cpp's Gemma 3 names: its ffn_norm is the pre-feedforward norm, and two post norms.
+_GEMMA3_BLOCK = {
+    **_BLOCK,
+    "post_attention_layernorm": "post_attention_norm",
+    "pre_feedforward_layernorm": "ffn_norm",
+    "post_feedforward_layernorm": "post_ffw_norm",
+}
 
-def gguf_name(hf: str) -> str:
+
+def gguf_name(hf: str, arch: str = "llama") -> str:
     if hf in _GLOBAL:
         return _GLOBAL[hf]
     _, _, layer, rest = hf.split(".", 3)
     module, kind = rest.rsplit(".", 1)
-    return f"blk.{layer}.{_BLOCK[module]}.{kind}"
+    return f"blk.{layer}.{(_GEMMA3_BLOCK if arch == 'gemma3' else _BLOCK)[module]}.{kind}"
 
 
 def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -101,6 +109,12 @@ def write_tiny_gguf(
     w.add_rope_freq_base(config["rope_theta"])
     w.add_layer_norm_rms_eps(config["rms_norm_eps"])
     w.add_vocab_size(config["vocab_size"])
+    if arch == "gemma3":
+        # llama.cpp fixes the layer pattern (every 6th global), local base and softmax scalar.
+        assert config["layer_types"] == [("full" if (i + 1) % 6 == 0 else "sliding") + "_attention"
+                                         for i in range(config["num_hidden_layers"])]
+        assert config["query_pre_attn_scalar"] == head_dim and config["rope_local_base_freq"] == 10000.0
+        w.add_sliding_window(config["sliding_window"])
     scaling = config.get("rope_scaling") or {}
     kind = scaling.get("rope_type", scaling.get("type"))
     if kind == "llama3":
@@ -117,11 +131,13 @@ def write_tiny_gguf(
             value = llama_cpp_permute(value, heads)
         if arch == "llama" and ".self_attn.k_proj." in name:
             value = llama_cpp_permute(value, kv_heads)
+        if arch == "gemma3" and name.endswith("norm.weight"):
+            value = value + 1  # convert_hf_to_gguf's Gemma3Model stores x·(1+w)'s 1+w
         qtype = next((t for suffix, t in qtypes.items() if name.endswith(suffix)), None)
         if qtype is None:
-            w.add_tensor(gguf_name(name), value)
+            w.add_tensor(gguf_name(name, arch), value)
         else:
-            w.add_tensor(gguf_name(name), quantize(value, qtype), raw_dtype=qtype)
+            w.add_tensor(gguf_name(name, arch), quantize(value, qtype), raw_dtype=qtype)
 
     _add_vocab(w, hf_folder, config, pre)
     w.write_header_to_file()

@@ -61,6 +61,10 @@ ARCH_CONFIGS = {
     "qwen2": dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"]),
     "qwen3": dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"]),
     "mistral": dict(model_type="mistral", architectures=["MistralForCausalLM"]),
+    # Layers sliding, sliding, global (repeating), a window shorter than test prompts, and a
+    # softmax scale that is not head_dim's, so each of Gemma 3's choices shows when wrong.
+    "gemma3": dict(model_type="gemma3_text", architectures=["Gemma3ForCausalLM"], sliding_window=4,
+                   sliding_window_pattern=3, query_pre_attn_scalar=24, rope_theta=1_000_000.0),
     # No fast graph: exported by the generic (optimum) path.
     "olmo": dict(model_type="olmo", architectures=["OlmoForCausalLM"]),
 }
