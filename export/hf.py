@@ -195,6 +195,20 @@ def read_generation(
     }
 
 
+# Where image-text checkpoints (Gemma3ForConditionalGeneration) keep their text decoder:
+# the original layout and the one transformers >= 4.52 uses in memory.
+_TEXT_PREFIXES = {"language_model.model.": "model.", "model.language_model.": "model.",
+                  "language_model.lm_head.": "lm_head."}
+
+
+def _text_name(stored: str) -> str:
+    """The causal-LM name of a stored tensor (other towers keep theirs, and go unread)."""
+    for prefix, plain in _TEXT_PREFIXES.items():
+        if stored.startswith(prefix):
+            return plain + stored[len(prefix):]
+    return stored
+
+
 class HFSource:
     """A HF checkpoint folder; tensors are read from disk only when asked for."""
 
@@ -222,20 +236,21 @@ class HFSource:
             json.loads(self.tokenizer_json),
         )
         self.files = _weight_files(path)
-        self._where: dict[str, _SafetensorsFile] = {}
+        # HF name -> (file, the name stored in it).
+        self._where: dict[str, tuple[_SafetensorsFile, str]] = {}
         for file in self.files:
             st = _SafetensorsFile(file)
-            for name in st.entries:
-                self._where[name] = st
+            for stored in st.entries:
+                self._where[_text_name(stored)] = (st, stored)
 
     def names(self) -> list[str]:
         return list(self._where)
 
     def tensor(self, name: str) -> np.ndarray:
-        st = self._where.get(name)
+        st, stored = self._where.get(name, (None, name))
         if st is None:
             raise ExportError(f"{self.path}: tensor {name!r} is missing from the checkpoint")
-        return st.read(name) if self.family is None else self.family.hf_tensor(name, st.read(name))
+        return st.read(stored) if self.family is None else self.family.hf_tensor(name, st.read(stored))
 
     def quant_blocks(self, name: str) -> None:
         return None

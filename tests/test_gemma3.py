@@ -136,3 +136,22 @@ def test_gguf_without_template_gets_gemmas(gguf_folder, tmp_path):
     source = open_gguf(write_tiny_gguf(folder, tmp_path / "g.gguf", qtypes={}))
     assert source.chat_template == gemma3.CHAT_TEMPLATE
     assert source.describe()["chat_template"] == "gemma3 family default"
+
+
+@pytest.mark.parametrize("prefix", ["language_model.model.", "model.language_model."])
+def test_image_text_checkpoint_exports_its_text_decoder(folder, tmp_path, prefix):
+    """Gemma3ForConditionalGeneration: config under text_config, decoder tensors under a prefix,
+    a vision tower beside them that the text graph never reads."""
+    from safetensors.numpy import load_file, save_file
+
+    mm = Path(shutil.copytree(folder, tmp_path / "mm"))
+    text = json.loads((folder / "config.json").read_text())
+    (mm / "config.json").write_text(json.dumps({"model_type": "gemma3", "architectures": [
+        "Gemma3ForConditionalGeneration"], "text_config": text, "vision_config": {"hidden_size": 8}}))
+    weights = load_file(folder / "model.safetensors")
+    renamed = {prefix + n.removeprefix("model."): w for n, w in weights.items()}
+    renamed["vision_tower.vision_model.embeddings.patch_embedding.weight"] = np.zeros((8, 3), np.float32)
+    save_file(renamed, mm / "model.safetensors", metadata={"format": "pt"})
+    model, spec = export(mm, tmp_path / "out", weights="fp32")
+    assert spec == gemma3.read_hf(text, folder)
+    _assert_matches(model, spec, folder)
