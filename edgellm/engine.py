@@ -10,15 +10,71 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+from collections import OrderedDict, deque
 from dataclasses import dataclass
-from typing import Any, Callable, Hashable, Iterator, Mapping, Protocol
+from typing import Any, Callable, Generic, Hashable, Iterator, Mapping, Protocol, TypeVar
 
 from .errors import GenerationError
 from .params import GenerationParams
-from .service.admission import FairQueue
 from .session import release_freed_heap
 
 log = logging.getLogger("edgellm.engine")
+
+T = TypeVar("T")
+
+
+class FairQueue(Generic[T]):
+    """Waiting items, served round-robin across clients, bounded in total and per client.
+
+    One device flooding requests fills only its own share: the others' requests keep
+    their turn instead of waiting behind the whole flood.
+    """
+
+    def __init__(self, capacity: int, per_client: int) -> None:
+        self.capacity = capacity
+        self.per_client = per_client
+        self._waiting: OrderedDict[Hashable, deque[T]] = OrderedDict()
+        self._size = 0
+        self._closed = False
+        self._ready = threading.Condition()
+
+    def __len__(self) -> int:
+        return self._size
+
+    def put(self, client: Hashable, item: T) -> str | None:
+        """Queue `item`; the reason it was refused, or None."""
+        with self._ready:
+            mine = self._waiting.get(client)
+            if self._size >= self.capacity:
+                return f"queue is full ({self.capacity} waiting); retry later"
+            if mine is not None and len(mine) >= self.per_client:
+                return f"this client already has {self.per_client} requests waiting; retry later"
+            self._waiting.setdefault(client, deque()).append(item)
+            self._size += 1
+            self._ready.notify()
+            return None
+
+    def get(self) -> T | None:
+        """The next item in turn, blocking; None once closed."""
+        with self._ready:
+            while not self._waiting and not self._closed:
+                self._ready.wait()
+            if not self._waiting:
+                return None
+            client, items = next(iter(self._waiting.items()))
+            item = items.popleft()
+            self._size -= 1
+            if items:
+                self._waiting.move_to_end(client)  # its next item waits for every other client's turn
+            else:
+                del self._waiting[client]
+            return item
+
+    def close(self) -> None:
+        """Wake the consumer: `get` returns what is left, then None."""
+        with self._ready:
+            self._closed = True
+            self._ready.notify_all()
 
 
 class StreamingModel(Protocol):

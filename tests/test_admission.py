@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import threading
 
-from edgellm.service.admission import ACTIVE, FairQueue, RecentRequests
+from edgellm.engine import FairQueue
+from edgellm.service.admission import ACTIVE, RecentRequests
 
 
 def test_fair_queue_takes_turns_across_clients():
