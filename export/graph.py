@@ -53,6 +53,9 @@ def rope_caches(spec: ModelSpec, rope: Rope | None = None) -> tuple[np.ndarray, 
     """
     rope = rope or Rope("", spec.rope_theta, spec.rope_scaling)
     dim = int(spec.head_dim * spec.partial_rotary_factor)
+    if dim % 16 or dim > spec.head_dim:
+        raise ExportError(f"partial_rotary_factor {spec.partial_rotary_factor} of head_dim {spec.head_dim} rotates "
+                          f"{dim} dims; GroupQueryAttention needs a multiple of 16 up to head_dim")
     # Frequencies in float32 as HF computes them; angles in float64 so late positions stay exact.
     exponents = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
     inv_freq = (1.0 / np.float32(rope.theta) ** exponents).astype(np.float32)

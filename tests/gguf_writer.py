@@ -7,6 +7,7 @@ so reading the file back tests the reader rather than agreeing with itself.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,8 @@ DEFAULT_QTYPES = {
     "mlp.gate_proj.weight": Q.Q4_1,
     "mlp.down_proj.weight": Q.Q4_0,
 }
-GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3_text": "gemma3"}
+GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3_text": "gemma3",
+             "phi3": "phi3"}
 _GLOBAL = {
     "model.embed_tokens.weight": "token_embd.weight",
     "model.norm.weight": "output_norm.weight",
@@ -40,6 +42,8 @@ _BLOCK = {
     "mlp.gate_proj": "ffn_gate",
     "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down",
+    "self_attn.qkv_proj": "attn_qkv",  # Phi-3's fused projections
+    "mlp.gate_up_proj": "ffn_up",
 }
 
 # llama.cpp's Gemma 3 names: its ffn_norm is the pre-feedforward norm, and two post norms.
@@ -105,7 +109,7 @@ def write_tiny_gguf(
     w.add_head_count_kv(kv_heads)
     w.add_key_length(head_dim)
     w.add_value_length(head_dim)
-    w.add_rope_dimension_count(head_dim)
+    w.add_rope_dimension_count(int(head_dim * config.get("partial_rotary_factor", 1.0)))
     w.add_rope_freq_base(config["rope_theta"])
     w.add_layer_norm_rms_eps(config["rms_norm_eps"])
     w.add_vocab_size(config["vocab_size"])
@@ -117,7 +121,17 @@ def write_tiny_gguf(
         w.add_sliding_window(config["sliding_window"])
     scaling = config.get("rope_scaling") or {}
     kind = scaling.get("rope_type", scaling.get("type"))
-    if kind == "llama3":
+    if arch == "phi3":
+        # convert_hf_to_gguf's Phi3MiniModel: factors as tensors, the attention factor as metadata.
+        w.add_sliding_window(config.get("sliding_window") or 0)
+        original = config["original_max_position_embeddings"]
+        w.add_rope_scaling_orig_ctx_len(original)
+        if scaling:
+            scale = config["max_position_embeddings"] / original
+            w.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1 else 1.0)
+            w.add_tensor("rope_factors_long.weight", np.array(scaling["long_factor"], dtype=np.float32))
+            w.add_tensor("rope_factors_short.weight", np.array(scaling["short_factor"], dtype=np.float32))
+    elif kind == "llama3":
         w.add_tensor("rope_freqs.weight", rope_freqs(config))
     elif kind in ("linear", "yarn"):
         w.add_string(f"{arch}.rope.scaling.type", kind)

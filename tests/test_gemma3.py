@@ -13,33 +13,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from gguf import GGMLQuantizationType
 
 from edgellm.errors import ExportError
 from export.arch import gemma3
 from export.gguf import open_gguf
-from export.graph import build_fast_graph
 from export.config import QuantConfig
-from export.quantize import dequantize, quantize_nbits
+from export.graph import build_fast_graph
+from arch_checks import STEPS, assert_greedy_matches, assert_int4_exact
 from gguf_writer import write_tiny_gguf
 from ort_loop import FastGraphRunner
-from test_graph import PROMPT, export, hf_greedy, hf_model
-
-STEPS = 32
+from test_graph import PROMPT, export, hf_model
 
 
 @pytest.fixture(scope="module")
 def folder(tiny_hf) -> Path:
     return tiny_hf("gemma3", num_layers=4)
-
-
-def _assert_matches(model: Path, spec, folder: Path, torch_model=None) -> None:
-    ref_tokens, ref_logits = hf_greedy(torch_model or hf_model(folder), PROMPT, STEPS)
-    tokens, logits = FastGraphRunner(model, spec).greedy(PROMPT, STEPS)
-    assert tokens == ref_tokens
-    # float32 reassociation only: 1e-5 of the logit scale (measured 1e-6).
-    np.testing.assert_allclose(np.stack(logits), ref_logits, atol=1e-5 * np.abs(ref_logits).max(), rtol=0)
 
 
 def test_spec_reads_gemma3_choices(folder):
@@ -56,20 +45,12 @@ def test_spec_reads_gemma3_choices(folder):
 
 def test_fp32_greedy_matches_transformers_across_the_window(folder, tmp_path):
     model, spec = export(folder, tmp_path, weights="fp32")
-    _assert_matches(model, spec, folder)
+    assert_greedy_matches(model, spec, hf_model(folder))
 
 
 def test_int4_is_exact_on_fake_quantized_weights(folder, tmp_path):
     """fp32 activations (accuracy_level 0): the graph equals torch on the dequantized weights."""
-    model, spec = export(folder, tmp_path, weights="int4", accuracy_level=0, block_size=32)
-    torch_model = hf_model(folder)
-    with torch.no_grad():
-        for p in torch_model.parameters():
-            if p.dim() == 2:
-                p.copy_(torch.from_numpy(dequantize(quantize_nbits(p.numpy(), 4, 32, True))))
-    ref_tokens, ref_logits = hf_greedy(torch_model, PROMPT, STEPS)
-    logits = FastGraphRunner(model, spec).teacher_forced(PROMPT, ref_tokens)
-    np.testing.assert_allclose(np.stack(logits), ref_logits, atol=1e-4 * np.abs(ref_logits).max(), rtol=0)
+    assert_int4_exact(folder, tmp_path)
 
 
 def test_bundle_quantizes_the_head(tiny_bundle_factory):
@@ -109,7 +90,7 @@ def test_gguf_f32_matches_transformers(gguf_folder, tmp_path):
     assert source.spec.rms_norm_eps == pytest.approx(hf_spec.rms_norm_eps)  # stored float32
     assert dataclasses.replace(source.spec, rms_norm_eps=hf_spec.rms_norm_eps) == hf_spec
     build_fast_graph(source, QuantConfig(weights="fp32"), tmp_path)
-    _assert_matches(tmp_path / "model.onnx", source.spec, gguf_folder)
+    assert_greedy_matches(tmp_path / "model.onnx", source.spec, hf_model(gguf_folder))
 
 
 def test_gguf_quantized_blocks_import_exactly(gguf_folder, tmp_path):
@@ -154,4 +135,4 @@ def test_image_text_checkpoint_exports_its_text_decoder(folder, tmp_path, prefix
     save_file(renamed, mm / "model.safetensors", metadata={"format": "pt"})
     model, spec = export(mm, tmp_path / "out", weights="fp32")
     assert spec == gemma3.read_hf(text, folder)
-    _assert_matches(model, spec, folder)
+    assert_greedy_matches(model, spec, hf_model(folder))

@@ -65,9 +65,18 @@ ARCH_CONFIGS = {
     # softmax scale that is not head_dim's, so each of Gemma 3's choices shows when wrong.
     "gemma3": dict(model_type="gemma3_text", architectures=["Gemma3ForCausalLM"], sliding_window=4,
                    sliding_window_pattern=3, query_pre_attn_scalar=24, rope_theta=1_000_000.0),
+    # Phi-4-mini's partial rotary; tests add longrope factors through rope_scaling (PHI3_LONGROPE).
+    "phi3": dict(model_type="phi3", architectures=["Phi3ForCausalLM"], partial_rotary_factor=0.75,
+                 original_max_position_embeddings=64),
     # No fast graph: exported by the generic (optimum) path.
     "olmo": dict(model_type="olmo", architectures=["OlmoForCausalLM"]),
 }
+
+# longrope for a tiny phi3 of head_dim 64 (onnxruntime rotates a multiple of 16 dims; 0.75 of
+# 64 gives 24 frequencies), context 512 over an original 64: attention factor sqrt(1 + ln 8 / ln 64).
+PHI3_SHAPE = dict(hidden_size=128, num_heads=2, num_kv_heads=1, intermediate_size=128)
+PHI3_LONGROPE = {"type": "longrope", "short_factor": [round(1 + 0.15 * i, 2) for i in range(24)],
+                 "long_factor": [round(1.5 * 1.25 ** i, 2) for i in range(24)]}
 
 
 def build_tokenizer(vocab_size: int = 320):

@@ -2,10 +2,10 @@
 GGUF general.architecture or ModelSpec.arch."""
 from __future__ import annotations
 
-from . import gemma3, llama, qwen
+from . import gemma3, llama, phi3, qwen
 from .base import Family, GGUFMeta, Layer, Rope
 
-FAMILIES: tuple[Family, ...] = (llama.FAMILY, qwen.FAMILY, gemma3.FAMILY)
+FAMILIES: tuple[Family, ...] = (llama.FAMILY, qwen.FAMILY, gemma3.FAMILY, phi3.FAMILY)
 FAST_ARCHS: tuple[str, ...] = tuple(a for f in FAMILIES for a in f.hf_types)
 
 

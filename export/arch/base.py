@@ -220,7 +220,7 @@ def gguf_spec(g: GGUFMeta, arch: str, **fields: Any) -> ModelSpec:
         tie_embeddings="lm_head.weight" not in g.shapes,
         attention_bias="model.layers.0.self_attn.q_proj.bias" in g.shapes,
         qk_norm="model.layers.0.self_attn.q_norm.weight" in g.shapes,
-        sliding_window=None if window is None else int(window),
+        sliding_window=int(window) if window else None,  # llama.cpp writes 0 for none
     )
     try:
         return ModelSpec(**{**base, **fields})
