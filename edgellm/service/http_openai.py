@@ -79,12 +79,14 @@ def _stream_flags(body: dict[str, Any]) -> tuple[bool, bool]:
 
 
 def usage(last: Any) -> dict[str, Any]:
-    """OpenAI's usage object from a last chunk or a Result."""
+    """OpenAI's usage object from a last chunk or a Result, with edgellm's timings beside
+    (clients keep unknown fields: the openai package as `usage.model_extra`)."""
     u = last.usage
     return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
             "total_tokens": u.prompt_tokens + u.completion_tokens,
             "prompt_tokens_details": {"cached_tokens": u.cached_prompt_tokens},
-            "completion_tokens_details": {"reasoning_tokens": u.reasoning_tokens}}
+            "completion_tokens_details": {"reasoning_tokens": u.reasoning_tokens},
+            "ttft_s": round(u.ttft_s, 6), "decode_tokens_per_s": round(u.decode_tokens_per_s, 3)}
 
 
 def _sse(data: Any) -> str:
