@@ -23,7 +23,7 @@ from export.graph import build_fast_graph
 from arch_checks import STEPS, assert_greedy_matches, assert_int4_exact
 from gguf_writer import write_tiny_gguf
 from ort_loop import FastGraphRunner
-from test_graph import PROMPT, export, hf_model
+from test_graph import PROMPT, export, hf_greedy, hf_model
 
 
 @pytest.fixture(scope="module")
@@ -136,3 +136,12 @@ def test_image_text_checkpoint_exports_its_text_decoder(folder, tmp_path, prefix
     model, spec = export(mm, tmp_path / "out", weights="fp32")
     assert spec == gemma3.read_hf(text, folder)
     assert_greedy_matches(model, spec, hf_model(folder))
+
+
+def test_runtime_generates_transformers_tokens(folder, tiny_bundle_factory):
+    """The whole pipeline: export_model's bundle, loaded by edgellm, decoding past the window."""
+    import edgellm
+
+    bundle = tiny_bundle_factory("gemma3", "fp32", num_layers=4)
+    got = edgellm.load(bundle, threads=1).generate(PROMPT, max_new_tokens=STEPS, ignore_eos=True).token_ids
+    assert got == hf_greedy(hf_model(folder), PROMPT, STEPS)[0]

@@ -18,9 +18,9 @@ from export.arch import phi3
 from export.config import QuantConfig
 from export.gguf import open_gguf
 from export.graph import build_fast_graph
-from arch_checks import assert_greedy_matches, assert_int4_exact
+from arch_checks import STEPS, assert_greedy_matches, assert_int4_exact
 from gguf_writer import write_tiny_gguf
-from test_graph import export, hf_model
+from test_graph import PROMPT, export, hf_greedy, hf_model
 from tiny import PHI3_LONGROPE, PHI3_SHAPE
 
 
@@ -74,3 +74,14 @@ def test_gguf_matches_transformers(longrope, tmp_path):
     assert dataclasses.replace(got, rope_scaling=hf_spec.rope_scaling) == hf_spec
     build_fast_graph(source, QuantConfig(weights="fp32"), tmp_path)
     assert_greedy_matches(tmp_path / "model.onnx", source.spec, hf_model(longrope))
+
+
+def test_runtime_generates_transformers_tokens(longrope, tiny_bundle_factory):
+    """export_model's bundle loaded by edgellm; its context is the original 64."""
+    import edgellm
+
+    bundle = tiny_bundle_factory("phi3", "fp32", rope_scaling=PHI3_LONGROPE, **PHI3_SHAPE)
+    model = edgellm.load(bundle, threads=1)
+    assert model.max_context == 64
+    got = model.generate(PROMPT, max_new_tokens=STEPS, ignore_eos=True).token_ids
+    assert got == hf_greedy(hf_model(longrope), PROMPT, STEPS)[0]
