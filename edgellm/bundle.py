@@ -35,7 +35,8 @@ _SHA256 = re.compile("[0-9a-f]{64}")
 class Manifest:
     """The parsed `manifest.json`.
 
-    `graph` holds: kind ("fast" | "generic"), file, inputs, outputs, kv_dtype.
+    `graph` holds: kind ("fast" | "generic"), file, inputs, outputs, kv_dtype, and
+    batch (true: the graph decodes several cache slots in one step; absent: batch 1).
     `quantization` holds: weights ("int4" | "int8" | "fp16" | "fp32"), block_size,
     symmetric, accuracy_level, and per-tensor notes (e.g. GGUF blocks imported exactly).
     `generation` holds: bos_token_id, eos_token_ids, pad_token_id and default sampling.
@@ -86,6 +87,8 @@ class Manifest:
         for key in ("file", "inputs", "outputs"):
             if key not in graph:
                 raise BundleError(f"{where}: field 'graph.{key}' is missing")
+        if not isinstance(graph.get("batch", False), bool):
+            raise BundleError(f"{where}: graph.batch must be true or false, got {graph['batch']!r}")
         files = data["files"]
         for name, digest in files.items():
             _check_name(name, where, "files entry")

@@ -65,6 +65,9 @@ class GraphInfo:
     inputs: list[str]
     outputs: list[str]
     kv_dtype: str = "float32"
+    # Inputs, outputs and KV buffers have a symbolic first dimension: cache slots decode together.
+    # Bundles without the field were exported batch-1.
+    batch: bool = False
     # Per-tensor quantization notes (e.g. "exact Q4_1 import", "re-quantized from Q6_K").
     notes: list[str] = field(default_factory=list)
 
@@ -75,4 +78,5 @@ class GraphInfo:
             "inputs": self.inputs,
             "outputs": self.outputs,
             "kv_dtype": self.kv_dtype,
+            "batch": self.batch,
         }

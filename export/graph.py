@@ -324,13 +324,16 @@ def head(w: Writer, source: Source, spec: ModelSpec, quant: QuantConfig, lin: Li
 def _io(
     spec: ModelSpec, kv_type: int = TensorProto.FLOAT
 ) -> tuple[list[onnx.ValueInfoProto], list[onnx.ValueInfoProto]]:
-    kv_shape = [1, spec.num_kv_heads, "max_seq_len", spec.head_dim]
+    # "batch": rows of cache slots decoded together; each row's length comes from its
+    # right-padded attention_mask row (attention_lengths), so rows may differ in length.
+    kv_shape = ["batch", spec.num_kv_heads, "max_seq_len", spec.head_dim]
     inputs = [
-        helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "sequence_length"]),
-        helper.make_tensor_value_info("attention_mask", TensorProto.INT64, [1, "total_sequence_length"]),
+        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence_length"]),
+        helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total_sequence_length"]),
         helper.make_tensor_value_info("logits_to_keep", TensorProto.INT64, [1]),
     ]
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, "kept_positions", spec.vocab_size])]
+    logits_shape = ["batch", "kept_positions", spec.vocab_size]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, logits_shape)]
     for i in range(spec.num_layers):
         for kind in ("key", "value"):
             inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", kv_type, kv_shape))
@@ -423,5 +426,6 @@ def build_fast_graph(
         inputs=[v.name for v in inputs],
         outputs=[v.name for v in outputs],
         kv_dtype="float32" if kv_scales is None else "int8",
+        batch=True,
         notes=notes,
     )
