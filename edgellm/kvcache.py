@@ -3,13 +3,14 @@
 One small protocol, two shapes of graph. A fast graph (GroupQueryAttention) takes
 a preallocated [1, kv_heads, capacity, head_dim] buffer and writes new rows into it
 in place when past and present are the same OrtValue, so a token never copies the
-cache. A generic graph (optimum) returns a grown copy every step.
+cache. A generic graph (optimum) returns a grown copy every step. A fast graph
+exported with a batch dimension decodes several `SlotCache` slots in one step.
 """
 from __future__ import annotations
 
 import mmap
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -132,12 +133,17 @@ class StaticCache(_Base):
     """
 
     def __init__(
-        self, num_layers: int, kv_heads: int, head_dim: int, capacity: int, dtype: str = "float32"
+        self, num_layers: int, kv_heads: int, head_dim: int, capacity: int, dtype: str = "float32",
+        *, buffers: tuple[list[np.ndarray], list[np.ndarray]] | None = None,
     ) -> None:
+        """`buffers`: per-layer [1, kv_heads, capacity, head_dim] keys and values to use
+        (a slot's rows of a `SlotCache`) instead of buffers of its own."""
         super().__init__(num_layers, kv_heads, head_dim, capacity, dtype)
-        shape = (1, kv_heads, capacity, head_dim)
-        self.keys = [_lazy_zeros(shape, self.dtype) for _ in range(num_layers)]
-        self.values = [_lazy_zeros(shape, self.dtype) for _ in range(num_layers)]
+        if buffers is None:
+            shape = (1, kv_heads, capacity, head_dim)
+            buffers = ([_lazy_zeros(shape, self.dtype) for _ in range(num_layers)],
+                       [_lazy_zeros(shape, self.dtype) for _ in range(num_layers)])
+        self.keys, self.values = buffers
         # OrtValues over the numpy buffers (no copy): bound once as both past and present.
         self._ort = [
             (ort.OrtValue.ortvalue_from_numpy(k), ort.OrtValue.ortvalue_from_numpy(v))
@@ -169,6 +175,62 @@ class StaticCache(_Base):
         for dst, src in zip(self.keys + self.values, snap.keys + snap.values):
             dst[:, :, : snap.length] = src
         self.length = snap.length
+
+
+def common_prefix(cached: Sequence[int], ids: Sequence[int], limit: int) -> int:
+    """How many leading ids `cached` and `ids` share, at most `limit`."""
+    n, limit = 0, min(limit, len(cached), len(ids))
+    while n < limit and cached[n] == ids[n]:
+        n += 1
+    return n
+
+
+class SlotCache:
+    """N static caches in one set of [N, kv_heads, capacity, head_dim] buffers per layer.
+
+    Slot i is a batch-1 `StaticCache` over row i (a view, no copy), so a request's
+    prefill runs on its slot alone; a batched step binds a contiguous range of rows and
+    decodes one token for each. The buffers are anonymous maps like StaticCache's: a
+    slot costs memory only for the rows written into it.
+    """
+
+    def __init__(
+        self, slots: int, num_layers: int, kv_heads: int, head_dim: int, capacity: int, dtype: str = "float32"
+    ) -> None:
+        if not isinstance(slots, int) or isinstance(slots, bool) or slots < 1:
+            raise GenerationError(f"slots must be an integer >= 1, got {slots!r}")
+        self.num_layers = num_layers
+        self.capacity = capacity
+        shape = (slots, kv_heads, capacity, head_dim)
+        self.keys = [_lazy_zeros(shape, kv_dtype(dtype)) for _ in range(num_layers)]
+        self.values = [_lazy_zeros(shape, kv_dtype(dtype)) for _ in range(num_layers)]
+        self.slots = [
+            StaticCache(num_layers, kv_heads, head_dim, capacity, dtype,
+                        buffers=([k[i : i + 1] for k in self.keys], [v[i : i + 1] for v in self.values]))
+            for i in range(slots)
+        ]
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    def bind(self, io: ort.IOBinding, lo: int, hi: int) -> None:
+        """Bind slots lo..hi-1 as one batch's past inputs and present outputs."""
+        for layer in range(self.num_layers):
+            for past, present, buffer in zip(past_names(layer), present_names(layer),
+                                             (self.keys[layer], self.values[layer])):
+                value = ort.OrtValue.ortvalue_from_numpy(buffer[lo:hi])
+                io.bind_ortvalue_input(past, value)
+                io.bind_ortvalue_output(present, value)
+
+
+def pick_slot(cached: Sequence[Sequence[int]], ids: Sequence[int], candidates: Sequence[int]) -> int:
+    """The slot among `candidates` (least recently used first) whose cached ids share the
+    longest prefix with `ids`; with none shared, the first candidate (an empty or the
+    least recently used slot). At least one id of `ids` is left to feed, as Runner.reuse does."""
+    if not candidates:
+        raise GenerationError("no free cache slot to pick from")
+    # max keeps the first of equals: the least recently used.
+    return max(candidates, key=lambda s: common_prefix(cached[s], ids, len(ids) - 1))
 
 
 class DynamicCache(_Base):

@@ -18,7 +18,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .errors import BundleError, GenerationError
-from .kvcache import KVCache, past_names
+from .kvcache import KVCache, SlotCache, common_prefix, past_names
 
 log = logging.getLogger("edgellm")
 
@@ -256,10 +256,7 @@ class Runner:
     def reuse(self, ids: Sequence[int]) -> int:
         """Keep the cached rows of the longest common prefix with `ids`, but leave at
         least one id to feed (the next logits come from it); return how many were kept."""
-        limit = min(len(self.tokens), len(ids) - 1)
-        n = 0
-        while n < limit and self.tokens[n] == ids[n]:
-            n += 1
+        n = common_prefix(self.tokens, ids, len(ids) - 1)
         self.rewind(n)
         return n
 
@@ -329,3 +326,81 @@ class Runner:
             return
         self._io.bind_ortvalue_output("logits", self._row_ort)
         self._held["out:logits"] = self._row_ort
+
+
+class BatchRunner:
+    """Cache slots decoded together: a Runner per slot for its prefill (batch 1, chunked
+    as a single request's), and one step that feeds one token to each of several slots.
+
+    A step binds the contiguous range of slots from the lowest to the highest fed one.
+    Slots in between that are not fed (idle, or between requests) ride along as
+    padding rows: a dummy token written just past their cached rows, which is stale
+    space, so their cached prefix survives for reuse.
+    """
+
+    def __init__(self, session: ort.InferenceSession, cache: SlotCache, *, where: str = "graph") -> None:
+        first = next(i for i in session.get_inputs() if i.name == "input_ids")
+        if len(cache) > 1 and isinstance(first.shape[0], int):
+            raise BundleError(f"{where}: graph input 'input_ids' has batch dimension {first.shape[0]}; "
+                              f"{len(cache)} slots need a graph exported with a batch dimension")
+        self.session = session
+        self.cache = cache
+        self.slots = [Runner(session, slot, kind="fast", where=where) for slot in cache.slots]
+        self.vocab_size = self.slots[0].vocab_size
+        self._where = where
+        n = len(cache)
+        # Rows lo..hi-1 of these are bound once per range with that range's KV views.
+        self._ids = np.zeros((n, 1), np.int64)
+        self._logits = np.zeros((n, 1, self.vocab_size), self.slots[0]._logits_dtype)
+        self._keep = ort.OrtValue.ortvalue_from_numpy(np.ones(1, np.int64))
+        self._bindings: dict[tuple[int, int], tuple[ort.IOBinding, list[ort.OrtValue]]] = {}
+        self._mask: ort.OrtValue | None = None
+
+    @property
+    def capacity(self) -> int:
+        return self.cache.capacity
+
+    def _binding(self, lo: int, hi: int) -> ort.IOBinding:
+        if (lo, hi) not in self._bindings:
+            io = self.session.io_binding()
+            self.cache.bind(io, lo, hi)
+            held = [ort.OrtValue.ortvalue_from_numpy(self._ids[lo:hi]),
+                    ort.OrtValue.ortvalue_from_numpy(self._logits[lo:hi])]
+            io.bind_ortvalue_input("input_ids", held[0])
+            io.bind_ortvalue_output("logits", held[1])
+            io.bind_ortvalue_input("logits_to_keep", self._keep)
+            self._bindings[lo, hi] = (io, held)
+        return self._bindings[lo, hi][0]
+
+    def step(self, feeds: dict[int, int]) -> dict[int, np.ndarray]:
+        """Feed `feeds[slot]` after each slot's cached ids; each fed slot's next logits (float32)."""
+        if not feeds:
+            raise GenerationError("a batched step needs at least one slot to feed")
+        lo, hi = min(feeds), max(feeds) + 1
+        lengths = np.empty(hi - lo, np.int64)
+        for slot in range(lo, hi):
+            runner = self.slots[slot]
+            if slot in feeds and runner.length >= runner.capacity:
+                raise GenerationError(f"KV cache slot {slot} holds {runner.length} of {runner.capacity} tokens; "
+                                      "cannot add 1")
+            if slot not in feeds and runner.length >= runner.capacity:
+                runner.rewind(runner.length - 1)  # a padding row needs a free row to write
+            self._ids[slot, 0] = feeds.get(slot, 0)
+            lengths[slot - lo] = runner.length
+        io = self._binding(lo, hi)
+        # Right-padded: row i attends to its own cached rows and the new one.
+        mask = (np.arange(lengths.max() + 1)[None] <= lengths[:, None]).astype(np.int64)
+        # The binding points at the mask's memory: keep it alive until rebound.
+        self._mask = ort.OrtValue.ortvalue_from_numpy(mask)
+        io.bind_ortvalue_input("attention_mask", self._mask)
+        try:
+            self.session.run_with_iobinding(io)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime's errors share no base class
+            raise GenerationError(f"{self._where}: onnxruntime run failed ({_first_line(exc)})") from None
+        out = {}
+        for slot, token in feeds.items():
+            runner = self.slots[slot]
+            runner.cache.advance(1)
+            runner.tokens.append(int(token))
+            out[slot] = self._logits[slot, 0].astype(np.float32)
+        return out

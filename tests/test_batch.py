@@ -1,0 +1,163 @@
+"""Continuous batching over cache slots: Model.generate_many, the Scheduler and SlotCache.
+
+Exact equality with one-at-a-time decoding holds on fp32 graphs, which compute a row the
+same whether it is alone or one of several; int4 MatMulNBits rounds several rows
+differently from one, so there greedy text can part at a near-tie.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import onnx
+import pytest
+
+import edgellm
+from edgellm.bundle import finalize_manifest, read_manifest
+from edgellm.errors import BundleError, GenerationError
+from edgellm.kvcache import SlotCache, pick_slot
+from edgellm.session import BatchRunner
+
+PROMPTS = [
+    "The quick brown fox",
+    "What is the capital of France? The capital of France is",
+    "Edge",
+    "Edge boards run small language models close to the sensors, and",
+]
+# Different budgets: sequences leave at different steps, so waiting prompts join mid-run
+# and finished slots in the middle of the batch ride along as padding rows.
+BUDGETS = [dict(max_new_tokens=n, ignore_eos=True) for n in (9, 17, 5, 12)]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_bundle):
+    return edgellm.load(tiny_bundle)
+
+
+@pytest.fixture
+def rows(monkeypatch) -> list[int]:
+    """How many slots each batched step fed (so a test can tell batching happened)."""
+    seen: list[int] = []
+    step = BatchRunner.step
+
+    def counted(self, feeds):
+        seen.append(len(feeds))
+        return step(self, feeds)
+
+    monkeypatch.setattr(BatchRunner, "step", counted)
+    return seen
+
+
+def one_at_a_time(model, prompts, each, **params):
+    model.reset()
+    return [model.generate(p, **{**params, **extra}) for p, extra in zip(prompts, each)]
+
+
+@pytest.mark.parametrize("slots", [2, 3, 4])
+def test_batched_greedy_equals_one_at_a_time(model, rows, slots):
+    expected = one_at_a_time(model, PROMPTS, BUDGETS, temperature=0)
+    got = model.generate_many(PROMPTS, slots=slots, each=BUDGETS, temperature=0)
+    assert [r.token_ids for r in got] == [r.token_ids for r in expected]
+    assert [r.text for r in got] == [r.text for r in expected]
+    assert [r.finish_reason for r in got] == ["length"] * 4
+    assert max(rows) == slots  # several slots really shared steps
+    assert sum(len(r.token_ids) for r in got) == sum(b["max_new_tokens"] for b in BUDGETS)
+
+
+def test_seeded_sampling_equals_one_at_a_time(model):
+    each = [dict(b, seed=10 + i) for i, b in enumerate(BUDGETS)]
+    expected = one_at_a_time(model, PROMPTS, each, temperature=0.9, top_p=0.95)
+    got = model.generate_many(PROMPTS, slots=4, each=each, temperature=0.9, top_p=0.95)
+    assert [r.token_ids for r in got] == [r.token_ids for r in expected]
+
+
+def test_a_cancelled_sequence_leaves_the_others_alone(model, rows):
+    expected = one_at_a_time(model, PROMPTS, BUDGETS, temperature=0)
+    asked = 0
+
+    def cancel() -> bool:
+        nonlocal asked
+        asked += 1
+        return asked > 4  # after its 4th token
+
+    each = [dict(b, cancel=cancel) if i == 1 else b for i, b in enumerate(BUDGETS)]
+    got = model.generate_many(PROMPTS, slots=4, each=each, temperature=0)
+    assert got[1].finish_reason == "cancelled"
+    assert got[1].token_ids == expected[1].token_ids[:4]
+    assert [r.token_ids for i, r in enumerate(got) if i != 1] == [r.token_ids for i, r in enumerate(expected) if i != 1]
+    assert max(rows) == 4
+
+
+def test_a_returning_prompt_reuses_its_slot(model, tiny_bundle):
+    # The middle prompt ends first and rides along as a padding row while the others
+    # decode; its cached rows must survive that for the follow-up to reuse them.
+    budgets = [dict(max_new_tokens=n, ignore_eos=True) for n in (12, 3, 12)]
+    prompts = [model.encode(p) for p in PROMPTS[1:4]]
+    first = model.generate_many(prompts, slots=3, each=budgets, temperature=0)
+    follow = [prompts[1] + first[1].token_ids + model.encode(" and then", add_special_tokens=False),
+              prompts[0] + model.encode(" Paris", add_special_tokens=False)]
+    got = model.generate_many(follow, slots=3, max_new_tokens=6, ignore_eos=True, temperature=0)
+    fresh = edgellm.load(tiny_bundle)
+    expected = [fresh.generate(p, max_new_tokens=6, ignore_eos=True, temperature=0) for p in follow]
+    # Every cached id of the prompt's slot is reused: its prompt and the answer but the last token.
+    assert [r.usage.cached_prompt_tokens for r in got] == [len(prompts[1]) + 2, len(prompts[0])]
+    assert [r.token_ids for r in got] == [r.token_ids for r in expected]
+
+
+def test_pick_slot_prefers_the_longest_prefix_then_the_least_recently_used():
+    cached = [[1, 2, 3, 4], [1, 2], [], [9, 9]]
+    assert pick_slot(cached, [1, 2, 3, 7], [3, 2, 1, 0]) == 0
+    assert pick_slot(cached, [1, 2, 8], [1, 0]) == 1  # equal prefixes: the first candidate
+    assert pick_slot(cached, [5, 6], [3, 2]) == 3  # nothing shared: least recently used
+    # At least one id is left to feed: a prompt equal to the cache reuses all but its last.
+    assert pick_slot(cached, [9, 9], [2, 3]) == 3
+    with pytest.raises(GenerationError, match="no free cache slot"):
+        pick_slot(cached, [1], [])
+
+
+def test_a_slot_is_a_view_of_the_shared_buffers():
+    cache = SlotCache(3, num_layers=2, kv_heads=2, head_dim=4, capacity=8)
+    cache.slots[1].keys[0][0, 1, 5] = 7.0
+    assert cache.keys[0][1, 1, 5].tolist() == [7.0] * 4
+    assert not cache.keys[0][[0, 2]].any()
+    with pytest.raises(GenerationError, match="slots must be an integer >= 1, got 0"):
+        SlotCache(0, 2, 2, 4, 8)
+
+
+@pytest.fixture(scope="module")
+def batch1_bundle(tiny_bundle, tmp_path_factory) -> Path:
+    """The tiny bundle as exported before graphs had a batch dimension."""
+    root = Path(shutil.copytree(tiny_bundle, tmp_path_factory.mktemp("batch1") / "bundle"))
+    graph = onnx.load(root / "model.onnx", load_external_data=False)
+    for value in [*graph.graph.input, *graph.graph.output]:
+        dims = value.type.tensor_type.shape.dim
+        if value.name != "logits_to_keep":
+            dims[0].Clear()
+            dims[0].dim_value = 1
+    onnx.save_model(graph, root / "model.onnx")
+    manifest = read_manifest(root, verify=False)
+    del manifest.graph["batch"]
+    finalize_manifest(root, manifest)
+    return root
+
+
+def test_a_batch1_bundle_still_loads_and_generates_one_slot_at_a_time(batch1_bundle, model, rows):
+    old = edgellm.load(batch1_bundle)
+    assert "batch" not in old.manifest.graph
+    expected = one_at_a_time(model, PROMPTS, BUDGETS, temperature=0)
+    assert old.generate(PROMPTS[1], temperature=0, **BUDGETS[1]).token_ids == expected[1].token_ids
+    got = old.generate_many(PROMPTS, slots=4, each=BUDGETS, temperature=0)
+    assert [r.token_ids for r in got] == [r.token_ids for r in expected]
+    assert set(rows) == {1}
+    cache = SlotCache(2, old.spec.num_layers, old.spec.num_kv_heads, old.spec.head_dim, 16)
+    with pytest.raises(BundleError, match="'input_ids' has batch dimension 1; 2 slots need a graph exported"):
+        BatchRunner(old._runner.session, cache)
+
+
+def test_generate_many_checks_its_arguments(model):
+    with pytest.raises(GenerationError, match="each has 1 parameter sets for 2 prompts"):
+        model.generate_many(["a", "b"], each=[{}])
+    with pytest.raises(GenerationError, match="slots must be an integer >= 1, got 0"):
+        model.generate_many(["a"], slots=0)
+    with pytest.raises(GenerationError, match="temperature"):
+        model.generate_many(["a"], temperature=-1)
