@@ -22,7 +22,7 @@ def test_fair_queue_takes_turns_across_clients():
 def test_fair_queue_bounds_the_total_and_each_client():
     q: FairQueue[int] = FairQueue(capacity=3, per_client=2)
     assert q.put("a", 1) is None and q.put("a", 2) is None
-    assert "this reply topic" in q.put("a", 3)
+    assert "this client" in q.put("a", 3)
     assert q.put("b", 4) is None
     assert "queue is full" in q.put("c", 5)
     q.get()
