@@ -145,3 +145,37 @@ def test_runtime_generates_transformers_tokens(folder, tiny_bundle_factory):
     bundle = tiny_bundle_factory("gemma3", "fp32", num_layers=4)
     got = edgellm.load(bundle, threads=1).generate(PROMPT, max_new_tokens=STEPS, ignore_eos=True).token_ids
     assert got == hf_greedy(hf_model(folder), PROMPT, STEPS)[0]
+
+
+def test_gguf_sentencepiece_vocabulary_encodes_as_sentencepiece():
+    """Gemma's GGUF vocabulary: SentencePiece BPE without a dummy prefix, byte fallback, turn
+    markers as user-defined tokens; encoded like the reference encoder, turns included."""
+    import io
+
+    import sentencepiece as spm
+
+    from export.gguf_vocab import build_tokenizer
+    from test_gguf import TEXTS
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(TEXTS * 20), model_writer=buf, vocab_size=400, model_type="bpe",
+        byte_fallback=True, add_dummy_prefix=False, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, character_coverage=1.0, hard_vocab_limit=False, minloglevel=2,
+        user_defined_symbols=["<start_of_turn>", "<end_of_turn>"],
+    )
+    sp = spm.SentencePieceProcessor(model_proto=buf.getvalue())
+    n = sp.get_piece_size()
+    types = [2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i)
+             else 4 if sp.id_to_piece(i).endswith("_of_turn>") else 1 for i in range(n)]
+    meta = {
+        "tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": [sp.id_to_piece(i) for i in range(n)],
+        "tokenizer.ggml.scores": [sp.get_score(i) for i in range(n)], "tokenizer.ggml.token_type": types,
+        "tokenizer.ggml.bos_token_id": sp.bos_id(), "tokenizer.ggml.eos_token_id": sp.eos_id(),
+        "tokenizer.ggml.add_space_prefix": False, "tokenizer.ggml.add_bos_token": False,
+    }
+    tok = build_tokenizer(meta)
+    turn = "<start_of_turn>user\nWhat is the capital of France? 🙂<end_of_turn>\n<start_of_turn>model\n"
+    for text in [*TEXTS, turn, " two  spaces", "Zebra ÿ"]:
+        assert tok.encode(text).ids == sp.encode(text), text
+        assert tok.decode(sp.encode(text), skip_special_tokens=False) == text
