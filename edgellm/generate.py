@@ -29,10 +29,15 @@ PREFILL_CHUNK = 64
 
 
 def prefill(forward: Forward, fresh: Ids[int]) -> np.ndarray:
-    """Feed `fresh` (the prompt's tail not yet cached) in chunks; the logits after its last token."""
+    """Feed `fresh` (the prompt's tail not yet cached) in chunks; the logits after its last token.
+
+    The last chunk is never a single token when there are more (see `Runner.reuse`)."""
     # One 2,000-token pass would hold ~150 MB (see PREFILL_CHUNK).
-    for start in range(0, len(fresh), PREFILL_CHUNK):
-        logits = forward(fresh[start : start + PREFILL_CHUNK])
+    bounds = list(range(0, len(fresh), PREFILL_CHUNK)) + [len(fresh)]
+    if len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:
+        bounds[-2] -= 1
+    for start, end in zip(bounds, bounds[1:]):
+        logits = forward(fresh[start:end])
     return logits
 
 

@@ -255,8 +255,14 @@ class Runner:
 
     def reuse(self, ids: Sequence[int]) -> int:
         """Keep the cached rows of the longest common prefix with `ids`, but leave at
-        least one id to feed (the next logits come from it); return how many were kept."""
-        n = common_prefix(self.tokens, ids, len(ids) - 1)
+        least two ids to feed (one where `ids` has one): return how many were kept.
+
+        The next logits come from the last fed id, and int4 MatMulNBits computes a run of
+        one row differently from a run of several (logits apart by up to 1 on SmolLM2), so
+        the prompt's last logits always come from a run of at least two, cached or cold
+        (`generate.prefill` keeps its last chunk that wide): a seeded request answers the
+        same whatever the cache held before."""
+        n = common_prefix(self.tokens, ids, len(ids) - 2)
         self.rewind(n)
         return n
 

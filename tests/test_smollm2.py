@@ -74,3 +74,20 @@ def test_coarse_blocks_trip_the_quality_gate(tmp_path, caplog):
                          quant=QuantConfig("int4", block_size=128, symmetric=True))
     assert m.quality["ratio"] > m.quality["max_ratio"] and not m.quality["passed"]
     assert "QUALITY WARNING" in caplog.text
+
+
+def test_a_seeded_request_answers_the_same_with_a_warm_or_cold_cache(smollm2_bundle):
+    """int4 MatMulNBits computes one row and several rows differently, so the prompt's last
+    logits must come from the same kind of run whatever the cache held (Runner.reuse)."""
+    model = edgellm.load(smollm2_bundle)
+    ask = [{"role": "user", "content": "What does a pressure relief valve do?"}]
+    long_ask = [{"role": "user", "content": "Name a metal."}]
+    while len(model.prompt_ids(long_ask, edgellm.GenerationParams())) % 64 != 1:  # one token past a prefill chunk
+        long_ask[0]["content"] += " x"
+    for messages in (ask, long_ask):
+        params = dict(temperature=0.8, top_p=0.9, seed=11, max_new_tokens=24)
+        model.reset()
+        cold = model.generate(messages, **params)
+        warm = model.generate(messages, **params)
+        assert warm.usage.cached_prompt_tokens > 0
+        assert warm.token_ids == cold.token_ids
