@@ -361,7 +361,9 @@ def build_fast_graph(
     requantize: bool = False,
     kv_scales: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> GraphInfo:
-    """Write `out_dir/model.onnx` (+ `model.onnx.data`) for batch-1 decoding; see the module docstring.
+    """Write `out_dir/model.onnx` (+ `model.onnx.data`); see the module docstring. One-token steps
+    take a row per cache slot; onnxruntime's GroupQueryAttention takes a multi-token step after
+    cached rows (a prefill chunk, a draft to verify) for one row only.
 
     int4 at block 32 imports GGUF Q4_0/Q4_1/Q8_0 blocks as they are; `requantize`
     rounds them afresh instead (for comparing the two). `kv_scales` (keys, values:
