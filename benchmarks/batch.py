@@ -1,0 +1,93 @@
+"""Several prompts decoded together over cache slots, against the same prompts one at a time.
+
+    python benchmarks/batch.py [--bundle DIR] [--tokens 64] [--runs 3] [--threads 2] [--levels 1,2,4,8]
+
+For each level c, c different chat prompts run through `Model.generate_many(slots=c)` and,
+in the same repetition, one after another through `Model.generate`; every request decodes
+`--tokens` tokens (EOS ignored), and the cache is reset before each, so both pay the same
+prefills. Aggregate tokens/s is all completion tokens over the wall time of the whole set;
+"slowest" is the batched set's wall time (when its last request finishes) over the
+sequential set's (when the last one would finish in a queue). Levels and modes are
+interleaved within each repetition and the table gives medians (the machine is shared).
+Progress on stderr; the table on stdout.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import report  # noqa: E402
+from structured import ensure_bundle, load  # noqa: E402
+
+QUESTIONS = [
+    "Why does a bearing get hot?", "What does a PLC do in a factory?", "Explain a heat pump in two lines.",
+    "How do I read a pressure gauge?", "Why would a conveyor motor draw more current?",
+    "Give three tips for saving energy in a workshop.", "What is a thermocouple?", "When should a filter be changed?",
+]
+
+
+def chat(question: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": question}]
+
+
+def one_set(model: Any, level: int, tokens: int, batched: bool) -> tuple[int, float]:
+    """(completion tokens, wall seconds) for `level` prompts, together or one at a time."""
+    prompts = [chat(q) for q in QUESTIONS[:level]]
+    params = dict(max_new_tokens=tokens, ignore_eos=True, temperature=0)
+    model.reset()
+    start = time.perf_counter()
+    if batched:
+        results = model.generate_many(prompts, slots=level, **params)
+    else:
+        results = []
+        for prompt in prompts:
+            model.reset()
+            results.append(model.generate(prompt, **params))
+    return sum(r.usage.completion_tokens for r in results), time.perf_counter() - start
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--bundle", type=Path)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--levels", default="1,2,4,8")
+    args = ap.parse_args()
+    levels = [int(n) for n in args.levels.split(",")]
+    if max(levels) > len(QUESTIONS):
+        raise SystemExit(f"--levels: at most {len(QUESTIONS)} prompts")
+    report.warn_if_busy(report.machine_info())
+    model = load(ensure_bundle(args.bundle), args.threads)
+    if not model.manifest.graph.get("batch"):
+        raise SystemExit(f"{model.path}: exported without a batch dimension; re-export it")
+    one_set(model, 2, 8, batched=True)  # warm-up: first runs pay for page faults and arena growth
+    rates: dict[tuple[int, bool], list[float]] = {(c, b): [] for c in levels for b in (True, False)}
+    walls: dict[tuple[int, bool], list[float]] = {(c, b): [] for c in levels for b in (True, False)}
+    for run in range(args.runs):
+        for c in levels:
+            for batched in (run % 2 == 0, run % 2 == 1):
+                report.stage(f"run {run + 1}/{args.runs}: {c} prompts {'together' if batched else 'one at a time'}")
+                count, wall = one_set(model, c, args.tokens, batched)
+                rates[c, batched].append(count / wall)
+                walls[c, batched].append(wall)
+    med = {key: statistics.median(v) for key, v in rates.items()}
+    base = med[min(levels), False]
+    print(f"{args.threads} threads, {args.tokens} tokens per request, medians of {args.runs} runs, {model.path.name}")
+    print("| prompts | together tok/s | one at a time tok/s | together / one at a time | vs 1 prompt alone "
+          "| slowest: together / queued wall |")
+    print("|---|---|---|---|---|---|")
+    for c in levels:
+        wall_ratio = statistics.median(walls[c, True]) / statistics.median(walls[c, False])
+        print(f"| {c} | {med[c, True]:.1f} | {med[c, False]:.1f} | {med[c, True] / med[c, False]:.2f}x "
+              f"| {med[c, True] / base:.2f}x | {wall_ratio:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
