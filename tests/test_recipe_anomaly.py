@@ -138,6 +138,8 @@ def test_settings_load_with_relative_prompt_paths_and_defaults(tmp_path):
     assert config.template.render(machine="m", sensor="s", value=1, unit="A") == "m s 1A"
     assert config.output_topic("press-1", "temp") == "factory/press-1/temp/explanation"
     assert load_config(None) == AnomalyConfig()  # every default is valid
+    assert AnomalyConfig().params()["speculative"] == "prompt_lookup"  # explanations quote their events
+    assert load_config(write_config(tmp_path, speculative="off")).params()["speculative"] == "off"
 
 
 @pytest.mark.parametrize("values, message", [
@@ -146,6 +148,7 @@ def test_settings_load_with_relative_prompt_paths_and_defaults(tmp_path):
     ({"queue-size": 0}, r"anomaly\.queue-size must be in \[1, 100000\]"),
     ({"in-flight": 2.5}, r"anomaly\.in-flight must be an integer"),
     ({"temperature": -1}, r"anomaly\.temperature must be a number >= 0"),
+    ({"speculative": "ngram"}, r"anomaly\.speculative must be one of \['off', 'prompt_lookup'\]"),
     ({"events": "factory/#/anomaly"}, r"anomaly\.events 'factory/#/anomaly' is not an MQTT topic filter"),
     ({"output": "factory/{line}/explanation"}, r"anomaly\.output .*only \{machine\} and \{sensor\}"),
     ({"errors": "factory/+/errors"}, r"anomaly\.errors .* must be a topic without wildcards"),

@@ -48,6 +48,8 @@ class AnomalyConfig:
     max_tokens: int = 512
     temperature: float = 0.2
     seed: int | None = None
+    # Explanations quote their events (names, readings, baselines): drafts from the prompt pay there.
+    speculative: str | None = "prompt_lookup"
     max_event_bytes: int = 4096
     timeout: float = 300.0  # seconds to wait for the service's answer
     source: str = "the defaults"  # where these came from, for messages
@@ -59,7 +61,8 @@ class AnomalyConfig:
     def params(self) -> dict[str, Any]:
         """The generation fields of each request, as the service's wire protocol spells them."""
         wire = {"max_tokens": self.max_tokens, "temperature": self.temperature, "response_format": RESPONSE_FORMAT}
-        return wire if self.seed is None else {**wire, "seed": self.seed}
+        optional = {"seed": self.seed, "speculative": self.speculative}
+        return {**wire, **{k: v for k, v in optional.items() if v is not None}}
 
     def check_service(self, topics: proto.Topics, service_max_tokens: int) -> None:
         """What only the service's settings reveal, checked now rather than at every anomaly: the
@@ -93,10 +96,12 @@ _KEYS: dict[str, tuple[str, float | None, float | None]] = {
     "max_tokens": ("param", None, None),
     "temperature": ("param", None, None),
     "seed": ("param", None, None),
+    "speculative": ("param", None, None),
     "max_event_bytes": ("int", 64, 65536),
     "timeout": ("float", 1, 86400),
 }
-_PARAM_NAMES = {"max_tokens": "max_new_tokens", "temperature": "temperature", "seed": "seed"}
+_PARAM_NAMES = {"max_tokens": "max_new_tokens", "temperature": "temperature", "seed": "seed",
+                "speculative": "speculative"}
 
 
 def load_config(path: Path | None) -> AnomalyConfig:
