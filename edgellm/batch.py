@@ -3,8 +3,9 @@
 A `Scheduler` holds requests waiting for a slot and the sequences decoding in slots.
 Each `step` first admits waiting requests into free slots (the slot whose cached ids
 share the longest prefix with the prompt, else an empty or the least recently used
-one) and prefills each on its slot alone, then feeds every decoding sequence its last
-token in one batched forward. A request joins and leaves between steps, so a short
+one; a longer prefix held by another slot is copied over) and prefills the rest of
+each prompt on its slot alone, then feeds every decoding sequence its last token in
+one batched forward. A request joins and leaves between steps, so a short
 answer frees its slot for the next prompt while longer ones go on.
 
 Each sequence sees exactly the rows of logits that `generate.stream_chunks` would
@@ -86,7 +87,7 @@ class Scheduler:
         self._clock += 1
         self._used[slot] = self._clock
         runner = self.runner.slots[slot]
-        cached = runner.reuse(request.prompt)
+        cached = self.runner.reuse(slot, request.prompt)
         seq = Sequence(request.prompt, request.params, self.tokenizer, capacity=runner.capacity,
                        vocab_size=runner.vocab_size, cached=cached, started=request.started,
                        conventions=self.conventions)

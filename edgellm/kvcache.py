@@ -213,6 +213,12 @@ class SlotCache:
     def __len__(self) -> int:
         return len(self.slots)
 
+    def copy_rows(self, src: int, dst: int, start: int, stop: int) -> None:
+        """Copy rows start..stop-1 of slot `src` into slot `dst`, every layer: a prefix another
+        slot holds costs a memory copy instead of a prefill."""
+        for buffer in self.keys + self.values:
+            buffer[dst, :, start:stop] = buffer[src, :, start:stop]
+
     def bind(self, io: ort.IOBinding, lo: int, hi: int) -> None:
         """Bind slots lo..hi-1 as one batch's past inputs and present outputs."""
         for layer in range(self.num_layers):

@@ -366,6 +366,20 @@ class BatchRunner:
     def capacity(self) -> int:
         return self.cache.capacity
 
+    def reuse(self, slot: int, ids: Sequence[int]) -> int:
+        """Keep `slot`'s cached rows of its longest common prefix with `ids` and extend them with
+        rows another slot holds for a longer one (a system prompt several devices share); leave
+        at least one id to feed. Return how many rows `ids` finds cached."""
+        runner = self.slots[slot]
+        kept = runner.reuse(ids)
+        shared = [(common_prefix(other.tokens, ids, len(ids) - 1), i) for i, other in enumerate(self.slots)]
+        longest, donor = max(shared)
+        if longest > kept:
+            self.cache.copy_rows(donor, slot, kept, longest)
+            runner.cache.advance(longest - kept)
+            runner.tokens.extend(int(t) for t in ids[kept:longest])
+        return max(longest, kept)
+
     def _binding(self, lo: int, hi: int) -> ort.IOBinding:
         if (lo, hi) not in self._bindings:
             io = self.session.io_binding()

@@ -15,7 +15,7 @@ import pytest
 import edgellm
 from edgellm.bundle import finalize_manifest, read_manifest
 from edgellm.errors import BundleError, GenerationError
-from edgellm.kvcache import SlotCache, pick_slot
+from edgellm.kvcache import SlotCache, common_prefix, pick_slot
 from edgellm.session import BatchRunner
 
 PROMPTS = [
@@ -101,6 +101,23 @@ def test_a_returning_prompt_reuses_its_slot(model, tiny_bundle):
     expected = [fresh.generate(p, max_new_tokens=6, ignore_eos=True, temperature=0) for p in follow]
     # Every cached id of the prompt's slot is reused: its prompt and the answer but the last token.
     assert [r.usage.cached_prompt_tokens for r in got] == [len(prompts[1]) + 2, len(prompts[0])]
+    assert [r.token_ids for r in got] == [r.token_ids for r in expected]
+
+
+def test_a_prefix_another_slot_holds_is_copied_not_recomputed(model, tiny_bundle):
+    shared = model.encode("You are a maintenance assistant. Quote the sensor data exactly.")
+    prompts = [shared + model.encode(q, add_special_tokens=False) for q in (" Pump 3?", " Fan?", " Motor 12?")]
+    model.reset()
+    got = model.generate_many(prompts, slots=3, max_new_tokens=8, ignore_eos=True, temperature=0)
+    # The first prompt fills its slot; the others copy its rows of the prefix they share.
+    common = [common_prefix(prompts[0], p, len(p)) for p in prompts[1:]]
+    assert min(common) >= len(shared)
+    assert [r.usage.cached_prompt_tokens for r in got] == [0, *common]
+    fresh = edgellm.load(tiny_bundle)
+    expected = []
+    for p in prompts:
+        fresh.reset()
+        expected.append(fresh.generate(p, max_new_tokens=8, ignore_eos=True, temperature=0))
     assert [r.token_ids for r in got] == [r.token_ids for r in expected]
 
 
