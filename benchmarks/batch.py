@@ -4,11 +4,13 @@
 
 For each level c, c different chat prompts run through `Model.generate_many(slots=c)` and,
 in the same repetition, one after another through `Model.generate`; every request decodes
-`--tokens` tokens (EOS ignored), and the cache is reset before each, so both pay the same
-prefills. Aggregate tokens/s is all completion tokens over the wall time of the whole set;
-"slowest" is the batched set's wall time (when its last request finishes) over the
-sequential set's (when the last one would finish in a queue). Levels and modes are
-interleaved within each repetition and the table gives medians (the machine is shared).
+`--tokens` tokens (EOS ignored). The cache is reset before each set, not between its
+requests, so both reuse the prefix the prompts share (the chat template's system turn):
+one at a time in the single cache, together by copying it between slots. Aggregate
+tokens/s is all completion tokens over the wall time of the whole set; "slowest" is the
+batched set's wall time (when its last request finishes) over the sequential set's (when
+the last one would finish in a queue). Levels and modes are interleaved within each
+repetition and the table gives medians (the machine is shared).
 Progress on stderr; the table on stdout.
 """
 from __future__ import annotations
@@ -45,10 +47,7 @@ def one_set(model: Any, level: int, tokens: int, batched: bool) -> tuple[int, fl
     if batched:
         results = model.generate_many(prompts, slots=level, **params)
     else:
-        results = []
-        for prompt in prompts:
-            model.reset()
-            results.append(model.generate(prompt, **params))
+        results = [model.generate(prompt, **params) for prompt in prompts]
     return sum(r.usage.completion_tokens for r in results), time.perf_counter() - start
 
 
