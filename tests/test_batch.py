@@ -6,6 +6,7 @@ differently from one, so there greedy text can part at a near-tie.
 """
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -178,3 +179,21 @@ def test_generate_many_checks_its_arguments(model):
         model.generate_many(["a"], slots=0)
     with pytest.raises(GenerationError, match="temperature"):
         model.generate_many(["a"], temperature=-1)
+
+
+def test_the_manifest_batch_field_must_be_a_bool(tiny_bundle, tmp_path):
+    root = Path(shutil.copytree(tiny_bundle, tmp_path / "bundle"))
+    data = json.loads((root / "manifest.json").read_text())
+    assert data["graph"]["batch"] is True
+    data["graph"]["batch"] = "yes"
+    (root / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(BundleError, match="graph.batch must be true or false, got 'yes'"):
+        read_manifest(root, verify=False)
+
+
+def test_a_generic_graph_runs_the_prompts_one_after_another(tiny_bundle_factory):
+    pytest.importorskip("optimum.exporters.onnx")
+    generic = edgellm.load(tiny_bundle_factory("llama", "fp32", "optimum"))
+    expected = [generic.generate(p, temperature=0, **b) for p, b in zip(PROMPTS, BUDGETS)]
+    got = generic.generate_many(PROMPTS, each=BUDGETS, temperature=0)
+    assert [r.token_ids for r in got] == [r.token_ids for r in expected]
