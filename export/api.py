@@ -46,7 +46,8 @@ def export_model(
     Nothing is left at `out` unless the whole export succeeds, and nothing beside it even after
     SIGTERM; what a killed export left beside it is removed first (`scratch`). GGUF Q4_0/Q4_1/Q8_0
     blocks are imported as they are under int4 block 32 unless `requantize`. An
-    int8 KV cache (`quant.kv_cache`) is calibrated on the evaluation text.
+    int8 KV cache (`quant.kv_cache`) is calibrated on the evaluation text. `quant.target` "cuda"
+    builds the float16 graph; its quality gate runs it on the CPU provider against the fp32 graph.
     """
     out = Path(out)
     if out.exists() and not force:

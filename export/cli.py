@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from .arch import FAST_ARCHS
-from .config import QuantConfig
+from .config import TARGETS, QuantConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,12 +26,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--asymmetric", action="store_true", help="quantize with zero points")
     parser.add_argument("--requantize", action="store_true",
                         help="round GGUF Q4_0/Q4_1/Q8_0 blocks afresh instead of importing them exactly (worse)")
-    parser.add_argument("--accuracy-level", type=int, default=4, choices=[0, 1, 2, 3, 4],
-                        help="MatMulNBits accuracy_level (4: int8 activations on CPU, fastest)")
-    parser.add_argument("--kv-cache", default="auto", choices=["auto", "float32", "int8"],
+    parser.add_argument("--accuracy-level", type=int, choices=[0, 1, 2, 3, 4],
+                        help="MatMulNBits accuracy_level (default 4 for --target cpu: int8 activations, fastest; "
+                        "0 for cuda, whose kernel has no such mode)")
+    parser.add_argument("--kv-cache", default="auto", choices=["auto", "float32", "float16", "int8"],
                         help="KV cache storage: int8 (fast graph only) takes a quarter of float32's memory, its "
                         "quality cost measured in the manifest's perplexity; auto (default) picks int8 for int4/int8 "
-                        "weights at accuracy level 1-4 on the fast graph, float32 otherwise")
+                        "weights at accuracy level 1-4 on the fast graph, float32 otherwise, float16 for --target cuda")
+    parser.add_argument("--target", default="cpu", choices=list(TARGETS),
+                        help="cpu (default): float32 activations; cuda: float16 activations, attention, norms and "
+                        "KV cache end to end, what onnxruntime's CUDA kernels take (Jetson; fast graph only)")
     parser.add_argument("--via", default="auto", choices=["auto", "fast", "optimum"],
                         help=f"fast: edgellm's fused graph ({', '.join(FAST_ARCHS)}); optimum: any decoder "
                         "optimum supports (needs edgellm[optimum]); auto: fast where supported")
@@ -109,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     eval_text = args.eval_text.read_text(encoding="utf-8") if args.eval_text else None
     quant = QuantConfig(weights=args.quant, block_size=args.block_size, symmetric=not args.asymmetric,
-                        accuracy_level=args.accuracy_level, kv_cache=args.kv_cache)
+                        accuracy_level=args.accuracy_level, kv_cache=args.kv_cache, target=args.target)
     bars = _Bars() if sys.stderr.isatty() else _StageLines()
     start = time.perf_counter()
     try:
@@ -119,7 +123,9 @@ def run(args: argparse.Namespace) -> int:
     finally:
         bars.close()
     q = manifest.quality
-    line = (f"wrote {args.output} ({manifest.graph['kind']} graph, {quant.weights}, kv {manifest.graph['kv_dtype']}) "
+    target = f", target {manifest.graph['target']}" if "target" in manifest.graph else ""
+    line = (f"wrote {args.output} ({manifest.graph['kind']} graph, {quant.weights}, kv {manifest.graph['kv_dtype']}"
+            f"{target}) "
             f"in {time.perf_counter() - start:.1f} s")
     if q:
         line += (f"; perplexity {q['perplexity']:.3f} vs source {q['source_perplexity']:.3f} "

@@ -4,41 +4,75 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import numpy as np
+
 from edgellm.errors import ExportError
 
 WeightType = Literal["int4", "int8", "fp16", "fp32"]
-KVCacheType = Literal["auto", "float32", "int8"]
+KVCacheType = Literal["auto", "float32", "float16", "int8"]
+Target = Literal["cpu", "cuda"]
+TARGETS = ("cpu", "cuda")
 
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """How weights (and the KV cache) are stored. int4/int8 use onnxruntime's MatMulNBits layout."""
+    """How weights, activations and the KV cache are stored. int4/int8 use onnxruntime's MatMulNBits layout."""
 
     weights: WeightType = "int4"
     block_size: int = 32
     symmetric: bool = True
-    # MatMulNBits accuracy_level: 4 = int8 activations on CPU (fast), 0 = fp32.
-    accuracy_level: int = 4
+    # MatMulNBits accuracy_level: 4 = int8 activations on CPU (fast), 0 = float activations.
+    # None: 4 for the cpu target, 0 for cuda (see __post_init__).
+    accuracy_level: int | None = None
     # int8: a quarter of the float32 cache's memory, per-channel scales calibrated at export.
     # auto: int8 where the graph already rounds activations to int8 (see resolved_kv_cache).
     kv_cache: KVCacheType = "auto"
+    # cpu: float32 activations. cuda: float16 activations, norms, attention and KV cache, the
+    # dtype onnxruntime's CUDA kernels run; the graph's `target` records it (not to_dict, so
+    # cpu manifests stay as they were).
+    target: Target = "cpu"
 
     def __post_init__(self) -> None:
         if self.weights not in ("int4", "int8", "fp16", "fp32"):
             raise ExportError(f"--quant {self.weights!r}: expected int4, int8, fp16 or fp32")
         if self.block_size not in (16, 32, 64, 128, 256):
             raise ExportError(f"--block-size {self.block_size}: expected 16, 32, 64, 128 or 256")
-        if self.kv_cache not in ("auto", "float32", "int8"):
-            raise ExportError(f"--kv-cache {self.kv_cache!r}: expected auto, float32 or int8")
+        if self.kv_cache not in ("auto", "float32", "float16", "int8"):
+            raise ExportError(f"--kv-cache {self.kv_cache!r}: expected auto, float32, float16 or int8")
+        if self.target not in TARGETS:
+            raise ExportError(f"--target {self.target!r}: expected {' or '.join(TARGETS)}")
+        if self.target == "cuda" and self.weights == "fp32":
+            raise ExportError("--quant fp32 --target cuda: float16 activations take fp16, int8 or int4 weights")
+        if self.accuracy_level is None:
+            object.__setattr__(self, "accuracy_level", 0 if self.target == "cuda" else 4)
+        if self.target == "cuda" and self.accuracy_level != 0:
+            # CUDA's MatMulNBits has no accuracy_level: it multiplies float16 activations by float16
+            # weights. Level 0 makes the CPU provider (the quality gate) compute the same.
+            raise ExportError(f"--accuracy-level {self.accuracy_level} --target cuda: onnxruntime's CUDA MatMulNBits "
+                              "reads no accuracy level; use 0 (the default for cuda)")
 
-    def resolved_kv_cache(self, fast_graph: bool) -> Literal["float32", "int8"]:
+    @property
+    def activation_dtype(self) -> np.dtype:
+        return np.dtype(np.float16 if self.target == "cuda" else np.float32)
+
+    def resolved_kv_cache(self, fast_graph: bool) -> Literal["float32", "float16", "int8"]:
         """What `auto` means: int8 for quantized weights at int8 activations on the fast graph.
 
         Such a graph already rounds activations to int8, and on SmolLM2 the int8 cache
         measured no worse (perplexity 0.997x vs 1.006x) while a 2,000-token context
         takes 23 MB instead of 92. fp32/fp16 weights and accuracy_level 0 ask for
         exactness; the optimum graph has no quantized cache, so asking it for one is an error.
+        The cuda target's cache is float16, the dtype its GroupQueryAttention reads.
         """
+        if self.target == "cuda":
+            if not fast_graph:
+                raise ExportError("--target cuda: the optimum path has no float16 graph (fast graph only)")
+            if self.kv_cache not in ("auto", "float16"):
+                raise ExportError(f"--kv-cache {self.kv_cache} --target cuda: the cache is float16, "
+                                  "the dtype of the graph's attention")
+            return "float16"
+        if self.kv_cache == "float16":
+            raise ExportError("--kv-cache float16: needs --target cuda (the cpu graph attends in float32)")
         if self.kv_cache == "int8" and not fast_graph:
             raise ExportError("--kv-cache int8: the optimum path has no quantized KV cache (fast graph only)")
         if self.kv_cache != "auto":
@@ -68,11 +102,13 @@ class GraphInfo:
     # Inputs, outputs and KV buffers have a symbolic first dimension: cache slots decode together.
     # Bundles without the field were exported batch-1.
     batch: bool = False
+    # What the graph's dtypes were chosen for (QuantConfig.target); bundles without the field target cpu.
+    target: Target = "cpu"
     # Per-tensor quantization notes (e.g. "exact Q4_1 import", "re-quantized from Q6_K").
     notes: list[str] = field(default_factory=list)
 
     def manifest_entry(self) -> dict[str, Any]:
-        return {
+        entry: dict[str, Any] = {
             "kind": self.kind,
             "file": self.file,
             "inputs": self.inputs,
@@ -80,3 +116,6 @@ class GraphInfo:
             "kv_dtype": self.kv_dtype,
             "batch": self.batch,
         }
+        if self.target != "cpu":
+            entry["target"] = self.target
+        return entry

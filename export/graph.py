@@ -12,6 +12,11 @@ Initializers are written to `model.onnx.data` as soon as they are built, so the
 export holds one layer's weights at a time, not the whole model twice.
 
 Linear layers (and GGUF Q4_1's per-block offsets) are laid out by linear.py.
+
+`QuantConfig.target` "cuda" builds the same nodes with float16 activations, norm
+weights, block scales, rotary caches and KV cache, the dtype onnxruntime's CUDA
+kernels take; the norms still accumulate in float32 inside the op, and logits are
+cast to float32 so sampling and the quality gate read what a cpu graph gives them.
 """
 from __future__ import annotations
 
@@ -112,7 +117,7 @@ def attention_lengths(w: Writer) -> tuple[str, str]:
 
 def add_norm(w: Writer, name: str, x: str, residual: str | None, gamma: np.ndarray, eps: float) -> tuple[str, str]:
     """RMSNorm(x + residual), fusing the residual add; returns (normed, new residual)."""
-    scale = w.initializer(f"{name}.weight", gamma.astype(np.float32))
+    scale = w.floats(f"{name}.weight", gamma)
     if residual is None:
         normed = w.one("SimplifiedLayerNormalization", f"{name}/SimplifiedLayerNorm", [x, scale], axis=-1, epsilon=eps)
         return normed, x
@@ -140,14 +145,14 @@ def embed(
     reference graph stores them); quantized ones from a table of their own."""
     name = "/model/embed_tokens"
     if loader is None:
+        dtype = np.float16 if quant.weights == "fp16" else np.float32
         if spec.tie_embeddings:
             # lm_head holds E^T; onnxruntime folds this Transpose once at load.
             table = w.one("Transpose", f"{name}/Transpose", [head.weight], perm=[1, 0])
         else:
-            dtype = np.float16 if quant.weights == "fp16" else np.float32
             table = w.initializer("model.embed_tokens.weight", source.tensor("model.embed_tokens.weight").astype(dtype))
         hidden = w.one("Gather", f"{name}/Gather", [table, "input_ids"], axis=0)
-        return w.one("Cast", f"{name}/Cast", [hidden], to=TensorProto.FLOAT) if quant.weights == "fp16" else hidden
+        return w.one("Cast", f"{name}/Cast", [hidden], to=w.float_proto) if dtype != w.float_type else hidden
     q = head_q if head_q is not None else loader.load(["model.embed_tokens.weight"])
     # A table of its own even when tied: prepacking lm_head reads every page of its
     # weight, and a shared table would keep them all resident, while a table of its own
@@ -193,7 +198,7 @@ def _add_row_offsets(w: Writer, name: str, hidden: str, lin: Linear, q: Quantize
 
 def _head_norm(w: Writer, name: str, x: str, gamma: np.ndarray, spec: ModelSpec) -> str:
     """RMSNorm over each head of q or k, before rotary (Qwen3, Gemma 3)."""
-    scale = w.initializer(f"{name}.weight", gamma.astype(np.float32))
+    scale = w.floats(f"{name}.weight", gamma)
     heads = w.one("Reshape", f"{name}/Reshape", [x, w.const([0, 0, -1, spec.head_dim])])
     normed = w.one(
         "SimplifiedLayerNormalization", f"{name}/SimplifiedLayerNorm", [heads, scale], axis=-1, epsilon=spec.rms_norm_eps
@@ -211,7 +216,7 @@ def _post_norm(w: Writer, base: str, hf_name: str | None, source: Source, spec: 
     if hf_name is None:
         return x
     name = _norm_name(base, hf_name)
-    scale = w.initializer(f"{name}.weight", source.tensor(f"{hf_name}.weight").astype(np.float32))
+    scale = w.floats(f"{name}.weight", source.tensor(f"{hf_name}.weight"))
     return w.one("SimplifiedLayerNormalization", f"{name}/SimplifiedLayerNorm", [x, scale], axis=-1,
                  epsilon=spec.rms_norm_eps)
 
@@ -315,7 +320,10 @@ def head(w: Writer, source: Source, spec: ModelSpec, quant: QuantConfig, lin: Li
     # Only the kept rows reach lm_head: a long prefill never builds S x vocab logits.
     start = w.one("Neg", "/model/logits_to_keep/Neg", ["logits_to_keep"])
     kept = w.one("Slice", "/model/logits_to_keep/Slice", [normed, start, w.const([_INT64_MAX]), w.const([1])])
-    return apply_linear(w, "/lm_head", kept, lin, quant, out="logits")
+    if w.float_proto == TensorProto.FLOAT:
+        return apply_linear(w, "/lm_head", kept, lin, quant, out="logits")
+    logits = apply_linear(w, "/lm_head", kept, lin, quant)
+    return w.node("Cast", "/lm_head/Cast", [logits], ["logits"], to=TensorProto.FLOAT)[0]
 
 
 # --- the model ---------------------------------------------------------------
@@ -342,11 +350,21 @@ def _io(
 
 
 def _notes(spec: ModelSpec, quant: QuantConfig, loader: WeightLoader | None) -> list[str]:
+    if quant.target == "cuda":
+        return [*_weight_notes(spec, quant, loader),
+                "cuda: float16 activations, norm weights, rotary caches and KV cache (onnxruntime's CUDA kernels); "
+                "norms accumulate in float32; logits cast to float32"]
+    return _weight_notes(spec, quant, loader)
+
+
+def _weight_notes(spec: ModelSpec, quant: QuantConfig, loader: WeightLoader | None) -> list[str]:
     if loader is not None:
         sym = "symmetric" if quant.symmetric else "asymmetric"
         notes = [f"{quant.weights} MatMulNBits, block {quant.block_size}, {sym}, accuracy_level {quant.accuracy_level}"]
         shared = "sharing lm_head's quantized weight" if spec.tie_embeddings else "its own quantized table"
         return notes + [f"embedding: GatherBlockQuantized, {shared}"] + loader.notes()
+    if quant.weights == "fp16" and quant.target == "cuda":
+        return ["fp16: MatMul on transposed float16 weights"]
     if quant.weights == "fp16":
         return ["fp16: weights stored float16 and widened to float32 when the session loads; compute and KV in float32"]
     return ["fp32: MatMul on transposed float32 weights"]
@@ -368,7 +386,7 @@ def build_fast_graph(
     int4 at block 32 imports GGUF Q4_0/Q4_1/Q8_0 blocks as they are; `requantize`
     rounds them afresh instead (for comparing the two). `kv_scales` (keys, values:
     float32 [num_layers, kv_heads, head_dim], see calibrate.py) make the KV cache
-    int8; without them it is float32 whatever `quant.kv_cache` says.
+    int8; without them it is in the activations' dtype whatever `quant.kv_cache` says.
     """
     spec = source.spec
     out_dir = Path(out_dir)
@@ -377,6 +395,8 @@ def build_fast_graph(
         raise ExportError(f"architecture {spec.arch!r} has no fast graph (fast: {', '.join(arch.FAST_ARCHS)})")
     if spec.head_dim % 2:
         raise ExportError(f"head_dim {spec.head_dim}: rotary embedding needs an even head size")
+    if kv_scales is not None and quant.target != "cpu":
+        raise ExportError(f"kv_scales: an int8 KV cache is built for the cpu target only, not {quant.target!r}")
     if kv_scales is not None:
         expected = (spec.num_layers, spec.num_kv_heads, spec.head_dim)
         if any(np.shape(s) != expected for s in kv_scales):
@@ -384,7 +404,7 @@ def build_fast_graph(
         if not all(np.all(np.isfinite(s) & (s > 0)) for s in kv_scales):
             raise ExportError("kv_scales: every scale must be finite and positive")
     loader = WeightLoader(source, quant, exact=not requantize) if weight_bits(quant) else None
-    w = Writer(out_dir / DATA_FILE)
+    w = Writer(out_dir / DATA_FILE, quant.activation_dtype)
     try:
         layers = [family.layer(spec, i) for i in range(spec.num_layers)]
         ropes: dict[str, tuple[str, str]] = {}
@@ -392,13 +412,12 @@ def build_fast_graph(
             if layer.rope.name not in ropes:
                 cos, sin = rope_caches(spec, layer.rope)
                 suffix = f"_{layer.rope.name}" if layer.rope.name else ""
-                ropes[layer.rope.name] = (w.initializer(f"cos_cache{suffix}", cos),
-                                          w.initializer(f"sin_cache{suffix}", sin))
+                ropes[layer.rope.name] = (w.floats(f"cos_cache{suffix}", cos), w.floats(f"sin_cache{suffix}", sin))
         lengths = attention_lengths(w)
         lm_head, lm_head_q = head_weights(w, source, spec, quant, loader)
         x, residual = embed(w, source, spec, quant, loader, lm_head, lm_head_q), None
         if spec.embedding_scale is not None:
-            scale = w.initializer("/model/embed_tokens/scale", np.array(spec.embedding_scale, dtype=np.float32))
+            scale = w.floats("/model/embed_tokens/scale", np.array(spec.embedding_scale, dtype=np.float32))
             x = w.one("Mul", "/model/embed_tokens/Mul", [x, scale])
         for i, layer in enumerate(layers):
             layer_scales = None if kv_scales is None else (kv_scales[0][i], kv_scales[1][i])
@@ -410,7 +429,8 @@ def build_fast_graph(
         head(w, source, spec, quant, lm_head, x, residual)
     finally:
         w.close()
-    inputs, outputs = _io(spec, TensorProto.FLOAT if kv_scales is None else TensorProto.INT8)
+    kv_dtype = "int8" if kv_scales is not None else w.float_type.name
+    inputs, outputs = _io(spec, helper.np_dtype_to_tensor_dtype(np.dtype(kv_dtype)))
     graph = helper.make_graph(w.nodes, "edgellm_fast", inputs, outputs, w.initializers)
     model = helper.make_model(
         graph,
@@ -427,7 +447,8 @@ def build_fast_graph(
         file=GRAPH_FILE,
         inputs=[v.name for v in inputs],
         outputs=[v.name for v in outputs],
-        kv_dtype="float32" if kv_scales is None else "int8",
+        kv_dtype=kv_dtype,
         batch=True,
+        target=quant.target,
         notes=notes,
     )

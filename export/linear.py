@@ -5,6 +5,9 @@ MatMul on a transposed float matrix (fp32/fp16). GGUF Q4_1 offsets are applied o
 two ways (see quantize.py): with int8 activations as extra blocks of codes inside the
 MatMulNBits, fed by the activation's block sums appended to its K; with fp32
 activations (accuracy_level 0, exact) as a float MatMul plus an Add.
+
+Every float the activations meet (scales, biases, offsets, norm weights) is written in
+the activations' dtype (`Writer.floats`): float32 for the CPU, float16 for CUDA.
 """
 from __future__ import annotations
 
@@ -29,7 +32,9 @@ _CONTRIB = {"GroupQueryAttention", "MatMulNBits", "GatherBlockQuantized", "SkipS
 class Writer:
     """Collects nodes; streams initializer bytes to the external data file as they come."""
 
-    def __init__(self, data_path: Path) -> None:
+    def __init__(self, data_path: Path, float_type: np.dtype = np.dtype(np.float32)) -> None:
+        self.float_type = np.dtype(float_type)
+        self.float_proto = helper.np_dtype_to_tensor_dtype(self.float_type)
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[TensorProto] = []
         self._location = data_path.name
@@ -57,6 +62,10 @@ class Writer:
                 tensor.external_data.add(key=key, value=str(value))
         self.initializers.append(tensor)
         return name
+
+    def floats(self, name: str, array: np.ndarray) -> str:
+        """An initializer the activations meet, in their dtype (kernels take one T for both)."""
+        return self.initializer(name, np.asarray(array).astype(self.float_type))
 
     def const(self, values: list[int] | int) -> str:
         """A shared int64 constant (a scalar when `values` is an int)."""
@@ -90,10 +99,10 @@ class Writer:
         return self._with_sums[key]
 
     def _indicator(self, K: int, block_size: int, width: int) -> str:
-        """float32 [K, width]: 1 where row k lies in block column b."""
+        """[K, width] in the activations' dtype: 1 where row k lies in block column b."""
         key = (K, block_size, width)
         if key not in self._indicators:
-            matrix = np.zeros((K, width), dtype=np.float32)
+            matrix = np.zeros((K, width), dtype=self.float_type)
             matrix[np.arange(K), np.arange(K) // block_size] = 1
             self._indicators[key] = self.initializer(f"/const/blocksum/{K}x{width}", matrix)
         return self._indicators[key]
@@ -123,7 +132,7 @@ class Linear:
     bias: str = ""
     bits: int = 0
     block_size: int = 0
-    cast: bool = False  # fp16 storage: widen to float32 before the MatMul
+    cast: bool = False  # stored in another dtype than the activations': Cast before the MatMul
     offsets: str = ""  # float32 [n_blocks, N]: y += blocksum(x) @ offsets (GGUF Q4_1)
     folded: int = 0  # K columns past K that hold the offsets (fed block sums), instead of `offsets`
 
@@ -148,14 +157,14 @@ def quantized_linear(
     table = q.offsets is not None and not folded
     return Linear(
         weight=w.initializer(f"{prefix}.qweight", packed),
-        scales=w.initializer(f"{prefix}.scales", scales),
+        scales=w.floats(f"{prefix}.scales", scales),
         zero_points="" if q.zero_points is None else w.initializer(f"{prefix}.qzeros", q.zero_points),
-        bias="" if bias is None else w.initializer(f"{prefix}.bias", bias.astype(np.float32)),
+        bias="" if bias is None else w.floats(f"{prefix}.bias", bias),
         K=q.K,
         N=q.N,
         bits=q.bits,
         block_size=q.block_size,
-        offsets=w.initializer(f"{prefix}.offsets", q.offsets.T) if table else "",
+        offsets=w.floats(f"{prefix}.offsets", q.offsets.T) if table else "",
         folded=folded,
     )
 
@@ -177,10 +186,10 @@ def make_linear(
     dtype = np.float16 if quant.weights == "fp16" else np.float32
     return Linear(
         weight=w.initializer(f"{prefix}.weight_t", matrix.astype(dtype)),
-        bias="" if bias is None else w.initializer(f"{prefix}.bias", bias.astype(np.float32)),
+        bias="" if bias is None else w.floats(f"{prefix}.bias", bias),
         K=matrix.shape[0],
         N=matrix.shape[1],
-        cast=dtype == np.float16,
+        cast=dtype != w.float_type,
     )
 
 
@@ -204,7 +213,7 @@ def apply_linear(w: Writer, name: str, x: str, lin: Linear, quant: QuantConfig, 
             return y
         offset = w.one("MatMul", f"{name}/offsets/MatMul", [w.blocksum(x, lin.K, lin.block_size), lin.offsets])
         return w.node("Add", f"{name}/offsets/Add", [y, offset], outputs)[0]
-    weight = w.one("Cast", f"{name}/Cast", [lin.weight], to=TensorProto.FLOAT) if lin.cast else lin.weight
+    weight = w.one("Cast", f"{name}/Cast", [lin.weight], to=w.float_proto) if lin.cast else lin.weight
     if not lin.bias:
         return w.node("MatMul", f"{name}/MatMul", [x, weight], outputs)[0]
     y = w.one("MatMul", f"{name}/MatMul", [x, weight])
