@@ -34,7 +34,7 @@ KNOWN_PROVIDERS = (
 QUANTS = ("int4", "int8", "fp16", "fp32")
 HINT_KEYS = ("device_tree_model", "device_tree_compatible", "files", "cpu_model", "machine", "system")
 _FIELDS = ("name", "description", "threads", "providers", "max_context", "memory_limit_mb",
-           "recommended_quant", "detect")
+           "recommended_quant", "slots", "detect")
 
 Provider = tuple[str, dict[str, str]]
 
@@ -59,6 +59,7 @@ class DeviceProfile:
     max_context: int
     memory_limit_mb: int
     recommended_quant: str
+    slots: int = 1  # requests `edgellm serve` decodes together (continuous batching)
     detect: tuple[dict[str, tuple[str, ...]], ...] = ()
     path: str = ""
 
@@ -71,6 +72,7 @@ class DeviceProfile:
             "max_context": self.max_context,
             "memory_limit_mb": self.memory_limit_mb,
             "recommended_quant": self.recommended_quant,
+            "slots": self.slots,
             "detect": [{k: list(v) for k, v in rule.items()} for rule in self.detect],
             "path": self.path,
         }
@@ -128,6 +130,8 @@ def _parse(data: dict[str, Any], path: Path, root: Path) -> DeviceProfile:
     for key in ("max_context", "memory_limit_mb"):
         if not _positive_int(data.get(key)):
             raise bad(key, f"must be a positive integer, got {data.get(key)!r}")
+    if not _positive_int(data.get("slots", 1)):
+        raise bad("slots", f"must be a positive integer, got {data.get('slots')!r}")
     threads = data.get("threads")
     if threads == "auto":
         threads = physical_cores(root)
@@ -141,6 +145,7 @@ def _parse(data: dict[str, Any], path: Path, root: Path) -> DeviceProfile:
         max_context=data["max_context"],
         memory_limit_mb=data["memory_limit_mb"],
         recommended_quant=data["recommended_quant"],
+        slots=data.get("slots", 1),
         detect=_rules(data.get("detect", []), bad),
         path=str(path),
     )

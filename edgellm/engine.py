@@ -54,10 +54,11 @@ class FairQueue(Generic[T]):
             self._ready.notify()
             return None
 
-    def get(self) -> T | None:
-        """The next item in turn, blocking; None once closed."""
+    def get(self, block: bool = True) -> T | None:
+        """The next item in turn, waiting for one if `block`; None once closed (or, not
+        blocking, when none waits)."""
         with self._ready:
-            while not self._waiting and not self._closed:
+            while block and not self._waiting and not self._closed:
                 self._ready.wait()
             if not self._waiting:
                 return None
@@ -84,6 +85,11 @@ class StreamingModel(Protocol):
     max_context: int
 
     def stream(self, prompt: Any, **params: Any) -> Iterator[Any]: ...
+
+    # Only for slots > 1 (continuous batching):
+    def request(self, prompt: Any, **params: Any) -> tuple[list[int], GenerationParams]: ...
+
+    def scheduler(self, slots: int) -> Any: ...
 
 
 @dataclass
@@ -112,17 +118,25 @@ class Job:
 
 
 class Engine:
-    """Serves one model to any number of fronts; `start()`, `submit()`, then `close()`."""
+    """Serves one model to any number of fronts; `start()`, `submit()`, then `close()`.
+
+    With `slots` above 1 (and a graph exported with a batch dimension) up to that many
+    requests decode together, one batched step for all of them (`edgellm.batch`); a
+    request joins as soon as a slot is free and leaves when it ends."""
 
     def __init__(self, model: StreamingModel, queue_size: int = 8, per_client: int | None = None,
-                 max_tokens: int = 1024) -> None:
+                 max_tokens: int = 1024, slots: int = 1) -> None:
+        if not isinstance(slots, int) or isinstance(slots, bool) or slots < 1:
+            raise ValueError(f"slots must be an integer >= 1, got {slots!r}")
         self.model = model
         self.max_tokens = max_tokens  # the most any one request may generate: one request cannot hold every client
+        self.slots = slots
         self._jobs: FairQueue[Job] = FairQueue(queue_size, per_client or max(1, queue_size // 2))
         self._by_id: dict[int, Job] = {}  # queued or running, cancelled on close
         self._lock = threading.Lock()
-        self.running: Job | None = None
-        self._worker = threading.Thread(target=self._work, name="edgellm-generate", daemon=True)
+        self.active = 0  # jobs generating now
+        self._worker = threading.Thread(target=self._work if slots == 1 else self._work_batched,
+                                        name="edgellm-generate", daemon=True)
         self._closed = False
         self.observers: list[Callable[[Outcome], None]] = []  # told of every job's end (metrics)
 
@@ -174,18 +188,21 @@ class Engine:
 
     def _work(self) -> None:
         while (job := self._jobs.get()) is not None:
-            self.running = job
+            self.active = 1
             outcome = self._run(job)
-            self.running = None
-            with self._lock:
-                self._by_id.pop(id(job), None)
-            for tell in (job.on_end, *self.observers):
-                try:
-                    tell(outcome)
-                except Exception:  # noqa: BLE001 - one front's failure must never stop the worker
-                    log.exception("a front failed to finish a request")
-            if not len(self._jobs):
-                release_freed_heap()  # a long prompt's buffers go back to the OS while idle
+            self.active = 0
+            self._end(job, outcome)
+
+    def _end(self, job: Job, outcome: Outcome) -> None:
+        with self._lock:
+            self._by_id.pop(id(job), None)
+        for tell in (job.on_end, *self.observers):
+            try:
+                tell(outcome)
+            except Exception:  # noqa: BLE001 - one front's failure must never stop the worker
+                log.exception("a front failed to finish a request")
+        if not len(self._jobs) and not self.active:
+            release_freed_heap()  # a long prompt's buffers go back to the OS while idle
 
     def _run(self, job: Job) -> Outcome:
         if job.cancel.is_set():
@@ -198,3 +215,48 @@ class Engine:
         except Exception as exc:  # noqa: BLE001 - handed to the front, which reports it
             return Outcome(last, exc)
         return Outcome(last)
+
+    def _work_batched(self) -> None:
+        """Admit jobs into free slots between steps, one batched step for all of them."""
+        scheduler = self.model.scheduler(self.slots)
+        live: dict[int, Job] = {}
+        while True:
+            # Wait for work only when nothing decodes; otherwise take what fits and step on.
+            job = self._jobs.get(block=not live) if len(live) < self.slots else None
+            if job is None and not live:
+                return  # closed, and nothing left to finish
+            while job is not None:
+                self._admit(scheduler, live, job)
+                job = self._jobs.get(block=False) if len(live) < self.slots else None
+            self.active = len(live)
+            try:
+                events = scheduler.step()
+            except Exception as exc:  # noqa: BLE001 - every job of the step is told; the slots start afresh
+                for key in list(live):
+                    self._end(live.pop(key), Outcome(error=exc))
+                scheduler = self.model.scheduler(self.slots)
+                continue
+            for key, chunk in events:
+                self._deliver(live[key], chunk)
+                if chunk.finish_reason is not None:
+                    self._end(live.pop(key), Outcome(chunk))
+            self.active = len(live)
+
+    def _admit(self, scheduler: Any, live: dict[int, Job], job: Job) -> None:
+        if job.cancel.is_set():
+            self._end(job, Outcome(waited_out=True))
+            return
+        try:
+            ids, params = self.model.request(job.prompt, **job.params, cancel=job.cancel)
+        except Exception as exc:  # noqa: BLE001 - a bad request is the front's to report
+            self._end(job, Outcome(error=exc))
+            return
+        scheduler.add(id(job), ids, params)
+        live[id(job)] = job
+
+    def _deliver(self, job: Job, chunk: Any) -> None:
+        try:
+            job.on_chunk(chunk)
+        except Exception:  # noqa: BLE001 - one front's failure must not stop the others' sequences
+            log.exception("a front failed to take a chunk")
+            job.cancel.set()

@@ -18,6 +18,7 @@ from .text import ChatTemplate, Tokenizer, encode_chat, template_variables
 from .tools import CLOSE, OPEN, call_syntax, chat_inputs, settle_choice
 
 if TYPE_CHECKING:
+    from .batch import Scheduler
     from .devices import DeviceProfile
 
 log = logging.getLogger("edgellm")
@@ -209,10 +210,15 @@ class Model:
         Parameters are validated here, before the first chunk is asked for.
         """
         started = time.perf_counter()
-        p = GenerationParams.build(self._defaults, params, self._runner.vocab_size)
-        ids = self.prompt_ids(prompt, p)
+        ids, p = self.request(prompt, **params)
         return self._owned(stream_chunks(self._runner, self.tokenizer, ids, p, started=started,
                                          conventions=self.conventions))
+
+    def request(self, prompt: Prompt, **params: Any) -> tuple[list[int], GenerationParams]:
+        """A request's prompt ids and parameters, validated over the bundle's defaults
+        (GenerationError names the first bad one)."""
+        p = GenerationParams.build(self._defaults, params, self._runner.vocab_size)
+        return self.prompt_ids(prompt, p), p
 
     def generate(self, prompt: Prompt, **params: Any) -> Result:
         """The whole completion at once; same parameters as `stream`."""
@@ -238,23 +244,17 @@ class Model:
         A graph exported without a batch dimension runs one slot; a generic graph runs
         the prompts one after another.
         """
-        from .batch import Scheduler
-
         started = time.perf_counter()
         each = list(each) if each is not None else [{}] * len(prompts)
         if len(each) != len(prompts):
             raise GenerationError(f"each has {len(each)} parameter sets for {len(prompts)} prompts")
         if slots is not None and (not isinstance(slots, int) or isinstance(slots, bool) or slots < 1):
             raise GenerationError(f"slots must be an integer >= 1, got {slots!r}")
-        built = [GenerationParams.build(self._defaults, {**params, **extra}, self._runner.vocab_size)
-                 for extra in each]
-        ids = [self.prompt_ids(prompt, p) for prompt, p in zip(prompts, built)]
+        requests = [self.request(prompt, **{**params, **extra}) for prompt, extra in zip(prompts, each)]
         if self.manifest.graph["kind"] != "fast":
             return [self.generate(prompt, **{**params, **extra}) for prompt, extra in zip(prompts, each)]
-        wanted = slots or min(max(len(prompts), 1), DEFAULT_SLOTS)
-        scheduler = Scheduler(self._slots(wanted if self.manifest.graph.get("batch") else 1), self.tokenizer,
-                              self.conventions)
-        for i, (prompt_ids, p) in enumerate(zip(ids, built)):
+        scheduler = self.scheduler(slots or min(max(len(prompts), 1), DEFAULT_SLOTS))
+        for i, (prompt_ids, p) in enumerate(requests):
             scheduler.add(i, prompt_ids, p, started)
         self._generation += 1  # an open stream is abandoned, as a new stream would abandon it
         chunks: list[list[Chunk]] = [[] for _ in prompts]
@@ -262,6 +262,16 @@ class Model:
             for i, chunk in scheduler.step():
                 chunks[i].append(chunk)
         return [collect(iter(mine)) for mine in chunks]
+
+    def scheduler(self, slots: int) -> "Scheduler":
+        """A continuous-batching scheduler over `slots` cache slots (one where the graph has
+        no batch dimension), for whoever drives many requests: `generate_many`, the engine."""
+        from .batch import Scheduler
+
+        if self.manifest.graph["kind"] != "fast":
+            raise GenerationError("a generic graph decodes one request at a time: serve it with one slot")
+        return Scheduler(self._slots(slots if self.manifest.graph.get("batch") else 1), self.tokenizer,
+                         self.conventions)
 
     def _slots(self, n: int) -> BatchRunner:
         if self._batch is None or len(self._batch.slots) != n:

@@ -44,9 +44,10 @@ log = logging.getLogger("edgellm.service")
 _CONFIG_KEYS = (
     "broker", "device_id", "topic_prefix", "client_id", "username", "password_file", "tls_ca", "tls_cert",
     "tls_key", "mqtt_version", "shared_group", "queue_size", "session_expiry", "max_payload", "max_tokens",
-    "queue_per_client", "reasoning_topic", "http", "api_key_file", "http_max_body",
+    "queue_per_client", "reasoning_topic", "http", "api_key_file", "http_max_body", "slots",
 )
-_INT_KEYS = ("queue_size", "session_expiry", "max_payload", "max_tokens", "queue_per_client", "http_max_body")
+_INT_KEYS = ("queue_size", "session_expiry", "max_payload", "max_tokens", "queue_per_client", "http_max_body",
+             "slots")
 EMBEDDED = "embedded"  # --broker value: start the embedded broker even next to --http
 
 
@@ -91,6 +92,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: half of --queue-size)")
     g.add_argument("--reasoning-topic",
                    help="also publish every request's reasoning (think block) here, for an audit log")
+    g.add_argument("--slots", type=int,
+                   help="requests decoded together, one batched step for all (default: the profile's, else 1); "
+                        "each slot holds its own KV cache of --max-context tokens")
     h = p.add_argument_group("http (needs edgellm[http]; see docs/http.md)")
     h.add_argument("--http", metavar="HOST:PORT",
                    help="also serve OpenAI- and Ollama-compatible HTTP here (HOST defaults to 127.0.0.1); "
@@ -151,10 +155,14 @@ def _topics(args: argparse.Namespace) -> proto.Topics:
 
 def _service_config(args: argparse.Namespace, topics: proto.Topics) -> ServiceConfig:
     names = ("client_id", "shared_group", "queue_size", "session_expiry", "max_payload", "max_tokens", "queue_per_client",
-             "reasoning_topic")
+             "reasoning_topic", "slots")
     given = {k: getattr(args, k) for k in names}
+    if given["slots"] is None and getattr(args, "profile", None):
+        from ..devices import load_profile
+
+        given["slots"] = load_profile(args.profile).slots
     for key, low in (("queue_size", 1), ("max_payload", 1), ("session_expiry", 0), ("max_tokens", 1),
-                     ("queue_per_client", 1)):
+                     ("queue_per_client", 1), ("slots", 1)):
         if given[key] is not None and given[key] < low:
             raise ValueError(f"--{key.replace('_', '-')} must be at least {low}, got {given[key]}")
     given["per_client"] = given.pop("queue_per_client")

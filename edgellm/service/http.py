@@ -268,11 +268,11 @@ class _Auth:
 
 async def _health(front: Front, _request: Request) -> Response:
     return JSONResponse({"status": "ok", "model": front.name, "waiting": front.engine.waiting,
-                         "busy": front.engine.running is not None})
+                         "busy": front.engine.active > 0, "active": front.engine.active})
 
 
 async def _metrics(front: Front, _request: Request) -> Response:
-    return Response(front.metrics.render(front.engine.waiting, front.engine.running is not None),
+    return Response(front.metrics.render(front.engine.waiting, front.engine.active > 0),
                     media_type="text/plain; version=0.0.4")
 
 

@@ -47,6 +47,7 @@ class ServiceConfig:
     max_tokens: int = 1024  # the most any one request may generate: one request cannot hold every device for minutes
     per_client: int | None = None  # requests one reply topic may have waiting (default: half the queue)
     reasoning_topic: str | None = None  # every request's reasoning is also published here, for an audit log
+    slots: int = 1  # requests decoded together in one batched step (continuous batching)
     reconnect_min_s: float = 1.0
     reconnect_max_s: float = 30.0
 
@@ -91,7 +92,7 @@ def _usage(usage: Any) -> dict[str, Any]:
 
 def engine_for(model: StreamingModel, config: ServiceConfig) -> Engine:
     """The engine `config`'s queue settings and token ceiling describe."""
-    return Engine(model, config.queue_size, config.per_client, config.max_tokens)
+    return Engine(model, config.queue_size, config.per_client, config.max_tokens, config.slots)
 
 
 class Service:
@@ -184,6 +185,7 @@ class Service:
                 "max_payload": self.config.max_payload,
                 "max_tokens": self.config.max_tokens,
                 "queue_size": self.config.queue_size,
+                "slots": self.engine.slots,
                 "mqtt_version": self.conn.mqtt_version,
                 "shared_group": self.config.shared_group,
             },
