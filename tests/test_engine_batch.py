@@ -97,6 +97,21 @@ def test_slots_are_refused_unless_a_positive_integer(model):
         Engine(model, slots=0)
 
 
+def test_a_graph_without_a_batch_dimension_serves_one_at_a_time(model, caplog):
+    class Old:  # a bundle exported before batching: its manifest has no graph.batch
+        manifest = type("M", (), {"graph": {"kind": "fast"}, "generation": {}})()
+        max_context = model.max_context
+        stream = model.stream
+
+    engine = Engine(Old(), slots=4).start()
+    try:
+        assert engine.slots == 1 and "has no batch dimension" in caplog.text
+        (job,) = run_all(engine, [("Hello", {"max_new_tokens": 5})])
+    finally:
+        engine.close()
+    assert job.outcome.error is None and len(collect(iter(job.chunks)).token_ids) == 5
+
+
 @pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto is not installed (apt-get install mosquitto)")
 @pytest.mark.timeout(60)
 def test_mqtt_requests_share_the_slots(broker, probe, model):
