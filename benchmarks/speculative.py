@@ -16,7 +16,9 @@ Progress on stderr; the table and the PASS/FAIL lines on stdout.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -66,12 +68,20 @@ def run_edgellm(model: Any, text: str, tokens: int, speculative: str) -> dict[st
 
 
 def llama_runners(gguf: Path, threads: int) -> dict[str, Any] | None:
-    try:
-        from llama_cpp import Llama
-        from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
-    except ImportError:
+    if importlib.util.find_spec("llama_cpp") is None:
         report.stage("llama-cpp-python is not installed: the llama.cpp columns are skipped")
         return None
+    # A build for instructions this CPU lacks dies with SIGILL: try it in a child first.
+    probe = subprocess.run([sys.executable, "-c", "import sys; from llama_cpp import Llama; "
+                            "Llama(model_path=sys.argv[1], n_ctx=64, verbose=False)", str(gguf)],
+                           capture_output=True, timeout=300)
+    if probe.returncode != 0:
+        report.stage(f"llama-cpp-python cannot load the GGUF here (exit {probe.returncode}; a build for "
+                     "instructions this CPU lacks?): the llama.cpp columns are skipped")
+        return None
+    from llama_cpp import Llama
+    from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
     common = dict(model_path=str(gguf), n_threads=threads, n_ctx=2048, verbose=False)
     return {"off": Llama(**common),
             "prompt_lookup": Llama(**common, draft_model=LlamaPromptLookupDecoding(num_pred_tokens=10))}
