@@ -152,6 +152,17 @@ def test_cuda_bundle_exports_gates_and_loads(trained_tiny, tmp_path, capsys):  #
     assert "target" not in read_manifest(cpu).graph
 
 
+def test_cuda_bundle_decodes_slots_together(tiny_hf, tmp_path):
+    """Right-padded rows through float16 GroupQueryAttention and the runtime's float16 slot cache."""
+    out = tmp_path / "bundle"
+    export_model(tiny_hf("qwen2"), out, quant=QuantConfig("int8", target="cuda"), evaluate=False)
+    model = edgellm.load(out)
+    prompts = ["The quick brown fox", "Edge boards run small models", "What is"]
+    alone = [model.generate(p, max_new_tokens=12, ignore_eos=True).token_ids for p in prompts]
+    together = model.generate_many(prompts, slots=3, max_new_tokens=12, ignore_eos=True)
+    assert [r.token_ids for r in together] == alone
+
+
 @pytest.mark.parametrize("quant, via, message", [
     (dict(weights="fp32", target="cuda"), "fast", "--quant fp32 --target cuda"),
     (dict(weights="int4", target="cuda", kv_cache="int8"), "fast", "--kv-cache int8 --target cuda"),
