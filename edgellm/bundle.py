@@ -28,6 +28,7 @@ from .spec import ModelSpec
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 GRAPH_KINDS = ("fast", "generic")
+GRAPH_TARGETS = ("cpu", "cuda")
 _SHA256 = re.compile("[0-9a-f]{64}")
 
 
@@ -35,8 +36,9 @@ _SHA256 = re.compile("[0-9a-f]{64}")
 class Manifest:
     """The parsed `manifest.json`.
 
-    `graph` holds: kind ("fast" | "generic"), file, inputs, outputs, kv_dtype, and
-    batch (true: the graph decodes several cache slots in one step; absent: batch 1).
+    `graph` holds: kind ("fast" | "generic"), file, inputs, outputs, kv_dtype,
+    batch (true: the graph decodes several cache slots in one step; absent: batch 1), and
+    target ("cuda": float16 activations for CUDA's kernels; absent: "cpu").
     `quantization` holds: weights ("int4" | "int8" | "fp16" | "fp32"), block_size,
     symmetric, accuracy_level, and per-tensor notes (e.g. GGUF blocks imported exactly).
     `generation` holds: bos_token_id, eos_token_ids, pad_token_id and default sampling.
@@ -89,6 +91,8 @@ class Manifest:
                 raise BundleError(f"{where}: field 'graph.{key}' is missing")
         if not isinstance(graph.get("batch", False), bool):
             raise BundleError(f"{where}: graph.batch must be true or false, got {graph['batch']!r}")
+        if graph.get("target", "cpu") not in GRAPH_TARGETS:
+            raise BundleError(f"{where}: graph.target {graph['target']!r} is not one of {GRAPH_TARGETS}")
         files = data["files"]
         for name, digest in files.items():
             _check_name(name, where, "files entry")

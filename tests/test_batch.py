@@ -189,6 +189,10 @@ def test_the_manifest_batch_field_must_be_a_bool(tiny_bundle, tmp_path):
     (root / "manifest.json").write_text(json.dumps(data))
     with pytest.raises(BundleError, match="graph.batch must be true or false, got 'yes'"):
         read_manifest(root, verify=False)
+    data["graph"].update(batch=True, target="tpu")
+    (root / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(BundleError, match=r"graph.target 'tpu' is not one of \('cpu', 'cuda'\)"):
+        read_manifest(root, verify=False)
 
 
 def test_a_generic_graph_runs_the_prompts_one_after_another(tiny_bundle_factory):
