@@ -80,6 +80,7 @@ def load(
         native_tools="tools" in template_variables(template.source))
     release_freed_heap()
     session = create_session(graph_path, providers=providers, threads=threads)
+    _warn_target(graph.get("target", "cpu"), session.get_providers()[0])
     runner = Runner(session, cache, kind=graph["kind"], where=str(graph_path))
     defaults = manifest.generation.get("defaults") or {}
     try:
@@ -107,6 +108,18 @@ def _warn_memory(prof: "DeviceProfile", root: Path, manifest: Manifest, context:
     weights = sum(bundle_file(root, f).stat().st_size for f in manifest.files if Path(f).name.startswith(stem))
     if warning := memory_warning(prof, manifest.spec, context, weights, kv_bytes):
         log.warning("%s", warning)
+
+
+def _warn_target(target: str, provider: str) -> None:
+    """A graph built for one kind of device runs on another, slowly: CUDA's attention takes only
+    float16, and the CPU runs float16 ops through casts."""
+    on_cuda = provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+    if target == "cuda" and not on_cuda:
+        log.warning("this bundle was exported with --target cuda but runs on %s: float16 on a CPU is slower "
+                    "than the default export", provider)
+    elif target == "cpu" and on_cuda:
+        log.warning("this bundle's float32 graph runs on %s, whose attention takes float16 only: export it "
+                    "with --target cuda", provider)
 
 
 def _is_id(value: object) -> bool:

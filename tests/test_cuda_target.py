@@ -152,11 +152,12 @@ def test_cuda_bundle_exports_gates_and_loads(trained_tiny, tmp_path, capsys):  #
     assert "target" not in read_manifest(cpu).graph
 
 
-def test_cuda_bundle_decodes_slots_together(tiny_hf, tmp_path):
+def test_cuda_bundle_decodes_slots_together(tiny_hf, tmp_path, caplog):
     """Right-padded rows through float16 GroupQueryAttention and the runtime's float16 slot cache."""
     out = tmp_path / "bundle"
     export_model(tiny_hf("qwen2"), out, quant=QuantConfig("int8", target="cuda"), evaluate=False)
     model = edgellm.load(out)
+    assert "exported with --target cuda but runs on CPUExecutionProvider" in caplog.text
     prompts = ["The quick brown fox", "Edge boards run small models", "What is"]
     alone = [model.generate(p, max_new_tokens=12, ignore_eos=True).token_ids for p in prompts]
     together = model.generate_many(prompts, slots=3, max_new_tokens=12, ignore_eos=True)
