@@ -7,8 +7,8 @@ a GIL); this process streams chat completions from it, one at a time, and takes 
 from sending the request to the first `data:` line, minus the model's own time to first
 token for that request (the `usage.ttft_s` of the stream's last event, which runs from the
 request reaching the engine to the first sampled token). Two clients: a raw socket that
-writes the request in one segment (the server's own cost), and the `openai` package as
-applications use it. Progress on stderr; the table and PASS/FAIL lines on stdout.
+writes the request in one segment (the server's own cost: the bar), and the `openai` package
+as applications use it (its own request building and event parsing included). Progress on stderr; the table and PASS/FAIL lines on stdout.
 """
 from __future__ import annotations
 
@@ -118,8 +118,10 @@ def main(argv: list[str] | None = None) -> int:
         proc.wait(30)
     lines = [f"{'client':16} {'median ms':>10} {'p90 ms':>8}  (first data line minus the model's TTFT)"]
     lines += [f"{k:16} {v['median_ms']:10.2f} {v['p90_ms']:8.2f}" for k, v in results.items()]
-    checks = [report._bar(f"{k}: first-byte overhead <= {BAR_MS:g} ms median", v["median_ms"], BAR_MS, False, " ms")
-              for k, v in results.items()]
+    # The bar is the server's: the first byte on the wire. The openai client's row adds its own
+    # request building and event parsing, which no server can remove.
+    checks = [report._bar(f"first streamed byte <= {BAR_MS:g} ms after the model's TTFT (median, raw socket)",
+                          results["raw socket"]["median_ms"], BAR_MS, False, " ms")]
     report.emit({"machine": machine, "bundle": str(args.bundle), "results": results, "bars": checks},
                 "\n".join(lines), report.bar_lines(checks), args.json)
     return 0
