@@ -1,0 +1,139 @@
+"""Many devices at once over MQTT: continuous batching against one request at a time (issue 14's bar).
+
+    python benchmarks/mqtt_concurrency.py BUNDLE [--slots 8] [--max-tokens 48] [--repeats 2] [--json out.json]
+
+A private mosquitto and `edgellm serve BUNDLE` in a process of its own, run twice: with
+`--slots 1` (requests wait in the queue, as before batching) and with `--slots N`. For 1, 2, 4
+and 8 devices publishing a request at the same moment (distinct prompts, greedy, streamed),
+it takes each request's time to its first chunk and to its final reply, and the aggregate
+completion tokens per second of the whole burst (tokens over the time from the first publish
+to the last final). Progress on stderr; the table and PASS/FAIL lines on stdout.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import report  # noqa: E402
+from edgellm.service.broker import Mosquitto  # noqa: E402
+from edgellm.service.protocol import Topics  # noqa: E402
+from mqtt_bench import DEVICE, PROMPTS, ROOT, Device, Outcome  # noqa: E402
+
+BURSTS = (1, 2, 4, 8)
+BARS = {4: 1.8, 8: 2.5}  # aggregate tok/s with slots over one at a time
+
+
+def burst(device: Device, n: int, max_tokens: int, tag: str, timeout: float) -> dict[str, Any]:
+    outcomes: dict[int, Outcome] = {}
+    for i in range(n):
+        body = {"id": f"{tag}-{i}", "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
+                "max_tokens": max_tokens, "temperature": 0}
+        outcomes[i] = Outcome(sent=device.send(i, json.dumps(body).encode()))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not all(o.terminals for o in outcomes.values()):
+        device.collect(outcomes, until=None, timeout=0.2)
+    finals = {i: o.terminals[0] for i, o in outcomes.items() if o.terminals and o.terminals[0].get("done")}
+    if len(finals) != n:
+        raise SystemExit(f"mqtt_concurrency: {n - len(finals)} of {n} requests got no final reply")
+    first = [min(t for t, r in o.replies if not r.get("done")) - o.sent for o in outcomes.values()
+             if any(not r.get("done") for _, r in o.replies)]
+    total = [max(t for t, _ in o.replies) - o.sent for o in outcomes.values()]
+    tokens = sum(f["usage"]["completion_tokens"] for f in finals.values())
+    span = max(max(t for t, _ in o.replies) for o in outcomes.values()) - min(o.sent for o in outcomes.values())
+    return {"tokens": tokens, "aggregate_tok_s": tokens / span, "ttft_s": first, "total_s": total}
+
+
+def serve(bundle: Path, broker: Mosquitto, slots: int, threads: int, log: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "edgellm.cli", "serve", str(bundle), "--broker", broker.url, "--device-id", DEVICE,
+           "--client-id", f"bench-service-{os.getpid()}-{slots}", "--mqtt-version", "5", "--slots", str(slots),
+           "--queue-size", "16", "--queue-per-client", "16", "--threads", str(threads)]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+
+def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    broker = Mosquitto(work / "broker").start()
+    topics = Topics("edgellm", DEVICE)
+    results: dict[str, Any] = {}
+    try:
+        for slots in (1, args.slots):
+            report.stage(f"edgellm serve --slots {slots}")
+            service = serve(args.bundle, broker, slots, args.threads, work / f"serve-{slots}.log")
+            device = Device(broker, topics)
+            try:
+                if not device.wait_online(service, 300):
+                    raise SystemExit(f"the service did not come online; see {work / f'serve-{slots}.log'}")
+                burst(device, 1, 4, "warm", 120)
+                for rep in range(args.repeats):
+                    for n in BURSTS:
+                        report.stage(f"slots {slots}: {n} devices at once ({rep + 1}/{args.repeats})")
+                        got = burst(device, n, args.max_tokens, f"s{slots}-n{n}-r{rep}", 600)
+                        results.setdefault(f"{slots}/{n}", []).append(got)
+            finally:
+                device.close()
+                service.send_signal(signal.SIGTERM)
+                service.wait(30)
+    finally:
+        broker.close()
+    return results
+
+
+def summary(results: dict[str, Any], slots: int) -> dict[str, Any]:
+    out = {}
+    for n in BURSTS:
+        row = {}
+        for s in (1, slots):
+            runs = results[f"{s}/{n}"]
+            ttft = sorted(t for r in runs for t in r["ttft_s"])
+            row[s] = {"aggregate_tok_s": statistics.median(r["aggregate_tok_s"] for r in runs),
+                      "ttft_p50_s": statistics.median(ttft), "ttft_p99_s": ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))],
+                      "slowest_s": statistics.median(max(r["total_s"]) for r in runs)}
+        row["ratio"] = row[slots]["aggregate_tok_s"] / row[1]["aggregate_tok_s"]
+        out[n] = row
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("bundle", type=Path)
+    p.add_argument("--slots", type=int, default=8)
+    p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", type=Path)
+    args = p.parse_args(argv)
+    machine = report.machine_info()
+    report.warn_if_busy(machine)
+    with tempfile.TemporaryDirectory(prefix="edgellm-conc-") as tmp:
+        (Path(tmp) / "broker").mkdir()
+        rows = summary(measure(args, Path(tmp)), args.slots)
+    s = args.slots
+    lines = [f"{'devices':>7} | {'one at a time tok/s':>19} | {f'{s} slots tok/s':>14} | {'ratio':>6} | "
+             f"{'TTFT p50/p99 (1 slot)':>22} | {f'TTFT p50/p99 ({s} slots)':>22} | {'slowest 1 / N slots':>19}"]
+    for n, r in rows.items():
+        a, b = r[1], r[s]
+        lines.append(f"{n:>7} | {a['aggregate_tok_s']:19.1f} | {b['aggregate_tok_s']:14.1f} | {r['ratio']:5.2f}x | "
+                     f"{a['ttft_p50_s'] * 1000:9.0f}/{a['ttft_p99_s'] * 1000:.0f} ms | "
+                     f"{b['ttft_p50_s'] * 1000:9.0f}/{b['ttft_p99_s'] * 1000:.0f} ms | "
+                     f"{a['slowest_s']:8.1f} / {b['slowest_s']:.1f} s")
+    checks = [report._bar(f"{n} devices: aggregate tok/s with slots >= {bar}x one at a time", rows[n]["ratio"], bar, True)
+              for n, bar in BARS.items() if n in rows]
+    checks += [report._bar(f"{n} devices: the slowest request finishes no later than in the queue",
+                           rows[n][s]["slowest_s"] / rows[n][1]["slowest_s"], 1.0, False) for n in (4, 8)]
+    report.emit({"machine": machine, "bundle": str(args.bundle), "slots": s, "rows": rows}, "\n".join(lines),
+                report.bar_lines(checks), args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
