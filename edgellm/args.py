@@ -23,6 +23,8 @@ def add_load_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--provider", action="append", dest="providers",
                    help="execution provider to try, in order (repeatable); CPU is always the last fallback")
     p.add_argument("--no-verify", action="store_true", help="skip checksum verification (slow storage)")
+    p.add_argument("--draft", type=Path, metavar="BUNDLE",
+                   help="a smaller bundle with the same tokenizer, for --speculative draft_model")
 
 
 def _integer(text: str) -> int | float:
@@ -92,4 +94,4 @@ def load_model(args: argparse.Namespace):
     from . import load  # onnxruntime loads here, not for --help
 
     return load(args.bundle, profile=args.profile, providers=args.providers, threads=args.threads,
-                max_context=args.max_context, verify=not args.no_verify)
+                max_context=args.max_context, verify=not args.no_verify, draft=args.draft)

@@ -22,11 +22,10 @@ from typing import Hashable
 
 import numpy as np
 
-from .generate import prefill
 from .kvcache import pick_slot
 from .params import GenerationParams
 from .sequence import Chunk, Conventions, Sequence
-from .session import BatchRunner
+from .session import BatchRunner, prefill
 from .text import Tokenizer
 
 

@@ -8,37 +8,15 @@ that stops early leaves it holding ids and keys that agree.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, Sequence as Ids
-
-import numpy as np
+from typing import Any, Iterator
 
 from .errors import GenerationError
 from .params import GenerationParams
 from .sequence import Chunk, Conventions, Result, Sequence, Usage  # noqa: F401  Usage: edgellm.Usage resolves here
-from .session import Runner
+from .session import Runner, prefill
+from .speculate import Drafter
 from .text import Tokenizer
 from .tools import merge_deltas
-
-Forward = Callable[[Ids[int]], np.ndarray]
-
-# Prefill feeds at most this many tokens per run. The attention scratch grows with
-# chunk x context and the session's arena keeps its peak. SmolLM2, 2,000-token prompt,
-# peak RSS / time to first token: 256: 294 MiB / 5.9 s, 128: 280 / 6.2 s, 64: 274 /
-# 6.2 s, 32: 268 / 6.5 s; at 226 tokens 64 is as fast as 128 (336 vs 341 ms), 32 is 5% slower.
-PREFILL_CHUNK = 64
-
-
-def prefill(forward: Forward, fresh: Ids[int]) -> np.ndarray:
-    """Feed `fresh` (the prompt's tail not yet cached) in chunks; the logits after its last token.
-
-    The last chunk is never a single token when there are more (see `Runner.reuse`)."""
-    # One 2,000-token pass would hold ~150 MB (see PREFILL_CHUNK).
-    bounds = list(range(0, len(fresh), PREFILL_CHUNK)) + [len(fresh)]
-    if len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:
-        bounds[-2] -= 1
-    for start, end in zip(bounds, bounds[1:]):
-        logits = forward(fresh[start:end])
-    return logits
 
 
 def stream_chunks(
@@ -49,6 +27,7 @@ def stream_chunks(
     *,
     started: float,
     conventions: Conventions = Conventions(),
+    drafter: Drafter | None = None,
 ) -> Iterator[Chunk]:
     """Generate after `prompt`, reusing the cached prefix; the last chunk has finish_reason and usage.
 
@@ -57,7 +36,7 @@ def stream_chunks(
     """
     cached = runner.reuse(prompt)
     seq = Sequence(prompt, params, tokenizer, capacity=runner.capacity, vocab_size=runner.vocab_size,
-                   cached=cached, started=started, conventions=conventions)
+                   cached=cached, started=started, conventions=conventions, drafter=drafter)
     token = None
     while seq.finish_reason is None and not seq.check_cancel():
         if token is None:
@@ -77,7 +56,7 @@ def stream_chunks(
         if draft:
             # Rows after the first rejected draft token hold keys of a text that was not written.
             runner.rewind(base + accepted)
-            seq.lookup.update(len(draft), accepted)
+            seq.drafter.update(len(draft), accepted)
         yield from ready
     yield seq.finish()
 

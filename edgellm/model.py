@@ -13,6 +13,7 @@ from .generate import Chunk, Conventions, GenerationParams, Result, collect, str
 from .kvcache import DynamicCache, SlotCache, StaticCache
 from .reasoning import CONFIG_KEY, detect_markers, template_extras
 from .session import BatchRunner, ProviderSpec, Runner, create_session, release_freed_heap
+from .speculate import DraftModel, PromptLookup
 from .spec import ModelSpec
 from .text import ChatTemplate, Tokenizer, encode_chat, template_variables
 from .tools import CLOSE, OPEN, call_syntax, chat_inputs, settle_choice
@@ -43,11 +44,13 @@ def load(
     threads: int | None = None,
     max_context: int | None = None,
     verify: bool = True,
+    draft: "str | os.PathLike[str] | Model | None" = None,
 ) -> "Model":
     """Open a bundle. Explicit arguments override the device profile's values.
 
     `verify` checks every file's sha256 against the manifest first, so a corrupt
-    copy on an SD card is refused before it produces garbage.
+    copy on an SD card is refused before it produces garbage. `draft`: a smaller bundle
+    (or loaded Model) with the same tokenizer, for `speculative="draft_model"`.
     """
     root = Path(path)
     manifest = read_manifest(root, verify=verify)
@@ -88,6 +91,12 @@ def load(
     except GenerationError as exc:
         raise BundleError(f"{root / 'manifest.json'}: generation.defaults: {exc}") from None
     model = Model(root, manifest, runner, tokenizer, template, defaults, conventions)
+    if draft is not None:
+        model.draft = draft if isinstance(draft, Model) else load(
+            draft, profile=profile, providers=providers, threads=threads, max_context=max_context, verify=verify)
+        if model.draft.tokenizer.tokenizer.get_vocab() != tokenizer.tokenizer.get_vocab():
+            raise BundleError(f"{model.draft.path}: the draft model's vocabulary differs from {root}'s; a draft "
+                              "must share the tokenizer")
     release_freed_heap()
     return model
 
@@ -152,6 +161,7 @@ class Model:
         self._runner = runner
         self._defaults = defaults
         self.conventions = conventions
+        self.draft: Model | None = None  # a smaller model with the same tokenizer, for speculative="draft_model"
         self._generation = 0  # which stream owns the cache; older ones must not touch it
         self._batch: BatchRunner | None = None  # generate_many's slots, kept for prefix reuse
 
@@ -224,13 +234,18 @@ class Model:
         """
         started = time.perf_counter()
         ids, p = self.request(prompt, **params)
+        drafter = (PromptLookup() if p.speculative == "prompt_lookup" else
+                   DraftModel(self.draft._runner) if p.speculative == "draft_model" else None)
         return self._owned(stream_chunks(self._runner, self.tokenizer, ids, p, started=started,
-                                         conventions=self.conventions))
+                                         conventions=self.conventions, drafter=drafter))
 
     def request(self, prompt: Prompt, **params: Any) -> tuple[list[int], GenerationParams]:
         """A request's prompt ids and parameters, validated over the bundle's defaults
         (GenerationError names the first bad one)."""
         p = GenerationParams.build(self._defaults, params, self._runner.vocab_size)
+        if p.speculative == "draft_model" and self.draft is None:
+            raise GenerationError('speculative "draft_model" needs a draft model: edgellm.load(..., draft=BUNDLE) '
+                                  "or --draft BUNDLE")
         return self.prompt_ids(prompt, p), p
 
     def generate(self, prompt: Prompt, **params: Any) -> Result:

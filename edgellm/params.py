@@ -132,8 +132,9 @@ PARAMS: tuple[Param, ...] = (
     Param("reasoning", CHOICE, None, "a reasoning model's think block: separate (default), hide, inline or off",
           optional=True, choices=REASONING_MODES, wire="reasoning", cli=True),
     Param("speculative", CHOICE, None, "prompt_lookup: draft tokens from n-grams of the prompt and answer and "
-          "verify them in one step (same tokens, faster when the answer quotes its input); off",
-          optional=True, choices=("off", "prompt_lookup"), wire="speculative", cli=True),
+          "verify them in one step (same tokens, faster when the answer quotes its input); draft_model: a "
+          "smaller model loaded as the draft guesses them; off",
+          optional=True, choices=("off", "prompt_lookup", "draft_model"), wire="speculative", cli=True),
     Param("max_reasoning_tokens", INT, None, "close the think block after this many tokens", low=0, optional=True,
           wire="max_reasoning_tokens", cli=True),
 )

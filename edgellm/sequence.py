@@ -20,7 +20,7 @@ from .grammar import GrammarState, compile_grammar, parse_response_format
 from .params import GenerationParams
 from .reasoning import Markers, Reasoning
 from .sampling import Processor, make_logits_processors, make_sampler
-from .speculate import PromptLookup
+from .speculate import Drafter
 from .text import StopMatcher, StreamDecoder, Tokenizer
 from .tools import Syntax, ToolCallParser, ToolChoice, call_schema, settle_choice
 
@@ -46,7 +46,7 @@ class Usage:
     ttft_s: float  # from the request to the first sampled token
     decode_tokens_per_s: float  # tokens after the first, over the time after the first
     reasoning_tokens: int = 0  # completion tokens inside the think block, markers not counted
-    draft_tokens: int = 0  # tokens drafted by prompt lookup (speculative), verified in the steps that emitted them
+    draft_tokens: int = 0  # tokens drafted (speculative), verified in the steps that emitted them
     accepted_draft_tokens: int = 0  # drafted tokens the model agreed with
 
 
@@ -92,6 +92,7 @@ class Sequence:
         cached: int = 0,
         started: float | None = None,
         conventions: Conventions = Conventions(),
+        drafter: Drafter | None = None,
     ) -> None:
         self.prompt = prompt
         self.params = params
@@ -117,7 +118,7 @@ class Sequence:
             inside = markers.opened_by(tokenizer.decode(prompt[-8:], skip_special_tokens=False))
             self.reasoning = Reasoning(markers, params.reasoning or "separate", tokenizer, inside=inside,
                                        max_tokens=params.max_reasoning_tokens)
-        self.lookup = PromptLookup() if params.speculative == "prompt_lookup" else None
+        self.drafter = drafter
         self.decoder = StreamDecoder(tokenizer)
         self.matcher = StopMatcher(params.stop)
         self.cancelled = params.cancelled()
@@ -156,9 +157,9 @@ class Sequence:
     def draft(self) -> list[int]:
         """Tokens to verify after the last one sampled ([] without speculation): as many as
         the budget and the cache leave room for, with the token after them."""
-        if self.lookup is None:
+        if self.drafter is None:
             return []
-        return self.lookup.draft(self.tokens, self.budget - self.completion_tokens - 1)
+        return self.drafter.draft(self.tokens, self.budget - self.completion_tokens - 1)
 
     def sample(self, logits: np.ndarray) -> int:
         """The next token from this sequence's row of logits."""
@@ -239,8 +240,8 @@ class Sequence:
             ttft_s=(first - self.started) if count else 0.0,
             decode_tokens_per_s=(count - 1) / (last - first) if count > 1 and last > first else 0.0,
             reasoning_tokens=self.reasoning.spent if self.reasoning is not None else 0,
-            draft_tokens=self.lookup.drafted if self.lookup is not None else 0,
-            accepted_draft_tokens=self.lookup.accepted if self.lookup is not None else 0,
+            draft_tokens=self.drafter.drafted if self.drafter is not None else 0,
+            accepted_draft_tokens=self.drafter.accepted if self.drafter is not None else 0,
         )
 
     def _answer(self, text: str) -> None:

@@ -12,7 +12,7 @@ import importlib
 import logging
 import os
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Any, Callable, Sequence, Union
 
 import numpy as np
 import onnxruntime as ort
@@ -193,6 +193,27 @@ def release_freed_heap() -> None:
     except (OSError, AttributeError, TypeError):  # not glibc (musl, macOS, Windows): nothing kept
         return
     trim(0)
+
+
+# Prefill feeds at most this many tokens per run. The attention scratch grows with
+# chunk x context and the session's arena keeps its peak. SmolLM2, 2,000-token prompt,
+# peak RSS / time to first token: 256: 294 MiB / 5.9 s, 128: 280 / 6.2 s, 64: 274 /
+# 6.2 s, 32: 268 / 6.5 s; at 226 tokens 64 is as fast as 128 (336 vs 341 ms), 32 is 5% slower.
+PREFILL_CHUNK = 64
+
+
+def prefill(forward: Callable[[Sequence[int]], np.ndarray], fresh: Sequence[int]) -> np.ndarray:
+    """Feed `fresh` (the prompt's tail not yet cached) in chunks; the logits after its last token.
+
+    The last chunk is never a single token when there are more (see `Runner.reuse`)."""
+    # One 2,000-token pass would hold ~150 MB (see PREFILL_CHUNK).
+    bounds = list(range(0, len(fresh), PREFILL_CHUNK)) + [len(fresh)]
+    if len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:
+        bounds[-2] -= 1
+    for start, end in zip(bounds, bounds[1:]):
+        logits = forward(fresh[start:end])
+    return logits
+
 
 
 class Runner:

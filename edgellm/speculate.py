@@ -1,6 +1,6 @@
-"""Prompt-lookup drafts: guess the next tokens by finding where the text last said what it
-says now, and verify the guess in one forward.
+"""Drafts of the next tokens, verified in one forward: by prompt lookup or by a smaller model.
 
+Prompt lookup guesses the next tokens by finding where the text last said what it says now.
 An answer that quotes its input (an anomaly explanation naming sensors and readings, an
 answer citing a manual) repeats runs of the prompt; so does code or a list. The last few
 tokens are looked up earlier in the prompt and the answer so far, and the tokens that
@@ -8,11 +8,14 @@ followed there are the draft. The model then scores the fed token and the whole 
 one step, and the Sequence samples each row as it would have one token at a time: every
 row yields exactly one token from the same history, so greedy and seeded sampling give the
 very same tokens as plain decoding (up to the graph's arithmetic on several rows), and the
-draft only decides how many of them one step produces.
+draft only decides how many of them one step produces. A draft model (a smaller bundle with
+the same tokenizer) guesses greedily instead, for text that repeats nothing.
 """
 from __future__ import annotations
 
 import numpy as np
+
+from .session import Runner, prefill
 
 # Longest and shortest suffix looked up: a single token matches everywhere and drafts mostly
 # wrong guesses, each of which costs a wider step.
@@ -23,8 +26,9 @@ MAX_NGRAM, MIN_NGRAM = 3, 2
 START_DRAFT, MAX_DRAFT, REST = 4, 10, 16
 
 
-class PromptLookup:
-    """One request's drafter; `draft` proposes, `update` learns how much was accepted."""
+class Drafter:
+    """One request's drafter: `draft` proposes, `update` learns how much was accepted and
+    adapts the draft length (see START_DRAFT)."""
 
     def __init__(self) -> None:
         self.length = START_DRAFT
@@ -32,16 +36,30 @@ class PromptLookup:
         self.drafted = self.accepted = 0  # totals, for measurements
 
     def draft(self, tokens: np.ndarray, room: int) -> list[int]:
-        """Up to `room` tokens that followed the latest earlier occurrence of the longest
-        suffix of `tokens` (MAX_NGRAM down to MIN_NGRAM tokens); [] when none recurs."""
+        """Up to `room` tokens to follow `tokens`; [] when there is no guess worth a wider step."""
         if self.length == 0:
             self.resting -= 1
             if self.resting > 0:
                 return []
             self.length = 1
         size = min(self.length, room)
-        if size < 1:
-            return []
+        return self.propose(tokens, size) if size >= 1 else []
+
+    def propose(self, tokens: np.ndarray, size: int) -> list[int]:
+        raise NotImplementedError
+
+    def update(self, drafted: int, accepted: int) -> None:
+        self.drafted += drafted
+        self.accepted += accepted
+        self.length = min(self.length + 2, MAX_DRAFT) if accepted == drafted else self.length - 1
+        if self.length == 0:
+            self.resting = REST
+
+
+class PromptLookup(Drafter):
+    def propose(self, tokens: np.ndarray, size: int) -> list[int]:
+        """The tokens that followed the latest earlier occurrence of the longest suffix of
+        `tokens` (MAX_NGRAM down to MIN_NGRAM tokens); [] when none recurs."""
         for n in range(MAX_NGRAM, MIN_NGRAM - 1, -1):
             if len(tokens) <= n:
                 continue
@@ -53,9 +71,24 @@ class PromptLookup:
                 return tokens[start : start + size].tolist()
         return []
 
-    def update(self, drafted: int, accepted: int) -> None:
-        self.drafted += drafted
-        self.accepted += accepted
-        self.length = min(self.length + 2, MAX_DRAFT) if accepted == drafted else self.length - 1
-        if self.length == 0:
-            self.resting = REST
+
+class DraftModel(Drafter):
+    """A smaller model's greedy guesses. Its runner keeps its own cache of the text so far,
+    rewound to what the target kept before each draft (its prefix reuse does that)."""
+
+    def __init__(self, runner: Runner) -> None:
+        super().__init__()
+        self.runner = runner
+
+    def propose(self, tokens: np.ndarray, size: int) -> list[int]:
+        ids = tokens.tolist()
+        if len(ids) + size > self.runner.capacity:
+            return []
+        cached = self.runner.reuse(ids)
+        logits = prefill(self.runner.forward, ids[cached:])
+        out: list[int] = []
+        while True:
+            out.append(int(np.argmax(logits)))
+            if len(out) == size:
+                return out
+            logits = self.runner.forward(out[-1:])

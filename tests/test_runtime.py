@@ -59,7 +59,7 @@ def test_chunked_prefill_matches_transformers(fp32, tiny_hf):
     torch = pytest.importorskip("torch")
     from transformers import AutoModelForCausalLM
 
-    from edgellm.generate import PREFILL_CHUNK
+    from edgellm.session import PREFILL_CHUNK
 
     ids = []
     while len(ids) < 2 * PREFILL_CHUNK + 37:

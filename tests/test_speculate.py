@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import edgellm
+from edgellm.errors import BundleError, GenerationError
 from edgellm.speculate import PromptLookup
 
 QUOTE = ("Sensor report: machine press-7, sensor spindle-vibration, value 9.4 mm/s, baseline 2.1 mm/s. "
@@ -93,3 +94,44 @@ def test_smollm2_fp32_greedy_is_identical(smollm2_fp32_bundle):
         plain, fast = both(model, prompt, max_new_tokens=60)
         assert fast.token_ids == plain.token_ids, prompt
     assert fast.usage.accepted_draft_tokens > 0
+
+
+# -- a draft model -------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def draft(tiny_bundle_factory):
+    """Another, smaller random model over the same tokenizer."""
+    return edgellm.load(tiny_bundle_factory("llama", seed=1, num_layers=1))
+
+
+def with_draft(model, prompt, **params):
+    model.reset()
+    plain = model.generate(prompt, **params)
+    model.reset()
+    return plain, model.generate(prompt, speculative="draft_model", **params)
+
+
+@pytest.mark.parametrize("prompt", PROMPTS, ids=["quoting", "free", "chat"])
+def test_a_draft_model_gives_the_target_model_tokens(tiny_bundle, draft, prompt):
+    target = edgellm.load(tiny_bundle, draft=draft)
+    for params in ({}, {"temperature": 0.9, "seed": 4}):
+        plain, fast = with_draft(target, prompt, max_new_tokens=40, **params)
+        assert fast.token_ids == plain.token_ids and fast.text == plain.text, params
+        assert fast.usage.draft_tokens > 0
+
+
+def test_a_model_drafting_for_itself_is_always_right(tiny_bundle):
+    model = edgellm.load(tiny_bundle, draft=tiny_bundle)
+    plain, fast = with_draft(model, QUOTE, max_new_tokens=40)
+    assert fast.token_ids == plain.token_ids
+    assert fast.usage.accepted_draft_tokens == fast.usage.draft_tokens > 20
+
+
+def test_a_draft_must_share_the_tokenizer_and_be_loaded(tiny_bundle, tiny_bundle_factory, model):
+    from tests.tiny import THINK_TOOL_TOKENS
+
+    other = tiny_bundle_factory("llama", added_tokens=THINK_TOOL_TOKENS)
+    with pytest.raises(BundleError, match="vocabulary differs"):
+        edgellm.load(tiny_bundle, draft=other)
+    with pytest.raises(GenerationError, match='speculative "draft_model" needs a draft model'):
+        model.generate(QUOTE, speculative="draft_model")
