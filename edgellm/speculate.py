@@ -17,13 +17,14 @@ import numpy as np
 
 from .session import Runner, prefill
 
-# Longest and shortest suffix looked up: a single token matches everywhere and drafts mostly
-# wrong guesses, each of which costs a wider step.
-MAX_NGRAM, MIN_NGRAM = 3, 2
-# Draft length: starts here, +2 after a draft accepted whole, -1 after a rejection. At 0 the
-# drafter rests for REST steps: a 2-row step costs about 1.3 one-row steps on SmolLM2's int4
-# graph, so drafts accepted less than about a third of the time make decoding slower.
-START_DRAFT, MAX_DRAFT, REST = 4, 10, 16
+# Longest and shortest suffix looked up: a short one matches everywhere and drafts mostly
+# wrong guesses, each of which costs a wider step. Draft length: starts at START_DRAFT, +2
+# after a draft accepted whole, -1 after a rejection, at most MAX_DRAFT; at 0 the drafter rests
+# for REST steps. Chosen on SmolLM2 int4's quoting workload (benchmarks/speculative.py, a quiet
+# machine, medians of 9): suffixes 3-2 / drafts to 10 gave 1.39x plain, 4-3 / 10 1.57-1.59x,
+# 4-3 / 6 1.58-1.73x (a 2-row step costs about 1.3 one-row steps, a 7-row one far more).
+MAX_NGRAM, MIN_NGRAM = 4, 3
+START_DRAFT, MAX_DRAFT, REST = 3, 6, 16
 
 
 class Drafter:

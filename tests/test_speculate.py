@@ -18,17 +18,17 @@ PROMPTS = [QUOTE, "The quick brown fox", [{"role": "user", "content": "Copy this
 
 def test_a_draft_is_what_followed_the_latest_earlier_occurrence():
     lookup = PromptLookup()
-    tokens = np.array([5, 6, 7, 8, 9, 1, 5, 6, 7, 2, 3, 5, 6, 7])
-    assert lookup.draft(tokens, room=10) == [2, 3, 5, 6]  # the latest "5 6 7", four tokens to start
+    tokens = np.array([5, 6, 7, 8, 9, 1, 5, 6, 7, 2, 3, 4, 1, 5, 6, 7])
+    assert lookup.draft(tokens, room=10) == [2, 3, 4]  # the latest earlier "5 6 7", three tokens to start
     assert lookup.draft(tokens, room=2) == [2, 3]
     assert lookup.draft(tokens, room=0) == []
     assert lookup.draft(np.array([1, 2, 3, 4]), room=5) == []  # nothing recurs
-    assert lookup.draft(np.array([1, 9, 4, 9]), room=5) == []  # one token is too little evidence
-    lookup.update(4, 4)
-    assert lookup.length == 6
-    lookup.update(6, 1)
-    assert (lookup.length, lookup.drafted, lookup.accepted) == (5, 10, 5)
-    for _ in range(5):  # rejections wear the draft down to nothing, and the drafter rests
+    assert lookup.draft(np.array([1, 9, 4, 1, 9]), room=5) == []  # two tokens are too little evidence
+    lookup.update(3, 3)
+    assert lookup.length == 5
+    lookup.update(5, 1)
+    assert (lookup.length, lookup.drafted, lookup.accepted) == (4, 8, 4)
+    for _ in range(4):  # rejections wear the draft down to nothing, and the drafter rests
         lookup.update(1, 0)
     assert lookup.length == 0
     assert [lookup.draft(tokens, room=10) for _ in range(16)] == [[]] * 15 + [[2]]
