@@ -326,6 +326,10 @@ class GrammarState:
         logits[n:] = -np.inf
         return logits
 
+    def allows(self, token_id: int) -> bool:
+        """Whether the grammar takes `token_id` next: one check instead of a whole mask."""
+        return 0 <= token_id < self._vocab and self._matcher.validate_tokens([int(token_id)]) == 1
+
     def advance(self, token_id: int) -> None:
         """Move past a kept token; GrammarError if the grammar forbids it (a sampler that
         ignored the mask) or the grammar fails (a parser limit reached)."""

@@ -102,6 +102,7 @@ class Sequence:
         self.budget = min(params.max_new_tokens, capacity - len(prompt) + 1)
         self.sampler = make_sampler(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
                                     min_p=params.min_p, seed=params.seed)
+        self.greedy = params.temperature == 0
         self.processors: list[Processor] = make_logits_processors(
             repetition_penalty=params.repetition_penalty, presence_penalty=params.presence_penalty,
             frequency_penalty=params.frequency_penalty, logit_bias=params.logit_bias,
@@ -163,12 +164,23 @@ class Sequence:
 
     def sample(self, logits: np.ndarray) -> int:
         """The next token from this sequence's row of logits."""
-        if self.reasoning is not None:
-            if (forced := self.reasoning.forced()) is not None:
-                return forced
-            logits = self.reasoning.constrain(self.tokens, logits, self.grammar)
+        r = self.reasoning
+        if r is not None and (forced := r.forced()) is not None:
+            return forced
+        if self.greedy and self.grammar is not None and (r is None or r.answering):
+            # The processors act token by token, so the best token they leave is the masked
+            # answer whenever the grammar takes it: asking costs 2 us, a mask of SmolLM2's
+            # 49k tokens 0.1-0.5 ms a step.
+            token = self._pick(logits)
+            if self.grammar.allows(token):
+                return token
+        if r is not None:
+            logits = r.constrain(self.tokens, logits, self.grammar)
         elif self.grammar is not None:
             logits = self.grammar(self.tokens, logits)
+        return self._pick(logits)
+
+    def _pick(self, logits: np.ndarray) -> int:
         for process in self.processors:
             logits = process(self.tokens, logits)
         return self.sampler(logits)

@@ -75,7 +75,8 @@ def test_sequences_share_no_state_so_a_scheduler_can_interleave_them(tokenizer):
 
 def test_a_stateful_processor_constrains_what_is_sampled(tokenizer):
     """How a grammar state takes part: it masks every sample and is advanced by every kept token."""
-    seq = new(tokenizer, tokenizer.encode("Hello"), max_new_tokens=7, stop_token_ids=[5])
+    # Sampled, not greedy: greedy asks `allows` first and masks only when refused (test_structured).
+    seq = new(tokenizer, tokenizer.encode("Hello"), max_new_tokens=7, stop_token_ids=[5], temperature=1.0, seed=0)
     script = tokenizer.encode(" the quick") + [5]
 
     class Script:

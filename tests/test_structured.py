@@ -70,6 +70,21 @@ def test_a_budget_that_runs_out_is_marked_incomplete(model):
     assert model.generate("Report:", temperature=1.0, seed=3, max_new_tokens=4).incomplete is False
 
 
+def test_greedy_asks_the_grammar_about_one_token_before_masking_them_all(model, monkeypatch):
+    from edgellm.grammar import GrammarState
+
+    masks = []
+    mask = GrammarState.__call__
+    monkeypatch.setattr(GrammarState, "__call__", lambda self, *a: masks.append(1) or mask(self, *a))
+    fast = model.generate("Report:", response_format=FORMAT, max_new_tokens=BUDGET)
+    masked_steps = len(masks)
+    monkeypatch.setattr(GrammarState, "allows", lambda self, token: False)
+    slow = model.generate("Report:", response_format=FORMAT, max_new_tokens=BUDGET)
+    assert fast.token_ids == slow.token_ids and fast.incomplete == slow.incomplete
+    assert len(masks) - masked_steps == fast.usage.completion_tokens  # the slow run masked every step
+    assert masked_steps < fast.usage.completion_tokens  # the fast one skipped some
+
+
 def test_same_seed_same_output_with_prefix_reuse(model):
     runs = [model.generate("Report:", response_format=FORMAT, temperature=1.0, seed=11, max_new_tokens=BUDGET)
             for _ in range(2)]
