@@ -148,7 +148,7 @@ def test_settings_load_with_relative_prompt_paths_and_defaults(tmp_path):
     ({"queue-size": 0}, r"anomaly\.queue-size must be in \[1, 100000\]"),
     ({"in-flight": 2.5}, r"anomaly\.in-flight must be an integer"),
     ({"temperature": -1}, r"anomaly\.temperature must be a number >= 0"),
-    ({"speculative": "ngram"}, r"anomaly\.speculative must be one of \['off', 'prompt_lookup'\]"),
+    ({"speculative": "ngram"}, r"anomaly\.speculative must be one of \['off', 'prompt_lookup', 'draft_model'\]"),
     ({"events": "factory/#/anomaly"}, r"anomaly\.events 'factory/#/anomaly' is not an MQTT topic filter"),
     ({"output": "factory/{line}/explanation"}, r"anomaly\.output .*only \{machine\} and \{sensor\}"),
     ({"errors": "factory/+/errors"}, r"anomaly\.errors .* must be a topic without wildcards"),
