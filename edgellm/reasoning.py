@@ -20,7 +20,7 @@ import numpy as np
 
 from .errors import BundleError
 from .sampling import Processor
-from .text import StreamDecoder, Tokenizer, template_variables
+from .text import StreamDecoder, Tokenizer, Trimmed, template_variables
 
 Mode = Literal["separate", "hide", "inline", "off"]
 MODES: tuple[Mode, ...] = ("separate", "hide", "inline", "off")
@@ -92,8 +92,8 @@ class Reasoning:
         # "off": a block the prompt opened is closed at once, and none may open.
         self.budget = 0 if mode == "off" else max_tokens
         self._decoder = StreamDecoder(tokenizer)
-        self._ws = ""  # trailing whitespace of released reasoning, dropped if the block ends
-        self._lead = True  # the reasoning channel has not started: strip its leading whitespace
+        # The reasoning channel without its edge whitespace (what trails it is dropped at the end marker).
+        self._thought = Trimmed(strip_lead=True)
         self._strip_answer = False  # the block just ended: strip the answer's leading whitespace
 
     @property
@@ -141,12 +141,12 @@ class Reasoning:
         if token == self.markers.end_id:
             self.phase, self._strip_answer = "answer", self.mode != "inline"
             rest = self.flush()
-            self._ws = ""
+            self._thought.held = ""
             return None if self.mode == "inline" else rest
         self.spent += 1
         if self.mode == "inline":
             return None
-        return self._release(self._decoder.push(token)) if self.mode == "separate" else ""
+        return self._thought.push(self._decoder.push(token)) if self.mode == "separate" else ""
 
     def answer_text(self, text: str) -> str:
         """Answer text with the whitespace that follows a closed block removed."""
@@ -157,15 +157,4 @@ class Reasoning:
 
     def flush(self) -> str:
         """Reasoning text still held back; a block never closed is all reasoning."""
-        return self._release(self._decoder.flush()) if self.mode == "separate" else ""
-
-    def _release(self, text: str) -> str:
-        if self._lead:
-            text = text.lstrip()
-            self._lead = not text
-        body = text.rstrip()
-        if not body:
-            self._ws += text
-            return ""
-        out, self._ws = self._ws + body, text[len(body):]
-        return out
+        return self._thought.push(self._decoder.flush()) if self.mode == "separate" else ""

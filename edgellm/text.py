@@ -379,3 +379,24 @@ def partial_suffix(text: str, stop: str) -> int:
         if text.endswith(stop[:n]):
             return n
     return 0
+
+
+class Trimmed:
+    """Streamed text released without whitespace at its edges: leading whitespace is dropped
+    while `strip_lead` is set, trailing whitespace is held in `held` until text follows it
+    (so a reply's channel never ends on the newlines that parted it from the next one)."""
+
+    def __init__(self, strip_lead: bool = False) -> None:
+        self.strip_lead = strip_lead
+        self.held = ""
+
+    def push(self, text: str) -> str:
+        if self.strip_lead:
+            text = text.lstrip()
+            self.strip_lead = not text
+        body = text.rstrip()
+        if not body:
+            self.held += text
+            return ""
+        out, self.held = self.held + body, text[len(body):]
+        return out

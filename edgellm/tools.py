@@ -26,7 +26,7 @@ from typing import Any, Callable, Literal, Sequence
 
 
 from .errors import GenerationError
-from .text import partial_suffix, template_variables
+from .text import Trimmed, partial_suffix, template_variables
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 PYTHON_TAG = "<|python_tag|>"
@@ -345,8 +345,9 @@ class ToolCallParser:
         self._buf = ""
         self._whole: bool | None = None  # None: the reply's first characters are still unseen
         self._in_call = False
-        self._ws = ""  # trailing whitespace of released text: kept only if more text follows
-        self._after_call = False
+        # Text between calls: the whitespace after a call is dropped, trailing whitespace held
+        # until more text follows (a reply that is only calls has no text at all).
+        self._text_out = Trimmed()
         self.calls: list[dict[str, Any]] = []
 
     def feed(self, delta: str) -> list[Event]:
@@ -364,9 +365,9 @@ class ToolCallParser:
                     events += self._emit_call(name, args)
             self._whole = False
         events += self._drain(final=True)
-        if not self.calls and self._ws:
-            events.append(self._ws)
-        self._ws = ""
+        if not self.calls and self._text_out.held:
+            events.append(self._text_out.held)
+        self._text_out.held = ""
         return events, self.calls
 
     def _drain(self, final: bool) -> list[Event]:
@@ -404,22 +405,15 @@ class ToolCallParser:
             return events
 
     def _text(self, text: str) -> list[Event]:
-        if self._after_call:
-            text = text.lstrip()
-            self._after_call = not text
-        body = text.rstrip()
-        if not body:
-            self._ws += text
-            return []
-        out, self._ws = self._ws + body, text[len(body):]
-        return [out]
+        out = self._text_out.push(text)
+        return [out] if out else []
 
     def _emit_call(self, name: str, args: dict[str, Any]) -> list[Event]:
         index, call_id = len(self.calls), self._make_id()
         arguments = json.dumps(args, ensure_ascii=False)
         self.calls.append({"id": call_id, "type": "function",
                            "function": {"name": name, "arguments": arguments}})
-        self._after_call = True
+        self._text_out.strip_lead = True
         return [{"index": index, "id": call_id, "type": "function",
                  "function": {"name": name, "arguments": ""}},
                 {"index": index, "function": {"arguments": arguments}}]
