@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import traceback
 from pathlib import Path
@@ -21,7 +19,7 @@ from typing import Any, Callable
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import report  # noqa: E402
-from http_overhead import free_port, wait_ready  # noqa: E402
+from http_overhead import serve_http  # noqa: E402
 
 VALVE = {"type": "function", "function": {
     "name": "set_valve", "description": "Open or close a cooling valve",
@@ -145,14 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
-    port = free_port()
-    cmd = [sys.executable, "-m", "edgellm.cli", "serve", str(args.bundle), "--http", f"127.0.0.1:{port}",
-           "--threads", str(args.threads)]
-    report.stage(" ".join(cmd))
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ))
     results: dict[str, dict[str, Any]] = {}
-    try:
-        wait_ready(port, proc)
+    with serve_http(args.bundle, args.threads) as port:
         base = f"http://127.0.0.1:{port}"
         for name, check in {**openai_checks(base), **ollama_checks(base)}.items():
             report.stage(name)
@@ -161,9 +153,6 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as exc:  # noqa: BLE001 - every failure is a reported FAIL, not a crash
                 results[name] = {"ok": False, "detail": f"{type(exc).__name__}: {exc}"}
                 traceback.print_exc(file=sys.stderr)
-    finally:
-        proc.terminate()
-        proc.wait(30)
     for name, r in results.items():
         print(f"{'PASS' if r['ok'] else 'FAIL':4}  {name}  ({r['detail']})")
     if args.json:

@@ -13,6 +13,7 @@ as applications use it (its own request building and event parsing included). Pr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
@@ -21,7 +22,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -48,6 +49,22 @@ def wait_ready(port: int, proc: subprocess.Popen, timeout: float = 120.0) -> Non
         except OSError:
             time.sleep(0.2)
     raise SystemExit(f"edgellm serve did not listen on {port} within {timeout:.0f} s")
+
+
+@contextlib.contextmanager
+def serve_http(bundle: Path, threads: int) -> Iterator[int]:
+    """`edgellm serve BUNDLE --http` in a process of its own, listening; yields its port."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "edgellm.cli", "serve", str(bundle), "--http", f"127.0.0.1:{port}",
+           "--threads", str(threads)]
+    report.stage(" ".join(cmd))
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ))
+    try:
+        wait_ready(port, proc)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(30)
 
 
 def raw_stream(port: int, body: dict[str, Any]) -> tuple[float, float]:
@@ -98,24 +115,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     machine = report.machine_info()
     report.warn_if_busy(machine)
-    port = free_port()
-    cmd = [sys.executable, "-m", "edgellm.cli", "serve", str(args.bundle), "--http", f"127.0.0.1:{port}",
-           "--threads", str(args.threads)]
-    report.stage(" ".join(cmd))
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ))
-    try:
-        wait_ready(port, proc)
+    with serve_http(args.bundle, args.threads) as port:
         import openai
 
-        model = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none").models.list().data[0].id
-        body = {"model": model, "messages": PROMPT, "max_tokens": 4, "stream": True,
-                "stream_options": {"include_usage": True}}
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
+        body = {"model": client.models.list().data[0].id, "messages": PROMPT, "max_tokens": 4, "stream": True,
+                "stream_options": {"include_usage": True}}
         results = {"raw socket": measure("raw socket", lambda: raw_stream(port, body), args.requests),
                    "openai client": measure("openai client", lambda: openai_stream(client, body), args.requests)}
-    finally:
-        proc.terminate()
-        proc.wait(30)
     lines = [f"{'client':16} {'median ms':>10} {'p90 ms':>8}  (first data line minus the model's TTFT)"]
     lines += [f"{k:16} {v['median_ms']:10.2f} {v['p90_ms']:8.2f}" for k, v in results.items()]
     # The bar is the server's: the first byte on the wire. The openai client's row adds its own
