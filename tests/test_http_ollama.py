@@ -13,14 +13,9 @@ ASK = [{"role": "user", "content": "Hello there"}]
 
 
 @pytest.fixture(scope="module")
-def server(model):
+def client(model):
     with serving(model) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return ollama.Client(host=server.url, timeout=60)
+        yield ollama.Client(host=server.url, timeout=60)
 
 
 def tag(model) -> str:

@@ -17,16 +17,14 @@ from http_helpers import LIGHT, TOOLS, load_qwen3, serving
 ASK = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
 
 
-
-@pytest.fixture(scope="module")
-def server(model):
-    with serving(model) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def client(server):
+def openai_client(server) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def client(model):
+    with serving(model) as server:
+        yield openai_client(server)
 
 
 def test_whole_chat_completion_is_the_api_answer(client, model):
@@ -113,7 +111,7 @@ def test_tool_calls_whole_and_as_streamed_deltas(qwen3):
     params = dict(tools=TOOLS, tool_choice="required", temperature=1.0, max_tokens=200, parallel_tool_calls=False,
                   extra_body={"reasoning": "off"})
     with serving(qwen3) as server:
-        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60)
+        client = openai_client(server)
         for seed in range(10):  # a random model finishes its call within the budget for most seeds
             whole = client.chat.completions.create(model=qwen3.manifest.name, messages=ask, seed=seed, **params)
             if whole.choices[0].finish_reason == "tool_calls":
@@ -139,7 +137,7 @@ def test_reasoning_goes_to_reasoning_content(qwen3):
     start = qwen3.conventions.markers.start_id
     ask = [{"role": "user", "content": "Why is the sky blue?"}]
     with serving(qwen3) as server:
-        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60)
+        client = openai_client(server)
         reply = client.chat.completions.create(model=qwen3.manifest.name, messages=ask, max_tokens=12, seed=1,
                                                temperature=1.0, logit_bias={str(start): 50},
                                                extra_body={"max_reasoning_tokens": 3})
