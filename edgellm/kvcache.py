@@ -185,6 +185,18 @@ def common_prefix(cached: Sequence[int], ids: Sequence[int], limit: int) -> int:
     return n
 
 
+def reusable_prefix(cached: Sequence[int], ids: Sequence[int]) -> int:
+    """How many cached rows a prompt `ids` may keep: the common prefix, leaving at least two
+    ids to feed (one where `ids` has one).
+
+    The next logits come from the last fed id, and int4 MatMulNBits computes a run of one
+    row differently from a run of several (logits apart by up to 1 on SmolLM2), so the
+    prompt's last logits always come from a run of at least two, cached or cold
+    (`session.prefill` keeps its last chunk that wide): a seeded request answers the same
+    whatever the cache held before."""
+    return common_prefix(cached, ids, len(ids) - 2)
+
+
 class SlotCache:
     """N static caches in one set of [N, kv_heads, capacity, head_dim] buffers per layer.
 
@@ -232,11 +244,11 @@ class SlotCache:
 def pick_slot(cached: Sequence[Sequence[int]], ids: Sequence[int], candidates: Sequence[int]) -> int:
     """The slot among `candidates` (least recently used first) whose cached ids share the
     longest prefix with `ids`; with none shared, the first candidate (an empty or the
-    least recently used slot). At least one id of `ids` is left to feed, as Runner.reuse does."""
+    least recently used slot), counting only the rows `ids` may keep (`reusable_prefix`)."""
     if not candidates:
         raise GenerationError("no free cache slot to pick from")
     # max keeps the first of equals: the least recently used.
-    return max(candidates, key=lambda s: common_prefix(cached[s], ids, len(ids) - 1))
+    return max(candidates, key=lambda s: reusable_prefix(cached[s], ids))
 
 
 class DynamicCache(_Base):

@@ -18,7 +18,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .errors import BundleError, GenerationError
-from .kvcache import KVCache, SlotCache, common_prefix, past_names
+from .kvcache import KVCache, SlotCache, past_names, reusable_prefix
 
 log = logging.getLogger("edgellm")
 
@@ -275,15 +275,8 @@ class Runner:
         return self.cache.capacity
 
     def reuse(self, ids: Sequence[int]) -> int:
-        """Keep the cached rows of the longest common prefix with `ids`, but leave at
-        least two ids to feed (one where `ids` has one): return how many were kept.
-
-        The next logits come from the last fed id, and int4 MatMulNBits computes a run of
-        one row differently from a run of several (logits apart by up to 1 on SmolLM2), so
-        the prompt's last logits always come from a run of at least two, cached or cold
-        (`generate.prefill` keeps its last chunk that wide): a seeded request answers the
-        same whatever the cache held before."""
-        n = common_prefix(self.tokens, ids, len(ids) - 2)
+        """Keep the cached rows `ids` may reuse (`kvcache.reusable_prefix`); return how many."""
+        n = reusable_prefix(self.tokens, ids)
         self.rewind(n)
         return n
 
@@ -389,11 +382,11 @@ class BatchRunner:
 
     def reuse(self, slot: int, ids: Sequence[int]) -> int:
         """Keep `slot`'s cached rows of its longest common prefix with `ids` and extend them with
-        rows another slot holds for a longer one (a system prompt several devices share); leave
-        at least one id to feed. Return how many rows `ids` finds cached."""
+        rows another slot holds for a longer one (a system prompt several devices share), as far
+        as `kvcache.reusable_prefix` allows. Return how many rows `ids` finds cached."""
         runner = self.slots[slot]
         kept = runner.reuse(ids)
-        shared = [(common_prefix(other.tokens, ids, len(ids) - 1), i) for i, other in enumerate(self.slots)]
+        shared = [(reusable_prefix(other.tokens, ids), i) for i, other in enumerate(self.slots)]
         longest, donor = max(shared)
         if longest > kept:
             self.cache.copy_rows(donor, slot, kept, longest)

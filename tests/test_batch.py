@@ -124,11 +124,13 @@ def test_a_prefix_another_slot_holds_is_copied_not_recomputed(model, tiny_bundle
 
 def test_pick_slot_prefers_the_longest_prefix_then_the_least_recently_used():
     cached = [[1, 2, 3, 4], [1, 2], [], [9, 9]]
-    assert pick_slot(cached, [1, 2, 3, 7], [3, 2, 1, 0]) == 0
-    assert pick_slot(cached, [1, 2, 8], [1, 0]) == 1  # equal prefixes: the first candidate
+    assert pick_slot(cached, [1, 2, 3, 4, 7], [3, 2, 1, 0]) == 0
+    assert pick_slot(cached, [1, 2, 8, 8], [1, 0]) == 1  # equal prefixes: the first candidate
     assert pick_slot(cached, [5, 6], [3, 2]) == 3  # nothing shared: least recently used
-    # At least one id is left to feed: a prompt equal to the cache reuses all but its last.
-    assert pick_slot(cached, [9, 9], [2, 3]) == 3
+    # Two ids are left to feed (kvcache.reusable_prefix): [9, 9] itself shares nothing reusable,
+    assert pick_slot(cached, [9, 9], [2, 3]) == 2
+    # [9, 9, 9] one row.
+    assert pick_slot(cached, [9, 9, 9], [2, 3]) == 3
     with pytest.raises(GenerationError, match="no free cache slot"):
         pick_slot(cached, [1], [])
 

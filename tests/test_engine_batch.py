@@ -75,7 +75,7 @@ def test_a_bad_or_cancelled_request_leaves_the_others_alone(model):
     engine = Engine(model, queue_size=8, slots=3).start()
     try:
         long = Collected(engine, "The quick brown fox", max_new_tokens=40)
-        cancelled = Collected(engine, "Hello", max_new_tokens=40)
+        cancelled = Collected(engine, "Hello", max_new_tokens=400, ignore_eos=True)  # still running when cancelled
         bad = Collected(engine, "x " * 5000, max_new_tokens=4)  # longer than the context
         for job in (long, cancelled, bad):
             assert engine.submit(job.job) is None
