@@ -419,15 +419,6 @@ class ToolCallParser:
                 {"index": index, "function": {"arguments": arguments}}]
 
 
-def parse_calls(text: str, tools: Sequence[Tool],
-                make_id: Callable[[], str] = _random_id) -> tuple[str, list[dict[str, Any]]]:
-    """(content, tool_calls) of a whole reply; the same parser the stream uses."""
-    parser = ToolCallParser(tools, make_id)
-    events = parser.feed(text)
-    rest, calls = parser.finish()
-    return "".join(e for e in events + rest if isinstance(e, str)), calls
-
-
 def _call_from_json(text: str, names: set[str]) -> tuple[str, dict[str, Any]] | None:
     try:
         value = json.loads(text)

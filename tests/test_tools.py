@@ -11,7 +11,7 @@ import pytest
 from edgellm.errors import GenerationError
 from edgellm.text import ChatTemplate, template_variables
 from edgellm.tools import (FALLBACK_PREAMBLE, Tool, ToolCallParser, ToolChoice, call_schema,
-                           call_syntax, chat_inputs, normalize_messages, parse_calls,
+                           call_syntax, chat_inputs, normalize_messages,
                            parse_tool_choice, parse_tools, settle_choice)
 from tests.tiny import CHAT_TEMPLATE
 
@@ -235,6 +235,15 @@ CASES = [
     ("  <|py", "  <|py", []),
     ("", "", []),
 ]
+
+
+
+def parse_calls(text: str, tools, make_id=None) -> tuple[str, list]:
+    """(content, tool_calls) of a whole reply, through the streaming parser in one feed."""
+    parser = ToolCallParser(tools, make_id) if make_id else ToolCallParser(tools)
+    events = parser.feed(text)
+    rest, calls = parser.finish()
+    return "".join(e for e in events + rest if isinstance(e, str)), calls
 
 
 @pytest.mark.parametrize("text, content, calls", CASES)
