@@ -236,8 +236,10 @@ def test_shared_group_answers_each_request_exactly_once(broker, probe, tiny_bund
     import edgellm
 
     models = [Counting(edgellm.load(tiny_bundle)) for _ in range(2)]
-    with running_service(models[0], connection(broker.url), shared_group="g", client_id="m0"), \
-            running_service(models[1], connection(broker.url), shared_group="g", client_id="m1"):
+    # Room for all 20 in each member's queue: a slow machine must not turn this into a test of `busy`.
+    room = dict(queue_size=20, per_client=20)
+    with running_service(models[0], connection(broker.url), shared_group="g", client_id="m0", **room), \
+            running_service(models[1], connection(broker.url), shared_group="g", client_id="m1", **room):
         ids = [f"s{i}" for i in range(20)]
         for rid in ids:
             probe.publish(T.request, {"id": rid, "prompt": "Hi", "max_tokens": 2, "stream": False})
