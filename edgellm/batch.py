@@ -1,16 +1,20 @@
 """Continuous batching: many requests decoding together over cache slots.
 
-A `Scheduler` holds requests waiting for a slot and the sequences decoding in slots.
-Each `step` first admits waiting requests into free slots (the slot whose cached ids
-share the longest prefix with the prompt, else an empty or the least recently used
-one; a longer prefix held by another slot is copied over) and prefills the rest of
-each prompt on its slot alone, then feeds every decoding sequence its last token in
-one batched forward. A request joins and leaves between steps, so a short
-answer frees its slot for the next prompt while longer ones go on.
+A `Scheduler` holds requests waiting for a slot and the sequences in slots. Each
+`step` feeds prompts still being prefilled, up to `prefill_budget` tokens in all
+(`PREFILL_CHUNK` by default), each on its slot alone (onnxruntime's attention takes
+several new tokens only for a batch of one): first those already in slots, then
+waiting requests admitted into free slots (the slot whose cached ids share the
+longest prefix with the prompt, else an empty or the least recently used one; a
+longer prefix held by another slot is copied over). Then every decoding sequence
+gets its last token in one batched forward. A long prompt thus joins a piece per
+step while the others keep decoding, instead of stalling them for its whole prefill,
+and a short answer frees its slot for the next prompt while longer ones go on.
 
-Each sequence sees exactly the rows of logits that `generate.stream_chunks` would
-give it, so its tokens are the same as one at a time, on graphs where several rows
-are computed as one row is (fp32; int4 MatMulNBits rounds several rows differently).
+Each sequence sees the rows of logits that `generate.stream_chunks` would give it, so
+its tokens are the same as one at a time, on graphs where several rows are computed as
+one row is (fp32; int4 MatMulNBits rounds a one-row step differently, which is why a
+prompt's last logits always come from a several-row piece, as in `session.prefill`).
 Speculation is not used here: a batched step feeds one token per sequence.
 """
 from __future__ import annotations
@@ -25,7 +29,7 @@ import numpy as np
 from .kvcache import pick_slot
 from .params import GenerationParams
 from .sequence import Chunk, Conventions, Sequence
-from .session import BatchRunner, prefill
+from .session import PREFILL_CHUNK, BatchRunner
 from .text import Tokenizer
 
 
@@ -41,14 +45,30 @@ class _Request:
 class _Active:
     key: Hashable
     seq: Sequence
+    pending: list[int]  # prompt ids not yet prefilled
     token: int = -1  # sampled, not yet fed
+
+
+def piece(pending: list[int], budget: int) -> int:
+    """How many of `pending` to prefill now: at most `budget` (and `PREFILL_CHUNK`), at least
+    two, and never leaving exactly one behind, so the prompt's last logits come from a
+    several-row run whatever the budget (int4 rounds a one-row step differently)."""
+    n = min(len(pending), max(budget, 2), PREFILL_CHUNK)
+    if len(pending) - n == 1:
+        n = n - 1 if n > 2 else len(pending)
+    return n
 
 
 class Scheduler:
     """Requests in, (key, Chunk) pairs out, one `step` at a time; see the module docstring."""
 
-    def __init__(self, runner: BatchRunner, tokenizer: Tokenizer, conventions: Conventions = Conventions()) -> None:
+    def __init__(self, runner: BatchRunner, tokenizer: Tokenizer, conventions: Conventions = Conventions(),
+                 prefill_budget: int = PREFILL_CHUNK) -> None:
+        if prefill_budget < 1:
+            raise ValueError(f"prefill_budget must be >= 1, got {prefill_budget}")
         self.runner = runner
+        # Prompt tokens fed per step: what decoding sequences wait for at most, between two tokens.
+        self.prefill_budget = prefill_budget
         self.tokenizer = tokenizer
         self.conventions = conventions
         self.waiting: deque[_Request] = deque()
@@ -65,14 +85,30 @@ class Scheduler:
         return bool(self.waiting or self.active)
 
     def step(self) -> list[tuple[Hashable, Chunk]]:
-        """Admit what fits, then one batched decode step; the chunks made ready, last chunks included."""
+        """Prefill up to `prefill_budget` prompt tokens (prompts already in slots first, then
+        waiting ones admitted into free slots), then one batched decode step; the chunks
+        made ready, last chunks included."""
         out: list[tuple[Hashable, Chunk]] = []
-        while self.waiting and len(self.active) < len(self.runner.slots):
-            self._admit(self.waiting.popleft(), out)
+        budget = self.prefill_budget
+        # Cancellation is asked once before each forward a sequence takes part in.
+        for slot, entry in list(self.active.items()):  # in admission order: the oldest prompt first
+            if entry.pending and budget > 0:
+                if entry.seq.check_cancel():
+                    self._finish(slot, out)  # the slot is free for this step's admission
+                else:
+                    budget -= self._prefill(slot, entry, budget, out)
+        # One at a time, each after the one before has its first rows: a prompt that shares
+        # the one before's prefix (a system prompt) copies those rows instead of recomputing them.
+        while self.waiting and len(self.active) < len(self.runner.slots) and budget > 0:
+            slot = self._admit(self.waiting.popleft(), out)
+            if slot is not None:
+                budget -= self._prefill(slot, self.active[slot], budget, out)
         feeds = {}
         for slot, entry in list(self.active.items()):
+            if entry.pending:
+                continue
             if entry.seq.check_cancel():
-                self._finish(slot, out)  # the slot is free for the next step's admission
+                self._finish(slot, out)
             else:
                 feeds[slot] = entry.token
         if feeds:
@@ -80,7 +116,8 @@ class Scheduler:
                 self._take(slot, logits, out)
         return out
 
-    def _admit(self, request: _Request, out: list[tuple[Hashable, Chunk]]) -> None:
+    def _admit(self, request: _Request, out: list[tuple[Hashable, Chunk]]) -> int | None:
+        """Put `request` in a free slot; the slot, or None when it was cancelled while waiting."""
         free = sorted((s for s in range(len(self.runner.slots)) if s not in self.active), key=self._used.__getitem__)
         slot = pick_slot([r.tokens for r in self.runner.slots], request.prompt, free)
         self._clock += 1
@@ -90,11 +127,24 @@ class Scheduler:
         seq = Sequence(request.prompt, request.params, self.tokenizer, capacity=runner.capacity,
                        vocab_size=runner.vocab_size, cached=cached, started=request.started,
                        conventions=self.conventions)
-        self.active[slot] = _Active(request.key, seq)
+        self.active[slot] = _Active(request.key, seq, list(request.prompt[cached:]))
         if seq.check_cancel():
             self._finish(slot, out)
-            return
-        self._take(slot, prefill(runner.forward, request.prompt[cached:]), out)
+            return None
+        return slot
+
+    def _prefill(self, slot: int, entry: _Active, budget: int, out: list[tuple[Hashable, Chunk]]) -> int:
+        """Feed `entry`'s prompt on its slot alone, piece by piece, while `budget` lasts; how many
+        ids it fed. After the last piece, the first token is sampled and the sequence decodes."""
+        fed = 0
+        while entry.pending and fed < budget:
+            n = piece(entry.pending, budget - fed)
+            logits = self.runner.slots[slot].forward(entry.pending[:n])
+            del entry.pending[:n]
+            fed += n
+        if not entry.pending:
+            self._take(slot, logits, out)
+        return fed
 
     def _take(self, slot: int, logits: np.ndarray, out: list[tuple[Hashable, Chunk]]) -> None:
         entry = self.active[slot]

@@ -16,8 +16,9 @@ import pytest
 import edgellm
 from edgellm.bundle import finalize_manifest, read_manifest
 from edgellm.errors import BundleError, GenerationError
+from edgellm.batch import piece
 from edgellm.kvcache import SlotCache, common_prefix, pick_slot
-from edgellm.session import BatchRunner
+from edgellm.session import PREFILL_CHUNK, BatchRunner, Runner
 
 PROMPTS = [
     "The quick brown fox",
@@ -122,6 +123,34 @@ def test_a_prefix_another_slot_holds_is_copied_not_recomputed(model, tiny_bundle
     assert [r.token_ids for r in got] == [r.token_ids for r in expected]
 
 
+def test_a_long_prompt_joins_a_chunk_per_step_while_the_others_decode(model, tiny_bundle, monkeypatch):
+    long = model.encode("Sensor log: " + " ".join(f"pump {i} reads {i * 7 % 90} bar;" for i in range(12)))
+    assert len(long) > 3 * PREFILL_CHUNK
+    short = model.encode(PROMPTS[1])
+    events: list[tuple[str, int]] = []
+    forward, step = Runner.forward, BatchRunner.step
+    monkeypatch.setattr(Runner, "forward", lambda self, ids: events.append(("prefill", len(ids))) or forward(self, ids))
+    monkeypatch.setattr(BatchRunner, "step", lambda self, feeds: events.append(("decode", len(feeds))) or step(self, feeds))
+    model.reset()
+    got = model.generate_many([short, long], slots=2, each=[dict(max_new_tokens=40), dict(max_new_tokens=4)],
+                              ignore_eos=True, temperature=0)
+    pieces = [n for kind, n in events if kind == "prefill"][1:]  # the short prompt's first
+    assert sum(pieces) == len(long) and max(pieces) <= PREFILL_CHUNK and min(pieces) >= 2
+    # Between two pieces of the long prompt the short one took a decoding step.
+    kinds = [kind for kind, _ in events]
+    first, last = kinds.index("prefill", 1), len(kinds) - 1 - kinds[::-1].index("prefill")
+    assert kinds[first:last + 1] == ["prefill", "decode"] * (len(pieces) - 1) + ["prefill"]
+    fresh = edgellm.load(tiny_bundle)
+    expected = [fresh.generate(p, max_new_tokens=n, ignore_eos=True, temperature=0) for p, n in ((short, 40), (long, 4))]
+    assert [r.token_ids for r in got] == [r.token_ids for r in expected]
+
+
+@pytest.mark.parametrize("pending,budget,expected", [
+    (100, 64, 64), (65, 64, 63), (3, 2, 3), (2, 1, 2), (1, 64, 1), (10, 64, 10), (67, 5, 5), (6, 5, 4)])
+def test_a_prefill_piece_keeps_within_the_budget_and_never_leaves_one_token(pending, budget, expected):
+    assert piece(list(range(pending)), budget) == expected
+
+
 def test_pick_slot_prefers_the_longest_prefix_then_the_least_recently_used():
     cached = [[1, 2, 3, 4], [1, 2], [], [9, 9]]
     assert pick_slot(cached, [1, 2, 3, 4, 7], [3, 2, 1, 0]) == 0
@@ -193,7 +222,7 @@ def test_the_manifest_batch_field_must_be_a_bool(tiny_bundle, tmp_path):
         read_manifest(root, verify=False)
     data["graph"].update(batch=True, target="tpu")
     (root / "manifest.json").write_text(json.dumps(data))
-    with pytest.raises(BundleError, match=r"graph.target 'tpu' is not one of \('cpu', 'cuda'\)"):
+    with pytest.raises(BundleError, match="graph.target 'tpu' is not one of"):
         read_manifest(root, verify=False)
 
 
