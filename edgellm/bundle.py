@@ -28,7 +28,7 @@ from .spec import ModelSpec
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 GRAPH_KINDS = ("fast", "generic")
-GRAPH_TARGETS = ("cpu", "cuda")
+GRAPH_TARGETS = ("cpu", "cuda", "openvino")
 _SHA256 = re.compile("[0-9a-f]{64}")
 
 
@@ -38,7 +38,8 @@ class Manifest:
 
     `graph` holds: kind ("fast" | "generic"), file, inputs, outputs, kv_dtype,
     batch (true: the graph decodes several cache slots in one step; absent: batch 1), and
-    target ("cuda": float16 activations for CUDA's kernels; absent: "cpu").
+    target ("cuda": float16 activations for CUDA's kernels; "openvino": standard-op attention
+    and a sequence-major cache, see kvcache.AppendCache; absent: "cpu").
     `quantization` holds: weights ("int4" | "int8" | "fp16" | "fp32"), block_size,
     symmetric, accuracy_level, and per-tensor notes (e.g. GGUF blocks imported exactly).
     `generation` holds: bos_token_id, eos_token_ids, pad_token_id and default sampling.

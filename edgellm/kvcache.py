@@ -5,12 +5,14 @@ a preallocated [1, kv_heads, capacity, head_dim] buffer and writes new rows into
 in place when past and present are the same OrtValue, so a token never copies the
 cache. A generic graph (optimum) returns a grown copy every step. A fast graph
 exported with a batch dimension decodes several `SlotCache` slots in one step.
+A `--target openvino` graph (standard-op attention) reads a sequence-major past and
+returns only the new rows, which `AppendCache` binds right after the cached ones.
 """
 from __future__ import annotations
 
 import mmap
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -27,6 +29,24 @@ def past_names(layer: int) -> tuple[str, str]:
 
 def present_names(layer: int) -> tuple[str, str]:
     return f"present.{layer}.key", f"present.{layer}.value"
+
+
+# Graph targets whose cache is [batch, rows, kv_heads, head_dim], present = the new rows only.
+APPEND_TARGETS = ("openvino",)
+
+
+def kv_shape(target: str, rows: int, kv_heads: int, head_dim: int) -> tuple[int, ...]:
+    """One layer's batch-1 key (or value) shape for `rows` rows in a graph of `target`'s layout."""
+    return (1, rows, kv_heads, head_dim) if target in APPEND_TARGETS else (1, kv_heads, rows, head_dim)
+
+
+def cache_for(graph: dict[str, Any], num_layers: int, kv_heads: int, head_dim: int, capacity: int) -> "KVCache":
+    """The cache a manifest's `graph` section binds: its kind, target and kv_dtype decide."""
+    dtype = graph.get("kv_dtype", "float32")
+    if graph["kind"] != "fast":
+        return DynamicCache(num_layers, kv_heads, head_dim, capacity, dtype)
+    kind = AppendCache if graph.get("target", "cpu") in APPEND_TARGETS else StaticCache
+    return kind(num_layers, kv_heads, head_dim, capacity, dtype)
 
 
 def kv_dtype(name: str) -> np.dtype:
@@ -75,6 +95,8 @@ class KVCache(Protocol):
 
 
 class _Base:
+    _seq_axis = 2  # [batch, kv_heads, rows, head_dim]
+
     def __init__(self, num_layers: int, kv_heads: int, head_dim: int, capacity: int, dtype: str) -> None:
         self.num_layers = num_layers
         self.kv_heads = kv_heads
@@ -101,13 +123,35 @@ class _Base:
         if not 0 <= to <= self.length:
             raise GenerationError(f"cannot rewind KV cache of length {self.length} to {to}")
 
+    def _rows(self, buffer: np.ndarray, n: int) -> np.ndarray:
+        """The first `n` rows of a layer's buffer (a view)."""
+        return buffer[(slice(None),) * self._seq_axis + (slice(0, n),)]
+
     def snapshot(self, prefix_len: int) -> Snapshot:
         self._check_rewind(prefix_len)
         return Snapshot(
             prefix_len,
-            tuple(k[:, :, :prefix_len].copy() for k in self.keys),
-            tuple(v[:, :, :prefix_len].copy() for v in self.values),
+            tuple(self._rows(k, prefix_len).copy() for k in self.keys),
+            tuple(self._rows(v, prefix_len).copy() for v in self.values),
         )
+
+
+class _Preallocated(_Base):
+    """Buffers of the whole capacity, written in place: rewinding is just moving `length`."""
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+    def rewind(self, to: int) -> None:
+        self._check_rewind(to)
+        self.length = to
+
+    def restore(self, snap: Snapshot) -> None:
+        if snap.length > self.capacity:
+            raise GenerationError(f"snapshot of {snap.length} tokens exceeds KV capacity {self.capacity}")
+        for dst, src in zip(self.keys + self.values, snap.keys + snap.values):
+            self._rows(dst, snap.length)[...] = src
+        self.length = snap.length
 
 
 def _lazy_zeros(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
@@ -118,7 +162,7 @@ def _lazy_zeros(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     return np.frombuffer(mmap.mmap(-1, size, **private), dtype, count).reshape(shape)
 
 
-class StaticCache(_Base):
+class StaticCache(_Preallocated):
     """Fixed buffers shared by past and present: rewinding is just moving `length`.
 
     Rows past `length` are stale but harmless: the graph attends only to the first
@@ -162,19 +206,40 @@ class StaticCache(_Base):
                 io.bind_ortvalue_output(name, value)
         self._bound_to = io
 
-    def advance(self, n: int) -> None:
-        self.length += n
 
-    def rewind(self, to: int) -> None:
-        self._check_rewind(to)
-        self.length = to
+class AppendCache(_Preallocated):
+    """Sequence-major buffers [1, capacity, kv_heads, head_dim] for a graph whose present is
+    only the new rows: past is bound to the first `length` rows and present to the rows right
+    after them, both views of the same buffer, so the graph writes the new rows in place.
 
-    def restore(self, snap: Snapshot) -> None:
-        if snap.length > self.capacity:
-            raise GenerationError(f"snapshot of {snap.length} tokens exceeds KV capacity {self.capacity}")
-        for dst, src in zip(self.keys + self.values, snap.keys + snap.values):
-            dst[:, :, : snap.length] = src
-        self.length = snap.length
+    Rows are contiguous along the sequence here, so each view is one pointer and a shape:
+    a step rebinds 4 per layer by address (no OrtValue made), and never copies the cache.
+    Buffers are anonymous maps, resident only where written (see StaticCache).
+    """
+
+    _seq_axis = 1
+
+    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, capacity: int, dtype: str = "float32") -> None:
+        super().__init__(num_layers, kv_heads, head_dim, capacity, dtype)
+        shape = (1, capacity, kv_heads, head_dim)
+        self.keys = [_lazy_zeros(shape, self.dtype) for _ in range(num_layers)]
+        self.values = [_lazy_zeros(shape, self.dtype) for _ in range(num_layers)]
+        self._row_bytes = kv_heads * head_dim * self.dtype.itemsize
+        # (name, base address) of every past input and present output, in binding order.
+        self._past = [(name, buf.ctypes.data) for layer in range(num_layers)
+                      for name, buf in zip(past_names(layer), (self.keys[layer], self.values[layer]))]
+        self._present = [(name, buf.ctypes.data) for layer in range(num_layers)
+                         for name, buf in zip(present_names(layer), (self.keys[layer], self.values[layer]))]
+
+    def bind(self, io: ort.IOBinding, new_tokens: int) -> None:
+        self._check_room(new_tokens)
+        past = [1, self.length, self.kv_heads, self.head_dim]
+        present = [1, new_tokens, self.kv_heads, self.head_dim]
+        offset = self.length * self._row_bytes
+        for name, address in self._past:
+            io.bind_input(name, "cpu", 0, self.dtype, past, address)
+        for name, address in self._present:
+            io.bind_output(name, "cpu", 0, self.dtype, present, address + offset)
 
 
 def common_prefix(cached: Sequence[int], ids: Sequence[int], limit: int) -> int:

@@ -18,7 +18,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .errors import BundleError, GenerationError
-from .kvcache import KVCache, SlotCache, past_names, reusable_prefix
+from .kvcache import AppendCache, KVCache, SlotCache, past_names, reusable_prefix
 
 log = logging.getLogger("edgellm")
 
@@ -239,6 +239,10 @@ class Runner:
             raise BundleError(f"{where}: graph input {unknown[0]!r} is not one edgellm feeds ({kind} graph)")
         if "logits" not in outputs:
             raise BundleError(f"{where}: graph output 'logits' is missing")
+        if kind == "fast" and sequence_major(session) != isinstance(cache, AppendCache):
+            layout = "sequence-major (--target openvino)" if sequence_major(session) else "head-major"
+            raise BundleError(f"{where}: the graph's KV cache is {layout}; {type(cache).__name__} does not bind it "
+                              "(kvcache.cache_for picks the cache from the manifest's graph section)")
         logits_type = outputs["logits"].type
         if logits_type not in _NUMPY:
             raise BundleError(f"{where}: graph output 'logits' has type {logits_type}, expected float or float16")
@@ -348,6 +352,12 @@ class Runner:
         self._held["out:logits"] = self._row_ort
 
 
+def sequence_major(session: ort.InferenceSession) -> bool:
+    """Whether the graph's past is [batch, rows, kv_heads, head_dim] (kvcache.AppendCache's layout)."""
+    past = next(i for i in session.get_inputs() if i.name == past_names(0)[0])
+    return isinstance(past.shape[1], str)
+
+
 class BatchRunner:
     """Cache slots decoded together: a Runner per slot for its prefill (batch 1, chunked
     as a single request's), and one step that feeds one token to each of several slots.
@@ -359,6 +369,9 @@ class BatchRunner:
     """
 
     def __init__(self, session: ort.InferenceSession, cache: SlotCache, *, where: str = "graph") -> None:
+        if sequence_major(session):
+            raise BundleError(f"{where}: a --target openvino graph decodes one request at a time (a step's new KV "
+                              "rows land at one offset for every row); serve it with one slot, without cache slots")
         first = next(i for i in session.get_inputs() if i.name == "input_ids")
         if len(cache) > 1 and isinstance(first.shape[0], int):
             raise BundleError(f"{where}: graph input 'input_ids' has batch dimension {first.shape[0]}; "

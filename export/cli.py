@@ -32,10 +32,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache", default="auto", choices=["auto", "float32", "float16", "int8"],
                         help="KV cache storage: int8 (fast graph only) takes a quarter of float32's memory, its "
                         "quality cost measured in the manifest's perplexity; auto (default) picks int8 for int4/int8 "
-                        "weights at accuracy level 1-4 on the fast graph, float32 otherwise, float16 for --target cuda")
+                        "weights at accuracy level 1-4 on the fast graph, float32 otherwise, float16 for --target "
+                        "cuda, float32 for openvino")
     parser.add_argument("--target", default="cpu", choices=list(TARGETS),
                         help="cpu (default): float32 activations; cuda: float16 activations, attention, norms and "
-                        "KV cache end to end, what onnxruntime's CUDA kernels take (Jetson; fast graph only)")
+                        "KV cache end to end, what onnxruntime's CUDA kernels take (Jetson; fast graph only); "
+                        "openvino: attention from standard ops OpenVINO fuses, so the whole graph runs inside "
+                        "onnxruntime's OpenVINO provider (float32 KV cache, one request at a time)")
     parser.add_argument("--via", default="auto", choices=["auto", "fast", "optimum"],
                         help=f"fast: edgellm's fused graph ({', '.join(FAST_ARCHS)}); optimum: any decoder "
                         "optimum supports (needs edgellm[optimum]); auto: fast where supported")

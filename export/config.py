@@ -10,8 +10,8 @@ from edgellm.errors import ExportError
 
 WeightType = Literal["int4", "int8", "fp16", "fp32"]
 KVCacheType = Literal["auto", "float32", "float16", "int8"]
-Target = Literal["cpu", "cuda"]
-TARGETS = ("cpu", "cuda")
+Target = Literal["cpu", "cuda", "openvino"]
+TARGETS = ("cpu", "cuda", "openvino")
 
 
 @dataclass(frozen=True)
@@ -28,8 +28,9 @@ class QuantConfig:
     # auto: int8 where the graph already rounds activations to int8 (see resolved_kv_cache).
     kv_cache: KVCacheType = "auto"
     # cpu: float32 activations. cuda: float16 activations, norms, attention and KV cache, the
-    # dtype onnxruntime's CUDA kernels run; the graph's `target` records it (not to_dict, so
-    # cpu manifests stay as they were).
+    # dtype onnxruntime's CUDA kernels run. openvino: attention and rotary from standard ops
+    # (OpenVINO fuses them; it has no GroupQueryAttention), a sequence-major float32 cache.
+    # The graph's `target` records it (not to_dict, so cpu manifests stay as they were).
     target: Target = "cpu"
 
     def __post_init__(self) -> None:
@@ -72,7 +73,14 @@ class QuantConfig:
                                   "the dtype of the graph's attention")
             return "float16"
         if self.kv_cache == "float16":
-            raise ExportError("--kv-cache float16: needs --target cuda (the cpu graph attends in float32)")
+            raise ExportError(f"--kv-cache float16: needs --target cuda (the {self.target} graph attends in float32)")
+        if self.target == "openvino":
+            if not fast_graph:
+                raise ExportError("--target openvino: the optimum path has no OpenVINO graph (fast graph only)")
+            if self.kv_cache == "int8":
+                # GroupQueryAttention quantizes the cache; the standard-op attention has no quantized cache.
+                raise ExportError("--kv-cache int8 --target openvino: the cache is float32 (no GroupQueryAttention)")
+            return "float32"
         if self.kv_cache == "int8" and not fast_graph:
             raise ExportError("--kv-cache int8: the optimum path has no quantized KV cache (fast graph only)")
         if self.kv_cache != "auto":

@@ -17,6 +17,8 @@ Linear layers (and GGUF Q4_1's per-block offsets) are laid out by linear.py.
 weights, block scales, rotary caches and KV cache, the dtype onnxruntime's CUDA
 kernels take; the norms still accumulate in float32 inside the op, and logits are
 cast to float32 so sampling and the quality gate read what a cpu graph gives them.
+"openvino" swaps GroupQueryAttention and GatherBlockQuantized for standard ops and
+lays the cache out sequence-major (openvino.py).
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ from onnx import TensorProto, helper
 from edgellm.errors import ExportError
 from edgellm.spec import ModelSpec
 
-from . import arch
+from . import arch, openvino
 from .arch import Layer, Rope
 from .arch.base import ROPE_TYPES
 from .config import GraphInfo, QuantConfig
@@ -154,6 +156,8 @@ def embed(
         hidden = w.one("Gather", f"{name}/Gather", [table, "input_ids"], axis=0)
         return w.one("Cast", f"{name}/Cast", [hidden], to=w.float_proto) if dtype != w.float_type else hidden
     q = head_q if head_q is not None else loader.load(["model.embed_tokens.weight"])
+    if quant.target == "openvino":
+        return openvino.embed_quantized(w, spec, q)
     # A table of its own even when tied: prepacking lm_head reads every page of its
     # weight, and a shared table would keep them all resident, while a table of its own
     # is read only at the rows gathered (SmolLM2: 27 MB less memory, 28 MB more disk).
@@ -224,9 +228,10 @@ def _post_norm(w: Writer, base: str, hf_name: str | None, source: Source, spec: 
 def attention(
     w: Writer, source: Source, spec: ModelSpec, quant: QuantConfig, loader: WeightLoader | None, i: int,
     layer: Layer, x: str, residual: str | None, lengths: tuple[str, str], rope: tuple[str, str],
-    kv_scales: tuple[np.ndarray, np.ndarray] | None = None,
+    kv_scales: tuple[np.ndarray, np.ndarray] | None = None, mask: str = "",
 ) -> tuple[str, str]:
-    """Norm, fused QKV projection, GroupQueryAttention with in-place KV, o_proj.
+    """Norm, fused QKV projection, GroupQueryAttention with in-place KV (or, for openvino,
+    attention from standard ops over `mask`), o_proj.
 
     `kv_scales` (keys, values: [kv_heads, head_dim]) make the cache int8: the op
     quantizes new rows (round half to even, saturating) and attends over the int8 rows.
@@ -239,14 +244,20 @@ def attention(
     qkv_lin = make_linear(w, f"{hf}.self_attn.qkv_proj", source, [f"{n}.weight" for n in layer.qkv], quant, loader,
                           bias)
     qkv = apply_linear(w, f"{base}/attn/qkv_proj", normed, qkv_lin, quant)
-    if layer.q_norm and layer.k_norm:
+    if (layer.q_norm and layer.k_norm) or quant.target == "openvino":
         q_size, kv_size = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
         q, k, v = w.node("Split", f"{base}/attn/qkv_split", [qkv, w.const([q_size, kv_size, kv_size])], 3, axis=-1)
-        q = _head_norm(w, f"{base}/attn/q_norm", q, source.tensor(f"{layer.q_norm}.weight"), spec)
-        k = _head_norm(w, f"{base}/attn/k_norm", k, source.tensor(f"{layer.k_norm}.weight"), spec)
+        if layer.q_norm and layer.k_norm:
+            q = _head_norm(w, f"{base}/attn/q_norm", q, source.tensor(f"{layer.q_norm}.weight"), spec)
+            k = _head_norm(w, f"{base}/attn/k_norm", k, source.tensor(f"{layer.k_norm}.weight"), spec)
         qkv_inputs = [q, k, v]
     else:
         qkv_inputs = [qkv, "", ""]
+    o_lin = make_linear(w, f"{hf}.self_attn.o_proj", source, [f"{layer.o}.weight"], quant, loader)
+    if quant.target == "openvino":
+        attn = openvino.attention(w, spec, i, layer, *qkv_inputs, rope, mask)
+        out = apply_linear(w, f"{base}/attn/o_proj", attn, o_lin, quant)
+        return _post_norm(w, base, layer.attn_post_norm, source, spec, out), residual
     quantized: list[str] = []
     quant_attrs: dict[str, str | int | float] = {}
     if kv_scales is not None:
@@ -270,7 +281,6 @@ def attention(
         local_window_size=layer.window or -1,
         **quant_attrs,
     )
-    o_lin = make_linear(w, f"{hf}.self_attn.o_proj", source, [f"{layer.o}.weight"], quant, loader)
     out = apply_linear(w, f"{base}/attn/o_proj", attn, o_lin, quant)
     return _post_norm(w, base, layer.attn_post_norm, source, spec, out), residual
 
@@ -330,11 +340,15 @@ def head(w: Writer, source: Source, spec: ModelSpec, quant: QuantConfig, lin: Li
 
 
 def _io(
-    spec: ModelSpec, kv_type: int = TensorProto.FLOAT
+    spec: ModelSpec, kv_type: int = TensorProto.FLOAT, target: str = "cpu"
 ) -> tuple[list[onnx.ValueInfoProto], list[onnx.ValueInfoProto]]:
     # "batch": rows of cache slots decoded together; each row's length comes from its
     # right-padded attention_mask row (attention_lengths), so rows may differ in length.
     kv_shape = ["batch", spec.num_kv_heads, "max_seq_len", spec.head_dim]
+    past_shape = present_shape = kv_shape
+    if target == "openvino":  # sequence-major; present holds the new rows only
+        past_shape = ["batch", "past_sequence_length", spec.num_kv_heads, spec.head_dim]
+        present_shape = ["batch", "sequence_length", spec.num_kv_heads, spec.head_dim]
     inputs = [
         helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence_length"]),
         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total_sequence_length"]),
@@ -344,8 +358,8 @@ def _io(
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, logits_shape)]
     for i in range(spec.num_layers):
         for kind in ("key", "value"):
-            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", kv_type, kv_shape))
-            outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", kv_type, kv_shape))
+            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", kv_type, past_shape))
+            outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", kv_type, present_shape))
     return inputs, outputs
 
 
@@ -354,6 +368,10 @@ def _notes(spec: ModelSpec, quant: QuantConfig, loader: WeightLoader | None) -> 
         return [*_weight_notes(spec, quant, loader),
                 "cuda: float16 activations, norm weights, rotary caches and KV cache (onnxruntime's CUDA kernels); "
                 "norms accumulate in float32; logits cast to float32"]
+    if quant.target == "openvino":
+        return [*_weight_notes(spec, quant, loader),
+                "openvino: attention, rotary and the embedding from standard ops (no GroupQueryAttention or "
+                "GatherBlockQuantized); float32 KV cache, sequence-major, present = the new rows only"]
     return _weight_notes(spec, quant, loader)
 
 
@@ -362,7 +380,8 @@ def _weight_notes(spec: ModelSpec, quant: QuantConfig, loader: WeightLoader | No
         sym = "symmetric" if quant.symmetric else "asymmetric"
         notes = [f"{quant.weights} MatMulNBits, block {quant.block_size}, {sym}, accuracy_level {quant.accuracy_level}"]
         shared = "sharing lm_head's quantized weight" if spec.tie_embeddings else "its own quantized table"
-        return notes + [f"embedding: GatherBlockQuantized, {shared}"] + loader.notes()
+        gather = "Gather + unpack" if quant.target == "openvino" else "GatherBlockQuantized"
+        return notes + [f"embedding: {gather}, {shared}"] + loader.notes()
     if quant.weights == "fp16" and quant.target == "cuda":
         return ["fp16: MatMul on transposed float16 weights"]
     if quant.weights == "fp16":
@@ -407,13 +426,17 @@ def build_fast_graph(
     w = Writer(out_dir / DATA_FILE, quant.activation_dtype)
     try:
         layers = [family.layer(spec, i) for i in range(spec.num_layers)]
+        openvino_graph = quant.target == "openvino"
+        lengths = openvino.steps(w) if openvino_graph else attention_lengths(w)
         ropes: dict[str, tuple[str, str]] = {}
         for layer in layers:
             if layer.rope.name not in ropes:
                 cos, sin = rope_caches(spec, layer.rope)
                 suffix = f"_{layer.rope.name}" if layer.rope.name else ""
-                ropes[layer.rope.name] = (w.floats(f"cos_cache{suffix}", cos), w.floats(f"sin_cache{suffix}", sin))
-        lengths = attention_lengths(w)
+                ropes[layer.rope.name] = (openvino.rotary(w, suffix, cos, sin, lengths) if openvino_graph else
+                                          (w.floats(f"cos_cache{suffix}", cos), w.floats(f"sin_cache{suffix}", sin)))
+        masks = {window: openvino.attention_mask(w, lengths, window) for window in {la.window for la in layers}
+                 } if openvino_graph else {}
         lm_head, lm_head_q = head_weights(w, source, spec, quant, loader)
         x, residual = embed(w, source, spec, quant, loader, lm_head, lm_head_q), None
         if spec.embedding_scale is not None:
@@ -422,7 +445,7 @@ def build_fast_graph(
         for i, layer in enumerate(layers):
             layer_scales = None if kv_scales is None else (kv_scales[0][i], kv_scales[1][i])
             x, residual = attention(w, source, spec, quant, loader, i, layer, x, residual, lengths,
-                                    ropes[layer.rope.name], layer_scales)
+                                    ropes[layer.rope.name], layer_scales, masks.get(layer.window, ""))
             x, residual = mlp(w, source, spec, quant, loader, i, layer, x, residual)
             if progress:
                 progress("layers", i + 1, spec.num_layers)
@@ -430,7 +453,7 @@ def build_fast_graph(
     finally:
         w.close()
     kv_dtype = "int8" if kv_scales is not None else w.float_type.name
-    inputs, outputs = _io(spec, helper.np_dtype_to_tensor_dtype(np.dtype(kv_dtype)))
+    inputs, outputs = _io(spec, helper.np_dtype_to_tensor_dtype(np.dtype(kv_dtype)), quant.target)
     graph = helper.make_graph(w.nodes, "edgellm_fast", inputs, outputs, w.initializers)
     model = helper.make_model(
         graph,
@@ -448,7 +471,8 @@ def build_fast_graph(
         inputs=[v.name for v in inputs],
         outputs=[v.name for v in outputs],
         kv_dtype=kv_dtype,
-        batch=True,
+        # openvino's present rows land at one offset for the whole batch: one stream at a time.
+        batch=quant.target != "openvino",
         target=quant.target,
         notes=notes,
     )

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from edgellm.kvcache import kv_dtype
+from edgellm.kvcache import kv_dtype, kv_shape
 from edgellm.spec import ModelSpec
 
 # A fixed English paragraph (about 230 tokens for SmolLM2's tokenizer); the built-in
@@ -35,7 +35,7 @@ DEFAULT_TEXT = (
 def _feeds(graph: dict[str, Any], spec: ModelSpec, ids: np.ndarray) -> dict[str, np.ndarray]:
     seq = ids.shape[1]
     dtype = kv_dtype(graph.get("kv_dtype", "float32"))
-    empty = np.zeros((1, spec.num_kv_heads, 0, spec.head_dim), dtype=dtype)
+    empty = np.zeros(kv_shape(graph.get("target", "cpu"), 0, spec.num_kv_heads, spec.head_dim), dtype=dtype)
     feeds: dict[str, np.ndarray] = {}
     for name in graph["inputs"]:
         if name == "input_ids":
