@@ -268,21 +268,27 @@ def detect(root: str | os.PathLike[str] = "/", *, machine: str | None = None, sy
     return best or load_profile("generic", root=root)
 
 
-def estimate_memory_mb(spec: ModelSpec, max_context: int, weights_bytes: int, kv_bytes_per_value: int = 4) -> float:
-    """Weights plus a full KV cache (keys and values, every layer, batch 1), in MiB.
+def estimate_memory_mb(spec: ModelSpec, max_context: int, weights_bytes: int, kv_bytes_per_value: int = 4,
+                       slots: int = 1) -> float:
+    """Weights plus full KV caches (keys and values, every layer, `slots` requests of
+    `max_context` tokens), in MiB.
 
     Activations and onnxruntime's arenas come on top; this is the part that grows
-    with the model and the context, which is what a profile's limit is meant to catch.
+    with the model, the context and the requests decoded together, which is what a
+    profile's limit is meant to catch. A slot's pages are resident only once written,
+    so this is the ceiling a long enough run of long prompts reaches.
     """
-    kv = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * max_context * kv_bytes_per_value
+    kv = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * max_context * kv_bytes_per_value * slots
     return (weights_bytes + kv) / 2**20
 
 
 def memory_warning(profile: DeviceProfile, spec: ModelSpec, max_context: int, weights_bytes: int,
-                   kv_bytes_per_value: int = 4) -> str | None:
+                   kv_bytes_per_value: int = 4, slots: int = 1) -> str | None:
     """A one-line warning when the estimate exceeds the profile's memory limit, else None."""
-    need = estimate_memory_mb(spec, max_context, weights_bytes, kv_bytes_per_value)
+    need = estimate_memory_mb(spec, max_context, weights_bytes, kv_bytes_per_value, slots)
     if need <= profile.memory_limit_mb:
         return None
-    return (f"weights + KV cache for {max_context} tokens need about {need:.0f} MiB, more than profile "
-            f"{profile.name!r} allows ({profile.memory_limit_mb} MiB); lower --max-context or use a smaller quant")
+    caches = f"{slots} KV cache slots of {max_context} tokens" if slots > 1 else f"KV cache for {max_context} tokens"
+    fix = "fewer --slots, a lower --max-context" if slots > 1 else "lower --max-context"
+    return (f"weights + {caches} need about {need:.0f} MiB, more than profile "
+            f"{profile.name!r} allows ({profile.memory_limit_mb} MiB); {fix} or use a smaller quant")

@@ -91,6 +91,7 @@ def load(
     except GenerationError as exc:
         raise BundleError(f"{root / 'manifest.json'}: generation.defaults: {exc}") from None
     model = Model(root, manifest, runner, tokenizer, template, defaults, conventions)
+    model.profile = prof
     if draft is not None:
         model.draft = draft if isinstance(draft, Model) else load(
             draft, profile=profile, providers=providers, threads=threads, max_context=max_context, verify=verify)
@@ -109,13 +110,14 @@ def _profile(profile: "str | os.PathLike[str] | DeviceProfile | None") -> "Devic
     return load_profile(profile)
 
 
-def _warn_memory(prof: "DeviceProfile", root: Path, manifest: Manifest, context: int, kv_bytes: int) -> None:
+def _warn_memory(prof: "DeviceProfile", root: Path, manifest: Manifest, context: int, kv_bytes: int,
+                 slots: int = 1) -> None:
     from .devices import memory_warning
 
     # The graph file and its external-data siblings (model.onnx.data) are the weights.
     stem = Path(manifest.graph["file"]).name
     weights = sum(bundle_file(root, f).stat().st_size for f in manifest.files if Path(f).name.startswith(stem))
-    if warning := memory_warning(prof, manifest.spec, context, weights, kv_bytes):
+    if warning := memory_warning(prof, manifest.spec, context, weights, kv_bytes, slots):
         log.warning("%s", warning)
 
 
@@ -164,6 +166,7 @@ class Model:
         self.draft: Model | None = None  # a smaller model with the same tokenizer, for speculative="draft_model"
         self._generation = 0  # which stream owns the cache; older ones must not touch it
         self._batch: BatchRunner | None = None  # generate_many's slots, kept for prefix reuse
+        self.profile: "DeviceProfile | None" = None  # the device profile it was loaded with: memory warnings
 
     @property
     def spec(self) -> ModelSpec:
@@ -307,5 +310,7 @@ class Model:
             spec, graph = self.spec, self.manifest.graph
             cache = SlotCache(n, spec.num_layers, spec.num_kv_heads, spec.head_dim, self.max_context,
                               graph.get("kv_dtype", "float32"))
+            if self.profile is not None and n > 1:
+                _warn_memory(self.profile, self.path, self.manifest, self.max_context, cache.keys[0].itemsize, n)
             self._batch = BatchRunner(self._runner.session, cache, where=str(bundle_file(self.path, graph["file"])))
         return self._batch

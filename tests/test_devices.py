@@ -186,6 +186,12 @@ def test_memory_estimate_hand_computed():
     # 8192 tokens: 360 MiB of KV + 700 MiB of weights > 1024.
     warning = memory_warning(generic, SMOLLM2, 8192, 700 * 2**20)
     assert warning is not None and "1060 MiB" in warning and "'generic'" in warning and "1024 MiB" in warning
+    # 8 slots of 2048 tokens: 8 x 90 MiB of KV + 100 MiB of weights = 820 MiB, under 1024; 12 slots are not.
+    assert estimate_memory_mb(SMOLLM2, 2048, 100 * 2**20, slots=8) == pytest.approx(820.0)
+    assert memory_warning(generic, SMOLLM2, 2048, 100 * 2**20, slots=8) is None
+    warning = memory_warning(generic, SMOLLM2, 2048, 100 * 2**20, slots=12)
+    assert warning is not None and "12 KV cache slots of 2048 tokens" in warning and "1180 MiB" in warning
+    assert "fewer --slots" in warning
 
 
 def test_wheel_config_lists_every_package_and_maps_the_profiles():

@@ -313,6 +313,22 @@ def test_profile_sets_context_and_warns_on_memory(tiny_bundle, caplog):
     assert edgellm.load(tiny_bundle, profile="generic").providers[-1] == "CPUExecutionProvider"
 
 
+def test_slots_are_counted_in_the_memory_warning(tiny_bundle, caplog):
+    from edgellm.devices import DeviceProfile, estimate_memory_mb
+
+    model = edgellm.load(tiny_bundle)
+    weights = (tiny_bundle / "model.onnx.data").stat().st_size + (tiny_bundle / "model.onnx").stat().st_size
+    one = estimate_memory_mb(model.spec, model.max_context, weights)
+    # Room for the weights and one cache, not for four.
+    board = DeviceProfile(name="board", description="test board", threads=1, providers=(("CPUExecutionProvider", {}),),
+                          max_context=512, memory_limit_mb=int(one) + 1, recommended_quant="fp32")
+    with caplog.at_level(logging.WARNING, logger="edgellm"):
+        model = edgellm.load(tiny_bundle, profile=board)
+        assert not caplog.records
+        model.scheduler(4)
+    assert [r.getMessage() for r in caplog.records if "4 KV cache slots of 512 tokens" in r.getMessage()]
+
+
 def test_token_id_prompts_match_text_prompts(fp32):
     text = fp32.generate("The quick brown", max_new_tokens=8)
     ids = fp32.generate(fp32.encode("The quick brown"), max_new_tokens=8)
