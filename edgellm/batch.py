@@ -15,7 +15,10 @@ Each sequence sees the rows of logits that `generate.stream_chunks` would give i
 its tokens are the same as one at a time, on graphs where several rows are computed as
 one row is (fp32; int4 MatMulNBits rounds a one-row step differently, which is why a
 prompt's last logits always come from a several-row piece, as in `session.prefill`).
-Speculation is not used here: a batched step feeds one token per sequence.
+Prompt-lookup speculation runs while a sequence decodes alone (its drafts verified on
+its slot, as `stream_chunks` does); a batched step feeds one token per sequence, as
+onnxruntime's attention verifies several tokens only for a batch of one. A draft
+model is not used here.
 """
 from __future__ import annotations
 
@@ -26,10 +29,12 @@ from typing import Hashable
 
 import numpy as np
 
+from .generate import take_rows
 from .kvcache import pick_slot
 from .params import GenerationParams
 from .sequence import Chunk, Conventions, Sequence
 from .session import PREFILL_CHUNK, BatchRunner
+from .speculate import PromptLookup
 from .text import Tokenizer
 
 
@@ -111,10 +116,21 @@ class Scheduler:
                 self._finish(slot, out)
             else:
                 feeds[slot] = entry.token
-        if feeds:
+        alone = next(iter(feeds)) if len(feeds) == 1 else None
+        if alone is not None and (draft := self.active[alone].seq.draft()):  # [] without a drafter
+            self._verify(alone, draft, out)
+        elif feeds:
             for slot, logits in self.runner.step(feeds).items():
                 self._take(slot, logits, out)
         return out
+
+    def _verify(self, slot: int, draft: list[int], out: list[tuple[Hashable, Chunk]]) -> None:
+        """Feed the sequence alone on `slot` with its draft after its token; keep what agrees."""
+        entry, runner = self.active[slot], self.runner.slots[slot]
+        entry.token, ready = take_rows(runner, entry.seq, runner.forward_all([entry.token, *draft]), draft)
+        out.extend((entry.key, chunk) for chunk in ready)
+        if entry.seq.finish_reason is not None:
+            self._finish(slot, out)
 
     def _admit(self, request: _Request, out: list[tuple[Hashable, Chunk]]) -> int | None:
         """Put `request` in a free slot; the slot, or None when it was cancelled while waiting."""
@@ -126,7 +142,8 @@ class Scheduler:
         cached = self.runner.reuse(slot, request.prompt)
         seq = Sequence(request.prompt, request.params, self.tokenizer, capacity=runner.capacity,
                        vocab_size=runner.vocab_size, cached=cached, started=request.started,
-                       conventions=self.conventions)
+                       conventions=self.conventions,
+                       drafter=PromptLookup() if request.params.speculative == "prompt_lookup" else None)
         self.active[slot] = _Active(request.key, seq, list(request.prompt[cached:]))
         if seq.check_cancel():
             self._finish(slot, out)

@@ -8,7 +8,9 @@ that stops early leaves it holding ids and keys that agree.
 """
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
+
+import numpy as np
 
 from .errors import GenerationError
 from .params import GenerationParams
@@ -45,20 +47,31 @@ def stream_chunks(
         else:
             draft = seq.draft()
             logits = runner.forward_all([token, *draft]) if draft else [runner.forward([token])]
-        base, accepted, ready = runner.length - len(draft), 0, []
-        for i, row in enumerate(logits):
-            token = seq.sample(row)
-            if (chunk := seq.append(token)) is not None:
-                ready.append(chunk)
-            if seq.finish_reason is not None or i == len(draft) or token != draft[i]:
-                break
-            accepted += 1
-        if draft:
-            # Rows after the first rejected draft token hold keys of a text that was not written.
-            runner.rewind(base + accepted)
-            seq.drafter.update(len(draft), accepted)
+        token, ready = take_rows(runner, seq, logits, draft)
         yield from ready
     yield seq.finish()
+
+
+def take_rows(runner: Runner, seq: Sequence, logits: Iterable[np.ndarray],
+              draft: list[int]) -> tuple[int, list[Chunk]]:
+    """Sample the rows of one step's `logits` (the fed token's, then one per drafted token)
+    while the draft agrees; the last token sampled (to feed next) and the chunks made ready.
+
+    Rows after the first rejected draft token hold keys of a text that was not written,
+    so the cache is rewound to the accepted ones and the drafter told how many they were.
+    """
+    base, accepted, ready = runner.length - len(draft), 0, []
+    for i, row in enumerate(logits):
+        token = seq.sample(row)
+        if (chunk := seq.append(token)) is not None:
+            ready.append(chunk)
+        if seq.finish_reason is not None or i == len(draft) or token != draft[i]:
+            break
+        accepted += 1
+    if draft:
+        runner.rewind(base + accepted)
+        seq.drafter.update(len(draft), accepted)
+    return token, ready
 
 
 def collect(chunks: Iterator[Chunk]) -> Result:

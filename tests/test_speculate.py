@@ -135,3 +135,20 @@ def test_a_draft_must_share_the_tokenizer_and_be_loaded(tiny_bundle, tiny_bundle
         edgellm.load(tiny_bundle, draft=other)
     with pytest.raises(GenerationError, match='speculative "draft_model" needs a draft model'):
         model.generate(QUOTE, speculative="draft_model")
+
+
+def test_a_sequence_decoding_alone_among_slots_speculates(model):
+    """In a batch, drafts are verified only while one sequence decodes (onnxruntime's attention
+    takes several new tokens for a batch of one); the tokens stay plain decoding's."""
+    each = [dict(max_new_tokens=120, speculative="prompt_lookup"), dict(max_new_tokens=6)]
+    prompts = [QUOTE, "The quick brown fox"]
+    model.reset()
+    expected = [model.generate(p, **e, temperature=0) for p, e in zip(prompts, each)]
+    together = model.generate_many(prompts, slots=2, each=each, temperature=0)
+    assert [r.token_ids for r in together] == [r.token_ids for r in expected]
+    # It drafted once the short one had left, as much as alone (minus the six steps it shared).
+    usage = together[0].usage
+    assert 0 < usage.accepted_draft_tokens <= usage.draft_tokens
+    assert usage.accepted_draft_tokens >= expected[0].usage.accepted_draft_tokens - 6
+    plain = model.generate_many(prompts, slots=2, each=[dict(e, speculative="off") for e in each], temperature=0)
+    assert plain[0].usage.draft_tokens == 0 and plain[0].token_ids == together[0].token_ids
