@@ -148,6 +148,14 @@ def quantized_linear(
     """Write `q`'s initializers for a MatMulNBits, or for a GatherBlockQuantized (not `matmul`)."""
     if q.offsets is not None and q.K % q.block_size:
         raise ExportError(f"{prefix}: K {q.K} is not whole blocks of {q.block_size}, offsets need them")
+    # onnxruntime's CPU kernel (the quality gate's) refuses float zero points on 8-bit weights, which
+    # GGUF offsets reach when a fused QKV widens Q4_1 rows to Q8_0's bits: those keep the MatMul + Add.
+    if matmul and q.offsets is not None and quant.target == "openvino" and q.bits == 4:
+        scales, zeros = _float_zero_points(prefix, q)
+        return Linear(weight=w.initializer(f"{prefix}.qweight", q.packed), scales=w.floats(f"{prefix}.scales", scales),
+                      zero_points=w.floats(f"{prefix}.qzeros", zeros.reshape(-1)),
+                      bias="" if bias is None else w.floats(f"{prefix}.bias", bias),
+                      K=q.K, N=q.N, bits=q.bits, block_size=q.block_size)
     packed, scales, folded = q.packed, q.scales, 0
     if matmul and q.offsets is not None and quant.accuracy_level != 0:
         extra_packed, extra_scales = offset_blocks(q)
@@ -167,6 +175,29 @@ def quantized_linear(
         offsets=w.floats(f"{prefix}.offsets", q.offsets.T) if table else "",
         folded=folded,
     )
+
+
+def _float_zero_points(prefix: str, q: QuantizedWeight) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_1's `d*(q - 8) + offset` as `d*(q - zero)` with a float zero point per block.
+
+    OpenVINO decompresses float zero points inside its int4 matmul, exactly and at no cost,
+    where the offsets as a separate MatMul + Add took ~40% of a SmolLM2 decode step (onnxruntime's
+    CPU kernel is the one that falls back to dequantize + GEMM for them, see quantize.py).
+    A block of scale 0 holds one value; it gets scale 1 and zero = code - offset."""
+    if q.zero_points is not None:
+        raise ExportError(f"{prefix}: offsets on top of zero points cannot become float zero points")
+    mid = float(1 << (q.bits - 1))
+    scales = q.scales.astype(np.float32).copy()
+    flat = scales == 0
+    safe = np.where(flat, 1.0, scales)
+    zeros = (mid - q.offsets / safe).astype(np.float32)
+    if flat.any():
+        codes = np.stack([q.packed & 0x0F, q.packed >> 4], axis=-1).reshape(q.N, q.n_blocks, -1)
+        if not (codes[flat] == codes[flat][:, :1]).all():
+            raise ExportError(f"{prefix}: a block of scale 0 holds different codes")
+        zeros[flat] = codes[flat][:, 0] - q.offsets[flat]
+        scales[flat] = 1.0
+    return scales, zeros
 
 
 def make_linear(

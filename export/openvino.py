@@ -134,16 +134,18 @@ def embed_quantized(w: Writer, spec: ModelSpec, q: QuantizedWeight) -> str:
                                                               "input_ids"], axis=0)
         per_block.append(w.one("Unsqueeze", f"{name}/{kind}/Unsqueeze", [gathered, w.const([-1])]))
     packed = w.one("Gather", f"{name}/Gather", [table, "input_ids"], axis=0)  # [b, s, n_blocks, blob]
+    codes = w.one("Cast", f"{name}/Cast", [packed], to=TensorProto.FLOAT)
     if q.bits == 4:
-        # Two codes a byte, the first in the low nibble.
-        low = w.one("BitwiseAnd", f"{name}/low", [packed, w.initializer("/const/uint8/15", np.array(15, np.uint8))])
-        high = w.one("BitShift", f"{name}/high", [packed, w.initializer("/const/uint8/4", np.array(4, np.uint8))],
-                     direction="RIGHT")
+        # Two codes a byte, the first in the low nibble. Float arithmetic, exact for 0..255:
+        # OpenVINO's provider does not take BitwiseAnd.
+        high = w.one("Floor", f"{name}/high", [w.one("Mul", f"{name}/high/Mul", [codes, w.floats("/const/1_16",
+                                                                                                np.array(1 / 16))])])
+        low = w.one("Sub", f"{name}/low", [codes, w.one("Mul", f"{name}/low/Mul", [high, w.floats("/const/16",
+                                                                                               np.array(16.0))])])
         pairs = w.one("Concat", f"{name}/pairs", [w.one("Unsqueeze", f"{name}/low/Unsqueeze", [low, w.const([-1])]),
                                                   w.one("Unsqueeze", f"{name}/high/Unsqueeze", [high, w.const([-1])])],
                       axis=-1)
-        packed = w.one("Reshape", f"{name}/codes", [pairs, w.const([0, 0, q.n_blocks, q.block_size])])
-    codes = w.one("Cast", f"{name}/Cast", [packed], to=TensorProto.FLOAT)
+        codes = w.one("Reshape", f"{name}/codes", [pairs, w.const([0, 0, q.n_blocks, q.block_size])])
     values = w.one("Add", f"{name}/Add", [w.one("Mul", f"{name}/Mul", [codes, per_block[0]]), per_block[1]])
     hidden = w.one("Reshape", f"{name}/Reshape", [values, w.const([0, 0, q.n_blocks * q.block_size])])
     if q.n_blocks * q.block_size != spec.hidden_size:

@@ -22,7 +22,10 @@ from edgellm.session import BatchRunner, Runner, create_session
 from export.api import export_model
 from export.config import QuantConfig
 from export.graph import build_fast_graph
+from export.gguf import open_gguf
 from export.hf import open_hf_folder
+from gguf_writer import write_tiny_gguf
+from test_gguf_exact import TIED_QTYPES, UNTIED_QTYPES
 from test_graph import LLAMA3_ROPE, PROMPT, hf_greedy, hf_model
 from tiny import PHI3_SHAPE
 
@@ -89,10 +92,10 @@ def test_openvino_graph_has_no_attention_or_gather_contrib_ops(tiny_hf, tmp_path
 
 @pytest.mark.parametrize("quant", [dict(weights="int4"), dict(weights="int4", symmetric=False),
                                    dict(weights="int8")], ids=["int4", "int4-asym", "int8"])
-def test_openvino_quantized_embedding_is_exact(quant, tiny_hf, tmp_path):
-    """The embedding unpacks its own int4 rows (nibbles, zero points, scales): with float
-    activations the graph equals the cpu graph (GatherBlockQuantized, exact against torch
-    in test_graph) on the same weights."""
+def test_openvino_quantized_graph_equals_the_cpu_graph(quant, tiny_hf, tmp_path):
+    """Float activations (the openvino default, accuracy_level 0), and an embedding that unpacks
+    its own int4 rows (nibbles, zero points, scales): the cpu graph's answers on the same weights
+    (its GatherBlockQuantized is exact against torch in test_graph)."""
     folder = tiny_hf("qwen2", tie_embeddings=False)
     (ref_tokens, ref), (tokens, logits) = _both(folder, tmp_path, dict(accuracy_level=0, block_size=32, **quant), 8)
     assert tokens == ref_tokens
@@ -138,15 +141,6 @@ def _both(folder: Path, tmp_path: Path, quant: dict, steps: int) -> tuple[tuple,
     return _greedy(_runner(cpu_dir, spec, "cpu"), PROMPT, steps), _greedy(_runner(graph_dir, spec), PROMPT, steps)
 
 
-def test_openvino_int4_follows_the_cpu_graph(tiny_hf, tmp_path):
-    """The same int4 weights and int8 activations as the cpu graph, through standard-op
-    attention and the sequence-major cache: the same greedy tokens."""
-    (ref, ref_logits), (tokens, logits) = _both(tiny_hf("llama", tie_embeddings=False), tmp_path,
-                                                dict(weights="int4"), 32)
-    assert tokens == ref
-    np.testing.assert_allclose(logits, ref_logits, atol=1e-3 * np.abs(ref_logits).max(), rtol=0)
-
-
 def test_export_openvino_bundle(tiny_hf, tmp_path):
     manifest = export_model(tiny_hf("llama"), tmp_path / "b", quant=QuantConfig("int4", target="openvino"))
     graph = read_manifest(tmp_path / "b").graph
@@ -154,3 +148,31 @@ def test_export_openvino_bundle(tiny_hf, tmp_path):
     assert manifest.quality["perplexity"] / manifest.quality["source_perplexity"] < 1.05
     with pytest.raises(ExportError, match="int8 --target openvino"):
         export_model(tiny_hf("llama"), tmp_path / "c", quant=QuantConfig("int4", target="openvino", kv_cache="int8"))
+
+
+# Which fused linear of layer 0 holds Q4_1 blocks at 4 bits (TIED_QTYPES widens its QKV to Q8_0's 8).
+@pytest.mark.parametrize("arch,qtypes,model_kw,float_zeros", [
+    ("llama", TIED_QTYPES, {}, "mlp.gate_up_proj"),
+    ("qwen2", UNTIED_QTYPES, {"tie_embeddings": False}, "self_attn.qkv_proj"),
+])
+def test_openvino_gguf_q4_1_is_exact(arch, qtypes, model_kw, float_zeros, tiny_hf, tmp_path):
+    """GGUF Q4_0/Q4_1/Q8_0 blocks as they are: 4-bit Q4_1's offsets become float zero points of
+    the MatMulNBits (OpenVINO decompresses them in its int4 matmul; 8-bit rows keep the offsets'
+    MatMul) and shifts of the embedding's rows; the graph equals the fp32 graph of gguf-py's
+    dequantized weights."""
+    path = write_tiny_gguf(tiny_hf(arch, **model_kw), tmp_path / "m.gguf", qtypes)
+    source = open_gguf(path)
+    dirs = tmp_path / "openvino", tmp_path / "fp32"
+    for d, quant in zip(dirs, (QuantConfig(target="openvino"), QuantConfig("fp32"))):
+        d.mkdir()
+        build_fast_graph(source, quant, d)
+    graph = onnx.load(dirs[0] / "model.onnx", load_external_data=False).graph
+    zeros = {i.name: i.data_type for i in graph.initializer if i.name.endswith(".qzeros")}
+    assert zeros[f"model.layers.0.{float_zeros}.qzeros"] == onnx.TensorProto.FLOAT
+    offsets = {n.name for n in graph.node if n.name.endswith("/offsets/MatMul")}
+    assert f"/model/layers.0/{float_zeros.replace('self_attn', 'attn').replace('.', '/')}/offsets/MatMul" not in offsets
+    assert offsets <= {f"/model/layers.{i}/attn/qkv_proj/offsets/MatMul" for i in range(source.spec.num_layers)}
+    ref_tokens, ref = _greedy(_runner(dirs[1], source.spec, "cpu"), PROMPT, 8)
+    tokens, logits = _greedy(_runner(dirs[0], source.spec), PROMPT, 8)
+    assert tokens == ref_tokens
+    np.testing.assert_allclose(logits, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
