@@ -435,8 +435,9 @@ def build_fast_graph(
                 suffix = f"_{layer.rope.name}" if layer.rope.name else ""
                 ropes[layer.rope.name] = (openvino.rotary(w, suffix, cos, sin, lengths) if openvino_graph else
                                           (w.floats(f"cos_cache{suffix}", cos), w.floats(f"sin_cache{suffix}", sin)))
-        masks = {window: openvino.attention_mask(w, lengths, window) for window in {la.window for la in layers}
-                 } if openvino_graph else {}
+        group = spec.num_heads // spec.num_kv_heads
+        masks = {window: openvino.group_mask(w, openvino.attention_mask(w, lengths, window), group)
+                 for window in {la.window for la in layers}} if openvino_graph else {}
         lm_head, lm_head_q = head_weights(w, source, spec, quant, loader)
         x, residual = embed(w, source, spec, quant, loader, lm_head, lm_head_q), None
         if spec.embedding_scale is not None:

@@ -86,7 +86,11 @@ def _rotate(w: Writer, name: str, x: str, rope: tuple[str, str], dim: int, head_
 
 def attention(w: Writer, spec: ModelSpec, i: int, layer: Layer, q: str, k: str, v: str,
               rope: tuple[str, str], mask: str) -> str:
-    """Rotary, the new KV rows as `present.{i}.*`, attention over past + new; [b, s, heads * head_dim]."""
+    """Rotary, the new KV rows as `present.{i}.*`, attention over past + new; [b, s, heads * head_dim].
+
+    Query heads are grouped by the KV head they share, [b, kv_heads, group * s, head_dim], so
+    no KV row is ever repeated (`mask` comes tiled to group * s rows, see group_mask); the scale
+    goes on q, the smallest tensor it can."""
     base = f"/model/layers.{i}/attn"
     heads, kv_heads, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
     dim = int(d * spec.partial_rotary_factor)
@@ -95,29 +99,26 @@ def attention(w: Writer, spec: ModelSpec, i: int, layer: Layer, q: str, k: str, 
     new_v = w.node("Reshape", f"{base}/v/Reshape", [v, w.const([0, 0, kv_heads, d])], [f"present.{i}.value"])[0]
     q = _rotate(w, f"{base}/q_rotary", q, rope, dim, d)
     new_k = _rotate(w, f"{base}/k_rotary", k, rope, dim, d, out=f"present.{i}.key")
-    # [b, s, h, d] -> [b, h, s, d], then every KV head repeated for its group of query heads.
-    q = w.one("Transpose", f"{base}/q/Transpose", [q], perm=[0, 2, 1, 3])
-    kv = []
-    for kind, new in (("key", new_k), ("value", new_v)):
-        rows = w.one("Concat", f"{base}/{kind}/Concat", [f"past_key_values.{i}.{kind}", new], axis=1)
-        rows = w.one("Transpose", f"{base}/{kind}/Transpose", [rows], perm=[0, 2, 1, 3])
-        if heads != kv_heads:
-            group = w.one("Unsqueeze", f"{base}/{kind}/Unsqueeze", [rows, w.const([2])])
-            shape = w.one("Concat", f"{base}/{kind}/shape", [
-                w.one("Shape", f"{base}/{kind}/Shape", [rows], end=2), w.const([heads // kv_heads]),
-                w.one("Shape", f"{base}/{kind}/Shape_1", [rows], start=2)], axis=0)
-            group = w.one("Expand", f"{base}/{kind}/Expand", [group, shape])
-            rows = w.one("Reshape", f"{base}/{kind}/Reshape", [group, w.const([0, heads, -1, d])])
-        kv.append(rows)
-    keys_t = w.one("Transpose", f"{base}/key/Transpose_1", [kv[0]], perm=[0, 1, 3, 2])
-    scores = w.one("MatMul", f"{base}/MatMul", [q, keys_t])
     scale = layer.scale if layer.scale is not None else d ** -0.5
-    scores = w.one("Mul", f"{base}/Mul", [scores, w.floats(f"{base}/scale", np.array(scale))])
-    scores = w.one("Add", f"{base}/Add", [scores, mask])
+    q = w.one("Mul", f"{base}/q/Mul", [q, w.floats(f"{base}/scale", np.array(scale))])
+    q = w.one("Transpose", f"{base}/q/Transpose", [q], perm=[0, 2, 1, 3])  # [b, h, s, d]
+    q = w.one("Reshape", f"{base}/q/Reshape_1", [q, w.const([0, kv_heads, -1, d])])  # [b, kv, group * s, d]
+    rows = []
+    for kind, new in (("key", new_k), ("value", new_v)):
+        cat = w.one("Concat", f"{base}/{kind}/Concat", [f"past_key_values.{i}.{kind}", new], axis=1)
+        rows.append(w.one("Transpose", f"{base}/{kind}/Transpose", [cat], perm=[0, 2, 1, 3]))  # [b, kv, t, d]
+    keys_t = w.one("Transpose", f"{base}/key/Transpose_1", [rows[0]], perm=[0, 1, 3, 2])
+    scores = w.one("Add", f"{base}/Add", [w.one("MatMul", f"{base}/MatMul", [q, keys_t]), mask])
     probs = w.one("Softmax", f"{base}/Softmax", [scores], axis=-1)
-    out = w.one("MatMul", f"{base}/MatMul_1", [probs, kv[1]])
+    out = w.one("MatMul", f"{base}/MatMul_1", [probs, rows[1]])  # [b, kv, group * s, d]
+    out = w.one("Reshape", f"{base}/Reshape", [out, w.const([0, heads, -1, d])])
     out = w.one("Transpose", f"{base}/Transpose", [out], perm=[0, 2, 1, 3])
-    return w.one("Reshape", f"{base}/Reshape", [out, w.const([0, 0, heads * d])])
+    return w.one("Reshape", f"{base}/Reshape_1", [out, w.const([0, 0, heads * d])])
+
+
+def group_mask(w: Writer, mask: str, group: int) -> str:
+    """`mask` [b, 1, s, t] repeated for each query head of a KV group: [b, 1, group * s, t]."""
+    return mask if group == 1 else w.one("Tile", f"{mask}/Tile", [mask, w.const([1, 1, group, 1])])
 
 
 def embed_quantized(w: Writer, spec: ModelSpec, q: QuantizedWeight) -> str:
