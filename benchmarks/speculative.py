@@ -1,6 +1,7 @@
 """Prompt-lookup speculation against plain decode, and against llama.cpp's prompt lookup: issue 14's bar.
 
-    python benchmarks/speculative.py [--bundle DIR] [--gguf FILE] [--tokens 96] [--runs 4] [--threads 2] [--json out.json]
+    python benchmarks/speculative.py [--bundle DIR] [--gguf FILE] [--genai DIR] [--tokens 96] [--runs 4] [--threads 2]
+                                     [--json out.json]
 
 Workload: answers that quote their input, as anomaly explanations do (sensor names, readings
 and baselines repeated back), next to a control whose answer is free text. Each prompt is run
@@ -10,7 +11,10 @@ over its wall time after the first token (speculation emits several tokens in on
 per-token pace is what it changes). Greedy text is compared token for token: on an int4 bundle
 MatMulNBits computes one row and several rows differently, so the texts may part after a
 near-tie; the table says where they did. llama.cpp (llama-cpp-python, if installed) runs the
-same prompts on the GGUF with and without `LlamaPromptLookupDecoding`.
+same prompts on the GGUF with and without `LlamaPromptLookupDecoding`. onnxruntime-genai, given
+its model folder (`genai_build.py` makes one from the same GGUF), decodes the same token ids with
+and without its n-gram speculation (`set_speculative_options`, genai 0.18 and later); its greedy
+texts are compared with each other as edgellm's are.
 Progress on stderr; the table and the PASS/FAIL lines on stdout.
 """
 from __future__ import annotations
@@ -27,6 +31,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import report  # noqa: E402
+from engines import Genai  # noqa: E402
 from structured import ensure_bundle  # noqa: E402
 
 BAR_VS_PLAIN = 1.6  # quoting workload, prompt lookup over plain decode
@@ -87,6 +92,49 @@ def llama_runners(gguf: Path, threads: int) -> dict[str, Any] | None:
             "prompt_lookup": Llama(**common, draft_model=LlamaPromptLookupDecoding(num_pred_tokens=10))}
 
 
+# genai's n-gram drafting: 4-token suffixes, drafts of at most 8 tokens, chained lookups, the draft
+# length adapted to acceptance but never below 2.
+GENAI_NGRAM = {"ngram_size": 4, "max_draft_tokens": 8, "ngram_chained_lookup": True, "min_adaptive_k": 2}
+
+
+def genai_model(model_dir: Path | None, threads: int) -> Any | None:
+    if model_dir is None:
+        report.stage("no --genai model folder: the onnxruntime-genai columns are skipped")
+        return None
+    import onnxruntime_genai as og
+
+    if not hasattr(og.GeneratorParams, "set_speculative_options"):
+        report.stage(f"onnxruntime-genai {og.__version__} has no n-gram speculation: its columns are skipped")
+        return None
+    return Genai(model_dir, threads, 0).model
+
+
+def run_genai(model: Any, ids: list[int], tokens: int, speculative: str) -> dict[str, Any]:
+    """Greedy until EOS or `tokens`, as the other engines; drafting wants no repetition penalty,
+    no no-repeat n-grams and no min_length, which are genai's defaults for this folder."""
+    import onnxruntime_genai as og
+
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + tokens, do_sample=False)
+    if speculative != "off":
+        params.set_speculative_options(**GENAI_NGRAM)
+        taken = params.get_speculative_options()
+        if any(taken.get(k) != v for k, v in GENAI_NGRAM.items()):
+            raise SystemExit(f"onnxruntime-genai kept speculative options {taken}, not {GENAI_NGRAM}")
+    generator = og.Generator(model, params)
+    generator.append_tokens(ids)
+    first, out = 0.0, []
+    while not generator.is_done():  # drafted tokens still come out one per call
+        generator.generate_next_token()
+        first = first or time.perf_counter()
+        out.append(int(generator.get_next_tokens()[0]))
+    end = time.perf_counter()
+    stats = generator.get_speculative_stats() if speculative != "off" else {}
+    return {"tokens": len(out), "rate": rate(first, end, len(out)), "ids": out,
+            **({"drafted": int(stats["draft_tokens_evaluated"]), "accepted": int(stats["draft_tokens_accepted"])}
+               if stats else {})}
+
+
 def run_llama(llm: Any, text: str, tokens: int) -> dict[str, Any]:
     llm.reset()
     first, count = 0.0, 0
@@ -97,18 +145,23 @@ def run_llama(llm: Any, text: str, tokens: int) -> dict[str, Any]:
     return {"tokens": count, "rate": rate(first, end, count)}
 
 
-def measure(model: Any, llamas: dict[str, Any] | None, tokens: int, runs: int) -> dict[str, Any]:
+def measure(model: Any, llamas: dict[str, Any] | None, genai: Any | None, tokens: int, runs: int) -> dict[str, Any]:
+    from edgellm.params import GenerationParams
+
     rows: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for rep in range(runs + 1):  # repetition 0 warms up and is dropped
         report.stage(f"repetition {rep + 1}/{runs + 1}" + (" (warm-up)" if rep == 0 else ""))
         for kind, texts in PROMPTS.items():
             for i, text in enumerate(texts):
+                ids = model.prompt_ids(messages(text), GenerationParams())
                 order = ["off", "prompt_lookup"] if rep % 2 == 0 else ["prompt_lookup", "off"]
                 for mode in order:
                     key = f"{kind}/{mode}"
                     got = {"edgellm": run_edgellm(model, text, tokens, mode)}
                     if llamas is not None:
                         got["llama.cpp"] = run_llama(llamas[mode], text, tokens)
+                    if genai is not None:
+                        got["genai"] = run_genai(genai, ids, tokens, mode)
                     if rep:
                         for engine, result in got.items():
                             rows.setdefault(f"{engine} {key}", {}).setdefault(str(i), []).append(result)
@@ -124,12 +177,14 @@ def summarize(rows: dict[str, Any]) -> dict[str, Any]:
         if "drafted" in runs[0]:
             drafted = sum(r["drafted"] for r in runs)
             out[key]["acceptance"] = sum(r["accepted"] for r in runs) / drafted if drafted else None
-    for kind in PROMPTS:
-        plain, fast = rows.get(f"edgellm {kind}/off", {}), rows.get(f"edgellm {kind}/prompt_lookup", {})
+    for engine, kind in ((e, k) for e in ("edgellm", "genai") for k in PROMPTS):
+        plain, fast = rows.get(f"{engine} {kind}/off", {}), rows.get(f"{engine} {kind}/prompt_lookup", {})
+        if not plain:
+            continue
         same = [plain[i][0]["ids"] == fast[i][0]["ids"] for i in plain]
         parted = [next((j for j, (a, b) in enumerate(zip(plain[i][0]["ids"], fast[i][0]["ids"])) if a != b), None)
                   for i in plain]
-        out[f"edgellm {kind}/identical"] = {"same": sum(same), "of": len(same), "parted_at": parted}
+        out[f"{engine} {kind}/identical"] = {"same": sum(same), "of": len(same), "parted_at": parted}
     return out
 
 
@@ -168,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--bundle", type=Path, help="edgellm bundle (default: SmolLM2 exported by bench.py's recipe)")
     p.add_argument("--gguf", type=Path, help="GGUF for llama.cpp (default: the shipped SmolLM2 Q4_1)")
+    p.add_argument("--genai", type=Path, help="onnxruntime-genai model folder (genai_build.py); none: no genai columns")
     p.add_argument("--tokens", type=int, default=96, help="max new tokens per answer")
     p.add_argument("--runs", type=int, default=4, help="measured repetitions (plus one warm-up)")
     p.add_argument("--threads", type=int, default=2)
@@ -187,10 +243,11 @@ def main(argv: list[str] | None = None) -> int:
 
         gguf = Path(resolve_builtin("smollm2-135m"))
     llamas = llama_runners(gguf, args.threads)
-    summary = summarize(measure(model, llamas, args.tokens, args.runs))
+    genai = genai_model(args.genai, args.threads)
+    summary = summarize(measure(model, llamas, genai, args.tokens, args.runs))
     checks = bars(summary)
-    results = {"machine": machine, "bundle": str(bundle), "gguf": str(gguf), "tokens": args.tokens,
-               "runs": args.runs, "summary": summary, "bars": checks}
+    results = {"machine": machine, "bundle": str(bundle), "gguf": str(gguf), "genai": args.genai and str(args.genai),
+               "tokens": args.tokens, "runs": args.runs, "summary": summary, "bars": checks}
     report.emit(results, table(summary), report.bar_lines(checks), args.json)
     return 0
 
