@@ -9,6 +9,10 @@ what it answers, is checked by benchmarks/openvino.py where it is installed (dev
 from __future__ import annotations
 
 import collections
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +34,8 @@ from test_graph import LLAMA3_ROPE, PROMPT, hf_greedy, hf_model
 from tiny import PHI3_SHAPE
 
 STEPS = 16
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+OPENVINO_PYTHON = os.environ.get("EDGELLM_OPENVINO_PYTHON")
 CASES = {
     "llama-tied": ("llama", dict()),
     "llama-untied-llama3-rope": ("llama", dict(tie_embeddings=False, rope_scaling=LLAMA3_ROPE)),
@@ -176,3 +182,24 @@ def test_openvino_gguf_q4_1_is_exact(arch, qtypes, model_kw, float_zeros, tiny_h
     tokens, logits = _greedy(_runner(dirs[0], source.spec), PROMPT, 8)
     assert tokens == ref_tokens
     np.testing.assert_allclose(logits, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+
+
+@pytest.mark.skipif(not OPENVINO_PYTHON, reason="EDGELLM_OPENVINO_PYTHON names no Python with onnxruntime-openvino "
+                    "(it replaces the onnxruntime wheel, so it lives in a venv of its own)")
+def test_tiny_bundle_runs_whole_inside_openvino(tiny_hf, tmp_path):
+    """Where OpenVINO is installed: every node on it (CPU fallback disabled), the CPU provider's greedy tokens."""
+    bundle = tmp_path / "b"
+    export_model(tiny_hf("llama"), bundle, quant=QuantConfig("int4", target="openvino"), evaluate=False)
+    ids = tmp_path / "ids.json"
+    ids.write_text(json.dumps(PROMPT * 3))
+    rows = {}
+    for python, provider in ((sys.executable, "CPUExecutionProvider"), (OPENVINO_PYTHON, "OpenVINOExecutionProvider")):
+        cmd = [python, str(BENCH / "openvino.py"), "worker", "--bundle", str(bundle), "--provider", provider,
+               "--ids", str(ids), "--tokens", "24"]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "PYTHONPATH": str(BENCH.parent)})
+        assert done.returncode == 0, done.stderr[-2000:]
+        rows[provider] = json.loads(done.stdout.strip().splitlines()[-1])
+    ov = rows["OpenVINOExecutionProvider"]
+    assert ov["every_node"] is True and ov["providers"][0] == "OpenVINOExecutionProvider"
+    assert ov["tokens"] == rows["CPUExecutionProvider"]["tokens"]
