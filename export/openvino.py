@@ -3,10 +3,11 @@ uses contrib ops OpenVINO does not take.
 
 onnxruntime's OpenVINO provider takes MatMulNBits and both RMS norms but neither
 GroupQueryAttention nor GatherBlockQuantized, so the cpu graph splits into ~31 OpenVINO
-partitions around 30 attention nodes left to the CPU. Here attention is written the way
-transformers' eager attention exports (Q·Kᵀ·scale + mask -> Softmax -> ·V, KV heads repeated
-by Unsqueeze/Expand/Reshape), a pattern OpenVINO fuses into its own ScaledDotProductAttention,
-rotary is rotate-half from Slice/Neg/Concat, and the embedding unpacks its int4 rows itself.
+partitions around 30 attention nodes left to the CPU. Here attention is (q·scale)·Kᵀ + mask ->
+Softmax -> ·V with the query heads grouped by their KV head, which OpenVINO's CPU plugin runs as
+one fused subgraph per layer (measured: not its ScaledDotProductAttention node), rotary is
+rotate-half from Slice/Neg/Concat (fused into OpenVINO's RoPE node), and the embedding unpacks
+its int4 rows itself.
 
 The KV cache is sequence-major, [batch, rows, kv_heads, head_dim]: `past_key_values.*` are the
 rows cached so far, and `present.*` only the new rows, so the runtime binds past to the first
