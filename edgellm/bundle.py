@@ -28,7 +28,7 @@ from .spec import ModelSpec
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 GRAPH_KINDS = ("fast", "generic")
-GRAPH_TARGETS = ("cpu", "cuda", "openvino")
+GRAPH_TARGETS = ("cpu", "cuda", "openvino", "qnn")
 _SHA256 = re.compile("[0-9a-f]{64}")
 
 
@@ -39,7 +39,8 @@ class Manifest:
     `graph` holds: kind ("fast" | "generic"), file, inputs, outputs, kv_dtype,
     batch (true: the graph decodes several cache slots in one step; absent: batch 1), and
     target ("cuda": float16 activations for CUDA's kernels; "openvino": standard-op attention
-    and a sequence-major cache, see kvcache.AppendCache; absent: "cpu").
+    and a sequence-major cache, see kvcache.AppendCache; "qnn": a static one-token step over
+    `context` cache rows, see static_cache.StepRunner; absent: "cpu").
     `quantization` holds: weights ("int4" | "int8" | "fp16" | "fp32"), block_size,
     symmetric, accuracy_level, and per-tensor notes (e.g. GGUF blocks imported exactly).
     `generation` holds: bos_token_id, eos_token_ids, pad_token_id and default sampling.
@@ -94,6 +95,9 @@ class Manifest:
             raise BundleError(f"{where}: graph.batch must be true or false, got {graph['batch']!r}")
         if graph.get("target", "cpu") not in GRAPH_TARGETS:
             raise BundleError(f"{where}: graph.target {graph['target']!r} is not one of {GRAPH_TARGETS}")
+        context = graph.get("context")
+        if graph.get("target") == "qnn" and (not isinstance(context, int) or isinstance(context, bool) or context < 2):
+            raise BundleError(f"{where}: graph.context must be an integer >= 2 for target qnn, got {context!r}")
         files = data["files"]
         for name, digest in files.items():
             _check_name(name, where, "files entry")

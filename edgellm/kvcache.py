@@ -45,6 +45,10 @@ def cache_for(graph: dict[str, Any], num_layers: int, kv_heads: int, head_dim: i
     dtype = graph.get("kv_dtype", "float32")
     if graph["kind"] != "fast":
         return DynamicCache(num_layers, kv_heads, head_dim, capacity, dtype)
+    if graph.get("target") == "qnn":
+        from .static_cache import FixedCache  # it builds on AppendCache, below
+
+        return FixedCache(num_layers, kv_heads, head_dim, capacity, dtype)
     kind = AppendCache if graph.get("target", "cpu") in APPEND_TARGETS else StaticCache
     return kind(num_layers, kv_heads, head_dim, capacity, dtype)
 

@@ -10,11 +10,12 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 from .bundle import Manifest, bundle_file, read_manifest
 from .errors import BundleError, GenerationError
 from .generate import Chunk, Conventions, GenerationParams, Result, collect, stream_chunks
-from .kvcache import DynamicCache, SlotCache, StaticCache
+from .kvcache import SlotCache, cache_for
 from .reasoning import CONFIG_KEY, detect_markers, template_extras
 from .session import BatchRunner, ProviderSpec, Runner, create_session, release_freed_heap
 from .speculate import DraftModel, PromptLookup
 from .spec import ModelSpec
+from .static_cache import StepRunner
 from .text import ChatTemplate, Tokenizer, encode_chat, template_variables
 from .tools import CLOSE, OPEN, call_syntax, chat_inputs, settle_choice
 
@@ -63,13 +64,14 @@ def load(
     if not isinstance(wanted, int) or isinstance(wanted, bool) or wanted < 2:
         raise GenerationError(f"max_context must be an integer >= 2, got {wanted!r}")
     context = min(wanted, manifest.spec.max_context)
+    one_token = manifest.graph.get("target") == "qnn"
+    if one_token:  # fixed in the graph's shapes at export
+        context = manifest.graph["context"]
 
     graph = manifest.graph
     graph_path = bundle_file(root, graph["file"])
     spec = manifest.spec
-    dtype = graph.get("kv_dtype", "float32")
-    cache_type = StaticCache if graph["kind"] == "fast" else DynamicCache
-    cache = cache_type(spec.num_layers, spec.num_kv_heads, spec.head_dim, context, dtype)
+    cache = cache_for(graph, spec.num_layers, spec.num_kv_heads, spec.head_dim, context)
     if prof is not None:
         _warn_memory(prof, root, manifest, context, cache.dtype.itemsize)
     # The tokenizer first: parsing its JSON peaks at several times its size, and that
@@ -84,7 +86,7 @@ def load(
     release_freed_heap()
     session = create_session(graph_path, providers=providers, threads=threads)
     _warn_target(graph.get("target", "cpu"), session.get_providers()[0])
-    runner = Runner(session, cache, kind=graph["kind"], where=str(graph_path))
+    runner = (StepRunner if one_token else Runner)(session, cache, kind=graph["kind"], where=str(graph_path))
     defaults = manifest.generation.get("defaults") or {}
     try:
         GenerationParams.build(defaults, {}, runner.vocab_size)
@@ -123,7 +125,8 @@ def _warn_memory(prof: "DeviceProfile", root: Path, manifest: Manifest, context:
 
 def _warn_target(target: str, provider: str) -> None:
     """A graph built for one kind of device runs on another, slowly: CUDA's attention takes only
-    float16, and the CPU runs float16 ops through casts."""
+    float16, the CPU runs float16 ops through casts, and the OpenVINO and QNN graphs are shaped
+    for those compilers."""
     on_cuda = provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
     if target == "cuda" and not on_cuda:
         log.warning("this bundle was exported with --target cuda but runs on %s: float16 on a CPU is slower "
@@ -131,6 +134,12 @@ def _warn_target(target: str, provider: str) -> None:
     elif target == "cpu" and on_cuda:
         log.warning("this bundle's float32 graph runs on %s, whose attention takes float16 only: export it "
                     "with --target cuda", provider)
+    elif target == "openvino" and provider != "OpenVINOExecutionProvider":
+        log.warning("this bundle was exported with --target openvino but runs on %s, whose kernels take its "
+                    "weights' float zero points slowly (SmolLM2: 30x slower steps): use the default export", provider)
+    elif target == "qnn" and provider != "QNNExecutionProvider":
+        log.warning("this bundle was exported with --target qnn but runs on %s: every token, prompt included, is "
+                    "a step over the whole fixed context; use the default export off the NPU", provider)
 
 
 def _is_id(value: object) -> bool:
@@ -272,8 +281,8 @@ class Model:
         Up to `slots` (default: min(prompts, 4)) decode in one batched step; the rest
         start as slots free. `each[i]` adds parameters for prompt i over `params`. Each
         slot keeps its cache for the next call, so a returning prompt prefix is reused.
-        A graph exported without a batch dimension runs one slot; a generic graph runs
-        the prompts one after another.
+        A graph exported without a batch dimension runs one slot; a generic, openvino or
+        qnn graph runs the prompts one after another.
         """
         started = time.perf_counter()
         each = list(each) if each is not None else [{}] * len(prompts)
@@ -282,7 +291,7 @@ class Model:
         if slots is not None and (not isinstance(slots, int) or isinstance(slots, bool) or slots < 1):
             raise GenerationError(f"slots must be an integer >= 1, got {slots!r}")
         requests = [self.request(prompt, **{**params, **extra}) for prompt, extra in zip(prompts, each)]
-        if self.manifest.graph["kind"] != "fast":
+        if not self._batches:
             return [self.generate(prompt, **{**params, **extra}) for prompt, extra in zip(prompts, each)]
         scheduler = self.scheduler(slots or min(max(len(prompts), 1), DEFAULT_SLOTS))
         for i, (prompt_ids, p) in enumerate(requests):
@@ -299,10 +308,17 @@ class Model:
         no batch dimension), for whoever drives many requests: `generate_many`, the engine."""
         from .batch import Scheduler
 
-        if self.manifest.graph["kind"] != "fast":
-            raise GenerationError("a generic graph decodes one request at a time: serve it with one slot")
+        if not self._batches:
+            kind = "a generic" if self.manifest.graph["kind"] != "fast" else f"a --target {self.manifest.graph['target']}"
+            raise GenerationError(f"{kind} graph decodes one request at a time: serve it with one slot")
         return Scheduler(self._slots(slots if self.manifest.graph.get("batch") else 1), self.tokenizer,
                          self.conventions)
+
+    @property
+    def _batches(self) -> bool:
+        """Whether cache slots can run this graph (a generic, openvino or qnn one runs one request at a time)."""
+        graph = self.manifest.graph
+        return graph["kind"] == "fast" and graph.get("target", "cpu") in ("cpu", "cuda")
 
     def _slots(self, n: int) -> BatchRunner:
         if self._batch is None or len(self._batch.slots) != n:

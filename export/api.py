@@ -113,6 +113,10 @@ def _build(
     requantize: bool = False,
     calibration_ids: Sequence[int] = (),
 ) -> GraphInfo:
+    if path == "fast" and quant.target == "qnn":
+        from .qnn import build_qnn_graph
+
+        return build_qnn_graph(src, quant, out_dir, progress, context=quant.context)
     if path == "fast":
         from .graph import build_fast_graph
 
@@ -141,6 +145,7 @@ def _quality_gate(
     """Perplexity of the bundle and of the fp32 graph (float32 KV) of the same weights, on one text."""
     progress("evaluate", 0, 2)
     graph = info.manifest_entry()
+    ids = ids[: info.context or len(ids)]  # a qnn graph reads no more than its context
     ppl = perplexity(bundle_dir / info.file, graph, src.spec, ids)
     progress("evaluate", 1, 2)
     if quant.weights == "fp32" and quant.kv_cache == "float32":

@@ -38,7 +38,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="cpu (default): float32 activations; cuda: float16 activations, attention, norms and "
                         "KV cache end to end, what onnxruntime's CUDA kernels take (Jetson; fast graph only); "
                         "openvino: attention from standard ops OpenVINO fuses, so the whole graph runs inside "
-                        "onnxruntime's OpenVINO provider (float32 KV cache, one request at a time)")
+                        "onnxruntime's OpenVINO provider (float32 KV cache, one request at a time); qnn: static shapes, one token "
+                        "a step over a context fixed by --context, what Qualcomm's HTP compiles whole (prompts too "
+                        "go a token a step)")
+    parser.add_argument("--context", type=int,
+                        help="--target qnn: the KV cache's rows, fixed in the graph (default 256); every step "
+                        "attends over all of them")
     parser.add_argument("--via", default="auto", choices=["auto", "fast", "optimum"],
                         help=f"fast: edgellm's fused graph ({', '.join(FAST_ARCHS)}); optimum: any decoder "
                         "optimum supports (needs edgellm[optimum]); auto: fast where supported")
@@ -115,8 +120,13 @@ def run(args: argparse.Namespace) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     eval_text = args.eval_text.read_text(encoding="utf-8") if args.eval_text else None
+    if args.context is not None and args.target != "qnn":
+        print(f"edgellm export: --context {args.context}: only --target qnn fixes the context at export",
+              file=sys.stderr)
+        return 2
     quant = QuantConfig(weights=args.quant, block_size=args.block_size, symmetric=not args.asymmetric,
-                        accuracy_level=args.accuracy_level, kv_cache=args.kv_cache, target=args.target)
+                        accuracy_level=args.accuracy_level, kv_cache=args.kv_cache, target=args.target,
+                        context=args.context)
     bars = _Bars() if sys.stderr.isatty() else _StageLines()
     start = time.perf_counter()
     try:

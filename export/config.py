@@ -10,8 +10,8 @@ from edgellm.errors import ExportError
 
 WeightType = Literal["int4", "int8", "fp16", "fp32"]
 KVCacheType = Literal["auto", "float32", "float16", "int8"]
-Target = Literal["cpu", "cuda", "openvino"]
-TARGETS = ("cpu", "cuda", "openvino")
+Target = Literal["cpu", "cuda", "openvino", "qnn"]
+TARGETS = ("cpu", "cuda", "openvino", "qnn")
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,8 @@ class QuantConfig:
     # (OpenVINO fuses them; it has no GroupQueryAttention), a sequence-major float32 cache.
     # The graph's `target` records it (not to_dict, so cpu manifests stay as they were).
     target: Target = "cpu"
+    # qnn: the rows of the KV cache, fixed at export (every step attends over all of them); None: 256.
+    context: int | None = None
 
     def __post_init__(self) -> None:
         if self.weights not in ("int4", "int8", "fp16", "fp32"):
@@ -44,6 +46,8 @@ class QuantConfig:
             raise ExportError(f"--target {self.target!r}: expected {' or '.join(TARGETS)}")
         if self.target == "cuda" and self.weights == "fp32":
             raise ExportError("--quant fp32 --target cuda: float16 activations take fp16, int8 or int4 weights")
+        if self.target == "qnn" and self.context is None:
+            object.__setattr__(self, "context", 256)
         if self.accuracy_level is None:
             # OpenVINO multiplies float activations by the int4 weights whatever the level says (tiny
             # llama: 1.5e-6 of the logit scale from the CPU provider at level 0, 2.8e-2 at level 4), so
@@ -77,12 +81,12 @@ class QuantConfig:
             return "float16"
         if self.kv_cache == "float16":
             raise ExportError(f"--kv-cache float16: needs --target cuda (the {self.target} graph attends in float32)")
-        if self.target == "openvino":
+        if self.target in ("openvino", "qnn"):
             if not fast_graph:
-                raise ExportError("--target openvino: the optimum path has no OpenVINO graph (fast graph only)")
+                raise ExportError(f"--target {self.target}: the optimum path has no such graph (fast graph only)")
             if self.kv_cache == "int8":
                 # GroupQueryAttention quantizes the cache; the standard-op attention has no quantized cache.
-                raise ExportError("--kv-cache int8 --target openvino: the cache is float32 (no GroupQueryAttention)")
+                raise ExportError(f"--kv-cache int8 --target {self.target}: the cache is float32 (no GroupQueryAttention)")
             return "float32"
         if self.kv_cache == "int8" and not fast_graph:
             raise ExportError("--kv-cache int8: the optimum path has no quantized KV cache (fast graph only)")
@@ -115,6 +119,8 @@ class GraphInfo:
     batch: bool = False
     # What the graph's dtypes were chosen for (QuantConfig.target); bundles without the field target cpu.
     target: Target = "cpu"
+    # qnn: the KV cache's rows, fixed in the graph's shapes.
+    context: int | None = None
     # Per-tensor quantization notes (e.g. "exact Q4_1 import", "re-quantized from Q6_K").
     notes: list[str] = field(default_factory=list)
 
@@ -129,4 +135,6 @@ class GraphInfo:
         }
         if self.target != "cpu":
             entry["target"] = self.target
+        if self.context is not None:
+            entry["context"] = self.context
         return entry

@@ -95,7 +95,7 @@ def build_qnn_graph(source: Source, quant: QuantConfig, out_dir: Path, progress:
     notes += [f"qnn: static shapes, one token a step over a context of {context} fixed at export (prompts too); "
              "attention, rotary and mask from standard ops; float32 KV cache, sequence-major, present = the new row"]
     return GraphInfo(kind="fast", file=GRAPH_FILE, inputs=[v.name for v in inputs], outputs=[v.name for v in outputs],
-                     kv_dtype="float32", batch=False, target="qnn", notes=notes)  # type: ignore[arg-type]
+                     kv_dtype="float32", batch=False, target="qnn", context=context, notes=notes)
 
 
 def _io(spec: ModelSpec, context: int) -> tuple[list[onnx.ValueInfoProto], list[onnx.ValueInfoProto]]:

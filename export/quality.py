@@ -59,8 +59,13 @@ def token_nll(model_path: Path, graph: dict[str, Any], spec: ModelSpec, ids: lis
     opts.intra_op_num_threads = threads
     session = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
     arr = np.asarray(ids, dtype=np.int64)[None, :]
-    (logits,) = session.run(["logits"], _feeds(graph, spec, arr))
-    logits = logits[0, :-1].astype(np.float64)
+    if graph.get("target") == "qnn":  # a one-token graph: the text goes a step a token
+        from edgellm.static_cache import StepRunner
+
+        logits = StepRunner(session, where=str(model_path)).forward_all(ids[:-1]).astype(np.float64)
+    else:
+        (logits,) = session.run(["logits"], _feeds(graph, spec, arr))
+        logits = logits[0, :-1].astype(np.float64)
     top = logits.max(axis=-1, keepdims=True)
     logz = np.log(np.exp(logits - top).sum(axis=-1)) + top[:, 0]
     return logz - logits[np.arange(len(ids) - 1), arr[0, 1:]]

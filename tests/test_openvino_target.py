@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -19,8 +20,9 @@ import numpy as np
 import onnx
 import pytest
 
+import edgellm
 from edgellm.bundle import read_manifest
-from edgellm.errors import BundleError, ExportError
+from edgellm.errors import BundleError, ExportError, GenerationError
 from edgellm.kvcache import AppendCache, SlotCache, StaticCache, cache_for
 from edgellm.session import BatchRunner, Runner, create_session
 from export.api import export_model
@@ -154,6 +156,19 @@ def test_export_openvino_bundle(tiny_hf, tmp_path):
     assert manifest.quality["perplexity"] / manifest.quality["source_perplexity"] < 1.05
     with pytest.raises(ExportError, match="int8 --target openvino"):
         export_model(tiny_hf("llama"), tmp_path / "c", quant=QuantConfig("int4", target="openvino", kv_cache="int8"))
+
+
+def test_an_openvino_bundle_loads_warns_off_openvino_and_serves_one_at_a_time(tiny_hf, tmp_path, caplog):
+    export_model(tiny_hf("llama"), tmp_path / "b", quant=QuantConfig("fp32", target="openvino"), evaluate=False)
+    with caplog.at_level(logging.WARNING, logger="edgellm"):
+        model = edgellm.load(tmp_path / "b")
+    assert any("--target openvino but runs on CPUExecutionProvider" in r.getMessage() for r in caplog.records)
+    prompts = ["The quick brown fox", "Edge boards"]
+    alone = [model.generate(p, max_new_tokens=6, ignore_eos=True, temperature=0) for p in prompts]
+    together = model.generate_many(prompts, slots=2, max_new_tokens=6, ignore_eos=True, temperature=0)
+    assert [r.token_ids for r in together] == [r.token_ids for r in alone]
+    with pytest.raises(GenerationError, match="--target openvino graph decodes one request at a time"):
+        model.scheduler(2)
 
 
 # Which fused linear of layer 0 holds Q4_1 blocks at 4 bits (TIED_QTYPES widens its QKV to Q8_0's 8).

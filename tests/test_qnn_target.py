@@ -9,6 +9,7 @@ its greedy tokens must be the CPU provider's.
 from __future__ import annotations
 
 import collections
+import logging
 import sys
 from pathlib import Path
 
@@ -139,3 +140,23 @@ def test_qnn_graph_runs_whole_on_the_htp_with_the_cpu_tokens(weights, tiny_hf, t
     want, _ = _greedy(StepRunner(create_session(path, threads=1)), PROMPT, 8)
     assert tokens == want
     assert len(set(want)) > 2  # a model stuck on one token would agree trivially
+
+
+def test_export_qnn_bundle_loads_and_answers_as_the_cpu_bundle(tiny_hf, tmp_path, caplog):
+    """The manifest records the target and its context, load() picks StepRunner and that context,
+    the quality gate ran the text a step a token, and greedy text is the cpu bundle's at level 0."""
+    from edgellm.model import load
+    from export.api import export_model
+
+    folder = tiny_hf("llama")
+    manifest = export_model(folder, tmp_path / "qnn", quant=QuantConfig("int4", target="qnn", context=64))
+    assert (manifest.graph["target"], manifest.graph["context"], manifest.quality["tokens"]) == ("qnn", 64, 64)
+    with caplog.at_level(logging.WARNING, logger="edgellm"):
+        model = load(tmp_path / "qnn")
+    assert isinstance(model._runner, StepRunner) and model.max_context == 64
+    assert any("--target qnn but runs on CPUExecutionProvider" in r.getMessage() for r in caplog.records)
+    export_model(folder, tmp_path / "cpu", quant=QuantConfig("int4", accuracy_level=0), evaluate=False)
+    want = load(tmp_path / "cpu").generate("The quick brown", max_new_tokens=10)
+    assert model.generate("The quick brown", max_new_tokens=10).token_ids == want.token_ids
+    with pytest.raises(ExportError, match="--kv-cache int8 --target qnn"):
+        export_model(folder, tmp_path / "c", quant=QuantConfig("int4", target="qnn", kv_cache="int8"))
