@@ -156,7 +156,8 @@ class Device:
                 _, msg = self.inbox.get(timeout=0.5)
             except queue.Empty:
                 continue
-            if msg.topic == self.topics.status and _json(msg.payload).get("state") == "online":
+            # A retained status is an earlier service's: this one's arrives live (subscribe first).
+            if msg.topic == self.topics.status and not msg.retain and _json(msg.payload).get("state") == "online":
                 return True
         return False
 
@@ -220,10 +221,9 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     logfile = open(log_path, "w")
+    device = Device(broker, topics)  # subscribed before the service can say it is online
     service = subprocess.Popen(cmd, cwd=ROOT, stdout=logfile, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    device = None
     try:
-        device = Device(broker, topics)
         report.stage(f"mosquitto on {broker.url}; waiting for `edgellm serve` (pid {service.pid}, log {log_path})")
         if not device.wait_online(service, args.timeout):
             raise SystemExit(f"mqtt_bench: the service did not come online within {args.timeout:.0f} s; "

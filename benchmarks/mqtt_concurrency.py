@@ -90,8 +90,8 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             for slots in (1, args.slots) if rep % 2 == 0 else (args.slots, 1):
                 report.stage(f"edgellm serve --slots {slots} ({rep + 1}/{args.repeats})")
                 log = work / f"serve-{slots}-{rep}.log"
+                device = Device(broker, topics)  # subscribed before the service can say it is online
                 service = serve(args.bundle, broker, slots, args.threads, log)
-                device = Device(broker, topics)
                 try:
                     if not device.wait_online(service, 300):
                         raise SystemExit(f"the service did not come online; see {log}")
