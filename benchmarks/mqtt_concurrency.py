@@ -74,8 +74,10 @@ def burst(device: Device, n: int, max_tokens: int, tag: str, timeout: float,
 
 
 def serve(bundle: Path, broker: Mosquitto, slots: int, threads: int, log: Path) -> subprocess.Popen:
+    # A client id of its own: one reused would resume the session an earlier service left, and the
+    # broker would hand it every request that earlier service missed while the other one served.
     cmd = [sys.executable, "-m", "edgellm.cli", "serve", str(bundle), "--broker", broker.url, "--device-id", DEVICE,
-           "--client-id", f"bench-service-{os.getpid()}-{slots}", "--mqtt-version", "5", "--slots", str(slots),
+           "--client-id", f"bench-service-{os.getpid()}-{log.stem}", "--mqtt-version", "5", "--slots", str(slots),
            "--queue-size", "16", "--queue-per-client", "16", "--threads", str(threads)]
     return subprocess.Popen(cmd, cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
