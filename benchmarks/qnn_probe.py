@@ -99,7 +99,7 @@ class Graph:
 def rms_norm(g: Graph, x: str, hidden: int, how: str = "std") -> str:
     """RMSNorm (eps 1e-5) three ways: standard ops, opset 23's RMSNormalization, and onnxruntime's
     SimplifiedLayerNormalization (its schema lives in the ONNX domain)."""
-    gamma = g.const(np.random.uniform(0.5, 1.5, hidden).astype(np.float32))
+    gamma = g.const(np.random.default_rng(hidden).uniform(0.5, 1.5, hidden).astype(np.float32))  # the same every run
     if how == "rms23":
         return g.op("RMSNormalization", x, gamma, axis=-1, epsilon=1e-5)
     if how == "simplified":
