@@ -33,7 +33,7 @@ from .generate import take_rows
 from .kvcache import pick_slot
 from .params import GenerationParams
 from .sequence import Chunk, Conventions, Sequence
-from .session import PREFILL_CHUNK, BatchRunner
+from .session import PREFILL_CHUNK, BatchRunner, piece
 from .speculate import PromptLookup
 from .text import Tokenizer
 
@@ -52,16 +52,6 @@ class _Active:
     seq: Sequence
     pending: list[int]  # prompt ids not yet prefilled
     token: int = -1  # sampled, not yet fed
-
-
-def piece(pending: list[int], budget: int) -> int:
-    """How many of `pending` to prefill now: at most `budget` (and `PREFILL_CHUNK`), at least
-    two, and never leaving exactly one behind, so the prompt's last logits come from a
-    several-row run whatever the budget (int4 rounds a one-row step differently)."""
-    n = min(len(pending), max(budget, 2), PREFILL_CHUNK)
-    if len(pending) - n == 1:
-        n = n - 1 if n > 2 else len(pending)
-    return n
 
 
 class Scheduler:

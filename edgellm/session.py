@@ -202,16 +202,24 @@ def release_freed_heap() -> None:
 PREFILL_CHUNK = 64
 
 
-def prefill(forward: Callable[[Sequence[int]], np.ndarray], fresh: Sequence[int]) -> np.ndarray:
-    """Feed `fresh` (the prompt's tail not yet cached) in chunks; the logits after its last token.
+def piece(pending: Sequence[int], budget: int = PREFILL_CHUNK) -> int:
+    """How many of `pending` prompt ids to feed in one run: at most `budget` and PREFILL_CHUNK,
+    at least two, and never leaving exactly one behind, so a prompt's last logits come from a
+    several-row run however it is cut (int4 rounds a one-row step differently: `Runner.reuse`)."""
+    n = min(len(pending), max(budget, 2), PREFILL_CHUNK)
+    if len(pending) - n == 1:
+        n = n - 1 if n > 2 else len(pending)
+    return n
 
-    The last chunk is never a single token when there are more (see `Runner.reuse`)."""
+
+def prefill(forward: Callable[[Sequence[int]], np.ndarray], fresh: Sequence[int]) -> np.ndarray:
+    """Feed `fresh` (the prompt's tail not yet cached) in pieces; the logits after its last token."""
     # One 2,000-token pass would hold ~150 MB (see PREFILL_CHUNK).
-    bounds = list(range(0, len(fresh), PREFILL_CHUNK)) + [len(fresh)]
-    if len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:
-        bounds[-2] -= 1
-    for start, end in zip(bounds, bounds[1:]):
-        logits = forward(fresh[start:end])
+    start = 0
+    while start < len(fresh):
+        n = piece(fresh[start:])
+        logits = forward(fresh[start : start + n])
+        start += n
     return logits
 
 

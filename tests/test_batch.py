@@ -16,9 +16,8 @@ import pytest
 import edgellm
 from edgellm.bundle import finalize_manifest, read_manifest
 from edgellm.errors import BundleError, GenerationError
-from edgellm.batch import piece
 from edgellm.kvcache import SlotCache, common_prefix, pick_slot
-from edgellm.session import PREFILL_CHUNK, BatchRunner, Runner
+from edgellm.session import PREFILL_CHUNK, BatchRunner, Runner, piece, prefill
 
 PROMPTS = [
     "The quick brown fox",
@@ -149,6 +148,14 @@ def test_a_long_prompt_joins_a_chunk_per_step_while_the_others_decode(model, tin
     (100, 64, 64), (65, 64, 63), (3, 2, 3), (2, 1, 2), (1, 64, 1), (10, 64, 10), (67, 5, 5), (6, 5, 4)])
 def test_a_prefill_piece_keeps_within_the_budget_and_never_leaves_one_token(pending, budget, expected):
     assert piece(list(range(pending)), budget) == expected
+
+
+@pytest.mark.parametrize("length,runs", [(1, [1]), (2, [2]), (64, [64]), (65, [63, 2]), (128, [64, 64]),
+                                         (129, [64, 63, 2]), (200, [64, 64, 64, 8])])
+def test_a_single_request_prefills_in_chunks_never_ending_on_one_token(length, runs):
+    fed: list[int] = []
+    prefill(lambda ids: fed.append(len(ids)) or ids[-1], list(range(length)))
+    assert fed == runs
 
 
 def test_pick_slot_prefers_the_longest_prefix_then_the_least_recently_used():
