@@ -47,6 +47,8 @@ IR_VERSION = 10
 _INT64_MAX = np.iinfo(np.int64).max
 
 Progress = Callable[[str, int, int], None]
+# (writer, name, x, residual, gamma, eps) -> (normed, new residual): add_norm, or a target's own.
+Norm = Callable[[Writer, str, str, "str | None", np.ndarray, float], tuple[str, str]]
 
 
 # --- rotary ------------------------------------------------------------------
@@ -225,6 +227,30 @@ def _post_norm(w: Writer, base: str, hf_name: str | None, source: Source, spec: 
                  epsilon=spec.rms_norm_eps)
 
 
+def qkv_projection(
+    w: Writer, source: Source, spec: ModelSpec, quant: QuantConfig, loader: WeightLoader | None, i: int,
+    layer: Layer, x: str, residual: str | None, *, split: bool, norm: Norm = add_norm,
+) -> tuple[list[str], str]:
+    """`norm`, the fused QKV projection and, when `split`, q, k and v apart with their head
+    norms: ([q, k, v] or [qkv, "", ""], the new residual)."""
+    hf = f"model.layers.{i}"
+    base = f"/model/layers.{i}"
+    normed, residual = norm(w, _norm_name(base, layer.attn_norm), x, residual,
+                            source.tensor(f"{layer.attn_norm}.weight"), spec.rms_norm_eps)
+    bias = np.concatenate([source.tensor(f"{n}.bias") for n in layer.qkv]) if layer.qkv_bias else None
+    qkv_lin = make_linear(w, f"{hf}.self_attn.qkv_proj", source, [f"{n}.weight" for n in layer.qkv], quant, loader,
+                          bias)
+    qkv = apply_linear(w, f"{base}/attn/qkv_proj", normed, qkv_lin, quant)
+    if not split:
+        return [qkv, "", ""], residual
+    q_size, kv_size = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+    q, k, v = w.node("Split", f"{base}/attn/qkv_split", [qkv, w.const([q_size, kv_size, kv_size])], 3, axis=-1)
+    if layer.q_norm and layer.k_norm:
+        q = _head_norm(w, f"{base}/attn/q_norm", q, source.tensor(f"{layer.q_norm}.weight"), spec)
+        k = _head_norm(w, f"{base}/attn/k_norm", k, source.tensor(f"{layer.k_norm}.weight"), spec)
+    return [q, k, v], residual
+
+
 def attention(
     w: Writer, source: Source, spec: ModelSpec, quant: QuantConfig, loader: WeightLoader | None, i: int,
     layer: Layer, x: str, residual: str | None, lengths: tuple[str, str], rope: tuple[str, str],
@@ -238,21 +264,8 @@ def attention(
     """
     hf = f"model.layers.{i}"
     base = f"/model/layers.{i}"
-    normed, residual = add_norm(w, _norm_name(base, layer.attn_norm), x, residual,
-                                source.tensor(f"{layer.attn_norm}.weight"), spec.rms_norm_eps)
-    bias = np.concatenate([source.tensor(f"{n}.bias") for n in layer.qkv]) if layer.qkv_bias else None
-    qkv_lin = make_linear(w, f"{hf}.self_attn.qkv_proj", source, [f"{n}.weight" for n in layer.qkv], quant, loader,
-                          bias)
-    qkv = apply_linear(w, f"{base}/attn/qkv_proj", normed, qkv_lin, quant)
-    if (layer.q_norm and layer.k_norm) or quant.target == "openvino":
-        q_size, kv_size = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
-        q, k, v = w.node("Split", f"{base}/attn/qkv_split", [qkv, w.const([q_size, kv_size, kv_size])], 3, axis=-1)
-        if layer.q_norm and layer.k_norm:
-            q = _head_norm(w, f"{base}/attn/q_norm", q, source.tensor(f"{layer.q_norm}.weight"), spec)
-            k = _head_norm(w, f"{base}/attn/k_norm", k, source.tensor(f"{layer.k_norm}.weight"), spec)
-        qkv_inputs = [q, k, v]
-    else:
-        qkv_inputs = [qkv, "", ""]
+    split = bool(layer.q_norm and layer.k_norm) or quant.target == "openvino"
+    qkv_inputs, residual = qkv_projection(w, source, spec, quant, loader, i, layer, x, residual, split=split)
     o_lin = make_linear(w, f"{hf}.self_attn.o_proj", source, [f"{layer.o}.weight"], quant, loader)
     if quant.target == "openvino":
         attn = openvino.attention(w, spec, i, layer, *qkv_inputs, rope, mask)
@@ -296,12 +309,12 @@ def _activation(w: Writer, name: str, gate: str, kind: str) -> str:
 
 def mlp(
     w: Writer, source: Source, spec: ModelSpec, quant: QuantConfig, loader: WeightLoader | None, i: int,
-    layer: Layer, x: str, residual: str,
+    layer: Layer, x: str, residual: str, norm: Norm = add_norm,
 ) -> tuple[str, str]:
-    """Norm, fused gate;up projection, act(gate) * up, down projection."""
+    """`norm`, fused gate;up projection, act(gate) * up, down projection."""
     hf = f"model.layers.{i}"
     base = f"/model/layers.{i}"
-    normed, residual = add_norm(w, _norm_name(base, layer.ffn_norm), x, residual,
+    normed, residual = norm(w, _norm_name(base, layer.ffn_norm), x, residual,
                                 source.tensor(f"{layer.ffn_norm}.weight"), spec.rms_norm_eps)
     gate_up_lin = make_linear(w, f"{hf}.mlp.gate_up_proj", source, [f"{n}.weight" for n in layer.gate_up], quant,
                               loader)

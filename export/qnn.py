@@ -37,8 +37,8 @@ from edgellm.spec import ModelSpec
 from . import arch
 from .arch import Layer
 from .config import GraphInfo, QuantConfig
-from .graph import (DATA_FILE, GRAPH_FILE, IR_VERSION, OPSET, Progress, _activation, _head_norm, _norm_name,
-                    _post_norm, _weight_notes, embed, head_weights, rope_caches)
+from .graph import (DATA_FILE, GRAPH_FILE, IR_VERSION, OPSET, Progress, _post_norm, _weight_notes, embed,
+                    head_weights, mlp, qkv_projection, rope_caches)
 from .linear import Linear, Writer, apply_linear, make_linear, weight_bits
 from .quantize import QuantizedWeight, WeightLoader, dequantize
 from .sources import Source
@@ -77,7 +77,7 @@ def build_qnn_graph(source: Source, quant: QuantConfig, out_dir: Path, progress:
         for i, layer in enumerate(layers):
             x, residual = _attention(w, source, spec, storage, loader, i, layer, x, residual,
                                      ropes[layer.rope.name], masks[layer.window])
-            x, residual = _mlp(w, source, spec, storage, loader, i, layer, x, residual)
+            x, residual = mlp(w, source, spec, storage, loader, i, layer, x, residual, norm=_add_norm)
             if progress:
                 progress("layers", i + 1, spec.num_layers)
         normed, _ = _add_norm(w, "/model/norm", x, residual, source.tensor("model.norm.weight"), spec.rms_norm_eps)
@@ -175,17 +175,8 @@ def _attention(w: Writer, source: Source, spec: ModelSpec, quant: QuantConfig, l
     cache and the new row with the query heads folded per KV head, o_proj."""
     hf, base = f"model.layers.{i}", f"/model/layers.{i}"
     heads, kv_heads, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
-    normed, residual = _add_norm(w, _norm_name(base, layer.attn_norm), x, residual,
-                                 source.tensor(f"{layer.attn_norm}.weight"), spec.rms_norm_eps)
-    bias = np.concatenate([source.tensor(f"{n}.bias") for n in layer.qkv]) if layer.qkv_bias else None
-    qkv_lin = make_linear(w, f"{hf}.self_attn.qkv_proj", source, [f"{n}.weight" for n in layer.qkv], quant, loader,
-                          bias)
-    qkv = apply_linear(w, f"{base}/attn/qkv_proj", normed, qkv_lin, quant)
-    q, k, v = w.node("Split", f"{base}/attn/qkv_split", [qkv, w.const([heads * d, kv_heads * d, kv_heads * d])], 3,
-                     axis=-1)
-    if layer.q_norm and layer.k_norm:
-        q = _head_norm(w, f"{base}/attn/q_norm", q, source.tensor(f"{layer.q_norm}.weight"), spec)
-        k = _head_norm(w, f"{base}/attn/k_norm", k, source.tensor(f"{layer.k_norm}.weight"), spec)
+    (q, k, v), residual = qkv_projection(w, source, spec, quant, loader, i, layer, x, residual, split=True,
+                                         norm=_add_norm)
     dim = int(d * spec.partial_rotary_factor)
     q = _rotate(w, f"{base}/attn/q_rotary", w.one("Reshape", f"{base}/attn/q/Reshape", [q, w.const([1, 1, heads, d])]),
                 rope, dim, d)
@@ -206,22 +197,6 @@ def _attention(w: Writer, source: Source, spec: ModelSpec, quant: QuantConfig, l
     o_lin = make_linear(w, f"{hf}.self_attn.o_proj", source, [f"{layer.o}.weight"], quant, loader)
     out = apply_linear(w, f"{base}/attn/o_proj", attn, o_lin, quant)
     return _post_norm(w, base, layer.attn_post_norm, source, spec, out), residual
-
-
-def _mlp(w: Writer, source: Source, spec: ModelSpec, quant: QuantConfig, loader: WeightLoader | None, i: int,
-         layer: Layer, x: str, residual: str) -> tuple[str, str]:
-    """Norm, gate;up projection, act(gate) * up, down projection (graph.mlp without the fused norm)."""
-    hf, base = f"model.layers.{i}", f"/model/layers.{i}"
-    normed, residual = _add_norm(w, _norm_name(base, layer.ffn_norm), x, residual,
-                                 source.tensor(f"{layer.ffn_norm}.weight"), spec.rms_norm_eps)
-    gate_up_lin = make_linear(w, f"{hf}.mlp.gate_up_proj", source, [f"{n}.weight" for n in layer.gate_up], quant,
-                              loader)
-    gate_up = apply_linear(w, f"{base}/mlp/gate_up_proj", normed, gate_up_lin, quant)
-    gate, up = w.node("Split", f"{base}/mlp/Split", [gate_up], 2, axis=-1, num_outputs=2)
-    hidden = w.one("Mul", f"{base}/mlp/Mul", [_activation(w, f"{base}/mlp/act", gate, layer.activation), up])
-    down_lin = make_linear(w, f"{hf}.mlp.down_proj", source, [f"{layer.down}.weight"], quant, loader)
-    out = apply_linear(w, f"{base}/mlp/down_proj", hidden, down_lin, quant)
-    return _post_norm(w, base, layer.ffn_post_norm, source, spec, out), residual
 
 
 def _embed(w: Writer, source: Source, spec: ModelSpec, quant: QuantConfig, loader: WeightLoader | None,
