@@ -224,6 +224,14 @@ def prefill(forward: Callable[[Sequence[int]], np.ndarray], fresh: Sequence[int]
 
 
 
+def run_bound(session: ort.InferenceSession, io: ort.IOBinding, where: str) -> None:
+    """One run over `io`'s bindings; onnxruntime's failure as a GenerationError naming `where`."""
+    try:
+        session.run_with_iobinding(io)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime's errors share no base class
+        raise GenerationError(f"{where}: onnxruntime run failed ({_first_line(exc)})") from None
+
+
 class Runner:
     """Feeds token ids through the graph and keeps the KV cache and its ids in step.
 
@@ -330,10 +338,7 @@ class Runner:
             self._bind_output("logits", logits)
             if self.kind == "fast":
                 self._bind_input("logits_to_keep", np.array([keep], np.int64))
-        try:
-            self.session.run_with_iobinding(self._io)
-        except Exception as exc:  # noqa: BLE001 - onnxruntime's errors share no base class
-            raise GenerationError(f"{self._where}: onnxruntime run failed ({_first_line(exc)})") from None
+        run_bound(self.session, self._io, self._where)
         self.cache.advance(n)
         self.tokens.extend(int(t) for t in ids)
         return logits[0, -keep:].astype(np.float32)
@@ -448,10 +453,7 @@ class BatchRunner:
         # The binding points at the mask's memory: keep it alive until rebound.
         self._mask = ort.OrtValue.ortvalue_from_numpy(mask)
         io.bind_ortvalue_input("attention_mask", self._mask)
-        try:
-            self.session.run_with_iobinding(io)
-        except Exception as exc:  # noqa: BLE001 - onnxruntime's errors share no base class
-            raise GenerationError(f"{self._where}: onnxruntime run failed ({_first_line(exc)})") from None
+        run_bound(self.session, io, self._where)
         out = {}
         for slot, token in feeds.items():
             runner = self.slots[slot]

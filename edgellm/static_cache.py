@@ -17,7 +17,7 @@ import onnxruntime as ort
 
 from .errors import BundleError, GenerationError
 from .kvcache import AppendCache, past_names, present_names
-from .session import Runner, _first_line
+from .session import Runner, run_bound
 
 POSITION = "position_ids"
 
@@ -105,10 +105,7 @@ class StepRunner(Runner):
             self.cache.bind(self._io, 1)
             self._id[0, 0] = token
             self._position[0, 0] = self.length
-            try:
-                self.session.run_with_iobinding(self._io)
-            except Exception as exc:  # noqa: BLE001 - onnxruntime's errors share no base class
-                raise GenerationError(f"{self._where}: onnxruntime run failed ({_first_line(exc)})") from None
+            run_bound(self.session, self._io, self._where)
             self.cache.advance(1)
             self.tokens.append(int(token))
             rows[i] = self._row[0, 0]

@@ -337,3 +337,10 @@ def test_token_id_prompts_match_text_prompts(fp32):
         fp32.generate([1, 99999], max_new_tokens=1)
     with pytest.raises(GenerationError, match="token id -1 is out of range"):
         fp32.generate([-1], max_new_tokens=1)
+
+
+def test_a_failed_onnxruntime_run_is_one_generation_error_naming_the_graph(tiny_bundle):
+    runner = edgellm.load(tiny_bundle)._runner  # the Model checks ids; the runner trusts them
+    with pytest.raises(GenerationError, match=r"model\.onnx: onnxruntime run failed \(") as err:
+        runner.forward([99999])
+    assert "\n" not in str(err.value)
