@@ -116,7 +116,7 @@ def _build(
     if path == "fast" and quant.target == "qnn":
         from .qnn import build_qnn_graph
 
-        return build_qnn_graph(src, quant, out_dir, progress, context=quant.context)
+        return build_qnn_graph(src, quant, out_dir, progress)
     if path == "fast":
         from .graph import build_fast_graph
 

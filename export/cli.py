@@ -120,10 +120,6 @@ def run(args: argparse.Namespace) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     eval_text = args.eval_text.read_text(encoding="utf-8") if args.eval_text else None
-    if args.context is not None and args.target != "qnn":
-        print(f"edgellm export: --context {args.context}: only --target qnn fixes the context at export",
-              file=sys.stderr)
-        return 2
     quant = QuantConfig(weights=args.quant, block_size=args.block_size, symmetric=not args.asymmetric,
                         accuracy_level=args.accuracy_level, kv_cache=args.kv_cache, target=args.target,
                         context=args.context)

@@ -46,6 +46,8 @@ class QuantConfig:
             raise ExportError(f"--target {self.target!r}: expected {' or '.join(TARGETS)}")
         if self.target == "cuda" and self.weights == "fp32":
             raise ExportError("--quant fp32 --target cuda: float16 activations take fp16, int8 or int4 weights")
+        if self.context is not None and self.target != "qnn":
+            raise ExportError(f"--context {self.context}: only --target qnn fixes the context at export")
         if self.target == "qnn" and self.context is None:
             object.__setattr__(self, "context", 256)
         if self.accuracy_level is None:

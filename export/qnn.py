@@ -43,16 +43,16 @@ from .linear import Linear, Writer, apply_linear, make_linear, weight_bits
 from .quantize import QuantizedWeight, WeightLoader, dequantize
 from .sources import Source
 
-DEFAULT_CONTEXT = 256
 MASKED = -10000.0  # fp16 holds it (and twice it), and exp() of it is 0 in fp16 and fp32 alike
 POSITION = "position_ids"
 
 
-def build_qnn_graph(source: Source, quant: QuantConfig, out_dir: Path, progress: Progress | None = None, *,
-                    context: int = DEFAULT_CONTEXT) -> GraphInfo:
+def build_qnn_graph(source: Source, quant: QuantConfig, out_dir: Path, progress: Progress | None = None) -> GraphInfo:
     """Write `out_dir/model.onnx` (+ `model.onnx.data`): the one-token step of the module docstring,
-    over a cache of `context` rows."""
-    spec = source.spec
+    over a cache of `quant.context` rows."""
+    if quant.target != "qnn" or quant.context is None:
+        raise ExportError(f"build_qnn_graph needs QuantConfig(target='qnn'), got target {quant.target!r}")
+    context, spec = quant.context, source.spec
     family = arch.by_spec(spec.arch)
     if family is None:
         raise ExportError(f"architecture {spec.arch!r} has no fast graph (fast: {', '.join(arch.FAST_ARCHS)})")
@@ -61,7 +61,7 @@ def build_qnn_graph(source: Source, quant: QuantConfig, out_dir: Path, progress:
     if spec.head_dim % 2:
         raise ExportError(f"head_dim {spec.head_dim}: rotary embedding needs an even head size")
     # The openvino target's weight storage: float activations into MatMulNBits (accuracy level 0).
-    storage = replace(quant, target="openvino")
+    storage = replace(quant, target="openvino", context=None)
     loader = WeightLoader(source, storage) if weight_bits(storage) else None
     w = Writer(Path(out_dir) / DATA_FILE)
     try:

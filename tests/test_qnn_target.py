@@ -34,7 +34,7 @@ CONTEXT = 32  # PROMPT + STEPS fit; gemma3's window of 4 is narrower
 
 def _export(folder: Path, out: Path, context: int = CONTEXT, **quant) -> Path:
     out.mkdir(parents=True, exist_ok=True)
-    build_qnn_graph(open_hf_folder(folder), QuantConfig(**quant), out, context=context)
+    build_qnn_graph(open_hf_folder(folder), QuantConfig(**quant, target="qnn", context=context), out)
     return out / "model.onnx"
 
 
@@ -120,7 +120,7 @@ def test_the_context_is_the_graphs(tiny_hf, tmp_path):
     with pytest.raises(BundleError, match="'attention_mask': not the one-token graph of --target qnn"):
         StepRunner(create_session(tmp_path / "cpu" / "model.onnx", threads=1))
     with pytest.raises(ExportError, match="--context 600: expected 2 to the model's max_context 512"):
-        build_qnn_graph(open_hf_folder(folder), QuantConfig("fp32"), tmp_path, context=600)
+        build_qnn_graph(open_hf_folder(folder), QuantConfig("fp32", target="qnn", context=600), tmp_path)
 
 
 @pytest.mark.parametrize("weights", ["fp32", "int4"])
@@ -158,5 +158,7 @@ def test_export_qnn_bundle_loads_and_answers_as_the_cpu_bundle(tiny_hf, tmp_path
     export_model(folder, tmp_path / "cpu", quant=QuantConfig("int4", accuracy_level=0), evaluate=False)
     want = load(tmp_path / "cpu").generate("The quick brown", max_new_tokens=10)
     assert model.generate("The quick brown", max_new_tokens=10).token_ids == want.token_ids
+    with pytest.raises(ExportError, match="^--context 64: only --target qnn fixes the context at export$"):
+        QuantConfig("int4", context=64)
     with pytest.raises(ExportError, match="--kv-cache int8 --target qnn"):
         export_model(folder, tmp_path / "c", quant=QuantConfig("int4", target="qnn", kv_cache="int8"))
