@@ -9,6 +9,7 @@ its greedy tokens must be the CPU provider's.
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ import numpy as np
 import onnx
 import pytest
 
+from edgellm.bundle import read_manifest
 from edgellm.errors import BundleError, ExportError, GenerationError
 from edgellm.kvcache import StaticCache
 from edgellm.session import Runner, create_session
@@ -158,6 +160,13 @@ def test_export_qnn_bundle_loads_and_answers_as_the_cpu_bundle(tiny_hf, tmp_path
     export_model(folder, tmp_path / "cpu", quant=QuantConfig("int4", accuracy_level=0), evaluate=False)
     want = load(tmp_path / "cpu").generate("The quick brown", max_new_tokens=10)
     assert model.generate("The quick brown", max_new_tokens=10).token_ids == want.token_ids
+    manifest_path = tmp_path / "qnn" / "manifest.json"
+    for bad in (None, 1, True, "64"):
+        data = json.loads(manifest_path.read_text())
+        data["graph"]["context"] = bad
+        manifest_path.write_text(json.dumps(data))
+        with pytest.raises(BundleError, match=f"graph.context must be an integer >= 2 for target qnn, got {bad!r}"):
+            read_manifest(tmp_path / "qnn", verify=False)
     with pytest.raises(ExportError, match="^--context 64: only --target qnn fixes the context at export$"):
         QuantConfig("int4", context=64)
     with pytest.raises(ExportError, match="--kv-cache int8 --target qnn"):
