@@ -45,11 +45,13 @@ class PeakRss:
         return (self.peak - self.start) / 2**20
 
 
-def mosquitto_pub(broker, path, *, v5: bool) -> None:
-    """Publish a file from another process, so the test process holds none of the message."""
+def mosquitto_pub(broker, path, *, v5: bool, properties: tuple[str, ...] = ()) -> None:
+    """Publish a file from another process, so the test process holds none of the message;
+    `properties` are MQTT 5 PUBLISH properties as mosquitto_pub's `-D publish NAME VALUE` pairs."""
     version = ("-V", "mqttv5") if v5 else ("-V", "mqttv311")
-    subprocess.run(["mosquitto_pub", "-p", str(broker.port), *version, "-q", "1", "-t", T.request, "-f", str(path)],
-                   check=True, timeout=60)
+    options = [arg for pair in zip(properties[::2], properties[1::2]) for arg in ("-D", "publish", *pair)]
+    subprocess.run(["mosquitto_pub", "-p", str(broker.port), *version, "-q", "1", "-t", T.request, *options,
+                    "-f", str(path)], check=True, timeout=60)
 
 
 def big_request(path, rid: str, size: int) -> int:
@@ -67,7 +69,7 @@ def test_an_oversized_message_is_refused_without_being_held_in_memory(broker, mo
     v5 = version == "5"
     # Not on '#': a probe in this process must not receive the big request itself.
     probe = Probe(connection(broker.url), topics=(T.response("#"),))
-    with running_service(model, connection(broker.url, mqtt_version=version), max_payload=8000) as service:
+    with running_service(model, connection(broker.url, mqtt_version=version), max_payload=8000):
         # Over the limit but under the packet limit: read, refused with its id.
         big_request(tmp_path / "mid", "mid-1", 20_000)
         mosquitto_pub(broker, tmp_path / "mid", v5=v5)
@@ -76,17 +78,34 @@ def test_an_oversized_message_is_refused_without_being_held_in_memory(broker, mo
         size = big_request(tmp_path / "huge", "huge-1", 96 << 20)
         with PeakRss() as rss:
             mosquitto_pub(broker, tmp_path / "huge", v5=v5)
-            if not v5:  # 3.1.1: read into a capped buffer and answered
-                data = payload(probe.wait(lambda m: is_reply(payload(m), "huge-1"), timeout=60))
-                assert data["error"]["code"] == proto.TOO_LARGE
-                assert data["error"]["message"] == f"payload is {size} bytes, limit is 8000"
+            # read into a capped buffer and answered, on MQTT 5 too: no Maximum Packet Size lets the broker drop it
+            data = payload(probe.wait(lambda m: is_reply(payload(m), "huge-1"), timeout=60))
+            assert data["error"]["code"] == proto.TOO_LARGE
+            assert data["error"]["message"] == f"payload is {size} bytes, limit is 8000"
             probe.publish(T.request, {"id": "after", "prompt": "Hi", "max_tokens": 3})
             replies = probe.replies("after", timeout=60)
         assert replies[-1]["done"] is True
         assert rss.growth_mb <= 64, f"peak RSS grew {rss.growth_mb:.0f} MB for a 96 MB message"
-        if v5:  # the broker was told our Maximum Packet Size and dropped it
-            assert service.max_packet == proto.packet_limit(8000)
     probe.close()
+
+
+def test_a_2mb_mqtt5_request_is_answered_too_large_on_its_response_topic(broker, model, tmp_path):
+    """Issue 19 item 8: above the Maximum Packet Size the service used to advertise (4 x max
+    payload + 64 KiB), mosquitto dropped the request and the device never heard back."""
+    probe = Probe(connection(broker.url), topics=("device/7/in",))
+    size = big_request(tmp_path / "big", "two-mb", 2 << 20)
+    with running_service(model, connection(broker.url)):  # the default --max-payload, 64 KiB
+        with PeakRss() as rss:
+            mosquitto_pub(broker, tmp_path / "big", v5=True,
+                          properties=("response-topic", "device/7/in", "correlation-data", "req-7"))
+            msg = probe.wait(lambda m: is_reply(payload(m), "two-mb"), timeout=30)
+        probe.publish(T.request, {"id": "next", "prompt": "Hi", "max_tokens": 3}, response_topic="device/7/in")
+        assert probe.replies("next")[-1]["done"] is True
+    probe.close()
+    assert payload(msg)["error"] == {"code": proto.TOO_LARGE,
+                                     "message": f"payload is {size} bytes, limit is {proto.DEFAULT_MAX_PAYLOAD}"}
+    assert msg.properties.CorrelationData == b"req-7"
+    assert rss.growth_mb <= 16, f"peak RSS grew {rss.growth_mb:.1f} MB for a 2 MB request"
 
 
 def test_a_lone_surrogate_in_reply_to_or_prompt_is_a_bad_request(broker, probe, model):

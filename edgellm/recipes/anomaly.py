@@ -97,8 +97,7 @@ class AnomalyRecipe:
 
     def start(self) -> "AnomalyRecipe":
         self._worker.start()
-        connect_async(self.client, self.conn, persistent=True, session_expiry=SESSION_EXPIRY,
-                      max_packet=self.max_packet)
+        connect_async(self.client, self.conn, persistent=True, session_expiry=SESSION_EXPIRY)
         self.client.loop_start()
         return self
 

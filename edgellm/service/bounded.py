@@ -2,11 +2,12 @@
 
 paho reads a whole PUBLISH into memory before `on_message` sees it, and asks the socket for
 all of it at once (`recv(remaining_length)` allocates that many bytes up front): one 200 MB
-message took the service from 234 to 1016 MB. On MQTT 5 the broker is told our Maximum
-Packet Size and drops larger messages itself; MQTT 3.1.1 has no such property, and a broker
-may ignore it. So reads are capped at 64 KiB, and a PUBLISH longer than the limit is read
-into a buffer that keeps only its first `limit` bytes: the connection stays in step (the
-message is acknowledged, not redelivered forever) and the service answers `too_large`.
+message took the service from 234 to 1016 MB. MQTT 5's Maximum Packet Size is no answer: the
+broker drops a larger message without telling its sender, who then waits for a reply that
+never comes (and MQTT 3.1.1 has no such property). So reads are capped at 64 KiB, and a PUBLISH
+longer than the limit is read into a buffer that keeps only its first `limit` bytes: the
+connection stays in step (the message can be acknowledged, not redelivered forever) and the
+service answers `too_large`.
 """
 from __future__ import annotations
 

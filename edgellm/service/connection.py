@@ -177,12 +177,11 @@ def _no_delay(_client: mqtt.Client, _userdata: object, sock: socket.socket) -> N
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def connect_async(client: mqtt.Client, conn: Connection, *, persistent: bool, session_expiry: int = 0,
-                  max_packet: int | None = None) -> None:
+def connect_async(client: mqtt.Client, conn: Connection, *, persistent: bool, session_expiry: int = 0) -> None:
     """Start connecting without blocking: `loop_start` then retries with backoff until it works.
 
-    On MQTT 5, `max_packet` is advertised as Maximum Packet Size: the broker then drops larger
-    messages instead of sending them to us."""
+    No Maximum Packet Size is ever advertised: a broker drops a larger message without telling
+    its sender, so a request would go unanswered; `bounded` reads any size in bounded memory."""
     properties = None
     clean_start: bool | int = mqtt.MQTT_CLEAN_START_FIRST_ONLY
     if conn.v5:
@@ -192,8 +191,6 @@ def connect_async(client: mqtt.Client, conn: Connection, *, persistent: bool, se
     if conn.v5 and persistent:
         properties = Properties(PacketTypes.CONNECT)
         properties.SessionExpiryInterval = session_expiry
-        if max_packet is not None:
-            properties.MaximumPacketSize = max_packet
     client.connect_async(
         conn.broker.host,
         conn.broker.port,

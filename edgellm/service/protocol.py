@@ -33,13 +33,13 @@ MAX_MESSAGES = 256
 MAX_CANCEL_KEY = 128
 # Correlation Data is echoed in every chunk: a large one would multiply the outgoing traffic.
 MAX_CORRELATION = 256
-# Room for the topic, properties and a request a few times over the limit: such a request is
-# still read (into a capped buffer) and answered `too_large`; anything larger the broker drops.
+# Room for the topic, properties and a request a few times over the limit.
 PACKET_HEADROOM = 64 * 1024
 
 
 def packet_limit(max_payload: int) -> int:
-    """The largest MQTT packet the service reads: advertised as Maximum Packet Size on MQTT 5."""
+    """The most of one MQTT packet the service holds (see `bounded`): a larger one keeps only its
+    first this many bytes, the rest discarded as it arrives, and is answered `too_large`."""
     return 4 * max_payload + PACKET_HEADROOM
 
 

@@ -145,8 +145,7 @@ class Service:
     def start(self) -> "Service":
         if self._owns_engine:
             self.engine.start()
-        connect_async(self.client, self.conn, persistent=True, session_expiry=self.config.session_expiry,
-                      max_packet=self.max_packet)
+        connect_async(self.client, self.conn, persistent=True, session_expiry=self.config.session_expiry)
         self.client.loop_start()
         return self
 
