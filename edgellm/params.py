@@ -30,6 +30,7 @@ Cancel = threading.Event | Callable[[], bool]
 INT, NUMBER, BOOL, STRINGS, TOKEN_IDS, LOGIT_BIAS, CHOICE, CANCEL, OBJECT, TOOLS, TOOL_CHOICE = (
     "int", "number", "bool", "strings", "token_ids", "logit_bias", "choice", "cancel", "object", "tools",
     "tool_choice")
+STRING = "string"  # one non-empty string of at most max_length characters
 REASONING_MODES = ("separate", "hide", "inline", "off")  # edgellm.reasoning.MODES, without importing numpy here
 
 # Wire logit-bias keys are token ids written as JSON object keys: ASCII digits only
@@ -137,6 +138,9 @@ PARAMS: tuple[Param, ...] = (
           optional=True, choices=("off", "prompt_lookup", "draft_model"), wire="speculative", cli=True),
     Param("max_reasoning_tokens", INT, None, "close the think block after this many tokens", low=0, optional=True,
           wire="max_reasoning_tokens", cli=True),
+    Param("cache_salt", STRING, None, "vLLM's: the request reuses cached prompt rows only of its own client's "
+          "requests with the same salt (and prefixes the service declares shared)", optional=True, max_length=256,
+          wire="cache_salt"),
 )
 BY_NAME: dict[str, Param] = {p.name: p for p in PARAMS}
 BY_WIRE: dict[str, Param] = {p.wire: p for p in PARAMS if p.wire}
@@ -251,6 +255,11 @@ def check(p: Param, value: Any, vocab_size: int | None = None, field: str | None
         return value
     if p.kind == STRINGS:
         return _strings(p, value, field)
+    if p.kind == STRING:
+        if not isinstance(value, str) or not 0 < len(value) <= p.max_length:
+            raise GenerationError(f"{field} must be a non-empty string of at most {p.max_length} characters, "
+                                  f"got {_short(value)}")
+        return value
     if p.kind == TOKEN_IDS:
         return _token_ids(p, value, field, vocab_size)
     if p.kind == LOGIT_BIAS:
@@ -344,6 +353,7 @@ class GenerationParams:
     reasoning: str | None = None
     speculative: str | None = None
     max_reasoning_tokens: int | None = None
+    cache_salt: str | None = None
 
     @classmethod
     def build(cls, defaults: Mapping[str, Any], params: Mapping[str, Any], vocab_size: int) -> "GenerationParams":
@@ -434,9 +444,9 @@ def _bounds(p: Param) -> dict[str, Any]:
 def _schema(p: Param) -> dict[str, Any]:
     if p.kind in (INT, NUMBER):
         return {"type": "integer" if p.kind == INT else "number", **_bounds(p)}
-    if p.kind == STRINGS:
+    if p.kind in (STRING, STRINGS):
         one = {"type": "string", "minLength": 1, "maxLength": p.max_length}
-        return {"oneOf": [one, {"type": "array", "maxItems": p.max_items, "items": one}]}
+        return one if p.kind == STRING else {"oneOf": [one, {"type": "array", "maxItems": p.max_items, "items": one}]}
     if p.kind == LOGIT_BIAS:
         return {"type": "object", "maxProperties": p.max_items,
                 "propertyNames": {"pattern": f"^[0-9]{{1,{_BIAS_KEY_DIGITS}}}$"},

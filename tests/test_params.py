@@ -19,8 +19,8 @@ import pytest
 from edgellm import cli
 from edgellm.args import DOCUMENT_FLAGS, sampling_params
 from edgellm.errors import GenerationError, RequestError
-from edgellm.params import (BOOL, BY_NAME, CHOICE, INT, LOGIT_BIAS, NUMBER, OBJECT, PARAMS, STRINGS, TOOL_CHOICE, TOOLS,
-                            GenerationParams, to_wire, wire_schema)
+from edgellm.params import (BOOL, BY_NAME, CHOICE, INT, LOGIT_BIAS, NUMBER, OBJECT, PARAMS, STRING, STRINGS, TOOL_CHOICE,
+                            TOOLS, GenerationParams, to_wire, wire_schema)
 from edgellm.service import protocol as proto
 
 SCHEMA_PATH = Path(proto.__file__).parent / "schemas" / "request.json"
@@ -112,6 +112,8 @@ STOP_CASES = [
     ([], True), (["a"] * 8, True), (["a"] * 9, False), ([""], False), (["x" * 129], False),
     ([1], False), (1, False), ({"a": 1}, False),
 ]
+STRING_CASES = [("a", True), ("x" * 256, True), ("x" * 257, False), ("", False), (["a"], False), (1, False),
+                ({"a": 1}, False)]
 BIAS_CASES = [
     ({"0": -100}, True), ({"999999999": 100}, True), ({"7": 2.5, "12": -1}, True),
     ({"1000000000": 1}, False),  # ten digits
@@ -178,6 +180,8 @@ def cases() -> list[tuple[str, Any, bool]]:
             out += [(p.name, v, ok) for v, ok in number_cases(p)]
         elif p.kind == STRINGS:
             out += [(p.name, v, ok) for v, ok in STOP_CASES]
+        elif p.kind == STRING:
+            out += [(p.name, v, ok) for v, ok in STRING_CASES]
         elif p.kind == LOGIT_BIAS:
             out += [(p.name, v, ok) for v, ok in BIAS_CASES]
         elif p.kind == OBJECT:
