@@ -6,7 +6,9 @@ A `Scheduler` holds requests waiting for a slot and the sequences in slots. Each
 several new tokens only for a batch of one): first those already in slots, then
 waiting requests admitted into free slots (the slot whose cached ids share the
 longest prefix with the prompt, else an empty or the least recently used one; a
-longer prefix held by another slot is copied over). Then every decoding sequence
+longer prefix held by another slot is copied over). Only rows of the request's own scope
+(tenant and cache salt) count, and a declared shared prefix is restored from its copy
+(`kvcache.visible`, `SharedPrefixes`). Then every decoding sequence
 gets its last token in one batched forward. A long prompt thus joins a piece per
 step while the others keep decoding, instead of stalling them for its whole prefill,
 and a short answer frees its slot for the next prompt while longer ones go on.
@@ -30,7 +32,7 @@ from typing import Hashable
 import numpy as np
 
 from .generate import take_rows
-from .kvcache import pick_slot
+from .kvcache import Scope, SharedPrefixes, pick_slot, visible
 from .params import GenerationParams
 from .sequence import Chunk, Conventions, Sequence
 from .session import PREFILL_CHUNK, BatchRunner, piece
@@ -44,6 +46,7 @@ class _Request:
     prompt: list[int]
     params: GenerationParams
     started: float
+    scope: Scope
 
 
 @dataclass
@@ -58,7 +61,7 @@ class Scheduler:
     """Requests in, (key, Chunk) pairs out, one `step` at a time; see the module docstring."""
 
     def __init__(self, runner: BatchRunner, tokenizer: Tokenizer, conventions: Conventions = Conventions(),
-                 prefill_budget: int = PREFILL_CHUNK) -> None:
+                 prefill_budget: int = PREFILL_CHUNK, shared: SharedPrefixes | None = None) -> None:
         if prefill_budget < 1:
             raise ValueError(f"prefill_budget must be >= 1, got {prefill_budget}")
         self.runner = runner
@@ -66,14 +69,18 @@ class Scheduler:
         self.prefill_budget = prefill_budget
         self.tokenizer = tokenizer
         self.conventions = conventions
+        self.shared = shared  # prefixes declared shared between tenants (Model.share_prefix)
         self.waiting: deque[_Request] = deque()
         self.active: dict[int, _Active] = {}
         self._used = [0] * len(runner.slots)  # when each slot last took a request; 0: never
         self._clock = 0
 
-    def add(self, key: Hashable, prompt: list[int], params: GenerationParams, started: float | None = None) -> None:
-        """Queue a request (FIFO); its chunks come out of `step` under `key`."""
-        self.waiting.append(_Request(key, prompt, params, time.perf_counter() if started is None else started))
+    def add(self, key: Hashable, prompt: list[int], params: GenerationParams, started: float | None = None,
+            tenant: str = "") -> None:
+        """Queue a request (FIFO); its chunks come out of `step` under `key`. It reuses only cached
+        rows of `tenant`'s requests with its cache salt, and the declared shared prefixes."""
+        self.waiting.append(_Request(key, prompt, params, time.perf_counter() if started is None else started,
+                                     Scope(tenant, params.cache_salt)))
 
     @property
     def busy(self) -> bool:
@@ -92,8 +99,9 @@ class Scheduler:
                     self._finish(slot, out)  # the slot is free for this step's admission
                 else:
                     budget -= self._prefill(slot, entry, budget, out)
-        # One at a time, each after the one before has its first rows: a prompt that shares
-        # the one before's prefix (a system prompt) copies those rows instead of recomputing them.
+        # One at a time, each after the one before has its first rows: a prompt that shares the
+        # prefix of the one before of its own scope (a chat turn) copies those rows instead of
+        # recomputing them.
         while self.waiting and len(self.active) < len(self.runner.slots) and budget > 0:
             slot = self._admit(self.waiting.popleft(), out)
             if slot is not None:
@@ -125,11 +133,12 @@ class Scheduler:
     def _admit(self, request: _Request, out: list[tuple[Hashable, Chunk]]) -> int | None:
         """Put `request` in a free slot; the slot, or None when it was cancelled while waiting."""
         free = sorted((s for s in range(len(self.runner.slots)) if s not in self.active), key=self._used.__getitem__)
-        slot = pick_slot([r.tokens for r in self.runner.slots], request.prompt, free)
+        cached_ids = [visible(r.tokens, r.scope, request.scope) for r in self.runner.slots]
+        slot = pick_slot(cached_ids, request.prompt, free)
         self._clock += 1
         self._used[slot] = self._clock
         runner = self.runner.slots[slot]
-        cached = self.runner.reuse(slot, request.prompt)
+        cached = self.runner.reuse(slot, request.prompt, request.scope, self.shared)
         seq = Sequence(request.prompt, request.params, self.tokenizer, capacity=runner.capacity,
                        vocab_size=runner.vocab_size, cached=cached, started=request.started,
                        conventions=self.conventions,

@@ -84,7 +84,7 @@ class StreamingModel(Protocol):
     manifest: Any
     max_context: int
 
-    def stream(self, prompt: Any, **params: Any) -> Iterator[Any]: ...
+    def stream(self, prompt: Any, *, tenant: str = "", **params: Any) -> Iterator[Any]: ...
 
     # Only for slots > 1 (continuous batching):
     def request(self, prompt: Any, **params: Any) -> tuple[list[int], GenerationParams]: ...
@@ -115,6 +115,9 @@ class Job:
     on_chunk: Callable[[Any], None]
     on_end: Callable[[Outcome], None]
     cancel: threading.Event = dataclasses.field(default_factory=threading.Event)
+    # Whose prompt it is: cached rows are reused only within a tenant (and its cache_salt), besides
+    # the prefixes declared shared (Model.share_prefix). "" is the Python API's one user.
+    tenant: str = ""
 
 
 class Engine:
@@ -213,7 +216,7 @@ class Engine:
             return Outcome(waited_out=True)
         last = None
         try:
-            for chunk in self.model.stream(job.prompt, **job.params, cancel=job.cancel):
+            for chunk in self.model.stream(job.prompt, **job.params, cancel=job.cancel, tenant=job.tenant):
                 last = chunk
                 job.on_chunk(chunk)
         except Exception as exc:  # noqa: BLE001 - handed to the front, which reports it
@@ -255,7 +258,7 @@ class Engine:
         except Exception as exc:  # noqa: BLE001 - a bad request is the front's to report
             self._end(job, Outcome(error=exc))
             return
-        scheduler.add(id(job), ids, params)
+        scheduler.add(id(job), ids, params, tenant=job.tenant)
         live[id(job)] = job
 
     def _deliver(self, job: Job, chunk: Any) -> None:

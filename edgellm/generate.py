@@ -13,6 +13,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 from .errors import GenerationError
+from .kvcache import Scope, SharedPrefixes
 from .params import GenerationParams
 from .sequence import Chunk, Conventions, Result, Sequence, Usage  # noqa: F401  Usage: edgellm.Usage resolves here
 from .session import Runner, prefill
@@ -30,13 +31,16 @@ def stream_chunks(
     started: float,
     conventions: Conventions = Conventions(),
     drafter: Drafter | None = None,
+    scope: Scope = Scope(),
+    shared: SharedPrefixes | None = None,
 ) -> Iterator[Chunk]:
-    """Generate after `prompt`, reusing the cached prefix; the last chunk has finish_reason and usage.
+    """Generate after `prompt`, reusing the cached prefix that `scope` may see or the longest of
+    the `shared` prefixes it starts with (`Runner.reuse`); the last chunk has finish_reason and usage.
 
     A chunk is yielded whenever text is ready; ids whose text is still held back (a
     split character, a possible stop string) ride on the next chunk.
     """
-    cached = runner.reuse(prompt)
+    cached = runner.reuse(prompt, scope, shared)
     seq = Sequence(prompt, params, tokenizer, capacity=runner.capacity, vocab_size=runner.vocab_size,
                    cached=cached, started=started, conventions=conventions, drafter=drafter)
     token = None

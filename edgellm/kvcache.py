@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import mmap
 from dataclasses import dataclass
-from typing import Any, Protocol, Sequence
+from typing import Any, NamedTuple, Protocol, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -266,6 +266,59 @@ def reusable_prefix(cached: Sequence[int], ids: Sequence[int]) -> int:
     return common_prefix(cached, ids, len(ids) - 2)
 
 
+class Scope(NamedTuple):
+    """Who may reuse a cache's rows in place: the tenant whose request wrote them (an HTTP key or
+    address, an MQTT reply topic; "" for the Python API's one user) and that request's
+    `cache_salt`. Rows another scope wrote are invisible (`visible`), so what a request finds
+    cached, in its usage and in its time to first token, never depends on another tenant's prompt."""
+
+    tenant: str = ""
+    salt: str | None = None
+
+
+def visible(cached: Sequence[int], owner: Scope, scope: Scope) -> Sequence[int]:
+    """The cached ids a request in `scope` may reuse in place: all of them when `owner`, the scope
+    that wrote them, is its own, else none. A prefix the operator declared shared comes back
+    from its own copy instead (`SharedPrefixes`), whoever wrote the rows it would replace.
+
+    This is the one rule of prefix privacy: a single slot's reuse, the slot a batched request
+    takes and the slot it copies a longer prefix from all ask it."""
+    return cached if owner == scope else ()
+
+
+@dataclass(frozen=True)
+class SharedPrefix:
+    """Token ids the operator declared shared between tenants, and the rows they make."""
+
+    ids: tuple[int, ...]
+    rows: Snapshot
+
+
+class SharedPrefixes:
+    """The prefixes declared shared (a service's system prompt, a recipe's), each with an owned
+    copy of its rows: a request that starts with one restores it, a memory copy instead of its
+    prefill, whatever tenant the cache served before. Restoring whenever the cache's own rows
+    are not visible (not only when they differ) keeps the time a request takes independent of
+    whether another tenant's prompt started the same way."""
+
+    def __init__(self) -> None:
+        self._prefixes: list[SharedPrefix] = []
+
+    def __len__(self) -> int:
+        return len(self._prefixes)
+
+    def add(self, ids: Sequence[int], rows: Snapshot) -> None:
+        if rows.length != len(ids):
+            raise GenerationError(f"a shared prefix of {len(ids)} ids needs as many rows, got {rows.length}")
+        self._prefixes.append(SharedPrefix(tuple(int(t) for t in ids), rows))
+
+    def longest(self, ids: Sequence[int]) -> SharedPrefix | None:
+        """The longest declared prefix `ids` starts with and may keep (`reusable_prefix`), or None."""
+        limit = len(ids) - 2
+        fits = [p for p in self._prefixes if len(p.ids) <= limit and common_prefix(p.ids, ids, limit) == len(p.ids)]
+        return max(fits, key=lambda p: len(p.ids), default=None)
+
+
 class SlotCache:
     """N static caches in one set of [N, kv_heads, capacity, head_dim] buffers per layer.
 
@@ -311,9 +364,10 @@ class SlotCache:
 
 
 def pick_slot(cached: Sequence[Sequence[int]], ids: Sequence[int], candidates: Sequence[int]) -> int:
-    """The slot among `candidates` (least recently used first) whose cached ids share the
-    longest prefix with `ids`; with none shared, the first candidate (an empty or the
-    least recently used slot), counting only the rows `ids` may keep (`reusable_prefix`)."""
+    """The slot among `candidates` (least recently used first) whose cached ids (those the
+    request may see: `visible`) share the longest prefix with `ids`; with none shared, the
+    first candidate (an empty or the least recently used slot), counting only the rows `ids`
+    may keep (`reusable_prefix`)."""
     if not candidates:
         raise GenerationError("no free cache slot to pick from")
     # max keeps the first of equals: the least recently used.

@@ -10,9 +10,9 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 from .bundle import Manifest, bundle_file, read_manifest
 from .errors import BundleError, GenerationError
 from .generate import Chunk, Conventions, GenerationParams, Result, collect, stream_chunks
-from .kvcache import SlotCache, cache_for
+from .kvcache import Scope, SharedPrefixes, SlotCache, cache_for, common_prefix
 from .reasoning import CONFIG_KEY, detect_markers, template_extras
-from .session import BatchRunner, ProviderSpec, Runner, create_session, release_freed_heap
+from .session import BatchRunner, ProviderSpec, Runner, create_session, prefill, release_freed_heap
 from .speculate import DraftModel, PromptLookup
 from .spec import ModelSpec
 from .static_cache import StepRunner
@@ -35,6 +35,10 @@ DEFAULT_SLOTS = 4
 
 # Text, chat messages, or token ids (for scoring and benchmarks that must feed exact ids).
 Prompt = str | Sequence[dict[str, str]] | Sequence[int]
+
+# What `Model.share_prefix` follows a prompt with: the shared ids are those that stay the same
+# whatever comes next (a user turn, more text, one that starts with a space or a line break).
+_PROBES = ("x", " 1", "\n")
 
 
 def load(
@@ -149,7 +153,8 @@ def _is_id(value: object) -> bool:
 class Model:
     """A loaded bundle. Generation keeps the KV cache of the last request, so a
     follow-up that repeats its prefix (a chat turn, a fixed system prompt) prefills
-    only what is new.
+    only what is new. Requests of different tenants (`stream`'s `tenant`, a front's
+    client) reuse only the prefixes declared shared (`share_prefix`).
 
     Not thread-safe by design: one generation at a time (the service serialises).
     Starting a new generation abandons any stream still open on this model.
@@ -176,6 +181,7 @@ class Model:
         self._generation = 0  # which stream owns the cache; older ones must not touch it
         self._batch: BatchRunner | None = None  # generate_many's slots, kept for prefix reuse
         self.profile: "DeviceProfile | None" = None  # the device profile it was loaded with: memory warnings
+        self.shared = SharedPrefixes()  # prefixes every tenant may reuse: share_prefix
 
     @property
     def spec(self) -> ModelSpec:
@@ -196,7 +202,8 @@ class Model:
         return list(self._runner.tokens)
 
     def reset(self) -> None:
-        """Forget the cached prefix (the next request prefills from scratch), generate_many's slots too."""
+        """Forget the cached prefix (the next request prefills from scratch, but for a prefix
+        declared shared, which stays), generate_many's slots too."""
         self._runner.rewind(0)
         self._batch = None
 
@@ -239,17 +246,50 @@ class Model:
         keep = max(limit - params.max_new_tokens, limit // 2)
         return ids[-keep:]
 
-    def stream(self, prompt: Prompt, **params: Any) -> Iterator[Chunk]:
+    def stream(self, prompt: Prompt, *, tenant: str = "", **params: Any) -> Iterator[Chunk]:
         """Yield text deltas as they are ready; the last chunk carries finish_reason and usage.
 
-        Parameters are validated here, before the first chunk is asked for.
+        Parameters are validated here, before the first chunk is asked for. `tenant` is whose
+        request it is (a front sets it: an HTTP key or address, an MQTT reply topic): it reuses
+        cached rows only of its own tenant's requests with the same `cache_salt`, and the
+        prefixes declared shared, so its usage and time to first token say nothing of another
+        tenant's prompt. The Python API's one user leaves it "" and reuses everything it wrote.
         """
         started = time.perf_counter()
         ids, p = self.request(prompt, **params)
+        scope = Scope(tenant, p.cache_salt)
         drafter = (PromptLookup() if p.speculative == "prompt_lookup" else
-                   DraftModel(self.draft._runner) if p.speculative == "draft_model" else None)
+                   DraftModel(self.draft._runner, scope) if p.speculative == "draft_model" else None)
         return self._owned(stream_chunks(self._runner, self.tokenizer, ids, p, started=started,
-                                         conventions=self.conventions, drafter=drafter))
+                                         conventions=self.conventions, drafter=drafter, scope=scope,
+                                         shared=self.shared))
+
+    def share_prefix(self, prompt: Prompt) -> int:
+        """Declare the start of `prompt` shared between tenants (a service's system prompt, a
+        recipe's); return how many tokens that is. Messages stand for a chat that begins with
+        them, text for a prompt that begins with it: the shared ids are those that stay the same
+        whatever follows. Token ids are shared as they are.
+
+        The rows are computed now and a copy kept (SmolLM2, int8 KV: 11.5 KB a token): any tenant's
+        request that starts with these ids restores them instead of prefilling them, and its
+        usage counts them cached. Everything after them stays private to each tenant. Call it
+        before serving: like any call on a Model, it must not overlap a generation."""
+        p = GenerationParams.build(self._defaults, {}, self._runner.vocab_size)
+        if isinstance(prompt, str):
+            renders = [self.prompt_ids(prompt + probe, p) for probe in _PROBES]
+        elif isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], dict):
+            renders = [self.prompt_ids([*prompt, {"role": "user", "content": probe}], p) for probe in _PROBES]
+        else:
+            renders = [self.prompt_ids(prompt, p)]
+        ids = renders[0][:min(common_prefix(renders[0], other, len(other)) for other in renders)]
+        if not ids:
+            raise GenerationError("nothing of this prompt stays the same whatever follows it: no prefix to share")
+        self._generation += 1  # an open stream is abandoned: its cache is rewritten here
+        runner = self._runner
+        runner.rewind(0)
+        prefill(runner.forward, ids)
+        self.shared.add(ids, runner.cache.snapshot(len(ids)))
+        return len(ids)
 
     def request(self, prompt: Prompt, **params: Any) -> tuple[list[int], GenerationParams]:
         """A request's prompt ids and parameters, validated over the bundle's defaults
@@ -312,7 +352,7 @@ class Model:
             kind = "a generic" if self.manifest.graph["kind"] != "fast" else f"a --target {self.manifest.graph['target']}"
             raise GenerationError(f"{kind} graph decodes one request at a time: serve it with one slot")
         return Scheduler(self._slots(slots if self.manifest.graph.get("batch") else 1), self.tokenizer,
-                         self.conventions)
+                         self.conventions, shared=self.shared)
 
     @property
     def _batches(self) -> bool:

@@ -18,7 +18,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .errors import BundleError, GenerationError
-from .kvcache import AppendCache, KVCache, SlotCache, past_names, reusable_prefix
+from .kvcache import AppendCache, KVCache, Scope, SharedPrefixes, SlotCache, past_names, reusable_prefix, visible
 
 log = logging.getLogger("edgellm")
 
@@ -236,8 +236,10 @@ class Runner:
     """Feeds token ids through the graph and keeps the KV cache and its ids in step.
 
     `tokens` are the ids whose keys and values the cache holds, so a new prompt can
-    reuse the longest common prefix.
+    reuse the longest common prefix; `scope` is whose they are (`kvcache.visible`).
     """
+
+    scope = Scope()  # an instance's own once a request took the cache (StepRunner has no __init__ of Runner's)
 
     def __init__(self, session: ort.InferenceSession, cache: KVCache, *, kind: str, where: str = "graph") -> None:
         self.session = session
@@ -294,10 +296,19 @@ class Runner:
     def capacity(self) -> int:
         return self.cache.capacity
 
-    def reuse(self, ids: Sequence[int]) -> int:
-        """Keep the cached rows `ids` may reuse (`kvcache.reusable_prefix`); return how many."""
-        n = reusable_prefix(self.tokens, ids)
-        self.rewind(n)
+    def reuse(self, ids: Sequence[int], scope: Scope = Scope(), shared: SharedPrefixes | None = None) -> int:
+        """Keep the cached rows a request in `scope` may reuse for `ids` (`kvcache.visible`,
+        `kvcache.reusable_prefix`), or restore the longest of the `shared` prefixes `ids`
+        starts with where that is more; return how many rows `ids` finds cached."""
+        n = reusable_prefix(visible(self.tokens, self.scope, scope), ids)
+        prefix = shared.longest(ids) if shared else None
+        if prefix is not None and len(prefix.ids) > n:
+            self.cache.restore(prefix.rows)
+            self.tokens[:] = prefix.ids
+            n = len(prefix.ids)
+        else:
+            self.rewind(n)
+        self.scope = scope
         return n
 
     def rewind(self, to: int) -> None:
@@ -406,14 +417,16 @@ class BatchRunner:
     def capacity(self) -> int:
         return self.cache.capacity
 
-    def reuse(self, slot: int, ids: Sequence[int]) -> int:
-        """Keep `slot`'s cached rows of its longest common prefix with `ids` and extend them with
-        rows another slot holds for a longer one (a system prompt several devices share), as far
-        as `kvcache.reusable_prefix` allows. Return how many rows `ids` finds cached."""
+    def reuse(self, slot: int, ids: Sequence[int], scope: Scope = Scope(),
+              shared: SharedPrefixes | None = None) -> int:
+        """Keep `slot`'s cached rows of its longest common prefix with `ids` (`Runner.reuse`) and
+        extend them with rows another slot holds for a longer one (a chat's earlier turn), as far
+        as `kvcache.reusable_prefix` allows and only from a slot whose rows `scope` may see
+        (`kvcache.visible`). Return how many rows `ids` finds cached."""
         runner = self.slots[slot]
-        kept = runner.reuse(ids)
-        shared = [(reusable_prefix(other.tokens, ids), i) for i, other in enumerate(self.slots)]
-        longest, donor = max(shared)
+        kept = runner.reuse(ids, scope, shared)
+        longest, donor = max((reusable_prefix(visible(other.tokens, other.scope, scope), ids), i)
+                             for i, other in enumerate(self.slots))
         if longest > kept:
             self.cache.copy_rows(donor, slot, kept, longest)
             runner.cache.advance(longest - kept)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .kvcache import Scope
 from .session import Runner, prefill
 
 # Longest and shortest suffix looked up: a short one matches everywhere and drafts mostly
@@ -75,17 +76,19 @@ class PromptLookup(Drafter):
 
 class DraftModel(Drafter):
     """A smaller model's greedy guesses. Its runner keeps its own cache of the text so far,
-    rewound to what the target kept before each draft (its prefix reuse does that)."""
+    rewound to what the target kept before each draft (its prefix reuse does that), reusing
+    only rows of the request's `scope` (kvcache.visible), as the target does."""
 
-    def __init__(self, runner: Runner) -> None:
+    def __init__(self, runner: Runner, scope: Scope = Scope()) -> None:
         super().__init__()
         self.runner = runner
+        self.scope = scope
 
     def propose(self, tokens: np.ndarray, size: int) -> list[int]:
         ids = tokens.tolist()
         if len(ids) + size > self.runner.capacity:
             return []
-        cached = self.runner.reuse(ids)
+        cached = self.runner.reuse(ids, self.scope)
         logits = prefill(self.runner.forward, ids[cached:])
         out: list[int] = []
         while True:

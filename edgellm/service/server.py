@@ -416,7 +416,8 @@ class Service:
             with self._lock:
                 self._active.pop(job.key, None)
 
-        return EngineJob(request.prompt, request.params, job.client, on_chunk, on_end, job.cancel)
+        return EngineJob(request.prompt, request.params, job.client, on_chunk, on_end, job.cancel,
+                         tenant=job.route.topic)  # the reply topic (docs/mqtt.md, prompt privacy)
 
     def _send(self, route: Route, payload: dict[str, Any]) -> None:
         self._send_encoded(route, proto.encode(payload))
