@@ -7,22 +7,30 @@ batched graph's two, as the fronts submit requests.
 """
 from __future__ import annotations
 
+import re
+import shlex
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 import edgellm
+from edgellm import cli
 from edgellm.engine import Engine, Job, Outcome
 from edgellm.errors import GenerationError
 from edgellm.generate import collect
 from edgellm.kvcache import Scope, SharedPrefixes, Snapshot, visible
+from edgellm.recipes.anomaly import shared_prompt
+from edgellm.recipes.config import AnomalyConfig
 from edgellm.service import protocol as proto
 from edgellm.service.broker import find_mosquitto
+from edgellm.service.commands import _share_prompts
 from mqtt_helpers import connection, running_service
 
 SYSTEM = [{"role": "system", "content": "You are the assistant of the plant's front desk. Answer briefly."}]
 GUESSES = ["4821", "4822", "5555", "0000"]
+DOCS = Path(__file__).parent.parent / "docs" / "mqtt.md"
 
 
 def asking(code: str) -> list[dict[str, str]]:
@@ -139,6 +147,21 @@ def test_a_prompt_with_nothing_stable_cannot_be_shared(tiny_bundle):
     assert model.share_prefix([5, 6, 7]) == 3  # token ids are shared as they are
     with pytest.raises(GenerationError, match="no prefix to share"):
         model.share_prefix("")
+
+
+def test_serve_declares_its_system_prompt_and_the_recipes(tiny_bundle):
+    line = re.search(r"```bash\n(edgellm serve .*--shared-system .*)\n```", DOCS.read_text()).group(1)
+    args = cli.build_parser().parse_args(shlex.split(line)[1:])
+    model = fresh(tiny_bundle)
+    recipe = AnomalyConfig()
+    _share_prompts(model, args.shared_system, recipe)
+    assert len(model.shared) == 2
+    device = [{"role": "system", "content": args.shared_system}, {"role": "user", "content": "Lights?"}]
+    explain = [*shared_prompt(recipe), {"role": "user", "content": "Sensor t1 read 93 C."}]
+    assert all(model.shared.longest(model.request(m)[0]) is not None for m in (device, explain))
+    again = fresh(tiny_bundle)
+    _share_prompts(again, recipe.system, recipe)  # the same prompt twice is one copy
+    assert len(again.shared) == 1
 
 
 @pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto is not installed (apt-get install mosquitto)")

@@ -280,8 +280,7 @@ class AnomalyRecipe:
         self._seq += 1
         rid = f"anomaly-{self._run}-{self._seq}"
         prompt = self.config.template.render(**group.variables())  # type: ignore[union-attr]
-        request = {"id": rid, "messages": [{"role": "system", "content": self.config.system},
-                                           {"role": "user", "content": prompt}],
+        request = {"id": rid, "messages": [*shared_prompt(self.config), {"role": "user", "content": prompt}],
                    "stream": False, **self.config.params()}
         props = None
         if self.conn.v5:
@@ -304,6 +303,13 @@ class AnomalyRecipe:
     def _fail(self, group: Group, code: str, message: str) -> None:
         log.warning("anomaly recipe: %s:%s not explained: %s: %s", *group.key, code, message)
         self._publish(self.config.errors, _group_error(group, code, message))
+
+
+def shared_prompt(config: AnomalyConfig) -> list[dict[str, str]]:
+    """The messages every explanation request starts with, for the service to declare shared
+    (`Model.share_prefix`; `edgellm serve --recipe` does): its rows then serve the recipe's next
+    request from their own copy, however many devices' requests came between."""
+    return [{"role": "system", "content": config.system}]
 
 
 def _group_error(group: Group, code: str, message: str) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from ..console import AnswerPrinter
 from ..errors import RequestError
 from ..params import to_wire
 from ..recipes import RECIPES
-from ..recipes.anomaly import AnomalyRecipe
+from ..recipes.anomaly import AnomalyRecipe, shared_prompt
 from ..recipes.config import AnomalyConfig, load_config
 from . import protocol as proto
 from .broker import (MOSQUITTO, MQTT_VERSIONS_OF, PYTHON, BrokerError, EmbeddedBroker, embedded_kind,
@@ -44,7 +44,7 @@ log = logging.getLogger("edgellm.service")
 _CONFIG_KEYS = (
     "broker", "device_id", "topic_prefix", "client_id", "username", "password_file", "tls_ca", "tls_cert",
     "tls_key", "mqtt_version", "shared_group", "queue_size", "session_expiry", "max_payload", "max_tokens",
-    "queue_per_client", "reasoning_topic", "http", "api_key_file", "http_max_body", "slots",
+    "queue_per_client", "reasoning_topic", "http", "api_key_file", "http_max_body", "slots", "shared_system",
 )
 _INT_KEYS = ("queue_size", "session_expiry", "max_payload", "max_tokens", "queue_per_client", "http_max_body",
              "slots")
@@ -95,6 +95,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--slots", type=int,
                    help="requests decoded together, one batched step for all (default: the profile's, else 1); "
                         "each slot holds its own KV cache of --max-context tokens")
+    g.add_argument("--shared-system", metavar="TEXT",
+                   help="the system prompt this service's clients send: its cached rows serve every client; "
+                        "the rest of each prompt is reused only by the client that sent it (docs/mqtt.md)")
     h = p.add_argument_group("http (needs edgellm[http]; see docs/http.md)")
     h.add_argument("--http", metavar="HOST:PORT",
                    help="also serve OpenAI- and Ollama-compatible HTTP here (HOST defaults to 127.0.0.1); "
@@ -229,6 +232,17 @@ def _http_config(args: argparse.Namespace) -> Any:
     return HttpConfig(host, port, key, max_body)
 
 
+def _share_prompts(model: Any, system: str | None, recipe: AnomalyConfig | None) -> None:
+    """Declare the prompts every client may reuse: --shared-system and the recipe's."""
+    prompts = [[{"role": "system", "content": system}]] if system else []
+    if recipe is not None and shared_prompt(recipe) not in prompts:
+        prompts.append(shared_prompt(recipe))
+    for prompt in prompts:
+        tokens = model.share_prefix(prompt)
+        log.info("shared between clients: the %d tokens that start a chat with system prompt %.40r", tokens,
+                 prompt[0]["content"])
+
+
 def run_serve(args: argparse.Namespace) -> int:
     _apply_config(args)
     topics = _topics(args)
@@ -247,6 +261,7 @@ def run_serve(args: argparse.Namespace) -> int:
         kind = embedded_kind()
         conn = dataclasses.replace(conn, mqtt_version=_embedded_version(kind, args))
     model = load_model(args)
+    _share_prompts(model, args.shared_system, recipe_config)
     engine = engine_for(model, config).start()  # one queue for MQTT and HTTP alike
     broker = service = http = recipe = None
     stop = threading.Event()
