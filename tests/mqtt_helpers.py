@@ -127,6 +127,20 @@ def running_service(model: Any, conn: Connection, **config: Any) -> Iterator[Ser
         service.stop()
 
 
+def held_for(conn: Connection, client_id: str, wait: float = 1.0) -> list[mqtt.MQTTMessage]:
+    """What the broker still holds unacknowledged (or queued) for the persistent session
+    `client_id`: a stand-in resumes the session, acknowledges nothing and records what it is handed."""
+    got: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
+    client = make_client(conn, client_id, persistent=True, manual_ack=True)
+    client.on_message = lambda _c, _u, msg: got.put(msg)
+    connect_async(client, conn, persistent=True, session_expiry=600)
+    client.loop_start()
+    time.sleep(wait)
+    client.disconnect()
+    client.loop_stop()
+    return list(got.queue)
+
+
 class Gated:
     """A real model whose generations wait for `gate` first, so tests can hold the worker busy."""
 

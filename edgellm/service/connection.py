@@ -145,9 +145,11 @@ def connect_failure_reason(client: mqtt.Client) -> str:
     return "no reason recorded"
 
 
-def make_client(conn: Connection, client_id: str, *, persistent: bool, max_packet: int | None = None) -> Client:
+def make_client(conn: Connection, client_id: str, *, persistent: bool, max_packet: int | None = None,
+                manual_ack: bool = False) -> Client:
     """A paho v2-callback client; `persistent` keeps the broker-side session across reconnects,
-    `max_packet` bounds the memory one incoming message may take (see `bounded`)."""
+    `max_packet` bounds the memory one incoming message may take (see `bounded`), `manual_ack`
+    leaves acknowledging QoS 1 messages to the caller (see `acks`)."""
     if conn.mqtt_version not in MQTT_VERSIONS:
         raise ValueError(f"--mqtt-version {conn.mqtt_version!r} is not one of {sorted(MQTT_VERSIONS)}")
     client = Client(
@@ -156,6 +158,7 @@ def make_client(conn: Connection, client_id: str, *, persistent: bool, max_packe
         protocol=MQTT_VERSIONS[conn.mqtt_version],
         clean_session=None if conn.v5 else not persistent,
         max_packet=max_packet,
+        manual_ack=manual_ack,
     )
     if conn.username is not None:
         client.username_pw_set(conn.username, conn.password)
@@ -177,11 +180,14 @@ def _no_delay(_client: mqtt.Client, _userdata: object, sock: socket.socket) -> N
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def connect_async(client: mqtt.Client, conn: Connection, *, persistent: bool, session_expiry: int = 0) -> None:
+def connect_async(client: mqtt.Client, conn: Connection, *, persistent: bool, session_expiry: int = 0,
+                  receive_maximum: int | None = None) -> None:
     """Start connecting without blocking: `loop_start` then retries with backoff until it works.
 
-    No Maximum Packet Size is ever advertised: a broker drops a larger message without telling
-    its sender, so a request would go unanswered; `bounded` reads any size in bounded memory."""
+    On MQTT 5, `receive_maximum` is advertised as Receive Maximum: how many QoS 1 messages the
+    broker may hand us before we acknowledge any. No Maximum Packet Size is ever advertised: a
+    broker drops a larger message without telling its sender, so a request would go unanswered;
+    `bounded` reads any size in bounded memory instead."""
     properties = None
     clean_start: bool | int = mqtt.MQTT_CLEAN_START_FIRST_ONLY
     if conn.v5:
@@ -191,6 +197,8 @@ def connect_async(client: mqtt.Client, conn: Connection, *, persistent: bool, se
     if conn.v5 and persistent:
         properties = Properties(PacketTypes.CONNECT)
         properties.SessionExpiryInterval = session_expiry
+        if receive_maximum is not None:
+            properties.ReceiveMaximum = receive_maximum
     client.connect_async(
         conn.broker.host,
         conn.broker.port,

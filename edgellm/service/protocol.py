@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from .. import netjson
 from ..errors import GenerationError, RequestError
 from ..params import BY_WIRE, from_wire
 from ..tools import normalize_messages
@@ -63,27 +64,11 @@ def _bad(message: str) -> RequestError:
     return RequestError(BAD_REQUEST, message)
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """A key given twice is refused: parsers disagree on which one wins (`{"id": "a", "id": "b"}`
-    would be one request to a bridge or a logger and another to us)."""
-    data = dict(pairs)
-    if len(data) != len(pairs):
-        seen: set[str] = set()
-        twice = next(k for k, _ in pairs if k in seen or seen.add(k))
-        raise ValueError(f"key {twice[:40]!r} appears twice")
-    return data
-
-
-def _loads(payload: bytes, max_bytes: int) -> tuple[Any, str]:
+def _loads(payload: bytes, max_bytes: int) -> Any:
     if len(payload) > max_bytes:
         raise RequestError(TOO_LARGE, f"payload is {len(payload)} bytes, limit is {max_bytes}")
     try:
-        text = payload.decode("utf-8")
-        return json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_unique_keys), text
+        return netjson.loads(payload)
     except UnicodeDecodeError:
         raise _bad("payload is not UTF-8") from None
     except (ValueError, RecursionError) as exc:
@@ -96,38 +81,10 @@ def decode_json(payload: bytes, max_bytes: int = DEFAULT_MAX_PAYLOAD) -> Any:
     Strings must be valid Unicode: a lone surrogate (`"\\ud800"`) parses as JSON but can
     be neither encoded for the tokenizer nor published again, so it is refused here.
     """
-    data, text = _loads(payload, max_bytes)
-    if "\\u" in text and (where := _surrogate(data)) is not None:
+    data = _loads(payload, max_bytes)
+    if b"\\u" in payload and (where := netjson.surrogate_at(data)) is not None:
         raise _bad(f"{where} holds a lone surrogate (\\ud800-\\udfff), which is not text")
     return data
-
-
-def _encodable(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def _surrogate(data: Any) -> str | None:
-    """Where the first string that cannot be UTF-8 encoded is, as a JSON path; None if none.
-
-    Iterative: nesting is bounded by the JSON parser's recursion limit, not by this walk."""
-    stack: list[tuple[str, Any]] = [("$", data)]
-    while stack:
-        where, value = stack.pop()
-        if isinstance(value, str):
-            if not _encodable(value):
-                return where
-        elif isinstance(value, dict):
-            for key, item in value.items():
-                if not _encodable(key):
-                    return f"a key of {where}"
-                stack.append((f"{where}.{key[:40]}", item))
-        elif isinstance(value, list):
-            stack.extend((f"{where}[{i}]", item) for i, item in enumerate(value))
-    return None
 
 
 def valid_id(value: Any) -> bool:
@@ -138,7 +95,7 @@ def valid_topic(value: Any) -> bool:
     """A topic a reply may be published to: no wildcards, not a `$` system topic."""
     return (
         isinstance(value, str)
-        and _encodable(value)
+        and netjson.encodable(value)
         and 0 < len(value.encode("utf-8")) <= 1024
         and not value.startswith("$")
         and not any(c in value for c in "+#\0")
@@ -148,7 +105,7 @@ def valid_topic(value: Any) -> bool:
 def peek(payload: bytes, max_bytes: int = DEFAULT_MAX_PAYLOAD) -> tuple[str | None, str | None]:
     """Best-effort (id, reply_to) of a request that failed validation, to route its error."""
     try:
-        data, _ = _loads(payload, max_bytes)
+        data = _loads(payload, max_bytes)
     except RequestError as exc:
         return (peek_id(payload) if exc.code == TOO_LARGE else None), None
     if not isinstance(data, dict):
@@ -278,6 +235,13 @@ def final_payload(rid: str, text: str, finish_reason: str, usage: dict[str, Any]
 
 def error_payload(rid: str | None, code: str, message: str) -> dict[str, Any]:
     return {"id": rid, "status": "error", "error": {"code": code, "message": message}}
+
+
+def restarted(payload: dict[str, Any]) -> dict[str, Any]:
+    """`payload` (a chunk, final or error) as the first reply of an answer that starts over: the
+    broker handed the request again after the service that had it died, so whatever the device
+    received of it before (chunks from `seq` 0 on) is void."""
+    return {**payload, "restart": True}
 
 
 def status_payload(state: str, **fields: Any) -> dict[str, Any]:

@@ -5,7 +5,8 @@ and calls back here with each chunk; paho's network thread only validates, route
 queues. The engine may be shared with the HTTP front. Replies go out at QoS 1:
 paho keeps unacknowledged and not-yet-sent QoS 1 messages and sends them after a
 reconnect, so a generation that finishes while the broker is away still reaches
-its device.
+its device. A QoS 1 request is acknowledged only once the reply that ends it is out
+(`acks`), so a service that dies is handed its unanswered requests again when it restarts.
 """
 from __future__ import annotations
 
@@ -28,10 +29,16 @@ from ..engine import Job as EngineJob
 from ..errors import GenerationError, RequestError
 from ..tools import merge_deltas
 from . import protocol as proto
+from .acks import Acks, Deliveries, delivery
 from .admission import ACTIVE, RecentRequests
 from .connection import Connection, connect_async, connect_failure_reason, make_client, publish_properties, refusal
 
 log = logging.getLogger("edgellm.service")
+
+# Requests are held unacknowledged while queued or running, so the broker must be allowed more
+# unacknowledged messages than the queue and the slots hold: beyond them, room for the cancels
+# and refusals that must still get through while every place is taken (MQTT 5 Receive Maximum).
+RECEIVE_HEADROOM = 16
 
 
 @dataclass(frozen=True)
@@ -75,6 +82,8 @@ class Job:
     route: Route
     client: str  # whose share of the queue it takes: see `admission`
     cancel: threading.Event = dataclasses.field(default_factory=threading.Event)
+    answers: Deliveries = ()  # acknowledged once its final reply is out
+    restart: bool = False  # handed again by the broker (DUP): its first reply says the answer starts over
 
     @property
     def key(self) -> tuple[str, bytes | None, str]:
@@ -126,12 +135,15 @@ class Service:
         self._active: dict[tuple, Job] = {}  # queued or running, for cancel
         self._recent = RecentRequests(config.recent_ids)
         self.max_packet = proto.packet_limit(config.max_payload)
+        self.receive_maximum = min(config.queue_size + self.engine.slots + RECEIVE_HEADROOM, 65535)
         self._lock = threading.Lock()
         self._stopping = False
         self.client = self._make_client()
+        self.acks = Acks(self.client)
 
     def _make_client(self) -> mqtt.Client:
-        client = make_client(self.conn, self.client_id, persistent=True, max_packet=self.max_packet)
+        client = make_client(self.conn, self.client_id, persistent=True, max_packet=self.max_packet,
+                             manual_ack=True)
         client.will_set(self.status_topic, proto.encode(proto.status_payload("offline")), qos=1, retain=True)
         client.reconnect_delay_set(self.config.reconnect_min_s, self.config.reconnect_max_s)
         client.on_connect = self._on_connect
@@ -145,7 +157,8 @@ class Service:
     def start(self) -> "Service":
         if self._owns_engine:
             self.engine.start()
-        connect_async(self.client, self.conn, persistent=True, session_expiry=self.config.session_expiry)
+        connect_async(self.client, self.conn, persistent=True, session_expiry=self.config.session_expiry,
+                      receive_maximum=self.receive_maximum)
         self.client.loop_start()
         return self
 
@@ -226,18 +239,23 @@ class Service:
             log.warning("lost broker %s (%s); reconnecting, replies are kept until then", self.conn.broker, reason)
 
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
-        if not msg.payload:
-            return  # how MQTT deletes a retained message (ours included), never a request
+        """Every path acknowledges the message, at once or with the reply that ends it: one left
+        unacknowledged holds a place of the broker's window (Receive Maximum) until a restart."""
+        answers = delivery(msg)
         try:
-            if msg.topic == self.topics.cancel:
-                self._on_cancel(msg)
+            if not msg.payload:
+                self.acks.now(answers)  # how MQTT deletes a retained message (ours included), never a request
+            elif msg.topic == self.topics.cancel:
+                self._on_cancel(msg, answers)
             elif msg.topic == self.topics.request:
-                self._on_request(msg)
+                self._on_request(msg, answers)
+            else:
+                self.acks.now(answers)
         except Exception:  # noqa: BLE001 - one bad message must never stop the service
             log.exception("unexpected error handling a message on %s", msg.topic)
             rid = proto.peek_id(msg.payload)
             self._send(self._fallback_route(rid),
-                       proto.error_payload(rid, proto.INTERNAL, "the service failed to read this message"))
+                       proto.error_payload(rid, proto.INTERNAL, "the service failed to read this message"), answers)
 
     def _route(self, msg: mqtt.MQTTMessage, rid: str | None, reply_to: str | None) -> Route:
         """v5 Response Topic (+ Correlation Data), else payload `reply_to`, else the default topic.
@@ -260,21 +278,24 @@ class Service:
     def _fallback_route(self, rid: str | None) -> Route:
         return Route(self.topics.response(rid) if rid else self.topics.errors)
 
-    def _refuse(self, msg: mqtt.MQTTMessage, rid: str | None, reply_to: str | None, code: str, message: str) -> None:
+    def _refuse(self, msg: mqtt.MQTTMessage, rid: str | None, reply_to: str | None, code: str, message: str,
+                answers: Deliveries) -> None:
         """An error for a message on `msg`'s reply topic, or on the default one if that is refused too."""
         try:
             route = self._route(msg, rid, reply_to)
         except RequestError:
             route = self._fallback_route(rid)
         log.info("refused %s %s: %s: %s", msg.topic, rid, code, message)
-        self._send(route, proto.error_payload(rid, code, message))
+        error = proto.error_payload(rid, code, message)
+        again = msg.dup and msg.topic == self.topics.request
+        self._send(route, proto.restarted(error) if again else error, answers)
 
-    def _on_request(self, msg: mqtt.MQTTMessage) -> None:
+    def _on_request(self, msg: mqtt.MQTTMessage, answers: Deliveries) -> None:
         size = self.client.oversized(msg)
         if size is not None:
             limit = self.config.max_payload
             self._refuse(msg, proto.peek_id(msg.payload), None, proto.TOO_LARGE,
-                         f"payload is {size} bytes, limit is {limit}")
+                         f"payload is {size} bytes, limit is {limit}", answers)
             return
         if msg.retain:
             # Retained, it would be answered again at every start of every service: delete it.
@@ -284,7 +305,8 @@ class Service:
             if self.conn.v5:
                 rid, reply_to = proto.peek(msg.payload, self.config.max_payload)
                 self._refuse(msg, rid, reply_to, proto.BAD_REQUEST,
-                             "retained requests are not answered (and this one was deleted): publish without retain")
+                             "retained requests are not answered (and this one was deleted): publish without retain",
+                             answers)
                 return
         try:
             request = proto.parse_request(msg.payload, self.config.max_payload)
@@ -292,9 +314,9 @@ class Service:
             request = self._capped(request)
         except RequestError as exc:
             rid, reply_to = proto.peek(msg.payload, self.config.max_payload)
-            self._refuse(msg, rid, reply_to, exc.code, str(exc))
+            self._refuse(msg, rid, reply_to, exc.code, str(exc), answers)
             return
-        self._admit(Job(request, route, client=self._client_of(route)))
+        self._admit(Job(request, route, client=self._client_of(route), answers=answers, restart=msg.dup))
 
     def _capped(self, request: proto.Request) -> proto.Request:
         """The request with its token budget within the service's ceiling (RequestError above it)."""
@@ -309,42 +331,59 @@ class Service:
     def _admit(self, job: Job) -> None:
         """Queue a new request; the same request again (same id, same reply topic) is not
         generated twice: still running, its replies already go to that topic; answered, its
-        final reply is sent again."""
+        final reply is sent again.
+
+        The broker hands a message again (DUP) only when it was not acknowledged: one this
+        process answered is acknowledged without a second final reply (paho sends the first
+        again if the broker lacks it); one it never saw was accepted by a service that died,
+        and is answered from the start."""
         rid = job.request.id
         seen = self._recent.claim(job.key)
         if seen == ACTIVE:
             log.info("request %s sent again while being answered; its replies are on their way", rid)
+            with self._lock:
+                running = self._active.get(job.key)
+            if running is None or running.answers != job.answers:  # not the running one's own delivery
+                self.acks.now(job.answers)
             return
         if seen is not None:
+            if job.restart:
+                self.acks.now(job.answers)
+                return
             log.info("request %s answered before; sending its final reply again", rid)
-            self._send_encoded(job.route, seen)
+            self._send_encoded(job.route, seen, job.answers)
             return
+        if job.restart:
+            log.info("request %s handed again by the broker: a service stopped before answering it; "
+                     "answering it from the start", rid)
         with self._lock:
             refusal_reason = self.engine.submit(self._engine_job(job))
             if refusal_reason is None:
                 self._active[job.key] = job
         if refusal_reason is not None:
             self._recent.forget(job.key)  # the device may retry this id later
-            self._send(job.route, proto.error_payload(rid, proto.BUSY, refusal_reason))
+            busy = proto.error_payload(rid, proto.BUSY, refusal_reason)
+            self._send(job.route, proto.restarted(busy) if job.restart else busy, job.answers)
 
-    def _on_cancel(self, msg: mqtt.MQTTMessage) -> None:
+    def _on_cancel(self, msg: mqtt.MQTTMessage, answers: Deliveries) -> None:
         """Errors go to the cancel's own Response Topic, else to the errors topic with no id:
         never to the request's reply topic, where they would read as that request's answer."""
         try:
             rid, key = proto.parse_cancel(msg.payload)
         except RequestError as exc:
-            self._refuse(msg, None, None, exc.code, str(exc))
+            self._refuse(msg, None, None, exc.code, str(exc), answers)
             return
         with self._lock:
             jobs = [job for job in self._active.values() if job.request.id == rid and job.request.cancel_key
                     and hmac.compare_digest(job.request.cancel_key.encode(), key.encode())]
         if not jobs:
             self._refuse(msg, None, None, proto.FORBIDDEN, f"cancel of {rid}: no queued or running request "
-                                                           "with that id has that cancel_key")
+                                                           "with that id has that cancel_key", answers)
             return
         for job in jobs:
             log.info("cancelling request %s", rid)
             job.cancel.set()
+        self.acks.now(answers)
 
     # -- engine worker thread --------------------------------------------------
 
@@ -364,9 +403,12 @@ class Service:
         splitter = proto.SentenceSplitter() if request.stream == "sentence" else None
         seq, parts, thoughts, calls = 0, [], [], []
 
+        def first(reply: dict[str, Any]) -> dict[str, Any]:
+            return proto.restarted(reply) if job.restart and seq == 0 else reply
+
         def emit(delta: str, reasoning: str = "", tool_calls: list[dict[str, Any]] | None = None) -> None:
             nonlocal seq
-            self._send(job.route, proto.chunk_payload(request.id, seq, delta, reasoning, tool_calls))
+            self._send(job.route, first(proto.chunk_payload(request.id, seq, delta, reasoning, tool_calls)))
             seq += 1
 
         def on_chunk(chunk: Any) -> None:
@@ -406,8 +448,9 @@ class Service:
                 log.exception("request %s failed", request.id)
                 reply = proto.error_payload(request.id, proto.INTERNAL,
                                             f"generation failed: {type(exc).__name__}: {exc}"[:300])
-            encoded = proto.encode(reply)
-            self._send_encoded(job.route, encoded)
+            encoded = proto.encode(reply)  # what a retry of the same id is sent again
+            sent = first(reply)
+            self._send_encoded(job.route, encoded if sent is reply else proto.encode(sent), job.answers)
             if self.config.reasoning_topic and reply.get("reasoning"):
                 self._send(Route(self.config.reasoning_topic), {
                     "id": request.id, "reply_topic": job.route.topic, "reasoning": reply["reasoning"],
@@ -419,13 +462,14 @@ class Service:
         return EngineJob(request.prompt, request.params, job.client, on_chunk, on_end, job.cancel,
                          tenant=job.route.topic)  # the reply topic (docs/mqtt.md, prompt privacy)
 
-    def _send(self, route: Route, payload: dict[str, Any]) -> None:
-        self._send_encoded(route, proto.encode(payload))
+    def _send(self, route: Route, payload: dict[str, Any], answers: Deliveries = ()) -> None:
+        self._send_encoded(route, proto.encode(payload), answers)
 
-    def _send_encoded(self, route: Route, payload: bytes) -> None:
-        """QoS 1, from any thread: while disconnected, paho keeps the message and sends it on reconnect."""
+    def _send_encoded(self, route: Route, payload: bytes, answers: Deliveries = ()) -> None:
+        """QoS 1, from any thread: while disconnected, paho keeps the message and sends it on reconnect.
+        `answers` (the requests this reply ends) are acknowledged once the broker has it."""
         try:
             properties = publish_properties(route.correlation) if self.conn.v5 else None
-            self.client.publish(route.topic, payload, qos=1, properties=properties)
+            self.acks.publish(route.topic, payload, properties, answers)
         except ValueError as exc:  # a topic paho refuses; the request named it, nothing else to do
             log.warning("cannot publish to %r: %s", route.topic, exc)
