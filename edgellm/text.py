@@ -13,6 +13,7 @@ import os
 import re
 import threading
 from datetime import datetime
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -112,6 +113,22 @@ class Tokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    @cached_property
+    def bytes_per_token(self) -> int | None:
+        """The most bytes of prompt text one token can stand for, or None when this tokenizer's
+        normalizer or pre-tokenizer may drop text (then no such bound holds).
+
+        A token's string is at least as long in UTF-8 as the text it covers (byte-level
+        vocabularies spell each byte as one character, SentencePiece a space as '▁'); a
+        normalizer that composes or folds characters shrinks text at most 4 times (a 4-byte
+        character to a 1-byte one)."""
+        config = json.loads(self.tokenizer.to_str())
+        parts = [*_components(config.get("normalizer")), *_components(config.get("pre_tokenizer"))]
+        if not all(_keeps_text(part) for part in parts):
+            return None
+        longest = max(len(token.encode("utf-8")) for token in self.tokenizer.get_vocab(with_added_tokens=True))
+        return longest * (4 if any(part["type"] in _FOLDS for part in parts) else 1)
+
     def _encode_literals(self, text: str, literals: Mapping[str, str]) -> list[int]:
         # Special tokens are matched in the raw text, before the normalizer runs: a
         # stand-in passes that match and becomes its string only afterwards, as text.
@@ -131,6 +148,53 @@ class Tokenizer:
                 raise GenerationError(f"a message contains {spelled[0]!r}, a special token this "
                                       f"tokenizer cannot encode as text")
         return enc.ids
+
+
+_FOLDS = frozenset({"NFC", "NFD", "NFKC", "NFKD", "Lowercase"})
+_KEEPS = _FOLDS | {"ByteLevel", "Metaspace", "Digits", "Punctuation", "Prepend", "Split", "Replace", "Sequence"}
+
+
+def _components(part: Any) -> list[dict[str, Any]]:
+    """A tokenizer.json normalizer or pre-tokenizer and everything in its sequences, flattened."""
+    if not isinstance(part, dict):
+        return []
+    inner = part.get("normalizers") or part.get("pretokenizers") or []
+    return [part, *(c for p in inner for c in _components(p))]
+
+
+def _keeps_text(part: dict[str, Any]) -> bool:
+    """Whether a normalizer or pre-tokenizer keeps every character of the text (one that
+    removes whitespace, accents or control characters does not)."""
+    kind = part.get("type")
+    if kind == "Split":
+        return str(part.get("behavior", "")).lower() != "removed"
+    if kind == "Replace":
+        pattern = (part.get("pattern") or {}).get("String")
+        return isinstance(pattern, str) and len(str(part.get("content", "")).encode()) >= len(pattern.encode())
+    return kind in _KEEPS
+
+
+def cannot_fit(prompt: Any, tokenizer: Tokenizer, context: int) -> str | None:
+    """Why `prompt` cannot fit in `context` tokens, found without tokenizing it; None when it may.
+
+    Text of more than `context * tokenizer.bytes_per_token` bytes needs more tokens than the
+    context holds, so a huge prompt is refused before it is queued, rendered or tokenized (1 MB
+    took the worker a second). Chat messages count their user turns only: a chat template may
+    leave out a system or tool message, or an assistant's reasoning, but renders what the user said."""
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+        return f"prompt has {len(prompt)} tokens, context is {context}" if len(prompt) > context else None
+    if isinstance(prompt, str):
+        size = len(prompt.encode("utf-8", "surrogatepass"))
+    elif isinstance(prompt, list):
+        size = sum(len(m["content"].encode("utf-8", "surrogatepass")) for m in prompt
+                   if isinstance(m, dict) and m.get("role") == "user" and isinstance(m.get("content"), str))
+    else:
+        return None
+    per_token = tokenizer.bytes_per_token
+    if per_token is None or size <= context * per_token:
+        return None
+    return (f"prompt has more than {context} tokens ({size} bytes of text; a token of this model stands for "
+            f"at most {per_token}), context is {context}")
 
 
 def _is_id(value: object, vocab: int) -> bool:
