@@ -39,7 +39,8 @@ def serving(model: Any, queue_size: int = 8, max_tokens: int = 1024, **config: A
 
 class Paced:
     """A real model whose chunks come `delay` seconds apart, counted as they are yielded (the
-    final one apart), so a test can tell how many were generated after it hung up."""
+    final one apart), so a test can tell how many were generated after it hung up; it keeps
+    each request's parameters."""
 
     def __init__(self, model: Any, delay: float = 0.05) -> None:
         self.model = model
@@ -47,12 +48,15 @@ class Paced:
         self.manifest = model.manifest
         self.max_context = model.max_context
         self.path = model.path
+        self.tokenizer = model.tokenizer
         self.chunks = 0
         self.last: Any = None
         self.done = threading.Event()
+        self.requests: list[dict[str, Any]] = []  # each request's parameters, the engine's tenant among them
 
     def stream(self, prompt: Any, **params: Any) -> Iterator[Any]:
         self.chunks, self.last = 0, None
+        self.requests.append(params)
         self.done.clear()
         try:
             for chunk in self.model.stream(prompt, **params):

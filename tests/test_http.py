@@ -74,7 +74,7 @@ def test_limits_routes_and_ollama_errors(server):
 
 
 def test_the_api_key_is_enforced(model, tmp_path):
-    with serving(model, api_key="k3y-1234") as server:
+    with serving(model, api_keys=("k3y-1234",)) as server:
         base = f"{server.url}/v1"
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=base, api_key="wrong", max_retries=0).models.list()

@@ -46,8 +46,11 @@ _CONFIG_KEYS = (
     "tls_key", "mqtt_version", "shared_group", "queue_size", "session_expiry", "max_payload", "max_tokens",
     "queue_per_client", "reasoning_topic", "http", "api_key_file", "http_max_body", "slots", "shared_system",
 )
+_CONFIG_KEYS += ("http_allow_origin", "http_server_name", "http_max_connections", "http_read_timeout")
 _INT_KEYS = ("queue_size", "session_expiry", "max_payload", "max_tokens", "queue_per_client", "http_max_body",
-             "slots")
+             "slots", "http_max_connections")
+_FLOAT_KEYS = ("http_read_timeout",)
+_LIST_KEYS = ("http_allow_origin", "http_server_name")  # a string (comma-separated) or a list of strings
 EMBEDDED = "embedded"  # --broker value: start the embedded broker even next to --http
 
 
@@ -102,9 +105,22 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     h.add_argument("--http", metavar="HOST:PORT",
                    help="also serve OpenAI- and Ollama-compatible HTTP here (HOST defaults to 127.0.0.1); "
                         "without --broker, HTTP only")
-    h.add_argument("--api-key-file", help="file whose first line is the bearer key HTTP clients must send "
-                                          "(kept off the command line)")
+    h.add_argument("--api-key-file", help="file of bearer keys HTTP clients must send, one per line, each key "
+                                          "its own tenant (kept off the command line; # comments and blank "
+                                          "lines ignored)")
     h.add_argument("--http-max-body", type=int, help="largest HTTP request body in bytes (default: 1048576)")
+    h.add_argument("--http-allow-origin", action="append", metavar="ORIGIN",
+                   help="web page origin (scheme://host[:port], or *) allowed to call the API from a browser; "
+                        "repeat or separate with commas (default: none, requests with an Origin are refused)")
+    h.add_argument("--http-server-name", action="append", metavar="NAME",
+                   help="a DNS name clients reach this server by, accepted as Host without an API key (IP "
+                        "addresses, localhost and this host's name always are); repeat or separate with commas")
+    h.add_argument("--http-max-connections", type=int,
+                   help="open HTTP connections at most (a quarter per client address); more are answered 503 "
+                        "(default: 64, lowered to fit the file descriptor limit)")
+    h.add_argument("--http-read-timeout", type=float, metavar="SECONDS",
+                   help="a request's headers and body must arrive within this time, or the connection is closed "
+                        "(default: 20)")
 
 
 def add_ask_arguments(p: argparse.ArgumentParser) -> None:
@@ -132,11 +148,14 @@ def _apply_config(args: argparse.Namespace) -> None:
             raise ValueError(f"--config {path}: unknown key serve.{key}")
         if dest == "mqtt_version":
             value = str(value)
-        wanted = int if dest in _INT_KEYS else str
+        if dest in _LIST_KEYS and isinstance(value, list) and all(isinstance(v, str) for v in value):
+            value = ",".join(value)
+        wanted, what = ((int, "an integer") if dest in _INT_KEYS else ((int, float), "a number") if dest in _FLOAT_KEYS
+                        else (str, "a string"))
         if isinstance(value, bool) or not isinstance(value, wanted):
-            raise ValueError(f"--config {path}: serve.{key} must be {'an integer' if wanted is int else 'a string'}")
+            raise ValueError(f"--config {path}: serve.{key} must be {what}")
         if getattr(args, dest, None) is None:
-            setattr(args, dest, value)
+            setattr(args, dest, [value] if dest in _LIST_KEYS else value)
 
 
 def _connection(args: argparse.Namespace, broker: str) -> Connection:
@@ -209,27 +228,46 @@ def _recipe_config(args: argparse.Namespace, topics: proto.Topics, config: Servi
 
 def _http_config(args: argparse.Namespace) -> Any:
     """The HTTP front's settings, or None without --http; the key file is read here, before the slow load."""
+    given = [f"--{name.replace('_', '-')}" for name in ("api_key_file", "http_max_body", "http_allow_origin",
+                                                          "http_server_name", "http_max_connections",
+                                                          "http_read_timeout") if getattr(args, name) is not None]
     if args.http is None:
-        if args.api_key_file or args.http_max_body is not None:
-            raise ValueError("--api-key-file and --http-max-body need --http HOST:PORT")
+        if given:
+            raise ValueError(f"{', '.join(given)}: only with --http HOST:PORT")
         return None
     try:
-        from .http import DEFAULT_MAX_BODY, HttpConfig, parse_address
+        from .http import HttpConfig, parse_address
     except ImportError as exc:
         raise ValueError(f"--http needs the http extra ({exc.name} is missing): pip install 'edgellm[http]'") from None
     host, port = parse_address(args.http)
-    key = None
-    if args.api_key_file:
-        try:
-            key = Path(args.api_key_file).read_text(encoding="utf-8").splitlines()[0].strip()
-        except (OSError, UnicodeDecodeError, IndexError) as exc:
-            raise ValueError(f"--api-key-file {args.api_key_file}: cannot read a key ({exc})") from None
-        if not key:
-            raise ValueError(f"--api-key-file {args.api_key_file}: its first line is empty")
-    max_body = DEFAULT_MAX_BODY if args.http_max_body is None else args.http_max_body
-    if max_body < 1:
-        raise ValueError(f"--http-max-body must be at least 1, got {max_body}")
-    return HttpConfig(host, port, key, max_body)
+    keys = _api_keys(args.api_key_file) if args.api_key_file else ()
+    settings: dict[str, Any] = {"allow_origins": _listed(args.http_allow_origin, strip="/"),
+                                "server_names": _listed(args.http_server_name, strip=".")}
+    for name, field, low in (("http_max_body", "max_body", 1), ("http_max_connections", "max_connections", 1),
+                             ("http_read_timeout", "read_timeout", 0.1)):
+        value = getattr(args, name)
+        if value is not None and not value >= low:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
+        if value is not None:
+            settings[field] = value
+    return HttpConfig(host, port, keys, **settings)
+
+
+def _api_keys(path: str) -> tuple[str, ...]:
+    """The keys of an --api-key-file: one per line; blank lines and # comments are not keys."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"--api-key-file {path}: cannot read keys ({exc})") from None
+    keys = tuple(dict.fromkeys(line.strip() for line in lines if line.strip() and not line.strip().startswith("#")))
+    if not keys:
+        raise ValueError(f"--api-key-file {path}: no key in it (one per line; # starts a comment)")
+    return keys
+
+
+def _listed(values: list[str] | None, strip: str) -> tuple[str, ...]:
+    """A repeatable option's values, each possibly a comma-separated list, as one tuple."""
+    return tuple(v.strip().rstrip(strip) for value in values or () for v in value.split(",") if v.strip())
 
 
 def _share_prompts(model: Any, system: str | None, recipe: AnomalyConfig | None) -> None:
@@ -275,7 +313,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
             http = HttpServer(engine, http_config).start()
             log.info("serving %s over HTTP at %s (OpenAI: %s/v1, Ollama: %s)%s", model.manifest.name or args.bundle,
-                     http.url, http.url, http.url, "; bearer key required" if http_config.api_key else "")
+                     http.url, http.url, http.url, f"; {len(http_config.api_keys)} bearer key(s) accepted" if http_config.api_keys else "")
         if mqtt:
             service = Service(model, conn, config, engine).start()
             if recipe_config is not None:

@@ -9,24 +9,30 @@ the job's cancel event, so the worker stops at the next token. The routes live i
 from __future__ import annotations
 
 import asyncio
-import hmac
-import json
+import logging
 import socket
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Mapping
 
+import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from .. import netjson
 from ..engine import Engine, Job, Outcome
 from ..errors import GenerationError
 from ..generate import Result, collect
+from ..text import cannot_fit
+from .http_conn import DEFAULT_MAX_CONNECTIONS, DEFAULT_READ_TIMEOUT, Limits, Listener, descriptor_room
 from .http_metrics import Metrics
+
+log = logging.getLogger("edgellm.service")
 
 DEFAULT_PORT = 8080
 DEFAULT_MAX_BODY = 1 << 20  # a Home Assistant chat with many exposed entities is tens of KB
@@ -36,8 +42,12 @@ DEFAULT_MAX_BODY = 1 << 20  # a Home Assistant chat with many exposed entities i
 class HttpConfig:
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
-    api_key: str | None = None  # every route but /health then needs "Authorization: Bearer KEY"
+    api_keys: tuple[str, ...] = ()  # every route but /health then needs "Authorization: Bearer KEY"; a tenant each
     max_body: int = DEFAULT_MAX_BODY
+    allow_origins: tuple[str, ...] = ()  # web page origins that may call the API ("*": any)
+    server_names: tuple[str, ...] = ()  # Host names accepted without a key, besides IPs and this machine's name
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    read_timeout: float = DEFAULT_READ_TIMEOUT  # seconds for a request's headers and body to arrive
 
 
 def parse_address(text: str) -> tuple[str, int]:
@@ -130,6 +140,9 @@ class Front:
         manifest = self.model.manifest
         self.name = manifest.name or getattr(getattr(self.model, "path", None), "name", "") or "edgellm"
         self.started = time.time()
+        self.tokenizer = getattr(self.model, "tokenizer", None)  # a test double may have none: the worker checks
+        if self.tokenizer is not None:
+            self.tokenizer.bytes_per_token  # worked out now (0.1 s), not on the event loop at the first request
 
     @property
     def tag(self) -> str:
@@ -146,7 +159,8 @@ class Front:
                             code="model_not_found")
 
     async def read_json(self, request: Request) -> dict[str, Any]:
-        """The body as a JSON object, refused with 413 once it passes the limit (before parsing)."""
+        """The body as a JSON object, refused with 413 once it passes the limit (before parsing),
+        and with 400 for anything `netjson` refuses (bad UTF-8 or syntax, deep nesting, huge numbers)."""
         limit = self.config.max_body
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
@@ -157,9 +171,12 @@ class Front:
             if len(body) > limit:
                 raise HttpError(413, f"body is over {limit} bytes, the limit", code="too_large")
         try:
-            data = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise HttpError(400, f"body is not valid JSON: {exc}", code="invalid_json") from None
+            data = netjson.loads(bytes(body))
+        except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors too
+            raise HttpError(400, f"body is not valid JSON: {str(exc)[:200]}", code="invalid_json") from None
+        if (where := netjson.surrogate_at(data)) is not None:
+            raise HttpError(400, f"body: {where} holds a lone surrogate (\\ud800-\\udfff), which is not text",
+                            code="invalid_json")
         if not isinstance(data, dict):
             raise HttpError(400, f"body must be a JSON object, got {type(data).__name__}")
         return data
@@ -172,9 +189,13 @@ class Front:
             params = self.engine.capped(params, budget_field)
         except GenerationError as exc:
             raise HttpError(400, str(exc), param=budget_field) from None
+        if (refusal := self._cannot_fit(prompt, params)) is not None:
+            chat = isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], dict)
+            raise HttpError(400, refusal, param="messages" if chat else "prompt", code="context_length_exceeded")
         run = Run(asyncio.get_running_loop())
         host = request.client.host if request.client else "?"
-        refusal = self.engine.submit(Job(prompt, params, ("http", host), run.put, run.put, run.cancel))
+        job = Job(prompt, params, ("http", host), run.put, run.put, run.cancel, tenant=request.state.tenant)
+        refusal = self.engine.submit(job)
         if refusal is not None:
             raise HttpError(429, f"busy: {refusal}", code="busy", headers={"Retry-After": "1"})
         run.watch(request)
@@ -188,6 +209,14 @@ class Front:
             run.unwatch()
             raise outcome_error(run.first)
         return run
+
+    def _cannot_fit(self, prompt: Any, params: Mapping[str, Any]) -> str | None:
+        """A prompt refused before the queue when its length alone rules it out (`text.cannot_fit`);
+        one to be cut on the left (`truncate`) always fits."""
+        defaults = (getattr(self.model.manifest, "generation", None) or {}).get("defaults") or {}
+        if self.tokenizer is None or params.get("truncate", defaults.get("truncate")) == "left":
+            return None
+        return cannot_fit(prompt, self.tokenizer, self.model.max_context)
 
     async def whole(self, run: Run) -> Result:
         """A job answered in one body, as the Python API's Result; a disconnect cancels it."""
@@ -244,26 +273,8 @@ def ollama_error(exc: HttpError) -> JSONResponse:
     return JSONResponse({"error": str(exc)}, exc.status, headers=exc.headers)
 
 
-def _shape_of(path: str) -> Shape:
+def shape_of(path: str) -> Shape:
     return ollama_error if path.startswith("/api/") else openai_error
-
-
-class _Auth:
-    """Every route but /health needs the bearer key, when one is set; compared in constant time."""
-
-    def __init__(self, app: Any, key: str) -> None:
-        self.app = app
-        self.key = f"Bearer {key}".encode()
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] == "http" and scope["path"] != "/health":
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self.key):
-                error = HttpError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
-                                  code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-                await _shape_of(scope["path"])(error)(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
 
 
 async def _health(front: Front, _request: Request) -> Response:
@@ -277,8 +288,10 @@ async def _metrics(front: Front, _request: Request) -> Response:
 
 
 def build_app(engine: Engine, config: HttpConfig, metrics: Metrics | None = None) -> Any:
-    """The ASGI app: OpenAI and Ollama routes, /health and /metrics, behind the key if any."""
+    """The ASGI app: OpenAI and Ollama routes, /health and /metrics, behind the guard (key, origin,
+    host, content type) and, when origins are allowed, starlette's CORS middleware."""
     from . import http_ollama, http_openai
+    from .http_guard import Guard
 
     front = Front(engine, config, metrics or Metrics())
     routes = [Route("/health", endpoint(front, "/health", openai_error, _health)),
@@ -288,18 +301,23 @@ def build_app(engine: Engine, config: HttpConfig, metrics: Metrics | None = None
             routes.append(Route(path, endpoint(front, path, shape, handler), methods=methods))
 
     async def not_found(request: Request, exc: HTTPException) -> Response:
-        return _shape_of(request.url.path)(HttpError(exc.status_code, f"{request.method} {request.url.path}: "
-                                                                      f"{exc.detail}", code="not_found"))
+        error = HttpError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", code="not_found",
+                          headers=exc.headers)  # a 405's Allow
+        return shape_of(request.url.path)(error)
 
-    app = Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found})
-    return _Auth(app, config.api_key) if config.api_key else app
+    app: Any = Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found})
+    if config.allow_origins:
+        app = CORSMiddleware(app, allow_origins=config.allow_origins, allow_methods=("GET", "POST"),
+                             allow_headers=("Authorization", "Content-Type"))
+    return Guard(app, config)
 
 
 class HttpServer:
-    """uvicorn on its own thread, bound before `start` returns (a port in use fails here, in the caller)."""
+    """uvicorn on its own thread, bound before `start` returns (a port in use fails here, in the caller);
+    its connections come from a `Listener` within `config.max_connections` and `config.read_timeout`."""
 
     def __init__(self, engine: Engine, config: HttpConfig, metrics: Metrics | None = None) -> None:
-        import uvicorn
+        from .http_guard import is_loopback
 
         self.config = config
         family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
@@ -314,11 +332,20 @@ class HttpServer:
         self.port = self.socket.getsockname()[1]
         self.metrics = metrics or Metrics()
         engine.observers.append(self.metrics.finished)
-        app = build_app(engine, config, self.metrics)
-        self._server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False,
-                                                    timeout_graceful_shutdown=2))
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self.socket]},
-                                        name="edgellm-http", daemon=True)
+        if not config.api_keys and not is_loopback(config.host):
+            log.warning("HTTP on %s without an API key: anyone who can reach the port can use the model "
+                        "(set --api-key-file, or bind 127.0.0.1)", self.url)
+        room = descriptor_room()
+        if config.max_connections > room:
+            log.warning("--http-max-connections %d lowered to %d: the file descriptor limit (ulimit -n) leaves "
+                        "no room for more", config.max_connections, max(1, room))
+        self.listener = Listener(self.socket, Limits(max(1, min(config.max_connections, room)), config.read_timeout),
+                                 self.metrics)
+        # h11 named, not "auto": the listener's deadline reads h11's state (httptools would replace it).
+        uv_config = uvicorn.Config(build_app(engine, config, self.metrics), http="h11", log_level="warning",
+                                   lifespan="off", access_log=False, timeout_graceful_shutdown=2)
+        self._server = _Uvicorn(uv_config, self.listener)
+        self._thread = threading.Thread(target=self._server.run, name="edgellm-http", daemon=True)
 
     @property
     def url(self) -> str:
@@ -338,3 +365,22 @@ class HttpServer:
         self._server.should_exit = True
         self._thread.join(timeout)
         self.socket.close()
+
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn with no asyncio server of its own: connections come from the listener."""
+
+    def __init__(self, config: uvicorn.Config, listener: Listener) -> None:
+        super().__init__(config)
+        self.listener = listener
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=[])
+        config = self.config
+        self.listener.start(asyncio.get_running_loop(), lambda: config.http_protocol_class(
+            config=config, server_state=self.server_state, app_state=self.lifespan.state))
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self.listener.stop()
+        await super().shutdown(sockets=[])

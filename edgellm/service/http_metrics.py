@@ -35,6 +35,8 @@ class Metrics:
 
     def __init__(self) -> None:
         self._requests: Counter[tuple[str, int]] = Counter()
+        self._refused: Counter[str] = Counter()
+        self.connections = 0  # open HTTP connections, kept by the listener
         self._finished: Counter[str] = Counter()
         self._tokens: Counter[str] = Counter()
         self._ttft = Histogram(TTFT_BUCKETS)
@@ -44,6 +46,11 @@ class Metrics:
     def request(self, route: str, status: int) -> None:
         with self._lock:
             self._requests[(route, status)] += 1
+
+    def refused(self, reason: str) -> None:
+        """A connection refused or closed by a limit: over the count, out of descriptors, too slow."""
+        with self._lock:
+            self._refused[reason] += 1
 
     def finished(self, outcome: Any) -> None:
         """An engine job's end (any front's): its finish reason, tokens and timings."""
@@ -64,6 +71,12 @@ class Metrics:
         with self._lock:
             lines = _family("edgellm_http_requests_total", "counter", "HTTP requests by route and status.",
                             [f'{{route="{r}",status="{s}"}} {n}' for (r, s), n in sorted(self._requests.items())])
+            lines += _family("edgellm_http_connections_refused_total", "counter",
+                             "HTTP connections refused or closed by a limit, by reason (connections: over "
+                             "--http-max-connections or one address's share; descriptors: none left; slow: "
+                             "a request not all there within --http-read-timeout).",
+                             [f'{{reason="{r}"}} {n}' for r, n in sorted(self._refused.items())])
+            lines += _family("edgellm_http_connections", "gauge", "Open HTTP connections.", [f" {self.connections}"])
             lines += _family("edgellm_generations_total", "counter", "Generations by finish reason, every front.",
                              [f'{{finish_reason="{k}"}} {n}' for k, n in sorted(self._finished.items())])
             lines += _family("edgellm_tokens_total", "counter", "Prompt, cached prompt and completion tokens.",

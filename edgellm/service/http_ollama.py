@@ -4,7 +4,8 @@
 the parameters of params.py (num_predict -> max_tokens, repeat_penalty ->
 repetition_penalty, repeat_last_n -> penalty_window) and validated there; `think`
 false is reasoning "off", true "separate" (the think block goes out as `thinking`);
-`format` "json" or a JSON schema holds the answer to it. `num_ctx` and `keep_alive`
+`format` "json" or a JSON schema holds the answer to it; a top-level `cache_salt` is
+vLLM's (the prompt cache scoped further than the client). `num_ctx` and `keep_alive`
 are accepted and ignored: the context is the one `serve` loaded (Home Assistant sends
 num_ctx 8192 by default; a prompt longer than the loaded context is refused with 400),
 and the model stays loaded while the server runs. Errors are Ollama's `{"error": "..."}`.
@@ -65,6 +66,8 @@ def _params(body: dict[str, Any]) -> dict[str, Any]:
         if think not in (True, False, "high", "medium", "low"):
             raise HttpError(400, f'think must be true, false, "high", "medium" or "low", got {think!r}')
         wire["reasoning"] = "off" if think is False else "separate"
+    if body.get("cache_salt") is not None:  # vLLM's field, at the top as there: not an Ollama option
+        wire["cache_salt"] = body["cache_salt"]
     if body.get("tools"):
         wire["tools"] = [_without_nulls(t) for t in body["tools"]] if isinstance(body["tools"], list) \
             else body["tools"]
