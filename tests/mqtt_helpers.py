@@ -142,14 +142,18 @@ def held_for(conn: Connection, client_id: str, wait: float = 1.0) -> list[mqtt.M
 
 
 class Gated:
-    """A real model whose generations wait for `gate` first, so tests can hold the worker busy."""
+    """A real model whose generations wait for `gate` first, so tests can hold the worker busy.
+
+    Everything but `stream` is the real model's (the engine reads its manifest, tokenizer and
+    checked requests, e.g. to compile a grammar before the request queues)."""
 
     def __init__(self, model: Any) -> None:
         self.model = model
         self.gate = threading.Event()
         self.started = threading.Event()
-        self.manifest = model.manifest
-        self.max_context = model.max_context
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.model, name)
 
     def stream(self, prompt: Any, **params: Any) -> Iterator[Any]:
         self.started.set()
