@@ -104,7 +104,7 @@ def export_edgellm(args: argparse.Namespace, bundle: Path) -> dict[str, Any]:
         report.stage(f"edgellm export {args.source} ({name}) -> {out}")
         flag = args.work / "run" / "export.json"
         cmd = [sys.executable, str(HERE / "worker.py"), "export", str(flag), "--",
-               args.source, "-o", str(out), "--quant", "int4", "--force", *extra]
+               args.source, "-o", str(out), "--quant", "int4", "--force", "--allow-quality-loss", *extra]
         measured = run_measured(cmd)
         torch = json.loads(flag.read_text())["torch_imported"] if flag.is_file() else None
         flag.unlink(missing_ok=True)

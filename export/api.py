@@ -16,7 +16,7 @@ from edgellm.bundle import Manifest, finalize_manifest
 from edgellm.errors import BundleError, ExportError
 
 from . import arch
-from .config import GraphInfo, QuantConfig
+from .config import DEFAULT_MAX_CONTEXT, GraphInfo, QuantConfig
 from .quality import DEFAULT_TEXT, perplexity
 from .scratch import owned_bundle_writer, remove_stale, scratch_dir, terminate_cleans_up
 from .sources import Source, open_source
@@ -40,14 +40,19 @@ def export_model(
     evaluate: bool = True,
     progress: Progress | None = None,
     requantize: bool = False,
+    allow_quality_loss: bool = False,
+    max_context: int | None = None,
 ) -> Manifest:
     """Export `source` (HF folder, .gguf, or a built-in name) to the bundle directory `out`.
 
     Nothing is left at `out` unless the whole export succeeds, and nothing beside it even after
-    SIGTERM; what a killed export left beside it is removed first (`scratch`). GGUF Q4_0/Q4_1/Q8_0
-    blocks are imported as they are under int4 block 32 unless `requantize`. An
-    int8 KV cache (`quant.kv_cache`) is calibrated on the evaluation text. `quant.target` "cuda"
-    builds the float16 graph; its quality gate runs it on the CPU provider against the fp32 graph.
+    SIGTERM; what a killed export left beside it is removed first (`scratch`). GGUF blocks of
+    every common type are imported as they are under int4 block 32 unless `requantize`
+    (weights.py). A bundle whose perplexity exceeds `max_ppl_ratio` times its source's is not
+    written unless `allow_quality_loss`. `max_context` (default: the model's, at most
+    DEFAULT_MAX_CONTEXT) is the longest context the bundle runs at. An int8 KV cache
+    (`quant.kv_cache`) is calibrated on the evaluation text. `quant.target` "cuda" builds the
+    float16 graph; its quality gate runs it on the CPU provider against the fp32 graph.
     """
     out = Path(out)
     if out.exists() and not force:
@@ -58,6 +63,8 @@ def export_model(
 
     progress("read", 0, 1)
     src = open_source(source)
+    trained_context = src.spec.max_context
+    src.spec = dataclasses.replace(src.spec, max_context=_bundle_context(src.spec.max_context, max_context))
     path = _choose_path(src, via)
     quant = dataclasses.replace(quant, kv_cache=quant.resolved_kv_cache(path == "fast"))
     ids = _eval_ids(src, eval_text)
@@ -66,6 +73,9 @@ def export_model(
         remove_stale(out.parent)
         with terminate_cleans_up(), owned_bundle_writer(out, force) as tmp:
             info = _build(path, src, quant, tmp, progress, requantize, ids)
+            if src.spec.max_context < trained_context:
+                info.notes.append(f"context: {src.spec.max_context} positions (the model's max_position_embeddings "
+                                  f"{trained_context}; --max-context raises it)")
             (tmp / "tokenizer.json").write_text(src.tokenizer_json, encoding="utf-8")
             if src.chat_template:
                 (tmp / "chat_template.jinja").write_text(src.chat_template, encoding="utf-8")
@@ -81,6 +91,8 @@ def export_model(
             if evaluate:
                 manifest.quality = _quality_gate(path, src, quant, tmp, info, ids, bool(eval_text),
                                                  max_ppl_ratio, progress)
+                kept_blocks = src.path.is_file() and not requantize and quant.block_size == 32
+                _enforce(manifest.quality, quant, info, kept_blocks, allow_quality_loss)
             progress("write", 0, 1)
             finalize_manifest(tmp, manifest)
             progress("write", 1, 1)
@@ -89,6 +101,15 @@ def export_model(
     except OSError as exc:
         raise ExportError(f"{out}: cannot write bundle ({exc.strerror or exc})") from None
     return manifest
+
+
+def _bundle_context(trained: int, asked: int | None) -> int:
+    """The positions the bundle's rotary tables hold and edgellm.load caps its context at."""
+    if asked is None:
+        return min(trained, DEFAULT_MAX_CONTEXT)
+    if isinstance(asked, bool) or not isinstance(asked, int) or not 2 <= asked <= trained:
+        raise ExportError(f"--max-context {asked}: expected 2 to the model's max_position_embeddings {trained}")
+    return asked
 
 
 def _choose_path(src: Source, via: Via) -> Literal["fast", "optimum"]:
@@ -156,13 +177,6 @@ def _quality_gate(
             source_ppl = perplexity(ref / ref_info.file, ref_info.manifest_entry(), src.spec, ids)
     progress("evaluate", 2, 2)
     ratio = ppl / source_ppl
-    passed = ratio <= max_ratio
-    if not passed:
-        log.warning(
-            "QUALITY WARNING: perplexity %.3f is %.2fx the source's %.3f (limit %.2fx): "
-            "this bundle answers worse than its source; try --block-size 32 or --quant int8",
-            ppl, ratio, source_ppl, max_ratio,
-        )
     return {
         "text": "custom" if custom_text else "builtin",
         "tokens": len(ids),
@@ -170,8 +184,36 @@ def _quality_gate(
         "source_perplexity": round(source_ppl, 4),
         "ratio": round(ratio, 4),
         "max_ratio": max_ratio,
-        "passed": passed,
+        "passed": ratio <= max_ratio,
     }
+
+
+def _enforce(quality: dict[str, Any], quant: QuantConfig, info: GraphInfo, kept_blocks: bool, allow: bool) -> None:
+    """A bundle past the gate is refused (ExportError, nothing written) unless `allow`: then a warning."""
+    if quality["passed"]:
+        return
+    message = (f"perplexity {quality['perplexity']:.3f} is {quality['ratio']:.3f}x the source's "
+               f"{quality['source_perplexity']:.3f} (limit {quality['max_ratio']}x): this bundle answers worse "
+               f"than its source; {_loss_causes(quant, info, kept_blocks)}")
+    if not allow:
+        raise ExportError(f"{message}; not written (--allow-quality-loss writes it anyway)")
+    log.warning("QUALITY WARNING: %s", message)
+
+
+def _loss_causes(quant: QuantConfig, info: GraphInfo, kept_blocks: bool) -> str:
+    """Where the loss comes from, for the gate's message: the freshly rounded weights that lost
+    the most (relative RMS error against the source's values), else the activations and cache.
+    `kept_blocks`: a GGUF's blocks were imported, so the rounded weights are its float tensors."""
+    if info.worst_weights:
+        hint = ("--quant int8 rounds them less" if kept_blocks or quant.weights != "int4" else
+                "the default (no --requantize, --block-size 32) keeps a GGUF's own blocks; --quant int8 rounds "
+                "less")
+        return "the weights rounded here that lost the most: " + "; ".join(info.worst_weights) + f" ({hint})"
+    lossy = [f"int8 activations (accuracy level {quant.accuracy_level}; --accuracy-level 0 is exact)"
+             if quant.accuracy_level else "", "the int8 KV cache (--kv-cache float32)" if quant.kv_cache == "int8" else "",
+             f"float16 activations (--target {quant.target})" if quant.target == "cuda" else ""]
+    causes = ", ".join(c for c in lossy if c)
+    return f"every weight kept its source's values; the loss is the {causes or 'graph arithmetic'}"
 
 
 def _eval_ids(src: Source, eval_text: str | None) -> list[int]:

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from .arch import FAST_ARCHS
-from .config import TARGETS, QuantConfig
+from .config import DEFAULT_MAX_CONTEXT, TARGETS, QuantConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,7 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="int4/int8 quantization block size (default 32; larger is faster but worse)")
     parser.add_argument("--asymmetric", action="store_true", help="quantize with zero points")
     parser.add_argument("--requantize", action="store_true",
-                        help="round GGUF Q4_0/Q4_1/Q8_0 blocks afresh instead of importing them exactly (worse)")
+                        help="round a GGUF's blocks afresh to --quant/--block-size instead of importing each type "
+                        "exactly (smaller and faster to read, worse answers)")
     parser.add_argument("--accuracy-level", type=int, choices=[0, 1, 2, 3, 4],
                         help="MatMulNBits accuracy_level (default 4 for --target cpu: int8 activations, fastest; "
                         "0 for cuda, whose kernel has no such mode)")
@@ -50,7 +51,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="overwrite an existing output directory")
     parser.add_argument("--eval-text", type=Path, help="text file for the perplexity gate (default: built-in)")
     parser.add_argument("--max-ppl-ratio", type=float, default=1.05,
-                        help="warn when the bundle's perplexity exceeds the source's by this factor (default 1.05)")
+                        help="refuse the bundle when its perplexity exceeds the source's by this factor "
+                        "(default 1.05)")
+    parser.add_argument("--allow-quality-loss", action="store_true",
+                        help="write the bundle even when it fails the perplexity gate (with a warning)")
+    parser.add_argument("--max-context", type=int,
+                        help=f"the longest context the bundle runs at: rotary tables for that many positions, and "
+                        f"edgellm.load's limit (default: the model's max_position_embeddings, at most "
+                        f"{DEFAULT_MAX_CONTEXT})")
     parser.add_argument("--no-eval", action="store_true", help="skip the perplexity gate (faster, unchecked)")
 
 
@@ -128,7 +136,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         manifest = export_model(args.source, args.output, quant=quant, via=args.via, force=args.force,
                                 eval_text=eval_text, max_ppl_ratio=args.max_ppl_ratio,
-                                evaluate=not args.no_eval, progress=bars, requantize=args.requantize)
+                                evaluate=not args.no_eval, progress=bars, requantize=args.requantize,
+                                allow_quality_loss=args.allow_quality_loss, max_context=args.max_context)
     finally:
         bars.close()
     q = manifest.quality

@@ -12,6 +12,9 @@ WeightType = Literal["int4", "int8", "fp16", "fp32"]
 KVCacheType = Literal["auto", "float32", "float16", "int8"]
 Target = Literal["cpu", "cuda", "openvino", "qnn"]
 TARGETS = ("cpu", "cuda", "openvino", "qnn")
+# A bundle's context unless --max-context says: the largest any device profile runs
+# (devices/*.toml), so rotary tables do not hold the 32k or 128k positions no board reaches.
+DEFAULT_MAX_CONTEXT = 8192
 
 
 @dataclass(frozen=True)
@@ -125,6 +128,8 @@ class GraphInfo:
     context: int | None = None
     # Per-tensor quantization notes (e.g. "exact Q4_1 import", "re-quantized from Q6_K").
     notes: list[str] = field(default_factory=list)
+    # The freshly rounded weights that lost the most, worst first: the quality gate's message.
+    worst_weights: list[str] = field(default_factory=list)
 
     def manifest_entry(self) -> dict[str, Any]:
         entry: dict[str, Any] = {

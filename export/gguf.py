@@ -21,11 +21,12 @@ from gguf.quants import dequantize
 from edgellm.errors import ExportError
 
 from . import arch
+from .gguf_blocks import TYPES
 from .gguf_vocab import build_tokenizer, generation_config
 from .sources import QuantBlocks
 
-# Types whose blocks MatMulNBits / GatherBlockQuantized can take without requantizing.
-EXACT_TYPES = ("Q4_0", "Q4_1", "Q8_0")
+# Types whose blocks MatMulNBits takes without rounding them again (gguf_blocks.py).
+EXACT_TYPES = tuple(TYPES)
 
 _GLOBAL = {
     "token_embd": "model.embed_tokens",

@@ -11,7 +11,7 @@ rows in place when the two share memory, so decoding never copies the cache.
 Initializers are written to `model.onnx.data` as soon as they are built, so the
 export holds one layer's weights at a time, not the whole model twice.
 
-Linear layers (and GGUF Q4_1's per-block offsets) are laid out by linear.py.
+Linear layers (and the per-block offsets of GGUF types with a minimum) are laid out by linear.py.
 
 `QuantConfig.target` "cuda" builds the same nodes with float16 activations, norm
 weights, block scales, rotary caches and KV cache, the dtype onnxruntime's CUDA
@@ -36,9 +36,10 @@ from . import arch, openvino
 from .arch import Layer, Rope
 from .arch.base import ROPE_TYPES
 from .config import GraphInfo, QuantConfig
-from .linear import Linear, Writer, apply_linear, make_linear, quantized_linear, weight_bits
-from .quantize import QuantizedWeight, WeightLoader
+from .linear import Linear, Writer, apply_linear, gathered_codes, make_linear, quantized_linear, weight_bits
+from .quantize import QuantizedWeight, offset_width
 from .sources import Source
+from .weights import WeightLoader
 
 GRAPH_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
@@ -145,8 +146,8 @@ def embed(
     head: Linear,
     head_q: QuantizedWeight | None,
 ) -> str:
-    """input_ids -> hidden states. Float weights gather from lm_head's when tied (only the
-    reference graph stores them); quantized ones from a table of their own."""
+    """input_ids -> hidden states, from lm_head's weight when tied (one copy of the table),
+    else from the embedding's own."""
     name = "/model/embed_tokens"
     if loader is None:
         dtype = np.float16 if quant.weights == "fp16" else np.float32
@@ -157,49 +158,55 @@ def embed(
             table = w.initializer("model.embed_tokens.weight", source.tensor("model.embed_tokens.weight").astype(dtype))
         hidden = w.one("Gather", f"{name}/Gather", [table, "input_ids"], axis=0)
         return w.one("Cast", f"{name}/Cast", [hidden], to=w.float_proto) if dtype != w.float_type else hidden
-    q = head_q if head_q is not None else loader.load(["model.embed_tokens.weight"])
+    q = head_q if head_q is not None else loader.load(["model.embed_tokens.weight"])[0]
     if quant.target == "openvino":
-        return openvino.embed_quantized(w, spec, q)
-    # A table of its own even when tied: prepacking lm_head reads every page of its
-    # weight, and a shared table would keep them all resident, while a table of its own
-    # is read only at the rows gathered (SmolLM2: 27 MB less memory, 28 MB more disk).
-    lin = quantized_linear(w, "model.embed_tokens", q, None, quant, matmul=False)
+        return openvino.embed_quantized(w, spec, q, head.weight if head_q is not None and not head.folded else None)
+    # Tied: lm_head's own initializers, so the table is stored once; rows come back at
+    # the ones gathered (onnxruntime releases no mapped page of a weight another node reads).
+    lin = head if head_q is not None else quantized_linear(w, "model.embed_tokens", q, None, quant, matmul=False)
+    return gather_rows(w, name, spec, q, lin)
+
+
+def gather_rows(w: Writer, name: str, spec: ModelSpec, q: QuantizedWeight, lin: Linear) -> str:
+    """input_ids -> the rows of `lin`'s weight as floats [b, s, hidden]: Gather the packed rows
+    and their scales (and zero points, offsets) and compute (code - zero) * scale + offset.
+
+    Plain Gathers of MatMulNBits' own initializers: GatherBlockQuantized wants scales of
+    another shape ([N, blocks, 1]), a second copy, or a Reshape onnxruntime folds into one."""
+    blocks = q.n_blocks + lin.folded // q.block_size  # folded offsets ride as more blocks
+    packed = w.one("Gather", f"{name}/Gather", [lin.weight, "input_ids"], axis=0)  # [b, s, blocks, blob]
+    codes = gathered_codes(w, name, packed, q.bits, [0, 0, blocks, q.block_size])
     if lin.zero_points:
-        # Packed zero points run along a row's blocks: gather [N, n_blocks * blob] rows.
-        table = w.one("Reshape", f"{name}/Reshape", [lin.weight, w.const([q.N, -1])])
-        scales, axis = lin.scales, 1
+        zeros = w.one("Gather", f"{name}/zero_points/Gather", [lin.zero_points, "input_ids"], axis=0)
+        zeros = gathered_codes(w, f"{name}/zero_points", zeros, q.bits, [0, 0, -1])
+        zeros = w.one("Slice", f"{name}/zero_points/Slice", [zeros, w.const([0]), w.const([blocks]), w.const([-1])])
+        centre = w.one("Unsqueeze", f"{name}/zero_points/centre", [zeros, w.const([-1])])
     else:
-        # Gather straight from the [N, n_blocks, blob] weight: a reshaped table would be
-        # folded into a copy at load.
-        table, axis = lin.weight, 2
-        scales = w.one("Reshape", f"{name}/scales/Reshape", [lin.scales, w.const([q.N, -1, 1])])
-    hidden = w.one(
-        "GatherBlockQuantized",
-        f"{name}/GatherBlockQuantized",
-        [table, "input_ids", scales, lin.zero_points],
-        bits=q.bits,
-        block_size=q.block_size,
-        gather_axis=0,
-        quantize_axis=axis,
-    )
-    if axis == 2:
-        hidden = w.one("Reshape", f"{name}/Reshape", [hidden, w.const([0, 0, -1])])
+        centre = w.fconst(float(1 << (q.bits - 1)))
+    scales = w.one("Gather", f"{name}/scales/Gather", [lin.scales, "input_ids"], axis=0)
+    scales = w.one("Unsqueeze", f"{name}/scales/Unsqueeze", [scales, w.const([-1])])
+    values = w.one("Mul", f"{name}/Mul", [w.one("Sub", f"{name}/Sub", [codes, centre]), scales])  # [b, s, blocks, bs]
+    offsets = ""
+    if lin.folded:  # the digits' blocks sum to each block's offset (quantize.offset_blocks)
+        digits = w.one("Slice", f"{name}/offsets/Slice", [values, w.const([q.n_blocks]), w.const([blocks]),
+                                                           w.const([2])])
+        width = offset_width(q.n_blocks, q.block_size)
+        digits = w.one("Reshape", f"{name}/offsets/Reshape", [digits, w.const([0, 0, -1, width])])
+        summed = w.one("ReduceSum", f"{name}/offsets/ReduceSum", [digits, w.const([2])], keepdims=0)
+        offsets = w.one("Slice", f"{name}/offsets/Slice_1", [summed, w.const([0]), w.const([q.n_blocks]),
+                                                             w.const([2])])
+        values = w.one("Slice", f"{name}/Slice_blocks", [values, w.const([0]), w.const([q.n_blocks]), w.const([2])])
+    elif lin.offsets:  # a float [n_blocks, N] table
+        offsets = w.one("Gather", f"{name}/offsets/Gather", [lin.offsets, "input_ids"], axis=1)  # [n_blocks, b, s]
+        offsets = w.one("Transpose", f"{name}/offsets/Transpose", [offsets], perm=[1, 2, 0])
+    if offsets:
+        offsets = w.one("Unsqueeze", f"{name}/offsets/Unsqueeze", [offsets, w.const([-1])])
+        values = w.one("Add", f"{name}/offsets/Add", [values, offsets])
+    hidden = w.one("Reshape", f"{name}/Reshape", [values, w.const([0, 0, q.n_blocks * q.block_size])])
     if q.n_blocks * q.block_size != spec.hidden_size:
         # Rows are padded to whole blocks; drop the padding.
         hidden = w.one("Slice", f"{name}/Slice", [hidden, w.const([0]), w.const([spec.hidden_size]), w.const([-1])])
-    if lin.offsets:
-        hidden = _add_row_offsets(w, name, hidden, lin, q)
     return hidden
-
-
-def _add_row_offsets(w: Writer, name: str, hidden: str, lin: Linear, q: QuantizedWeight) -> str:
-    """Add each gathered row's per-block offsets, read from lm_head's [n_blocks, vocab] table."""
-    offsets = w.one("Gather", f"{name}/offsets/Gather", [lin.offsets, "input_ids"], axis=1)  # [n_blocks, 1, S]
-    offsets = w.one("Transpose", f"{name}/offsets/Transpose", [offsets], perm=[1, 2, 0])
-    offsets = w.one("Unsqueeze", f"{name}/offsets/Unsqueeze", [offsets, w.const([-1])])
-    blocks = w.one("Reshape", f"{name}/offsets/Reshape", [hidden, w.const([0, 0, q.n_blocks, q.block_size])])
-    shifted = w.one("Add", f"{name}/offsets/Add", [blocks, offsets])
-    return w.one("Reshape", f"{name}/offsets/Reshape_1", [shifted, w.const([0, 0, q.n_blocks * q.block_size])])
 
 
 def _head_norm(w: Writer, name: str, x: str, gamma: np.ndarray, spec: ModelSpec) -> str:
@@ -332,7 +339,7 @@ def head_weights(
     """lm_head, from the embedding when tied; its quantized form too, for the embedding to share."""
     name = "model.embed_tokens.weight" if spec.tie_embeddings else "lm_head.weight"
     if loader is not None:
-        q = loader.load([name])
+        [q] = loader.load([name])
         return quantized_linear(w, "lm_head", q, None, quant), q if spec.tie_embeddings else None
     return make_linear(w, "lm_head", source, [name], quant, None), None
 
@@ -392,9 +399,12 @@ def _weight_notes(spec: ModelSpec, quant: QuantConfig, loader: WeightLoader | No
     if loader is not None:
         sym = "symmetric" if quant.symmetric else "asymmetric"
         notes = [f"{quant.weights} MatMulNBits, block {quant.block_size}, {sym}, accuracy_level {quant.accuracy_level}"]
-        shared = "sharing lm_head's quantized weight" if spec.tie_embeddings else "its own quantized table"
-        gather = "Gather + unpack" if quant.target == "openvino" else "GatherBlockQuantized"
-        return notes + [f"embedding: {gather}, {shared}"] + loader.notes()
+        if spec.tie_embeddings:
+            shared = ("lm_head's packed codes, scales of its own" if quant.target == "openvino" else
+                      "lm_head's weight, scales and offsets (stored once)")
+        else:
+            shared = "a quantized table of its own"
+        return notes + [f"embedding: Gather + dequantize of {shared}"] + loader.notes()
     if quant.weights == "fp16" and quant.target == "cuda":
         return ["fp16: MatMul on transposed float16 weights"]
     if quant.weights == "fp16":
@@ -415,7 +425,7 @@ def build_fast_graph(
     take a row per cache slot; onnxruntime's GroupQueryAttention takes a multi-token step after
     cached rows (a prefill chunk, a draft to verify) for one row only.
 
-    int4 at block 32 imports GGUF Q4_0/Q4_1/Q8_0 blocks as they are; `requantize`
+    int4 at block 32 imports GGUF blocks of every common type as they are (weights.py); `requantize`
     rounds them afresh instead (for comparing the two). `kv_scales` (keys, values:
     float32 [num_layers, kv_heads, head_dim], see calibrate.py) make the KV cache
     int8; without them it is in the activations' dtype whatever `quant.kv_cache` says.
@@ -489,4 +499,5 @@ def build_fast_graph(
         batch=quant.target != "openvino",
         target=quant.target,
         notes=notes,
+        worst_weights=loader.worst() if loader is not None else [],
     )

@@ -21,8 +21,9 @@ from onnx import TensorProto, helper
 from edgellm.errors import ExportError
 
 from .config import QuantConfig
-from .quantize import QuantizedWeight, WeightLoader, offset_blocks, offset_width
+from .quantize import QuantizedWeight, folds_offsets, offset_blocks, offset_width
 from .sources import Source
+from .weights import WeightLoader
 
 _ALIGN = 4096  # page-aligned external data can be memory-mapped
 _INLINE_BYTES = 1024
@@ -75,6 +76,16 @@ class Writer:
             self._consts[key] = self.initializer(f"/const/int64/{values}", array)
         return self._consts[key]
 
+    def fconst(self, values: float | list[float], dtype: np.dtype | type | None = None) -> str:
+        """A shared float constant (a scalar when `values` is a float), in the activations'
+        dtype unless `dtype` says."""
+        dtype = np.dtype(dtype or self.float_type)
+        key = (values if isinstance(values, float) else tuple(values), dtype.name)
+        if key not in self._consts:
+            label = "_".join(f"{v:g}" for v in np.atleast_1d(values))
+            self._consts[key] = self.initializer(f"/const/{dtype.name}/{label}", np.array(values, dtype=dtype))
+        return self._consts[key]
+
     def blocksum(self, x: str, K: int, block_size: int, width: int | None = None) -> str:
         """Sums of `x` [1, S, K] over each block along K, [1, S, width] (zero past K / block);
         shared by all readers of `x`."""
@@ -84,7 +95,8 @@ class Writer:
             # One MatMul instead of Reshape + ReduceSum: a node fewer per activation,
             # and the indicator is shared by every layer, so it stays in cache.
             indicator = self._indicator(K, block_size, width)
-            self._blocksums[key] = self.one("MatMul", f"{x}/blocksum_{width}/MatMul", [x, indicator])
+            # Named by block and width: blocks of 16 and of 32 may sum one activation.
+            self._blocksums[key] = self.one("MatMul", f"{x}/blocksum_{block_size}x{width}/MatMul", [x, indicator])
         return self._blocksums[key]
 
     def with_block_sums(self, x: str, K: int, block_size: int, extra: int) -> str:
@@ -94,8 +106,8 @@ class Writer:
         key = (x, block_size, extra)
         if key not in self._with_sums:
             sums = self.blocksum(x, K, block_size, width)
-            self._with_sums[key] = self.one("Concat", f"{x}/with_block_sums/Concat", [x] + [sums] * (extra // width),
-                                            axis=-1)
+            self._with_sums[key] = self.one("Concat", f"{x}/with_block_sums_{block_size}x{extra}/Concat",
+                                            [x] + [sums] * (extra // width), axis=-1)
         return self._with_sums[key]
 
     def _indicator(self, K: int, block_size: int, width: int) -> str:
@@ -133,8 +145,10 @@ class Linear:
     bits: int = 0
     block_size: int = 0
     cast: bool = False  # stored in another dtype than the activations': Cast before the MatMul
-    offsets: str = ""  # float32 [n_blocks, N]: y += blocksum(x) @ offsets (GGUF Q4_1)
+    offsets: str = ""  # float32 [n_blocks, N]: y += blocksum(x) @ offsets (GGUF Q4_1, K-quants)
     folded: int = 0  # K columns past K that hold the offsets (fed block sums), instead of `offsets`
+    # Fused weights in different forms (weights.py): one MatMulNBits each, outputs concatenated.
+    parts: tuple["Linear", ...] = ()
 
 
 def weight_bits(quant: QuantConfig) -> int:
@@ -157,7 +171,7 @@ def quantized_linear(
                       bias="" if bias is None else w.floats(f"{prefix}.bias", bias),
                       K=q.K, N=q.N, bits=q.bits, block_size=q.block_size)
     packed, scales, folded = q.packed, q.scales, 0
-    if matmul and q.offsets is not None and quant.accuracy_level != 0:
+    if matmul and q.offsets is not None and folds_offsets(quant, q.bits):
         extra_packed, extra_scales = offset_blocks(q)
         packed, scales = np.concatenate([packed, extra_packed], axis=1), np.concatenate([scales, extra_scales], axis=1)
         folded = extra_packed.shape[1] * q.block_size
@@ -175,6 +189,21 @@ def quantized_linear(
         offsets=w.floats(f"{prefix}.offsets", q.offsets.T) if table else "",
         folded=folded,
     )
+
+
+def gathered_codes(w: Writer, name: str, packed: str, bits: int, shape: list[int]) -> str:
+    """Gathered uint8 MatMulNBits bytes -> their codes as activations-dtype floats; 4-bit ones
+    (two a byte, the first in the low nibble) reshaped to `shape`. Float arithmetic, exact for
+    0..255 in float16 too (OpenVINO's provider takes no BitwiseAnd): floor(byte * [1, 1/16])
+    mod 16 is [low, high]."""
+    codes = w.one("Cast", f"{name}/Cast", [packed], to=w.float_proto)
+    if bits == 4:
+        pairs = w.one("Mul", f"{name}/nibbles/Mul", [w.one("Unsqueeze", f"{name}/Unsqueeze", [codes, w.const([-1])]),
+                                                     w.fconst([1.0, 1 / 16])])
+        pairs = w.one("Mod", f"{name}/nibbles/Mod", [w.one("Floor", f"{name}/nibbles/Floor", [pairs]),
+                                                     w.fconst(16.0)], fmod=1)
+        codes = w.one("Reshape", f"{name}/codes", [pairs, w.const(shape)])
+    return codes
 
 
 def _float_zero_points(prefix: str, q: QuantizedWeight) -> tuple[np.ndarray, np.ndarray]:
@@ -211,7 +240,15 @@ def make_linear(
 ) -> Linear:
     """Store the weights `names` [out, in] (row blocks fused into one matrix) as `quant` says."""
     if loader is not None:
-        return quantized_linear(w, prefix, loader.load(names), bias, quant)
+        groups = loader.load(names)
+        if len(groups) == 1:
+            return quantized_linear(w, prefix, groups[0], bias, quant)
+        parts, start = [], 0
+        for j, q in enumerate(groups):
+            part_bias = None if bias is None else bias[start : start + q.N]
+            parts.append(quantized_linear(w, f"{prefix}.{j}", q, part_bias, quant))
+            start += q.N
+        return Linear(weight="", K=parts[0].K, N=start, parts=tuple(parts))
     weights = [source.tensor(n) for n in names]
     matrix = np.concatenate(weights).T if len(weights) > 1 else weights[0].T
     dtype = np.float16 if quant.weights == "fp16" else np.float32
@@ -226,6 +263,9 @@ def make_linear(
 
 def apply_linear(w: Writer, name: str, x: str, lin: Linear, quant: QuantConfig, out: str | None = None) -> str:
     outputs = [out] if out else 1
+    if lin.parts:
+        ys = [apply_linear(w, f"{name}/part_{j}", x, part, quant) for j, part in enumerate(lin.parts)]
+        return w.node("Concat", f"{name}/Concat", ys, outputs, axis=-1)[0]
     if lin.bits:
         if lin.folded:
             x = w.with_block_sums(x, lin.K, lin.block_size, lin.folded)

@@ -23,7 +23,7 @@ from onnx import TensorProto
 from edgellm.spec import ModelSpec
 
 from .arch import Layer
-from .linear import Writer
+from .linear import Writer, gathered_codes
 from .quantize import QuantizedWeight, zero_point_values
 
 _NEG = float(np.finfo(np.float32).min)  # transformers' mask value: exp() is 0, a whole row stays finite
@@ -122,11 +122,13 @@ def group_mask(w: Writer, mask: str, group: int) -> str:
     return mask if group == 1 else w.one("Tile", f"{mask}/Tile", [mask, w.const([1, 1, group, 1])])
 
 
-def embed_quantized(w: Writer, spec: ModelSpec, q: QuantizedWeight) -> str:
+def embed_quantized(w: Writer, spec: ModelSpec, q: QuantizedWeight, table: str | None = None) -> str:
     """input_ids -> hidden states from a block-quantized table: gather the packed rows, unpack
-    the codes, code·scale + shift per block (shift: -zero_point·scale, plus GGUF Q4_1's offset)."""
+    the codes, code·scale + shift per block (shift: -zero_point·scale, plus GGUF's offset).
+    `table`: lm_head's packed weight when tied (the same bytes, stored once); its scales
+    are not shared, as int4 offsets rewrite them into float zero points (linear.py)."""
     name = "/model/embed_tokens"
-    table = w.initializer("model.embed_tokens.qweight", q.packed)  # [vocab, n_blocks, blob]
+    table = table or w.initializer("model.embed_tokens.qweight", q.packed)  # [vocab, n_blocks, blob]
     shift = -zero_point_values(q).astype(np.float32) * q.scales
     if q.offsets is not None:
         shift = shift + q.offsets
@@ -136,18 +138,7 @@ def embed_quantized(w: Writer, spec: ModelSpec, q: QuantizedWeight) -> str:
                                                               "input_ids"], axis=0)
         per_block.append(w.one("Unsqueeze", f"{name}/{kind}/Unsqueeze", [gathered, w.const([-1])]))
     packed = w.one("Gather", f"{name}/Gather", [table, "input_ids"], axis=0)  # [b, s, n_blocks, blob]
-    codes = w.one("Cast", f"{name}/Cast", [packed], to=TensorProto.FLOAT)
-    if q.bits == 4:
-        # Two codes a byte, the first in the low nibble. Float arithmetic, exact for 0..255:
-        # OpenVINO's provider does not take BitwiseAnd.
-        high = w.one("Floor", f"{name}/high", [w.one("Mul", f"{name}/high/Mul", [codes, w.floats("/const/1_16",
-                                                                                                np.array(1 / 16))])])
-        low = w.one("Sub", f"{name}/low", [codes, w.one("Mul", f"{name}/low/Mul", [high, w.floats("/const/16",
-                                                                                               np.array(16.0))])])
-        pairs = w.one("Concat", f"{name}/pairs", [w.one("Unsqueeze", f"{name}/low/Unsqueeze", [low, w.const([-1])]),
-                                                  w.one("Unsqueeze", f"{name}/high/Unsqueeze", [high, w.const([-1])])],
-                      axis=-1)
-        codes = w.one("Reshape", f"{name}/codes", [pairs, w.const([0, 0, q.n_blocks, q.block_size])])
+    codes = gathered_codes(w, name, packed, q.bits, [0, 0, q.n_blocks, q.block_size])
     values = w.one("Add", f"{name}/Add", [w.one("Mul", f"{name}/Mul", [codes, per_block[0]]), per_block[1]])
     hidden = w.one("Reshape", f"{name}/Reshape", [values, w.const([0, 0, q.n_blocks * q.block_size])])
     if q.n_blocks * q.block_size != spec.hidden_size:

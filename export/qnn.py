@@ -40,8 +40,9 @@ from .config import GraphInfo, QuantConfig
 from .graph import (DATA_FILE, GRAPH_FILE, IR_VERSION, OPSET, Progress, _post_norm, _weight_notes, embed,
                     head_weights, mlp, qkv_projection, rope_caches)
 from .linear import Linear, Writer, apply_linear, make_linear, weight_bits
-from .quantize import QuantizedWeight, WeightLoader, dequantize
+from .quantize import QuantizedWeight, dequantize
 from .sources import Source
+from .weights import WeightLoader
 
 MASKED = -10000.0  # fp16 holds it (and twice it), and exp() of it is 0 in fp16 and fp32 alike
 POSITION = "position_ids"
@@ -95,7 +96,8 @@ def build_qnn_graph(source: Source, quant: QuantConfig, out_dir: Path, progress:
     notes += [f"qnn: static shapes, one token a step over a context of {context} fixed at export (prompts too); "
              "attention, rotary and mask from standard ops; float32 KV cache, sequence-major, present = the new row"]
     return GraphInfo(kind="fast", file=GRAPH_FILE, inputs=[v.name for v in inputs], outputs=[v.name for v in outputs],
-                     kv_dtype="float32", batch=False, target="qnn", context=context, notes=notes)
+                     kv_dtype="float32", batch=False, target="qnn", context=context, notes=notes,
+                     worst_weights=loader.worst() if loader is not None else [])
 
 
 def _io(spec: ModelSpec, context: int) -> tuple[list[onnx.ValueInfoProto], list[onnx.ValueInfoProto]]:
@@ -205,6 +207,6 @@ def _embed(w: Writer, source: Source, spec: ModelSpec, quant: QuantConfig, loade
     from the dequantized table (the values GatherBlockQuantized yields)."""
     if loader is None:
         return embed(w, source, spec, quant, None, head, None)
-    q = head_q if head_q is not None else loader.load(["model.embed_tokens.weight"])
+    q = head_q if head_q is not None else loader.load(["model.embed_tokens.weight"])[0]
     table = w.floats("model.embed_tokens.weight", dequantize(q))
     return w.one("Gather", "/model/embed_tokens/Gather", [table, "input_ids"], axis=0)

@@ -1,4 +1,4 @@
-"""Weights into onnxruntime's MatMulNBits / GatherBlockQuantized layout.
+"""Weights into onnxruntime's MatMulNBits layout (the embedding gathers the same initializers).
 
 The block quantization itself is onnxruntime's own (the same routine its
 MatMulNBits quantizer calls), so a weight quantized here dequantizes inside the
@@ -12,26 +12,26 @@ Layout (MatMulNBits, weight W [N out, K in]):
               for symmetric weights (the kernels then assume 2^(bits-1)).
 dequantized = (q - zero_point) * scale, blocks running along K.
 
-GGUF's Q4_0, Q4_1 and Q8_0 blocks (32 values, fp16 scale) map onto this layout
-exactly, so a GGUF model keeps the quantization its author chose instead of
-losing quality to a second rounding. Q4_1's `w = d*q + m` becomes the symmetric
-`d*(q - 8)` plus a per-block offset `m + 8d` that the graph adds as
+GGUF's block types (gguf_blocks.py) map onto this layout exactly, so a GGUF model
+keeps the quantization its author chose instead of losing quality to a second
+rounding. A type with a per-block minimum (Q4_1's `w = d*q + m`, the K-quants' `-dmin*m`)
+becomes the symmetric `d*(q - 8)` plus a per-block offset (`m + 8d`) that the graph adds as
 blocksum(x) @ offsets^T: float zero points would be exact too, but onnxruntime's
 CPU kernel falls back to dequantize + GEMM for them (about 50x slower), and uint8
 zero points cannot hold -m/d. The offsets are one float per block and output, as
 many bytes as the scales.
 
 With int8 activations (accuracy_level 4) the graph does not add them as a separate
-MatMul: `offset_blocks` writes them as three more blocks of codes per output row
-(each rounding what the previous left, 12 bits in all), and the graph appends the
-activation's block sums to its K, so the one MatMulNBits applies them. Three extra
-nodes per linear layer became two per activation, and the kernel reads 4-bit codes
-instead of float32 offsets. The rounding left (at most 3.6e-4 of a block's largest
-offset, 4-bit digits) is below the kernel's own int8 rounding of those block sums.
+MatMul: `offset_blocks` writes them as more blocks of codes per output row (three
+4-bit digits or two 8-bit ones, each rounding what the previous left), and the graph
+appends the activation's block sums to its K, so the one MatMulNBits applies them.
+Three extra nodes per linear layer became two per activation, and the kernel reads
+codes instead of float32 offsets. The rounding left (at most 3.6e-4 of a block's
+largest offset with 4-bit digits, 1.6e-5 with 8-bit ones) is below the kernel's own
+int8 rounding of those block sums.
 """
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,13 +40,8 @@ from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmu
 from edgellm.errors import ExportError
 
 from .config import QuantConfig
-from .sources import QuantBlocks, Source
 
 _QUANTIZERS = {4: quantize_matmul_4bits, 8: quantize_matmul_8bits}
-GGUF_BLOCK = 32
-# Bytes per GGUF block: fp16 scale (and fp16 min for Q4_1), then the codes.
-_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
-_TYPE_BITS = {"Q4_0": 4, "Q4_1": 4, "Q8_0": 8}
 
 
 @dataclass(frozen=True)
@@ -60,20 +55,25 @@ class QuantizedWeight:
     block_size: int
     K: int
     N: int
-    # float32 [N, n_blocks] added to each block's values (GGUF Q4_1's minimum), or None.
+    # float32 [N, n_blocks] added to each block's values (a GGUF type's minimum), or None.
     offsets: np.ndarray | None = None
 
     @property
     def n_blocks(self) -> int:
         return self.packed.shape[1]
 
-    def gather_table(self) -> np.ndarray:
-        """`packed` as the rank-2 uint8 table GatherBlockQuantized reads (quantize_axis=1).
-
-        Rows keep their K padding to whole blocks, so a gathered row has
-        n_blocks * block_size values; the graph slices the padding off.
-        """
-        return self.packed.reshape(self.N, -1)
+    def read_bytes(self, quant: QuantConfig) -> int:
+        """Bytes a MatMulNBits of this weight reads per call: codes, scales (in the activations'
+        dtype), zero points, and the offsets as linear.py stores them (see folds_offsets)."""
+        float_bytes = quant.activation_dtype.itemsize
+        total = self.packed.nbytes + self.scales.size * float_bytes
+        total += 0 if self.zero_points is None else self.zero_points.nbytes
+        if self.offsets is not None and folds_offsets(quant, self.bits):
+            blocks = offset_digits(self.bits) * offset_width(self.n_blocks, self.block_size) // self.block_size
+            total += self.N * blocks * (self.block_size * self.bits // 8 + float_bytes)
+        elif self.offsets is not None:
+            total += self.offsets.size * float_bytes
+        return total
 
 
 def quantize_nbits(w: np.ndarray, bits: int, block_size: int, symmetric: bool) -> QuantizedWeight:
@@ -134,8 +134,17 @@ def _offsets(q: QuantizedWeight) -> np.ndarray:
     return np.zeros((q.N, q.n_blocks), dtype=np.float32) if q.offsets is None else q.offsets
 
 
-# Blocks of codes that carry the offsets (see offset_blocks): 3 leave at most 3.6e-4 of the largest.
-OFFSET_DIGITS = 3
+def folds_offsets(quant: QuantConfig, bits: int) -> bool:
+    """Whether a MatMulNBits carries its weight's offsets as extra blocks of codes (int8
+    activations) rather than as float32 beside it: a MatMul + Add for exact float
+    activations, float zero points for openvino's int4 (linear.py), the same bytes."""
+    return quant.accuracy_level != 0 and not (quant.target == "openvino" and bits == 4)
+
+
+def offset_digits(bits: int) -> int:
+    """Blocks of codes that carry the offsets (see offset_blocks): three 4-bit digits leave at
+    most 3.6e-4 of the largest, two 8-bit ones 1.6e-5."""
+    return 3 if bits == 4 else 2
 
 
 def offset_width(n_blocks: int, block_size: int) -> int:
@@ -143,11 +152,11 @@ def offset_width(n_blocks: int, block_size: int) -> int:
     return -(-n_blocks // block_size) * block_size
 
 
-def offset_blocks(q: QuantizedWeight, digits: int = OFFSET_DIGITS) -> tuple[np.ndarray, np.ndarray]:
+def offset_blocks(q: QuantizedWeight) -> tuple[np.ndarray, np.ndarray]:
     """`q.offsets` as extra MatMulNBits blocks, to append after `q.packed` and `q.scales`.
 
-    The extra K columns read `digits` copies of blocksum(x), each copy padded to whole
-    blocks; digit j's codes round what digits 0..j-1 left of each offset, with a scale
+    The extra K columns read `offset_digits(bits)` copies of blocksum(x), each copy padded to
+    whole blocks; digit j's codes round what digits 0..j-1 left of each offset, with a scale
     per block of its own. Returns (packed [N, digits * width / block, blob], scales).
     """
     if q.offsets is None or q.zero_points is not None:
@@ -158,7 +167,7 @@ def offset_blocks(q: QuantizedWeight, digits: int = OFFSET_DIGITS) -> tuple[np.n
     residual[:, : q.n_blocks] = q.offsets
     residual = residual.reshape(q.N, width // q.block_size, q.block_size)
     codes, scales = [], []
-    for _ in range(digits):
+    for _ in range(offset_digits(q.bits)):
         scale = (np.abs(residual).max(axis=-1) / levels).astype(np.float32)
         safe = np.where(scale == 0, 1, scale).astype(np.float64)[..., None]
         digit = np.clip(np.rint(residual / safe), -levels - 1, levels)
@@ -203,105 +212,3 @@ def dequantize(q: QuantizedWeight) -> np.ndarray:
     if q.offsets is not None:
         w = w + q.offsets[..., None]
     return w.reshape(q.N, -1)[:, : q.K]
-
-
-# --- GGUF blocks -------------------------------------------------------------
-
-
-def from_gguf_blocks(blocks: QuantBlocks, bits: int | None = None) -> QuantizedWeight:
-    """GGUF Q4_0 / Q4_1 / Q8_0 blocks as MatMulNBits blocks, with no rounding.
-
-    `bits` (default: the type's own) may widen 4-bit types to 8 bits, so they fuse
-    with a Q8_0 neighbour: code q - 8 is the same as code q + 120 around 128.
-    """
-    kind, (n, k) = blocks.ggml_type, blocks.shape
-    own = _TYPE_BITS.get(kind)
-    if own is None:
-        raise ExportError(f"GGUF type {kind} has no exact MatMulNBits form (expected Q4_0, Q4_1 or Q8_0)")
-    bits = bits or own
-    if bits < own or bits not in _QUANTIZERS:
-        raise ExportError(f"GGUF {kind} blocks cannot be stored in {bits} bits")
-    if k % GGUF_BLOCK:
-        raise ExportError(f"GGUF {kind} tensor of shape {blocks.shape}: rows are not whole blocks of {GGUF_BLOCK}")
-    n_blocks = k // GGUF_BLOCK
-    raw = np.ascontiguousarray(blocks.data).reshape(n, n_blocks, _BLOCK_BYTES[kind])
-    scales = raw[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
-    offsets = None
-    if kind == "Q8_0":
-        codes = (raw[..., 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
-    else:
-        qs = raw[..., 4:] if kind == "Q4_1" else raw[..., 2:]
-        # GGUF keeps value j in the low nibble and j + 16 in the high nibble of byte j.
-        codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
-        if kind == "Q4_1":
-            minimum = raw[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
-            # d*q + m == d*(q - 8) + (m + 8d): the symmetric kernel plus an offset.
-            offsets = minimum + np.float32(8) * scales
-        if bits == 8:
-            codes = codes + np.uint8(120)
-    return QuantizedWeight(
-        packed=pack(codes, bits),
-        scales=np.ascontiguousarray(scales),
-        zero_points=None,
-        bits=bits,
-        block_size=GGUF_BLOCK,
-        K=k,
-        N=n,
-        offsets=offsets,
-    )
-
-
-class WeightLoader:
-    """Linear weights from a source in MatMulNBits form, GGUF blocks imported exactly where they can be.
-
-    Exact import applies to int4 requests at GGUF's block size 32 (a different block
-    size is a request to re-quantize). Q8_0 stays 8-bit even then: rounding it to 4
-    bits is exactly the loss exact import avoids. Counts what it did, for the notes.
-    """
-
-    def __init__(self, source: Source, quant: QuantConfig, exact: bool = True) -> None:
-        self.source = source
-        self.quant = quant
-        self.bits = {"int4": 4, "int8": 8}[quant.weights]
-        self.exact = exact and quant.weights == "int4" and quant.block_size == GGUF_BLOCK
-        self._done: Counter[tuple[str, str, int]] = Counter()  # (action, source type, bits)
-        self._types = _stored_types(source)
-
-    def load(self, names: list[str]) -> QuantizedWeight:
-        """The weights `names` ([out, in] each), stacked along out into one MatMulNBits weight."""
-        blocks = [self.source.quant_blocks(n) if self.exact else None for n in names]
-        bits = max([self.bits] + [_TYPE_BITS[b.ggml_type] for b in blocks if b is not None])
-        parts = []
-        for name, block in zip(names, blocks):
-            if block is not None:
-                parts.append(from_gguf_blocks(block, bits))
-                self._done["imported", block.ggml_type, bits] += 1
-            else:
-                parts.append(quantize_nbits(self.source.tensor(name), bits, self.quant.block_size, self.quant.symmetric))
-                self._done["quantized", self._types.get(name, "float"), bits] += 1
-        return concat_rows(parts) if len(parts) > 1 else parts[0]
-
-    def notes(self) -> list[str]:
-        """One line per (what was done, source type), e.g. 're-quantized 60 Q6_K tensors to int4 block 32'."""
-        lines = []
-        for (action, kind, bits), count in sorted(self._done.items()):
-            tensors = f"{count} {kind} tensor{'s' if count > 1 else ''}"
-            if action == "imported":
-                line = f"imported {tensors} exactly as int{bits} MatMulNBits block {GGUF_BLOCK}"
-                if kind == "Q4_1":
-                    line += " plus a per-block offset"
-                if kind == "Q8_0" and bits > self.bits:
-                    line += f" (kept at 8 bits: re-quantizing to {self.bits} would lose quality)"
-                elif bits > _TYPE_BITS[kind]:
-                    line += " (widened to share a fused matmul with Q8_0 rows)"
-            else:
-                verb = "quantized" if kind in ("float", "F32", "F16", "BF16") else "re-quantized"
-                sym = "symmetric" if self.quant.symmetric else "asymmetric"
-                line = f"{verb} {tensors} to int{bits} block {self.quant.block_size} {sym}"
-            lines.append(line)
-        return lines
-
-
-def _stored_types(source: Source) -> dict[str, str]:
-    """GGUF type names by HF tensor name; empty for float sources."""
-    return getattr(source, "stored_types", {})

@@ -10,8 +10,11 @@ import json
 import math
 from pathlib import Path
 
+import zlib
+
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType, TokenType
+from gguf.constants import GGML_QUANT_SIZES
 from gguf.quants import quantize
 from safetensors.numpy import load_file
 
@@ -53,6 +56,42 @@ _GEMMA3_BLOCK = {
     "pre_feedforward_layernorm": "ffn_norm",
     "post_feedforward_layernorm": "post_ffw_norm",
 }
+
+
+# K-quants gguf-py cannot quantize: where their float16 fields sit in a block (d, then dmin
+# for the types with minimums), and the largest |sub-block scale x code| d multiplies
+# (ggml-quants.c's block_q*_K layouts).
+_F16_FIELDS = {Q.Q2_K: (80, 82), Q.Q3_K: (108,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,)}
+_REACH = {Q.Q2_K: 15 * 3, Q.Q3_K: 32 * 4, Q.Q4_K: 63 * 15, Q.Q5_K: 63 * 31, Q.Q6_K: 128 * 32}
+
+
+def blocks(w: np.ndarray, qtype: GGMLQuantizationType, seed: int = 0) -> np.ndarray:
+    """`w` [rows, cols] as `qtype` blocks (raw uint8 rows): gguf-py's quantizer where it has
+    one; for the K-quants random codes and sub-block scales, with the float16 scales sized so
+    the values span about `w`'s range. Any bytes are a valid weight, and the reader is checked
+    against gguf-py's dequantization of these bytes, whatever they hold."""
+    if qtype not in _F16_FIELDS:
+        return quantize(w, qtype)
+    block, nbytes = GGML_QUANT_SIZES[qtype]
+    rows, cols = w.shape
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, size=(rows, cols // block, nbytes), dtype=np.uint8)
+    d = (rng.uniform(0.5, 1.5, size=raw.shape[:2]) * (float(np.abs(w).max()) or 1.0) / _REACH[qtype])
+    fields = [d, d * (2 if qtype == Q.Q2_K else 16 if qtype == Q.Q5_K else 8)]  # dmin: the middle code's worth
+    for offset, value in zip(_F16_FIELDS[qtype], fields):
+        raw[..., offset : offset + 2] = value.astype(np.float16).view(np.uint8).reshape(rows, -1, 2)
+    if qtype in (Q.Q4_K, Q.Q5_K):
+        # Minimums near each sub-block's middle code, as a quantizer picks them for centred
+        # weights, give small offsets; random ones would give every block a large mean.
+        sc = rng.integers(0, 64, size=(*raw.shape[:2], 8))
+        m = np.clip(sc + rng.integers(-3, 4, size=sc.shape), 0, 63)
+        raw[..., 4:16] = np.concatenate([(sc[..., :4] & 63) | ((sc[..., 4:] >> 4) << 6),
+                                         (m[..., :4] & 63) | ((m[..., 4:] >> 4) << 6),
+                                         (sc[..., 4:] & 15) | ((m[..., 4:] & 15) << 4)], axis=-1)
+    elif qtype == Q.Q2_K:
+        sc = rng.integers(0, 16, size=(*raw.shape[:2], 16))
+        raw[..., 0:16] = sc | (np.clip(sc + rng.integers(-2, 3, size=sc.shape), 0, 15) << 4)
+    return raw.reshape(rows, -1)
 
 
 def gguf_name(hf: str, arch: str = "llama") -> str:
@@ -151,7 +190,7 @@ def write_tiny_gguf(
         if qtype is None:
             w.add_tensor(gguf_name(name, arch), value)
         else:
-            w.add_tensor(gguf_name(name, arch), quantize(value, qtype), raw_dtype=qtype)
+            w.add_tensor(gguf_name(name, arch), blocks(value, qtype, zlib.crc32(name.encode())), raw_dtype=qtype)
 
     _add_vocab(w, hf_folder, config, pre)
     w.write_header_to_file()

@@ -115,7 +115,8 @@ def test_cli_unwritable_output(tiny_hf, tmp_path):
 
 
 def test_cli_export_shows_progress_and_quality(tiny_hf, tmp_path):
-    res = _cli("export", str(tiny_hf("qwen3")), "-o", str(tmp_path / "b"), "--quant", "int4")
+    # Random weights: whether int4 passes the gate is chance, so the bundle is written either way.
+    res = _cli("export", str(tiny_hf("qwen3")), "-o", str(tmp_path / "b"), "--quant", "int4", "--allow-quality-loss")
     assert res.returncode == 0, res.stderr
     assert "perplexity" in res.stdout and "wrote" in res.stdout
     for stage in ("read", "layers", "evaluate", "write"):

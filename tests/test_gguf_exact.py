@@ -1,7 +1,9 @@
-"""Exact import of GGUF Q4_0 / Q4_1 / Q8_0 blocks: no second rounding, down to 1e-5.
+"""Exact import of every common GGUF block type: no second rounding, down to 1e-5.
 
 The reference is always gguf-py's own dequantization (or the fp32 graph built from
-it), so a slip in nibble order, scales, offsets or fused rows shows as a mismatch.
+it), so a slip in nibble order, bit planes, sub-block scales, offsets or fused rows
+shows as a mismatch. K-quant blocks are random bytes (gguf-py cannot quantize them):
+any bytes are a weight, and gguf-py reads them as llama.cpp does.
 """
 from __future__ import annotations
 
@@ -15,22 +17,29 @@ import onnxruntime as ort
 import pytest
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize as gguf_dequantize
-from gguf.quants import quantize as gguf_quantize
 from onnx import TensorProto, helper
 
 from export.config import QuantConfig
 from export.gguf import open_gguf
+from export.gguf_blocks import from_gguf_blocks
 from export.graph import OPSET, build_fast_graph
 from export.linear import Writer, apply_linear, quantized_linear
-from export.quantize import QuantizedWeight, dequantize, from_gguf_blocks, offset_blocks, unpack
+from export.quantize import QuantizedWeight, dequantize, offset_blocks, offset_digits, unpack
 from export.sources import QuantBlocks
+from gguf_writer import blocks as gguf_blocks
 from gguf_writer import write_tiny_gguf
 from ort_loop import FastGraphRunner
 
 PROMPT = [5, 17, 33, 100, 7, 250, 3]
 EXACT = QuantConfig(accuracy_level=0)  # int4, block 32: fp32 activations, so only summation order differs
+# (GGUF type, MatMulNBits bits, block size, per-block offsets): the form each type takes.
+FORMS = [
+    (Q.Q4_0, 4, 32, False), (Q.Q4_1, 4, 32, True), (Q.Q5_0, 8, 32, False), (Q.Q5_1, 8, 32, True),
+    (Q.Q8_0, 8, 32, False), (Q.Q2_K, 4, 16, True), (Q.Q3_K, 4, 16, False), (Q.Q4_K, 4, 32, True),
+    (Q.Q5_K, 8, 32, True), (Q.Q6_K, 8, 16, False),
+]
 # Every linear weight in a type the import takes: a mixed Q4_1/Q4_0/Q8_0 fused QKV
-# (widened to 8 bits), a Q4_1 tied embedding (offsets on the gather and on lm_head).
+# (two forms: q;k int4, v int8), a Q4_1 tied embedding (offsets on the gather and on lm_head).
 TIED_QTYPES = {
     "embed_tokens.weight": Q.Q4_1,
     "self_attn.q_proj.weight": Q.Q4_1,
@@ -53,45 +62,72 @@ UNTIED_QTYPES = {
     "mlp.up_proj.weight": Q.Q4_0,
     "mlp.down_proj.weight": Q.Q4_1,
 }
+# A Q4_K_M-like mix (rows of 256 and 512: whole super-blocks): a Q6_K tied embedding
+# (int8 block 16), three forms in the fused QKV, K-quant offsets in 4 and 8 bits.
+K_TIED_QTYPES = {
+    "embed_tokens.weight": Q.Q6_K,
+    "self_attn.q_proj.weight": Q.Q4_K,
+    "self_attn.k_proj.weight": Q.Q3_K,
+    "self_attn.v_proj.weight": Q.Q6_K,
+    "self_attn.o_proj.weight": Q.Q5_K,
+    "mlp.gate_proj.weight": Q.Q2_K,
+    "mlp.up_proj.weight": Q.Q4_K,
+    "mlp.down_proj.weight": Q.Q6_K,
+}
+# Untied with biases: a Q4_K embedding (offsets from its own table), a Q5_K head (8-bit
+# offsets folded into the matmul), Q5_0/Q5_1/Q8_0 fused as one int8 block 32 QKV.
+K_UNTIED_QTYPES = {
+    "embed_tokens.weight": Q.Q4_K,
+    "lm_head.weight": Q.Q5_K,
+    "self_attn.q_proj.weight": Q.Q5_0,
+    "self_attn.k_proj.weight": Q.Q5_1,
+    "self_attn.v_proj.weight": Q.Q8_0,
+    "self_attn.o_proj.weight": Q.Q4_1,
+    "mlp.gate_proj.weight": Q.Q5_1,
+    "mlp.up_proj.weight": Q.Q5_0,
+    "mlp.down_proj.weight": Q.Q4_0,
+}
+K_SHAPE = dict(hidden_size=256, intermediate_size=512)
 
 
-def _blocks(kind: Q, n: int = 48, k: int = 96, seed: int = 0) -> tuple[QuantBlocks, np.ndarray]:
+def _blocks(kind: Q, n: int = 48, k: int = 256, seed: int = 0) -> tuple[QuantBlocks, np.ndarray]:
     """Random weights stored as `kind` blocks, and gguf-py's dequantization of them."""
     rng = np.random.default_rng(seed)
-    # A shifted distribution, so Q4_1's minimum is far from zero and offsets matter.
+    # A shifted distribution, so a minimum is far from zero and offsets matter.
     w = (rng.normal(size=(n, k)) + 0.7).astype(np.float32)
-    raw = gguf_quantize(w, kind)
+    raw = gguf_blocks(w, kind, seed)
     return QuantBlocks(kind.name, (n, k), raw), gguf_dequantize(raw, kind).reshape(n, k)
 
 
-@pytest.mark.parametrize("kind", [Q.Q4_0, Q.Q4_1, Q.Q8_0])
-@pytest.mark.parametrize("bits", [None, 8])
-def test_blocks_dequantize_like_gguf(kind, bits):
+@pytest.mark.parametrize("kind,bits,block,offsets", FORMS, ids=[f[0].name for f in FORMS])
+def test_blocks_dequantize_like_gguf(kind, bits, block, offsets):
     blocks, expected = _blocks(kind)
-    q = from_gguf_blocks(blocks, bits)
-    assert q.bits == (bits or (8 if kind == Q.Q8_0 else 4)) and q.block_size == 32 and q.zero_points is None
-    assert (q.offsets is not None) == (kind == Q.Q4_1)
-    # Q4_1 is regrouped as d*(q - 8) + (m + 8d): equal up to float32 rounding.
-    np.testing.assert_allclose(dequantize(q), expected, rtol=0, atol=1e-6 * np.abs(expected).max())
-    if kind != Q.Q4_1:
+    q = from_gguf_blocks(blocks)
+    assert (q.bits, q.block_size, q.zero_points, q.offsets is not None) == (bits, block, None, offsets)
+    assert unpack(q).max() < (1 << bits)
+    if offsets:  # regrouped as scale*(q - middle) + offset: equal up to float32 rounding
+        np.testing.assert_allclose(dequantize(q), expected, rtol=0, atol=1e-6 * np.abs(expected).max())
+    else:
         assert np.array_equal(dequantize(q), expected)
 
 
-@pytest.mark.parametrize("bits", [None, 8])
-@pytest.mark.parametrize("n_blocks", [3, 48])
-def test_offset_blocks_carry_the_offsets(bits, n_blocks):
-    """The extra blocks, read against block sums, add the offsets to within (1/14)^3 / 2 of the largest."""
-    blocks, _ = _blocks(Q.Q4_1, n=40, k=32 * n_blocks, seed=3)
-    q = from_gguf_blocks(blocks, bits)
+@pytest.mark.parametrize("kind,k", [(Q.Q4_1, 96), (Q.Q4_1, 1536), (Q.Q5_K, 256), (Q.Q5_K, 1536)])
+def test_offset_blocks_carry_the_offsets(kind, k):
+    """The extra blocks, read against block sums, add the offsets to within half a last digit:
+    (1/14)^3 / 2 of the largest with 4-bit digits, (1/254)^2 / 2 with 8-bit ones."""
+    blocks, _ = _blocks(kind, n=40, k=k, seed=3)
+    q = from_gguf_blocks(blocks)
+    n_blocks, digits = k // 32, offset_digits(q.bits)
     packed, scales = offset_blocks(q)
     width = -(-n_blocks // 32) * 32
-    assert packed.shape[1] * 32 == 3 * width and scales.shape == (40, 3 * width // 32)
+    assert packed.shape[1] * 32 == digits * width and scales.shape == (40, digits * width // 32)
     extra = QuantizedWeight(packed=packed, scales=scales, zero_points=None, bits=q.bits, block_size=32,
-                            K=3 * width, N=40)
+                            K=digits * width, N=40)
     assert unpack(extra).max() <= (15 if q.bits == 4 else 255)
-    per_column = dequantize(extra).reshape(40, 3, width)
+    per_column = dequantize(extra).reshape(40, digits, width)
     carried = per_column.sum(axis=1)[:, :n_blocks]
-    np.testing.assert_allclose(carried, q.offsets, rtol=0, atol=3.7e-4 * np.abs(q.offsets).max())
+    bound = 3.7e-4 if q.bits == 4 else 1.6e-5
+    np.testing.assert_allclose(carried, q.offsets, rtol=0, atol=bound * np.abs(q.offsets).max())
     assert np.all(per_column[:, :, n_blocks:] == 0)
 
 
@@ -113,10 +149,10 @@ def _one_linear(q, level: int, tmp: Path) -> ort.InferenceSession:
     return ort.InferenceSession(str(tmp / "m.onnx"), providers=["CPUExecutionProvider"])
 
 
-@pytest.mark.parametrize("kind", [Q.Q4_0, Q.Q4_1, Q.Q8_0])
+@pytest.mark.parametrize("kind", [f[0] for f in FORMS], ids=[f[0].name for f in FORMS])
 def test_one_layer_matches_numpy(kind, tmp_path):
-    blocks, w = _blocks(kind, n=40, k=128, seed=1)
-    x = np.random.default_rng(2).normal(size=(1, 3, 128)).astype(np.float32)
+    blocks, w = _blocks(kind, n=40, k=256, seed=1)
+    x = np.random.default_rng(2).normal(size=(1, 3, 256)).astype(np.float32)
     expected = x.astype(np.float64) @ w.T.astype(np.float64)
     (y,) = _one_linear(from_gguf_blocks(blocks), 0, tmp_path / "l0").run(None, {"x": x})
     np.testing.assert_allclose(y, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
@@ -132,13 +168,23 @@ def _export(path, out, quant: QuantConfig, **kw):
     return out / "model.onnx", source.spec, info
 
 
+def _imported(notes: list[str]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for match in filter(None, (re.match(r"imported (\d+) (\w+) tensors? exactly", n) for n in notes)):
+        counts[match[2]] = counts.get(match[2], 0) + int(match[1])
+    return counts
+
+
 @pytest.mark.parametrize("arch,qtypes,model_kw", [
     ("llama", TIED_QTYPES, {}),
     ("qwen2", UNTIED_QTYPES, {"tie_embeddings": False}),
-])
-# int8 activations (the default) carry Q4_1's offsets as extra blocks, fp32 ones as a float MatMul;
-# int8 rounding alone moves these logits by up to 3.5% of the largest (measured without the blocks).
-@pytest.mark.parametrize("quant,atol", [(EXACT, 1e-5), (QuantConfig(), 5e-2)])
+    ("llama", K_TIED_QTYPES, K_SHAPE),
+    ("qwen2", K_UNTIED_QTYPES, {"tie_embeddings": False, **K_SHAPE}),
+], ids=["tied", "untied", "k-tied", "k-untied"])
+# int8 activations (the default) carry the offsets as extra blocks, fp32 ones as a float MatMul;
+# int8 rounding alone moves these logits by up to 7.3% of the largest (measured with the offsets as
+# a float MatMul instead of blocks: 7.5% with them), a weight or offset gone wrong by 30% or more.
+@pytest.mark.parametrize("quant,atol", [(EXACT, 1e-5), (QuantConfig(), 1e-1)], ids=["level0", "level4"])
 def test_exported_graph_equals_dequantized_gguf(arch, qtypes, model_kw, quant, atol, tiny_hf, tmp_path):
     path = write_tiny_gguf(tiny_hf(arch, **model_kw), tmp_path / "m.gguf", qtypes)
     exact, spec, info = _export(path, tmp_path / "int4", quant)
@@ -147,40 +193,60 @@ def test_exported_graph_equals_dequantized_gguf(arch, qtypes, model_kw, quant, a
     logits = FastGraphRunner(exact, spec).teacher_forced(PROMPT, tokens)
     ref = np.stack(ref_logits)
     np.testing.assert_allclose(np.stack(logits), ref, rtol=0, atol=atol * np.abs(ref).max())
-    imported: dict[str, int] = {}
-    for match in filter(None, (re.match(r"imported (\d+) (\w+) tensors? exactly", n) for n in info.notes)):
-        imported[match[2]] = imported.get(match[2], 0) + int(match[1])
     expected: dict[str, int] = {}
     for suffix, kind in qtypes.items():
         once = "embed" in suffix or "lm_head" in suffix
         expected[kind.name] = expected.get(kind.name, 0) + (1 if once else spec.num_layers)
-    assert imported == expected, info.notes
+    assert _imported(info.notes) == expected, info.notes
     assert not any(note.startswith(("quantized", "re-quantized")) for note in info.notes), info.notes
+    assert info.worst_weights == []
 
 
-def test_other_types_and_requests_are_requantized_and_said_so(tiny_hf, tmp_path):
-    qtypes = {"self_attn.q_proj.weight": Q.Q5_0, "mlp.gate_proj.weight": Q.Q4_1, "mlp.up_proj.weight": Q.Q8_0}
+def test_fused_forms_stay_apart_and_float_types_are_quantized(tiny_hf, tmp_path):
+    """q (Q5_0: int8) and k;v (F32, BF16: rounded to int4) in one projection: two MatMulNBits
+    and a Concat, no row widened to 8 bits; the notes say what each type became and costs."""
+    qtypes = {"self_attn.q_proj.weight": Q.Q5_0, "self_attn.v_proj.weight": Q.BF16,
+              "mlp.gate_proj.weight": Q.Q4_1, "mlp.up_proj.weight": Q.Q8_0}
     path = write_tiny_gguf(tiny_hf("llama"), tmp_path / "m.gguf", qtypes)
     _, _, info = _export(path, tmp_path / "default", QuantConfig())
-    assert "re-quantized 2 Q5_0 tensors to int4 block 32 symmetric" in info.notes
-    assert any(n.startswith("quantized 9 F32 tensors to int4 block 32") for n in info.notes), info.notes
-    assert any(n.startswith("imported 2 Q4_1 tensors exactly as int8") and "widened" in n for n in info.notes)
-    assert any(n.startswith("imported 2 Q8_0 tensors exactly as int8") and "kept at 8 bits" in n for n in info.notes)
+    notes = "\n".join(info.notes)
+    assert "imported 2 Q5_0 tensors exactly as int8 MatMulNBits block 32: 9.00 bits a weight read (5.50 in" in notes
+    assert "imported 2 Q8_0 tensors exactly as int8 MatMulNBits block 32: 9.00 bits a weight read (8.50 in" in notes
+    assert "imported 2 Q4_1 tensors exactly as int4 MatMulNBits block 32 plus per-block offsets: " in notes
+    assert "quantized 2 BF16 tensors to int4 block 32 symmetric: 5.00 bits a weight read (16.00 in" in notes
+    assert "quantized 7 F32 tensors to int4 block 32 symmetric: 5.00 bits a weight read (32.00 in" in notes
+    graph = onnx.load(tmp_path / "default" / "model.onnx", load_external_data=False).graph
+    qkv = sorted(n.name for n in graph.node if n.name.startswith("/model/layers.0/attn/qkv_proj/"))
+    assert qkv == ["/model/layers.0/attn/qkv_proj/Concat", "/model/layers.0/attn/qkv_proj/part_0/MatMulNBits",
+                   "/model/layers.0/attn/qkv_proj/part_1/MatMulNBits"], qkv
+    bits = {n.name: next(a.i for a in n.attribute if a.name == "bits") for n in graph.node
+            if n.op_type == "MatMulNBits" and "layers.0/" in n.name}
+    assert bits["/model/layers.0/attn/qkv_proj/part_0/MatMulNBits"] == 8
+    assert bits["/model/layers.0/attn/qkv_proj/part_1/MatMulNBits"] == 4
+    # Fresh roundings are ranked by what they lost; imported blocks lost nothing.
+    assert len(info.worst_weights) == 3 and "RMS error" in info.worst_weights[0]
+    assert not any("q_proj" in w for w in info.worst_weights)
+
+
+def test_requests_round_afresh_and_say_so(tiny_hf, tmp_path):
+    qtypes = {"self_attn.q_proj.weight": Q.Q6_K, "mlp.gate_proj.weight": Q.Q4_1, "mlp.up_proj.weight": Q.Q8_0}
+    path = write_tiny_gguf(tiny_hf("llama", **K_SHAPE), tmp_path / "m.gguf", qtypes)
     _, _, info = _export(path, tmp_path / "b64", QuantConfig(block_size=64))
-    assert "re-quantized 2 Q4_1 tensors to int4 block 64 symmetric" in info.notes
+    assert any(n.startswith("re-quantized 2 Q4_1 tensors to int4 block 64 symmetric") for n in info.notes)
     assert not any(n.startswith("imported") for n in info.notes)
     _, _, info = _export(path, tmp_path / "req", QuantConfig(symmetric=False), requantize=True)
-    assert "re-quantized 2 Q8_0 tensors to int4 block 32 asymmetric" in info.notes
+    assert any(n.startswith("re-quantized 2 Q6_K tensors to int4 block 32 asymmetric") for n in info.notes)
+    assert any("Q6_K re-rounded to int4 block 32" in w or "F32 rounded" in w for w in info.worst_weights)
     graph = onnx.load(tmp_path / "req" / "model.onnx", load_external_data=False).graph
     assert not any(n.name.endswith("/offsets/Add") for n in graph.node)
 
 
 @pytest.mark.slow
 def test_smollm2_default_export_keeps_its_quality(smollm2_bundle):
-    """The shipped Q4_1 GGUF, exported with the defaults: its own blocks, perplexity within 5%."""
+    """The shipped Q4_1 GGUF, exported with the defaults: its own blocks, perplexity within 2%."""
     manifest = json.loads((smollm2_bundle / "manifest.json").read_text())
     notes = manifest["quantization"]["notes"]
     assert any(n.startswith("imported 210 Q4_1 tensors exactly as int4") for n in notes), notes
     assert any(n.startswith("imported 1 Q8_0 tensor exactly as int8") for n in notes), notes
     quality = manifest["quality"]
-    assert quality["passed"] and quality["ratio"] <= 1.05, quality
+    assert quality["passed"] and quality["ratio"] <= 1.02, quality

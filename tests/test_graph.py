@@ -16,14 +16,16 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from onnx import helper, numpy_helper
+from onnx import helper
 from safetensors.numpy import load_file, save_file
 
 from edgellm.errors import ExportError
+from edgellm.spec import ModelSpec
 from export.api import export_model
 from export.config import QuantConfig
-from export.graph import build_fast_graph
+from export.graph import build_fast_graph, gather_rows
 from export.hf import open_hf_folder
+from export.linear import Writer, apply_linear, quantized_linear
 from export.quantize import dequantize, quantize_nbits
 from ort_loop import FastGraphRunner
 from tiny import _CORPUS, build_tokenizer
@@ -159,8 +161,9 @@ def test_hf_source_errors_name_the_culprit(tiny_hf, tmp_path):
 
 
 @pytest.mark.parametrize("bits,symmetric,k", [(4, True, 64), (4, False, 80), (8, True, 80), (8, False, 64)])
-def test_quantized_layout_is_what_the_kernels_read(bits, symmetric, k):
-    """dequantize() agrees with MatMulNBits and GatherBlockQuantized on the same blocks."""
+def test_quantized_layout_is_what_the_kernels_read(bits, symmetric, k, tmp_path):
+    """dequantize() agrees with MatMulNBits and with the embedding's gather of the same
+    initializers (codes, scales, zero points: one copy, read by both)."""
     rng = np.random.default_rng(bits + k)
     n, block = 48, 32
     w = rng.normal(size=(n, k)).astype(np.float32)
@@ -168,33 +171,29 @@ def test_quantized_layout_is_what_the_kernels_read(bits, symmetric, k):
     dq = dequantize(q)
     step = np.abs(w).max() / (2 ** (bits - 1) - 1)
     assert dq.shape == (n, k) and np.abs(dq - w).max() <= step and (q.zero_points is None) == symmetric
-    inits = [numpy_helper.from_array(a, name) for a, name in ((q.packed, "B"), (q.scales, "S"), (q.gather_table(), "T"))]
-    zp = []
-    if q.zero_points is not None:
-        inits.append(numpy_helper.from_array(q.zero_points, "Z"))
-        zp = ["Z"]
-    nodes = [
-        helper.make_node("MatMulNBits", ["x", "B", "S", *zp], ["y"], domain="com.microsoft",
-                         K=k, N=n, bits=bits, block_size=block, accuracy_level=0),
-        helper.make_node("GatherBlockQuantized", ["T", "ids", "S", *zp], ["e"], domain="com.microsoft",
-                         bits=bits, block_size=block, gather_axis=0, quantize_axis=1),
-    ]
+    writer, quant = Writer(tmp_path / "w.data"), QuantConfig(accuracy_level=0)
+    lin = quantized_linear(writer, "w", q, None, quant)
+    apply_linear(writer, "/w", "x", lin, quant, out="y")
+    spec = ModelSpec("llama", 1, hidden_size=k, intermediate_size=k, num_heads=1, num_kv_heads=1, head_dim=k,
+                     vocab_size=n, max_context=8)
+    writer.nodes.append(helper.make_node("Identity", [gather_rows(writer, "/e", spec, q, lin)], ["e"]))
+    writer.close()
     graph = helper.make_graph(
-        nodes, "q",
+        writer.nodes, "q",
         [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, k]),
-         helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, [3])],
+         helper.make_tensor_value_info("input_ids", onnx.TensorProto.INT64, [1, 3])],
         [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None),
          helper.make_tensor_value_info("e", onnx.TensorProto.FLOAT, None)],
-        inits,
+        writer.initializers,
     )
     opsets = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
-    model = helper.make_model(graph, opset_imports=opsets, ir_version=10)
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    onnx.save_model(helper.make_model(graph, opset_imports=opsets, ir_version=10), tmp_path / "m.onnx")
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
     x = rng.normal(size=(2, k)).astype(np.float32)
-    ids = np.array([0, 47, 5])
-    y, e = session.run(None, {"x": x, "ids": ids})
+    ids = np.array([[0, 47, 5]])
+    y, e = session.run(None, {"x": x, "input_ids": ids})
     np.testing.assert_allclose(y, x @ dq.T, atol=1e-4)
-    np.testing.assert_array_equal(e[:, :k], dq[ids])
+    np.testing.assert_array_equal(e[0], dq[ids[0]])
 
 
 # --- the graph ---------------------------------------------------------------
@@ -332,15 +331,14 @@ def test_graph_layout_and_progress(tiny_hf, tmp_path):
     graph = onnx.load(tmp_path / "model.onnx", load_external_data=False).graph
     ops = collections.Counter(n.op_type for n in graph.node)
     assert ops["MatMulNBits"] == 4 * layers + 1 and ops["GroupQueryAttention"] == layers
-    assert ops["GatherBlockQuantized"] == 1 and ops["SkipSimplifiedLayerNormalization"] == 2 * layers
-    assert len(graph.node) == 11 * layers + 13
-    # Tied, yet the embedding gathers from a table of its own, [N, blocks, blob] as stored
-    # (a reshaped table would be folded into a copy at load): lm_head's prepacked weight
-    # must not keep the shared pages resident.
-    gather = next(n for n in graph.node if n.op_type == "GatherBlockQuantized")
-    assert source.spec.tie_embeddings and gather.input[0] == "model.embed_tokens.qweight"
-    tables = {t.name: list(t.dims) for t in graph.initializer}
-    assert tables["model.embed_tokens.qweight"] == tables["lm_head.qweight"] and len(tables["lm_head.qweight"]) == 3
+    assert ops["SkipSimplifiedLayerNormalization"] == 2 * layers
+    # The head and tail: 12 of them dequantize the gathered int4 embedding rows.
+    assert len(graph.node) == 11 * layers + 22
+    # Tied: the embedding gathers lm_head's own codes and scales, stored once as they are
+    # ([N, blocks, blob] and [N, blocks]; a reshaped table would be folded into a copy at load).
+    gathers = {n.input[0] for n in graph.node if n.op_type == "Gather" and n.name.startswith("/model/embed_tokens")}
+    assert source.spec.tie_embeddings and gathers == {"lm_head.qweight", "lm_head.scales"}
+    assert not any(t.name.startswith("model.embed_tokens") for t in graph.initializer)
     gqa = next(n for n in graph.node if n.op_type == "GroupQueryAttention")
     attrs = {a.name: helper.get_attribute_value(a) for a in gqa.attribute}
     assert attrs["do_rotary"] == 1 and attrs["rotary_interleaved"] == 0 and gqa.output[1] == "present.0.key"

@@ -151,7 +151,9 @@ def test_export_qnn_bundle_loads_and_answers_as_the_cpu_bundle(tiny_hf, tmp_path
     from export.api import export_model
 
     folder = tiny_hf("llama")
-    manifest = export_model(folder, tmp_path / "qnn", quant=QuantConfig("int4", target="qnn", context=64))
+    # Random weights: whether int4 passes the gate is chance, so the bundle is written either way.
+    manifest = export_model(folder, tmp_path / "qnn", quant=QuantConfig("int4", target="qnn", context=64),
+                            allow_quality_loss=True)
     assert (manifest.graph["target"], manifest.graph["context"], manifest.quality["tokens"]) == ("qnn", 64, 64)
     with caplog.at_level(logging.WARNING, logger="edgellm"):
         model = load(tmp_path / "qnn")
