@@ -12,7 +12,8 @@ from .errors import BundleError, GenerationError
 from .generate import Chunk, Conventions, GenerationParams, Result, collect, stream_chunks
 from .kvcache import Scope, SharedPrefixes, SlotCache, cache_for, common_prefix
 from .reasoning import CONFIG_KEY, detect_markers, template_extras
-from .session import BatchRunner, ProviderSpec, Runner, create_session, prefill, release_freed_heap
+from .session import (BatchRunner, ProviderSpec, Runner, create_session, prefill, release_freed_heap,
+                      release_mapped_weights)
 from .speculate import DraftModel, PromptLookup
 from .spec import ModelSpec
 from .static_cache import StepRunner
@@ -89,6 +90,7 @@ def load(
         native_tools="tools" in template_variables(template.source))
     release_freed_heap()
     session = create_session(graph_path, providers=providers, threads=threads)
+    release_mapped_weights(root)
     _warn_target(graph.get("target", "cpu"), session.get_providers()[0])
     runner = (StepRunner if one_token else Runner)(session, cache, kind=graph["kind"], where=str(graph_path))
     defaults = manifest.generation.get("defaults") or {}

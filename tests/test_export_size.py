@@ -49,6 +49,30 @@ def test_a_tied_embedding_is_stored_once(tiny_hf, tmp_path):
     assert model.generate([5, 17, 33], max_new_tokens=4, temperature=0).usage.completion_tokens == 4
 
 
+def _resident(root: Path) -> int:
+    """Bytes of this process's mappings of files under `root` that are resident."""
+    prefix, total, inside = str(root.resolve()) + "/", 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if len(fields) >= 5 and "-" in fields[0]:
+            inside = len(fields) >= 6 and fields[5].startswith(prefix)
+        elif inside and fields[0] == "Rss:":
+            total += int(fields[1]) * 1024
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="Linux: reads /proc/self/smaps")
+def test_loaded_weights_are_resident_once(tiny_hf, tmp_path):
+    """onnxruntime keeps the tied table (and, on x86, every MatMulNBits' scales) mapped after
+    prepacking copies them; load drops those pages, so only the prepacked copy stays."""
+    path = write_tiny_gguf(tiny_hf("llama", **SHAPE), tmp_path / "m.gguf", QTYPES)
+    bundle = tmp_path / "b"
+    export_model(path, bundle, evaluate=False, max_context=64)
+    model = edgellm.load(bundle)
+    assert _resident(bundle) == 0
+    model.generate([5, 17, 33], max_new_tokens=4, temperature=0)  # gathered rows come back as read
+
+
 def test_rotary_tables_hold_the_bundles_context(tiny_hf, tmp_path):
     """A 32k-position model exports 8,192 positions by default (the largest profile's context) and
     says so; --max-context picks fewer; edgellm.load caps its context there."""
