@@ -93,8 +93,8 @@ def test_a_request_cut_off_by_kill_9_is_answered_once_by_the_restarted_service(b
 
 def test_every_way_a_request_ends_acknowledges_it(broker, probe, model):
     """Answered, refused as busy, a retry while queued or answered, cancelled, malformed, too large
-    (read whole or cut by the bounded reader), retained, a bad cancel: a service started again with
-    the same client id is handed none of them."""
+    (read whole or cut by the bounded reader), retained, a bad cancel, a grammar that does not
+    compile: a service started again with the same client id is handed none of them."""
     gated = Gated(model)
     big = json.dumps({"id": "big", "prompt": "x" * 100_000}).encode()  # over packet_limit(1000): cut on reading
     with running_service(gated, connection(broker.url), client_id="svc-acks", queue_size=1, max_payload=1000):
@@ -116,6 +116,8 @@ def test_every_way_a_request_ends_acknowledges_it(broker, probe, model):
         assert probe.replies("wait")[-1]["error"]["code"] == proto.CANCELLED
         probe.publish(T.request, {"id": "run", "prompt": "Hi", "max_tokens": 3})  # answered: its final again
         assert probe.replies("run")[-1]["done"] is True
+        probe.publish(T.request, {"id": "rx", "prompt": "Hi", "grammar": {"type": "regex", "value": "("}})
+        assert probe.replies("rx")[-1]["status"] == "error"  # a grammar that does not compile
         time.sleep(0.3)
     assert errors == {"full": proto.BUSY, "mid": proto.TOO_LARGE, "big": proto.TOO_LARGE, "kept": proto.BAD_REQUEST}
     assert [m.topic for m in held_for(connection(broker.url), "svc-acks")] == []
