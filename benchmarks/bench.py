@@ -57,7 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run_measured(cmd: list[str], log: Path | None = None, heartbeat: str = "") -> dict[str, Any]:
-    """Run `cmd` to the end; its own wall time and peak RSS (wait4 reports this child alone)."""
+    """Run `cmd` to the end; its wall time and peak RSS (wait4's, which counts this process's size
+    at the fork too: worker.py reports the child's own)."""
     started = time.perf_counter()
     out = open(log, "w") if log else subprocess.DEVNULL
     try:
@@ -106,21 +107,20 @@ def export_edgellm(args: argparse.Namespace, bundle: Path) -> dict[str, Any]:
         cmd = [sys.executable, str(HERE / "worker.py"), "export", str(flag), "--",
                args.source, "-o", str(out), "--quant", "int4", "--force", "--allow-quality-loss", *extra]
         measured = run_measured(cmd)
-        torch = json.loads(flag.read_text())["torch_imported"] if flag.is_file() else None
+        done = json.loads(flag.read_text()) if flag.is_file() else {}
         flag.unlink(missing_ok=True)
-        results[name] = {**measured, "torch_imported": torch}
+        results[name] = {**measured, **done, "torch_imported": done.get("torch_imported")}
         if measured["rc"] != 0:
             raise SystemExit(f"bench: edgellm export {args.source} failed (exit {measured['rc']}); see above")
     shutil.rmtree(args.work / ".export-no-eval", ignore_errors=True)
     return results
 
 
-def build_genai(args: argparse.Namespace, out: Path) -> str | None:
-    """Build (or reuse) genai's model; a reason string when it cannot be had."""
+def build_genai(source: Path, out: Path, log: Path) -> str | None:
+    """Build (or reuse) genai's int4 model of `source` (a GGUF or HF folder) in `out`;
+    a reason string when it cannot be had."""
     if (out / "genai_config.json").is_file():
         return None
-    source = gguf_of(args.source) or Path(args.source)
-    log = args.work / "genai-build.log"
     report.stage(f"building onnxruntime-genai int4 model from {source.name} (once; log: {log})")
     cmd = [sys.executable, str(HERE / "genai_build.py"), str(source), str(out)]
     if run_measured(cmd, log=log, heartbeat="still building the genai model")["rc"] != 0:
@@ -142,7 +142,8 @@ def model_for(key: str, args: argparse.Namespace, bundle: Path, genai_dir: Path)
         ready = (requantized(bundle) / "manifest.json").is_file()
         return requantized(bundle), None if ready else "no --requantize bundle (run without --skip-export)"
     if key == "genai":
-        return genai_dir, build_genai(args, genai_dir)
+        source = gguf_of(args.source) or Path(args.source)
+        return genai_dir, build_genai(source, genai_dir, args.work / "genai-build.log")
     gguf = gguf_of(args.source)
     return (gguf, None) if gguf else (None, "llama.cpp needs a GGUF source")
 
@@ -178,7 +179,7 @@ def measure(key: str, model: Path, work: dict[str, Any], run_dir: Path) -> tuple
     measured = run_measured([sys.executable, str(HERE / "worker.py"), "speed", str(config), str(speed)])
     if measured["rc"] != 0:
         return {"skipped": f"its benchmark process failed (exit {measured['rc']}; see above)"}, None
-    result = {**json.loads(speed.read_text()), **measured}
+    result = {**measured, **json.loads(speed.read_text())}  # the worker's own peak RSS wins
     if key.startswith("edgellm"):  # its perplexity is the export gate's, in the manifest
         return result, None
     scores = run_dir / f"{key}.quality.json"

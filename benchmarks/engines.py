@@ -2,7 +2,7 @@
 
 Each adapter imports its library only when built, so an engine's process carries
 nothing of the others in its memory. Every engine gets the same token ids (edgellm
-gets their text and tokenizes it to the same ids) and decodes greedily until
+gets their text and tokenizes it to the same ids, or the ids when the text is empty) and decodes greedily until
 `max_new_tokens`, whatever it samples: edgellm with `ignore_eos`, genai with
 `min_length` (which masks EOS), llama.cpp by not stopping (its low-level `generate`
 never stops on EOS by itself).
@@ -74,7 +74,9 @@ class EdgeLLM:
         self.model.reset()
 
     def generate(self, text: str, ids: Sequence[int], max_new_tokens: int) -> Run:
-        r = self.model.generate(text, max_new_tokens=max_new_tokens, ignore_eos=True, temperature=0)
+        # No text: the ids themselves (a synthetic vocabulary's prompt has no text worth encoding).
+        prompt = text or list(ids)
+        r = self.model.generate(prompt, max_new_tokens=max_new_tokens, ignore_eos=True, temperature=0)
         u = r.usage
         return Run(u.ttft_s, u.decode_tokens_per_s, u.prompt_tokens, u.cached_prompt_tokens, list(r.token_ids))
 

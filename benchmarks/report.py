@@ -133,8 +133,13 @@ def agreement(engines: dict[str, dict[str, Any]]) -> dict[str, int]:
     for key in PEERS:
         theirs = engines.get(key, {}).get("short", {}).get("first_ids")
         if ours and theirs:
-            out[key] = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+            out[key] = shared_prefix(ours, theirs)
     return out
+
+
+def shared_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two greedy runs have in common."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def unstable(engines: dict[str, dict[str, Any]], limit: float = 1.3) -> list[str]:
@@ -151,6 +156,14 @@ def unstable(engines: dict[str, dict[str, Any]], limit: float = 1.3) -> list[str
 
 def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
     return "—" if value is None else f"{value:{spec}}{suffix}"
+
+
+def grid(rows: list[tuple[str, ...]]) -> list[str]:
+    """Left-aligned columns, the first row a header underlined with dashes."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return lines
 
 
 def table(results: dict[str, Any]) -> str:
@@ -178,9 +191,7 @@ def table(results: dict[str, Any]) -> str:
             f"{m['ttft_cached_s'] * 1000:.0f} ms ({m['cached_prompt_tokens']:.0f} reused)",
             _fmt(m["peak_rss_mb"], ".0f", " MB"), _fmt(ppl, ".3f"), *vs,
         ))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines = grid(rows)
     s = results["settings"]
     lines.append(f"(decode: {s['tokens']} greedy tokens, EOS masked, {s['threads']} threads, median of "
                  f"{s['runs']}; prompts {s['prompt_tokens']['short']} / {s['prompt_tokens']['long']} tokens; "

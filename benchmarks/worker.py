@@ -3,12 +3,13 @@
     python benchmarks/worker.py speed|quality CONFIG.json OUT.json
     python benchmarks/worker.py export OUT.json -- EDGELLM-EXPORT-ARGS...
 
-`speed`: decode rate with a short and a long prompt, then TTFT of a cold request and
-of a second one sharing its system prompt; a warm-up run, then the median of N.
+`speed`: decode rate with a short and (when given) a long prompt, then (when given) TTFT
+of a cold request and of a second one sharing its system prompt; a warm-up run, then the
+median of N.
 `quality`: the engine's perplexity on the export gate's token ids (a separate process,
 because full-sequence logits would inflate the speed run's peak RSS).
 `export`: runs `edgellm export` and records whether torch was imported on the way.
-Progress goes to stderr; the result is one JSON file.
+Progress goes to stderr; the result is one JSON file, with the process's own peak RSS.
 """
 from __future__ import annotations
 
@@ -23,6 +24,22 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from engines import ENGINES, Engine, Run  # noqa: E402
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set since it started (VmHWM; mapped file pages count).
+    Not wait4's ru_maxrss: that keeps the parent's size at the fork, so a worker started by a
+    process that built a 1B model would read as big as its parent."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024 / 1e6
+    except OSError:
+        pass
+    import resource  # elsewhere the fork's caveat stands
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6
 
 
 def _say(name: str, message: str) -> None:
@@ -70,12 +87,13 @@ def speed(config: dict[str, Any]) -> dict[str, Any]:
     loaded = time.perf_counter() - started
     _say(engine.name, f"loaded in {loaded:.1f} s")
     tokens, runs = config["tokens"], config["runs"]
-    return {
-        "load_s": loaded,
-        "short": decode_runs(engine, config["prompts"]["short"], tokens, runs),
-        "long": decode_runs(engine, config["prompts"]["long"], tokens, runs),
-        "prefix": prefix_runs(engine, config["prefix"]),
-    }
+    result = {"load_s": loaded, "short": decode_runs(engine, config["prompts"]["short"], tokens, runs)}
+    # The long prompt and the shared-prefix pairs are optional (deploy_shapes.py times the short one only).
+    if "long" in config["prompts"]:
+        result["long"] = decode_runs(engine, config["prompts"]["long"], tokens, runs)
+    if config.get("prefix"):
+        result["prefix"] = prefix_runs(engine, config["prefix"])
+    return result
 
 
 def quality(config: dict[str, Any]) -> dict[str, Any]:
@@ -103,6 +121,7 @@ def main() -> int:
         config = json.loads(Path(sys.argv[2]).read_text())
         out = Path(sys.argv[3])
         result = speed(config) if mode == "speed" else quality(config)
+    result["peak_rss_mb"] = peak_rss_mb()
     out.write_text(json.dumps(result, indent=1))
     return int(result.get("rc", 0))
 

@@ -140,3 +140,16 @@ def test_same_weights_and_exact_import_bars():
     status = {b["name"]: b["status"] for b in report.bars(results)}
     assert status["edgellm exact import decode (short prompt) >= 0.9x --requantize"] == "FAIL"  # 26/30
     assert status["edgellm perplexity <= 1.05x its source"] == "FAIL"  # 32/30
+
+
+def test_worker_peak_rss_is_its_own_not_its_parents():
+    """wait4's ru_maxrss keeps the parent's size at the fork: a worker started by a process that
+    built a big model read as big as its parent. The worker reports its own peak instead."""
+    from bench import run_measured
+
+    ballast = np.ones(400_000_000 // 8)  # 400 MB resident in this (the parent) process
+    probe = f"import sys; sys.path.insert(0, {str(BENCH)!r}); from worker import peak_rss_mb; print(peak_rss_mb())"
+    own = float(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout)
+    assert 5 < own < 200
+    assert run_measured([sys.executable, "-c", probe])["peak_rss_mb"] > 400  # what wait4 says of the same child
+    del ballast

@@ -96,6 +96,23 @@ def build_tokenizer(vocab_size: int = 320):
     return tok
 
 
+def decisive_weights(model):
+    """Draw `model`'s weights afresh from torch's generator (the caller seeds it). Random init
+    with std 0.02 gives near-uniform logits and ties everywhere; a larger scale makes greedy
+    choices decisive, so token-for-token comparison means something."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.15)
+            elif "norm" in name:
+                p.uniform_(0.8, 1.2)
+            else:
+                p.normal_(0.0, 0.05)
+    return model
+
+
 def make_tiny_model(
     out: Path,
     arch: str = "llama",
@@ -143,17 +160,7 @@ def make_tiny_model(
     if arch == "mistral":
         config.sliding_window = None
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
-    # Random init with std 0.02 gives near-uniform logits and ties everywhere; a larger
-    # scale makes greedy choices decisive, so token-for-token comparison means something.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.15)
-            elif "norm" in name:
-                p.uniform_(0.8, 1.2)
-            else:
-                p.normal_(0.0, 0.05)
+    model = decisive_weights(AutoModelForCausalLM.from_config(config))
     model = model.to(getattr(torch, dtype))
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
