@@ -206,6 +206,20 @@ def _still_open(sock: socket.socket) -> bool:
         sock.close()
 
 
+def test_3_malformed_and_upgrade_requests_neither_log_nor_keep_a_connection(service):
+    for i in range(300):
+        with socket.create_connection(("127.0.0.1", service.port)) as sock:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+                         b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+                         if i % 2 else b"\x16\x03\x01 not http at all\r\n\r\n")
+            sock.settimeout(5)
+            assert sock.recv(4096).startswith(b"HTTP/1.1 ")
+    time.sleep(0.3)
+    metrics = dict(line.rsplit(" ", 1) for line in httpx.get(service.url + "/metrics").text.splitlines()
+                   if not line.startswith("#"))
+    assert metrics["edgellm_http_connections"] == "1"  # this one: no upgraded connection left uncounted
+
+
 # -- 4. another client's prompt read through the prefix cache ------------------------------------------
 
 def test_4_the_prefix_cache_tells_nothing_of_another_clients_prompt(service):

@@ -342,8 +342,10 @@ class HttpServer:
         self.listener = Listener(self.socket, Limits(max(1, min(config.max_connections, room)), config.read_timeout),
                                  self.metrics)
         # h11 named, not "auto": the listener's deadline reads h11's state (httptools would replace it).
-        uv_config = uvicorn.Config(build_app(engine, config, self.metrics), http="h11", log_level="warning",
-                                   lifespan="off", access_log=False, timeout_graceful_shutdown=2)
+        # No websockets: an upgraded connection would leave the listener's protocol, and its count.
+        # Errors only: uvicorn warns once per malformed or upgrade request, a log flood on demand.
+        uv_config = uvicorn.Config(build_app(engine, config, self.metrics), http="h11", ws="none",
+                                   log_level="error", lifespan="off", access_log=False, timeout_graceful_shutdown=2)
         self._server = _Uvicorn(uv_config, self.listener)
         self._thread = threading.Thread(target=self._server.run, name="edgellm-http", daemon=True)
 

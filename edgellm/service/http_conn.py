@@ -37,7 +37,7 @@ log = logging.getLogger("edgellm.service")
 DEFAULT_MAX_CONNECTIONS = 64
 DEFAULT_READ_TIMEOUT = 20.0  # seconds for a request's headers and body: a 1 MiB body over a slow link
 RESERVED_FDS = 32  # descriptors kept for the rest of the process (MQTT, logs, the refusals' own sockets)
-_OUT_OF = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+_OUT_OF = (errno.EMFILE, errno.ENFILE)
 _ACCEPT_BATCH = 64  # connections accepted per wake-up, so the loop still serves the others
 _RETRY_S = 1.0  # after running out of descriptors, accepting resumes this much later
 
@@ -141,7 +141,7 @@ class _Connection(asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing():
             self.listener.refused("slow", f"closed a connection from {self.client}: its request did not arrive "
                                           f"within {self.listener.limits.read_timeout:g} s (--http-read-timeout)")
-            self.transport.close()
+            self.transport.abort()  # nothing of ours to flush: its request never arrived
 
 
 class Listener:
@@ -189,11 +189,12 @@ class Listener:
                 return
             except ConnectionAbortedError:
                 continue
-            except OSError as exc:
-                if exc.errno not in _OUT_OF or self._loop is None:
-                    raise
-                self.refused("descriptors", f"HTTP: cannot accept connections ({exc.strerror}) with {self.open} "
-                                            f"open; trying again every {_RETRY_S:g} s")
+            except OSError as exc:  # out of descriptors, or memory: a pause, not a spin
+                if self._loop is None:
+                    return
+                self.refused("descriptors" if exc.errno in _OUT_OF else "accept",
+                             f"HTTP: cannot accept connections ({exc.strerror or exc}) with {self.open} open; "
+                             f"trying again every {_RETRY_S:g} s")
                 self._loop.remove_reader(self.sock.fileno())
                 self._loop.call_later(_RETRY_S, self._resume)
                 return

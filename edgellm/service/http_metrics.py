@@ -73,8 +73,8 @@ class Metrics:
                             [f'{{route="{r}",status="{s}"}} {n}' for (r, s), n in sorted(self._requests.items())])
             lines += _family("edgellm_http_connections_refused_total", "counter",
                              "HTTP connections refused or closed by a limit, by reason (connections: over "
-                             "--http-max-connections or one address's share; descriptors: none left; slow: "
-                             "a request not all there within --http-read-timeout).",
+                             "--http-max-connections or one address's share; descriptors: none left; accept: "
+                             "another accept error; slow: a request not all there within --http-read-timeout).",
                              [f'{{reason="{r}"}} {n}' for r, n in sorted(self._refused.items())])
             lines += _family("edgellm_http_connections", "gauge", "Open HTTP connections.", [f" {self.connections}"])
             lines += _family("edgellm_generations_total", "counter", "Generations by finish reason, every front.",
