@@ -7,8 +7,11 @@ batched graph's two, as the fronts submit requests.
 """
 from __future__ import annotations
 
+import json
 import re
 import shlex
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -31,6 +34,7 @@ from mqtt_helpers import connection, running_service
 SYSTEM = [{"role": "system", "content": "You are the assistant of the plant's front desk. Answer briefly."}]
 GUESSES = ["4821", "4822", "5555", "0000"]
 DOCS = Path(__file__).parent.parent / "docs" / "mqtt.md"
+BENCH = Path(__file__).parent.parent / "benchmarks" / "privacy.py"
 
 
 def asking(code: str) -> list[dict[str, str]]:
@@ -183,3 +187,20 @@ def test_over_mqtt_each_reply_topic_is_a_tenant(broker, probe, tiny_bundle):
         cached("v3", "4821", "plant/desk/answers")
         own = cached("v4", "4821", "plant/desk/answers")
     assert right == wrong == 0 and own > 0
+
+
+@pytest.mark.timeout(300)
+def test_the_privacy_benchmark_measures_the_cases_it_names(tiny_bundle, tmp_path):
+    out = tmp_path / "privacy.json"
+    cmd = [sys.executable, str(BENCH), "--bundle", str(tiny_bundle), "--runs", "1", "--system-tokens", "40",
+           "--decode-tokens", "4", "--slots", "2", "--json", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=280)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads(out.read_text())
+    cases, shared = results["ttft"]["cases"], results["ttft"]["shared_tokens"]
+    assert cases["other tenant, declared"]["cached_prompt_tokens"] == [shared] and shared >= 40
+    assert cases["other tenant, undeclared"]["cached_prompt_tokens"] == [0]
+    assert cases["same tenant"]["cached_prompt_tokens"][0] >= shared
+    assert all(len(case["ttft_ms"]) == 1 for case in cases.values())
+    assert results["decode"]["tokens"] == 4 and results["decode"]["median_tokens_per_s"] > 0
+    assert "other tenant, declared" in done.stdout
