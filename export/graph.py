@@ -17,8 +17,8 @@ Linear layers (and the per-block offsets of GGUF types with a minimum) are laid 
 weights, block scales, rotary caches and KV cache, the dtype onnxruntime's CUDA
 kernels take; the norms still accumulate in float32 inside the op, and logits are
 cast to float32 so sampling and the quality gate read what a cpu graph gives them.
-"openvino" swaps GroupQueryAttention and GatherBlockQuantized for standard ops and
-lays the cache out sequence-major (openvino.py).
+"openvino" swaps GroupQueryAttention for standard ops and lays the cache out
+sequence-major (openvino.py).
 """
 from __future__ import annotations
 
@@ -390,8 +390,8 @@ def _notes(spec: ModelSpec, quant: QuantConfig, loader: WeightLoader | None) -> 
                 "norms accumulate in float32; logits cast to float32"]
     if quant.target == "openvino":
         return [*_weight_notes(spec, quant, loader),
-                "openvino: attention, rotary and the embedding from standard ops (no GroupQueryAttention or "
-                "GatherBlockQuantized); float32 KV cache, sequence-major, present = the new rows only"]
+                "openvino: attention and rotary from standard ops (no GroupQueryAttention); float32 KV cache, "
+                "sequence-major, present = the new rows only"]
     return _weight_notes(spec, quant, loader)
 
 

@@ -27,7 +27,7 @@ from .weights import WeightLoader
 
 _ALIGN = 4096  # page-aligned external data can be memory-mapped
 _INLINE_BYTES = 1024
-_CONTRIB = {"GroupQueryAttention", "MatMulNBits", "GatherBlockQuantized", "SkipSimplifiedLayerNormalization"}
+_CONTRIB = {"GroupQueryAttention", "MatMulNBits", "SkipSimplifiedLayerNormalization"}
 
 
 class Writer:
@@ -159,11 +159,11 @@ def quantized_linear(
     w: Writer, prefix: str, q: QuantizedWeight, bias: np.ndarray | None, quant: QuantConfig, *,
     matmul: bool = True,
 ) -> Linear:
-    """Write `q`'s initializers for a MatMulNBits, or for a GatherBlockQuantized (not `matmul`)."""
+    """Write `q`'s initializers for a MatMulNBits, or for the embedding's gather alone (not `matmul`)."""
     if q.offsets is not None and q.K % q.block_size:
         raise ExportError(f"{prefix}: K {q.K} is not whole blocks of {q.block_size}, offsets need them")
-    # onnxruntime's CPU kernel (the quality gate's) refuses float zero points on 8-bit weights, which
-    # GGUF offsets reach when a fused QKV widens Q4_1 rows to Q8_0's bits: those keep the MatMul + Add.
+    # onnxruntime's CPU kernel (the quality gate's) refuses float zero points on 8-bit weights (GGUF
+    # Q5_1, Q5_K): those keep the MatMul + Add.
     if matmul and q.offsets is not None and quant.target == "openvino" and q.bits == 4:
         scales, zeros = _float_zero_points(prefix, q)
         return Linear(weight=w.initializer(f"{prefix}.qweight", q.packed), scales=w.floats(f"{prefix}.scales", scales),

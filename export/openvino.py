@@ -1,13 +1,13 @@
 """The OpenVINO variant of the fast graph (`--target openvino`): standard ops where the cpu graph
 uses contrib ops OpenVINO does not take.
 
-onnxruntime's OpenVINO provider takes MatMulNBits and both RMS norms but neither
-GroupQueryAttention nor GatherBlockQuantized, so the cpu graph splits into ~31 OpenVINO
-partitions around 30 attention nodes left to the CPU. Here attention is (q·scale)·Kᵀ + mask ->
+onnxruntime's OpenVINO provider takes MatMulNBits and both RMS norms but not
+GroupQueryAttention, so the cpu graph splits into ~31 OpenVINO partitions around 30
+attention nodes left to the CPU. Here attention is (q·scale)·Kᵀ + mask ->
 Softmax -> ·V with the query heads grouped by their KV head, which OpenVINO's CPU plugin runs as
 one fused subgraph per layer (measured: not its ScaledDotProductAttention node), rotary is
-rotate-half from Slice/Neg/Concat (fused into OpenVINO's RoPE node), and the embedding unpacks
-its int4 rows itself.
+rotate-half from Slice/Neg/Concat (fused into OpenVINO's RoPE node), and the embedding keeps
+per-block floats of its own (int4 offsets rewrite lm_head's scales into float zero points).
 
 The KV cache is sequence-major, [batch, rows, kv_heads, head_dim]: `past_key_values.*` are the
 rows cached so far, and `present.*` only the new rows, so the runtime binds past to the first

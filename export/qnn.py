@@ -204,7 +204,7 @@ def _attention(w: Writer, source: Source, spec: ModelSpec, quant: QuantConfig, l
 def _embed(w: Writer, source: Source, spec: ModelSpec, quant: QuantConfig, loader: WeightLoader | None,
            head: Linear, head_q: QuantizedWeight | None) -> str:
     """input_ids -> hidden states: graph.embed for float weights; for quantized ones one Gather
-    from the dequantized table (the values GatherBlockQuantized yields)."""
+    from the dequantized table (the values the cpu graph's gather yields)."""
     if loader is None:
         return embed(w, source, spec, quant, None, head, None)
     q = head_q if head_q is not None else loader.load(["model.embed_tokens.weight"])[0]

@@ -1,7 +1,7 @@
 """`--target cuda`: the fast graph with float16 activations, validated on the CPU provider.
 
-onnxruntime's CPU provider has float16 kernels for GroupQueryAttention, MatMulNBits,
-GatherBlockQuantized and both RMS norms, and runs the elementwise ops (Sigmoid, Mul,
+onnxruntime's CPU provider has float16 kernels for GroupQueryAttention, MatMulNBits
+and both RMS norms, and runs the elementwise ops (Sigmoid, Mul,
 Add, Gelu, a float MatMul) between inserted float32 casts, which rounds each result
 to float16 as a GPU would. So the float16 graph's answers can be checked here against
 the float32 graph of the same weights; whether a GPU runs it is recorded in devices/README.md.
@@ -32,8 +32,7 @@ from tiny import PHI3_SHAPE, build_tokenizer
 
 STEPS = 32
 # Ops with a float16 CPU kernel: they must take float16 as they are, never between inserted casts.
-FP16_KERNELS = {"GroupQueryAttention", "MatMulNBits", "GatherBlockQuantized", "SimplifiedLayerNormalization",
-                "SkipSimplifiedLayerNormalization"}
+FP16_KERNELS = {"GroupQueryAttention", "MatMulNBits", "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization"}
 
 
 def _runner(graph_dir: Path, spec, kv_dtype: str) -> Runner:

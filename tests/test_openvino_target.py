@@ -84,8 +84,8 @@ def test_openvino_graph_matches_transformers(case, tiny_hf, tmp_path):
 
 
 def test_openvino_graph_has_no_attention_or_gather_contrib_ops(tiny_hf, tmp_path):
-    """OpenVINO takes MatMulNBits and the RMS norms; GroupQueryAttention and
-    GatherBlockQuantized are what split the cpu graph, so none may remain."""
+    """OpenVINO takes MatMulNBits and the RMS norms; GroupQueryAttention (and GatherBlockQuantized,
+    which no graph uses any more) is what splits the cpu graph, so none may remain."""
     graph_dir, spec = _export(tiny_hf("llama"), tmp_path, weights="int4")
     graph = onnx.load(graph_dir / "model.onnx", load_external_data=False).graph
     contrib = collections.Counter(n.op_type for n in graph.node if n.domain == "com.microsoft")
@@ -103,7 +103,7 @@ def test_openvino_graph_has_no_attention_or_gather_contrib_ops(tiny_hf, tmp_path
 def test_openvino_quantized_graph_equals_the_cpu_graph(quant, tiny_hf, tmp_path):
     """Float activations (the openvino default, accuracy_level 0), and an embedding that unpacks
     its own int4 rows (nibbles, zero points, scales): the cpu graph's answers on the same weights
-    (its GatherBlockQuantized is exact against torch in test_graph)."""
+    (its gathered embedding is exact against the dequantized weights in test_graph)."""
     folder = tiny_hf("qwen2", tie_embeddings=False)
     (ref_tokens, ref), (tokens, logits) = _both(folder, tmp_path, dict(accuracy_level=0, block_size=32, **quant), 8)
     assert tokens == ref_tokens

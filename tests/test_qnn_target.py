@@ -69,7 +69,7 @@ def test_qnn_graph_is_static_and_plain(tiny_hf, tmp_path):
 
 def test_qnn_int4_graph_equals_the_cpu_graph(tiny_hf, tmp_path):
     """MatMulNBits at float activations and the dequantized embedding table answer as the cpu
-    graph of the same int4 weights (its GatherBlockQuantized embedding) at accuracy level 0."""
+    graph of the same int4 weights (its gathered embedding) at accuracy level 0."""
     folder = tiny_hf("qwen2", tie_embeddings=False)
     quant = dict(weights="int4", accuracy_level=0, block_size=32)
     path = _export(folder, tmp_path / "qnn", **quant)
