@@ -129,6 +129,43 @@ def test_connections_over_the_limits_are_refused_at_once_with_one_log_line(model
         assert metrics['edgellm_http_connections_refused_total{reason="connections"}'] == "21"
 
 
+def test_running_out_of_descriptors_pauses_accepting_with_one_log_line(model, caplog):
+    """asyncio's own accept loop logged a traceback per backlog slot and retry (627,852 in 40 s)."""
+    import os
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with serving(model) as server:
+        used = len(os.listdir("/proc/self/fd"))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (used + 40, hard))
+        spare: list[int] = []
+        try:
+            with caplog.at_level(logging.WARNING, "edgellm.service"):
+                while True:  # take every descriptor left, then give back ten for the clients
+                    try:
+                        spare.append(os.open(os.devnull, os.O_RDONLY))
+                    except OSError:
+                        break
+                for fd in spare[-10:]:
+                    os.close(fd)
+                del spare[-10:]
+                clients = [socket.socket() for _ in range(10)]  # the ten, before the server can take one
+                for client in clients:
+                    client.connect(("127.0.0.1", server.port))
+                time.sleep(2.5)  # two retries of the paused accept, each failing again
+                lines = [r.getMessage() for r in caplog.records if "cannot accept" in r.getMessage()]
+                assert len(lines) == 1 and "trying again every 1 s" in lines[0], lines
+        finally:
+            for fd in spare:
+                os.close(fd)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        for client in clients:  # waiting in the backlog, accepted once descriptors are back
+            client.settimeout(10)
+            client.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            assert client.recv(4096).startswith(b"HTTP/1.1 200"), "a waiting client was not served"
+            client.close()
+
+
 def test_accepted_connections_have_tcp_nodelay(model):
     """Without it a keep-alive response waited ~44 ms for a delayed ACK (0.5 ms with it)."""
     with serving(model) as server, httpx.Client(base_url=server.url) as client:
