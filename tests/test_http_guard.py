@@ -106,6 +106,22 @@ def test_a_keep_alive_connection_still_serves_requests_after_the_read_timeout(mo
         assert client.post("/v1/chat/completions", json=body).status_code == 200
 
 
+def test_a_request_pipelined_behind_an_answer_must_arrive_too(model):
+    """The answer to the first request is not cut (it takes longer than the read timeout); the
+    second request, its body never sent, then closes the connection at its deadline."""
+    with serving(Paced(model, delay=0.1), read_timeout=0.5) as server:
+        first = json.dumps({"messages": ASK, "max_tokens": 8}).encode()
+        sock = connect(server)
+        sock.sendall((HEAD + f"Content-Length: {len(first)}\r\n\r\n").encode() + first +
+                     (HEAD + "Content-Length: 100\r\n\r\n{").encode())
+        sock.settimeout(5)
+        received = b""
+        while b"\r\n\r\n" not in received or not received.rstrip().endswith(b"}"):
+            received += sock.recv(65536)
+        assert received.startswith(b"HTTP/1.1 200") and b'"finish_reason":"length"' in received
+        assert closed_within(sock, 3)
+
+
 def test_connections_over_the_limits_are_refused_at_once_with_one_log_line(model, caplog):
     with serving(model, max_connections=8) as server:  # 2 per client address
         held = [connect(server, "127.0.0.2") for _ in range(2)]

@@ -92,7 +92,8 @@ class Episodes:
 class _Connection(asyncio.Protocol):
     """uvicorn's h11 protocol for one connection, with a deadline on each request's arrival:
     from the connection's start, or from the first byte of a request after the previous
-    response, to the end of its body."""
+    response, to the end of its body. While a response is on its way the deadline waits (a
+    request pipelined behind it is not read yet)."""
 
     def __init__(self, inner: Any, listener: "Listener", client: str) -> None:
         self.inner = inner
@@ -110,8 +111,9 @@ class _Connection(asyncio.Protocol):
         if self._deadline is None:
             self._arm()
         self.inner.data_received(data)
-        if self.inner.conn.their_state not in (h11.IDLE, h11.SEND_BODY):
-            self._disarm()  # the request is all here (or the connection is done with)
+        conn = self.inner.conn
+        if conn.their_state not in (h11.IDLE, h11.SEND_BODY) and not conn.trailing_data[0]:
+            self._disarm()  # the request is all here, nothing after it (or the connection is done with)
 
     def eof_received(self) -> bool | None:
         return self.inner.eof_received()
@@ -138,6 +140,9 @@ class _Connection(asyncio.Protocol):
 
     def _expire(self) -> None:
         self._deadline = None
+        if self.inner.conn.their_state is h11.DONE:
+            self._arm()  # answering a request that arrived; the one pipelined behind it is timed once read
+            return
         if self.transport is not None and not self.transport.is_closing():
             self.listener.refused("slow", f"closed a connection from {self.client}: its request did not arrive "
                                           f"within {self.listener.limits.read_timeout:g} s (--http-read-timeout)")
