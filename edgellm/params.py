@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Mapping
@@ -164,10 +165,11 @@ def _integer(p: Param, value: Any, field: str) -> int:
 
 
 def _number(p: Param, value: Any, field: str) -> float:
-    # Ints are compared as they are: float() of a huge one would overflow.
-    if not _is_number(value) or (isinstance(value, float) and not math.isfinite(value)) or not p.in_range(value):
+    # An integer past float's range (JSON's 10**400) is as out of range as infinity; float() would raise.
+    number = float(value) if _is_number(value) and abs(value) <= sys.float_info.max else math.nan
+    if not math.isfinite(number) or not p.in_range(number):
         raise GenerationError(f"{field} must be {_what('a number', p)}, got {_short(value)}")
-    return float(value)
+    return number
 
 
 def _strings(p: Param, value: Any, field: str) -> list[str]:
@@ -232,6 +234,8 @@ def _tools(p: Param, value: Any, field: str) -> "tuple[Tool, ...]":
 
 
 def _short(value: Any) -> str:
+    if isinstance(value, int) and value.bit_length() > 192:  # repr() refuses past 4,300 digits
+        return f"an integer of {int(math.log10(abs(value))) + 1} digits"
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 

@@ -26,6 +26,8 @@ from typing import Any, Callable, Literal, Sequence
 
 
 from .errors import GenerationError
+from .netjson import loads as read_json
+from .netjson import surrogate_at
 from .text import Trimmed, partial_suffix, template_variables
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
@@ -102,6 +104,7 @@ def parse_tools(value: object) -> list[Tool]:
                                   f"got {params!r}")
         if not isinstance(fn.get("strict", False), bool):
             raise GenerationError(f"{where}.function.strict must be true or false, got {fn['strict']!r}")
+        _no_surrogate(item, where)
         tools.append(Tool(name, description, params))
     return tools
 
@@ -179,8 +182,17 @@ def normalize_messages(messages: object) -> list[dict[str, Any]]:
                                       f"give {where}.name")
         if not isinstance(m.get("content"), str):
             raise GenerationError(f"{where}.content must be a string, got {m.get('content')!r}")
+        _no_surrogate(m, where)
         out.append(m)
     return out
+
+
+def _no_surrogate(value: Any, where: str) -> None:
+    """Refuse a lone surrogate (JSON's "\\ud800") anywhere in `value`: it parses, but no
+    tokenizer takes it, and the request would fail on the worker after waiting its turn."""
+    if (at := surrogate_at(value)) is not None:
+        raise GenerationError(f"{at.replace('$', where, 1)} holds a lone surrogate (\\ud800-\\udfff), "
+                              "which is not text")
 
 
 def _normalize_calls(calls: object, where: str) -> list[dict[str, Any]]:
@@ -199,9 +211,9 @@ def _normalize_calls(calls: object, where: str) -> list[dict[str, Any]]:
         args = fn.get("arguments", {})
         if isinstance(args, str):
             try:
-                args = json.loads(args)
-            except json.JSONDecodeError as e:
-                raise GenerationError(f"{at}.function.arguments is not valid JSON: {e}") from e
+                args = read_json(args)  # bounded: 100,000 nested "[" raised RecursionError here
+            except ValueError as e:
+                raise GenerationError(f"{at}.function.arguments is not valid JSON: {e}") from None
         if not isinstance(args, dict):
             raise GenerationError(f"{at}.function.arguments must be a JSON object, got {args!r}")
         out.append({"id": call["id"], "type": "function",
