@@ -179,7 +179,9 @@ def test_over_mqtt_each_reply_topic_is_a_tenant(broker, probe, tiny_bundle):
                       response_topic=reply_topic)
         return probe.replies(rid)[-1]["usage"]["cached_prompt_tokens"]
 
-    with running_service(model, connection(broker.url)):
+    with running_service(model, connection(broker.url)) as service:
+        tenants, submit = [], service.engine.submit
+        service.engine.submit = lambda job: tenants.append(job.tenant) or submit(job)
         cached("v1", "4821", "plant/desk/answers")
         right = cached("a1", "4821", "plant/visitor/answers")
         cached("v2", "4821", "plant/desk/answers")
@@ -187,6 +189,8 @@ def test_over_mqtt_each_reply_topic_is_a_tenant(broker, probe, tiny_bundle):
         cached("v3", "4821", "plant/desk/answers")
         own = cached("v4", "4821", "plant/desk/answers")
     assert right == wrong == 0 and own > 0
+    # Named apart from HTTP's tenants ("key:...", "addr:..."): a reply topic cannot pose as one.
+    assert set(tenants) == {"mqtt:plant/desk/answers", "mqtt:plant/visitor/answers"}
 
 
 @pytest.mark.timeout(300)

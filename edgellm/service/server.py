@@ -460,7 +460,7 @@ class Service:
                 self._active.pop(job.key, None)
 
         return EngineJob(request.prompt, request.params, job.client, on_chunk, on_end, job.cancel,
-                         tenant=job.route.topic)  # the reply topic (docs/mqtt.md, prompt privacy)
+                         tenant=f"mqtt:{job.route.topic}")  # the reply topic (docs/mqtt.md, prompt privacy)
 
     def _send(self, route: Route, payload: dict[str, Any], answers: Deliveries = ()) -> None:
         self._send_encoded(route, proto.encode(payload), answers)
