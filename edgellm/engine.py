@@ -4,23 +4,32 @@ The model is not thread-safe, so one worker thread runs one generation at a time
 hands each chunk to the job's callbacks on that thread. Fronts only translate: they
 turn their requests into a `Job` and the chunks into their replies. The queue is fair
 across clients (`FairQueue`), so one flooding client takes only its own share.
+
+A request held to a grammar (response_format, grammar, tools) takes its place in the
+queue when submitted, but enters it only once a second thread has compiled its grammar:
+validating and compiling one can take seconds, which neither the thread that received
+the request nor the worker, between two tokens of every running stream, can spare.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
 import threading
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any, Callable, Generic, Hashable, Iterator, Mapping, Protocol, TypeVar
 
 from .errors import GenerationError
 from .params import GenerationParams
+from .sequence import request_grammar
 from .session import release_freed_heap
 
 log = logging.getLogger("edgellm.engine")
 
 T = TypeVar("T")
+
+# The fields whose request may need a grammar compiled before it runs.
+_GRAMMAR_FIELDS = ("response_format", "grammar", "tools")
 
 
 class FairQueue(Generic[T]):
@@ -34,6 +43,7 @@ class FairQueue(Generic[T]):
         self.capacity = capacity
         self.per_client = per_client
         self._waiting: OrderedDict[Hashable, deque[T]] = OrderedDict()
+        self._taken: Counter[Hashable] = Counter()  # each client's items and held places
         self._size = 0
         self._closed = False
         self._ready = threading.Condition()
@@ -43,16 +53,33 @@ class FairQueue(Generic[T]):
 
     def put(self, client: Hashable, item: T) -> str | None:
         """Queue `item`; the reason it was refused, or None."""
+        refusal = self.hold(client)
+        if refusal is None:
+            self.fill(client, item)
+        return refusal
+
+    def hold(self, client: Hashable) -> str | None:
+        """Hold a place for an item of `client` that is not ready yet: `fill` it, or `release`
+        it. The reason it was refused, or None."""
         with self._ready:
-            mine = self._waiting.get(client)
             if self._size >= self.capacity:
                 return f"queue is full ({self.capacity} waiting); retry later"
-            if mine is not None and len(mine) >= self.per_client:
+            if self._taken[client] >= self.per_client:
                 return f"this client already has {self.per_client} requests waiting; retry later"
-            self._waiting.setdefault(client, deque()).append(item)
+            self._taken[client] += 1
             self._size += 1
-            self._ready.notify()
             return None
+
+    def fill(self, client: Hashable, item: T) -> None:
+        """Queue `item` in the place held for it."""
+        with self._ready:
+            self._waiting.setdefault(client, deque()).append(item)
+            self._ready.notify()
+
+    def release(self, client: Hashable) -> None:
+        """Give back a place held for an item that will not come."""
+        with self._ready:
+            self._let_go(client)
 
     def get(self, block: bool = True) -> T | None:
         """The next item in turn, waiting for one if `block`; None once closed (or, not
@@ -64,7 +91,7 @@ class FairQueue(Generic[T]):
                 return None
             client, items = next(iter(self._waiting.items()))
             item = items.popleft()
-            self._size -= 1
+            self._let_go(client)
             if items:
                 self._waiting.move_to_end(client)  # its next item waits for every other client's turn
             else:
@@ -77,12 +104,20 @@ class FairQueue(Generic[T]):
             self._closed = True
             self._ready.notify_all()
 
+    def _let_go(self, client: Hashable) -> None:
+        self._size -= 1
+        self._taken[client] -= 1
+        if not self._taken[client]:
+            del self._taken[client]
+
 
 class StreamingModel(Protocol):
     """What the engine needs of `edgellm.Model`."""
 
     manifest: Any
     max_context: int
+    tokenizer: Any  # and conventions: what a request's grammar is compiled for
+    conventions: Any
 
     def stream(self, prompt: Any, *, tenant: str = "", **params: Any) -> Iterator[Any]: ...
 
@@ -139,11 +174,15 @@ class Engine:
         self.max_tokens = max_tokens  # the most any one request may generate: one request cannot hold every client
         self.slots = slots
         self._jobs: FairQueue[Job] = FairQueue(queue_size, per_client or max(1, queue_size // 2))
+        # Jobs whose grammar compiles, in turn across clients; their places in _jobs bound them.
+        self._compiling: FairQueue[Job] = FairQueue(queue_size, queue_size)
+        self._grammars: dict[int, Any] = {}  # each job's compiled grammar, held (so cached) until it ends
         self._by_id: dict[int, Job] = {}  # queued or running, cancelled on close
         self._lock = threading.Lock()
         self.active = 0  # jobs generating now
         self._worker = threading.Thread(target=self._work if slots == 1 else self._work_batched,
                                         name="edgellm-generate", daemon=True)
+        self._compiler = threading.Thread(target=self._compile, name="edgellm-grammar", daemon=True)
         self._closed = False
         self.observers: list[Callable[[Outcome], None]] = []  # told of every job's end (metrics)
 
@@ -152,26 +191,33 @@ class Engine:
         return len(self._jobs)
 
     def start(self) -> "Engine":
-        if not self._worker.is_alive():
-            self._worker.start()
+        for thread in (self._worker, self._compiler):
+            if not thread.is_alive():
+                thread.start()
         return self
 
     def close(self, timeout: float = 5.0) -> None:
-        """Cancel every queued and running job (each still gets its `on_end`), then stop the worker."""
+        """Cancel every queued and running job (each still gets its `on_end`), then stop the threads."""
         with self._lock:
             self._closed = True
             for job in self._by_id.values():
                 job.cancel.set()
+        self._compiling.close()
         self._jobs.close()
-        if self._worker.is_alive():
-            self._worker.join(timeout)
+        for thread in (self._compiler, self._worker):
+            if thread.is_alive():
+                thread.join(timeout)
 
     def submit(self, job: Job) -> str | None:
-        """Queue `job`; the reason it was refused (busy), or None."""
+        """Queue `job` (one held to a grammar once it is compiled); the reason it was refused
+        (busy), or None."""
         with self._lock:
             if self._closed:
                 return "the service is shutting down"
-            refusal = self._jobs.put(job.client, job)
+            if not any(job.params.get(name) for name in _GRAMMAR_FIELDS):
+                refusal = self._jobs.put(job.client, job)
+            elif (refusal := self._jobs.hold(job.client)) is None:
+                self._compiling.put(job.client, job)
             if refusal is None:
                 self._by_id[id(job)] = job
             return refusal
@@ -191,6 +237,33 @@ class Engine:
             return dict(params)
         return {**params, "max_new_tokens": self.max_tokens}
 
+    # -- grammar thread ------------------------------------------------------
+
+    def _compile(self) -> None:
+        """Compile each job's grammar (within grammar.py's limits), checking the whole request
+        on the way, then queue the job in its held place, or end it with the error."""
+        while (job := self._compiling.get()) is not None:
+            if job.cancel.is_set():
+                self._drop(job, Outcome(waited_out=True))
+                continue
+            try:
+                _, params = self.model.request(job.prompt, **job.params)
+                grammar = request_grammar(params, self.model.tokenizer, self.model.conventions)
+            except Exception as exc:  # noqa: BLE001 - handed to the front, which reports it
+                self._drop(job, Outcome(error=exc))
+                continue
+            with self._lock:
+                if not job.cancel.is_set():  # close() cancels every job before it closes the queue
+                    self._grammars[id(job)] = grammar
+                    self._jobs.fill(job.client, job)
+                    continue
+            self._drop(job, Outcome(waited_out=True))
+
+    def _drop(self, job: Job, outcome: Outcome) -> None:
+        """End a job that never entered the queue."""
+        self._jobs.release(job.client)
+        self._end(job, outcome)
+
     # -- worker thread -------------------------------------------------------
 
     def _work(self) -> None:
@@ -203,6 +276,7 @@ class Engine:
     def _end(self, job: Job, outcome: Outcome) -> None:
         with self._lock:
             self._by_id.pop(id(job), None)
+            self._grammars.pop(id(job), None)
         for tell in (job.on_end, *self.observers):
             try:
                 tell(outcome)

@@ -8,11 +8,15 @@ without transformers. It is an optional extra imported only when a request asks 
 a grammar, so the runtime installs without it; its abi3 wheels cover x86_64 and
 aarch64 (manylinux_2_31: Raspberry Pi OS bullseye and later).
 
-Flow: `parse_response_format` checks a request's field and validates its grammar
-without a tokenizer, so a bad one is refused before it queues (GrammarError naming
-the JSON path at fault); `compile_grammar` binds it to a Tokenizer (both cached);
-`Grammar.start()` gives one request its `GrammarState`, the processor the Sequence
-runs before its sampler and advances with every token it keeps.
+Flow: `parse_response_format` checks a request field's shape and what is cheap to see on
+the thread that receives it (nesting depth, JSON, text), so a malformed one is refused before
+it queues; `compile_grammar` validates it (GrammarError naming the JSON path at fault), binds
+it to a Tokenizer and runs its first step, within `_LIMITS` and `COMPILE_SECONDS`. A service
+compiles off its receiving and decoding threads (`edgellm.engine`), so a costly or exploding
+grammar stalls no one else. Only what compiled and ran is cached, and a grammar that fails
+later is dropped from the cache, so a failed one never stays in memory.
+`Grammar.start()` gives one request its `GrammarState`, the processor the Sequence runs
+before its sampler and advances with every token it keeps.
 
 Cost on SmolLM2's 49,152-token vocabulary (x86-64 EPYC shared with other jobs, random
 logits under tests/test_grammar.py's nested schema; medians, best of 5 repeats in
@@ -23,18 +27,19 @@ validating a request's schema 0.5-5 ms.
 """
 from __future__ import annotations
 
-import copy
 import json
 import re
 import threading
+import time
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
 from .errors import GrammarError
+from .netjson import encodable
 from .text import Tokenizer
 
 INSTALL_HINT = 'constrained decoding needs llguidance: pip install "edgellm[grammar]"'
@@ -48,9 +53,30 @@ _JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separ
 # client sending a fresh one per request must not grow memory without end.
 _MAX_COMPILED = 32
 
-# Validations spent finding where a schema's error is (each 0.2-10 ms; a bisection
-# needs about log2(subschemas) per level): a huge schema must not hold the service.
+# Validations, and seconds, spent finding where a schema's error is (each 0.2-10 ms, 0.2 s
+# for 16,000 properties; a bisection needs about log2(subschemas) per level): past either,
+# the error names the place the search got to.
 _BLAME_CHECKS = 100
+_BLAME_SECONDS = 1.0
+
+# What compiling one grammar may cost: llguidance's parser limits (its defaults suit a
+# server), and a time limit checked between the steps they bound. Under the defaults the
+# regex (x{1000}){1000} took 1.3-2 s and 160-190 MiB to its first step on SmolLM2's
+# vocabulary; under these, 0.3 s and 30 MiB. The tests' schemas, regexes and tool grammars
+# decode as before within 50,000 fuel and 10,000 lexer states; 40 tools with enums of 100
+# entities (87 KB of grammar, more than a small model's context) within 100,000 fuel.
+_LIMITS = {"initial_lexer_fuel": 200_000, "max_lexer_states": 20_000}
+COMPILE_SECONDS = 5.0
+
+# JSON nesting of a schema: llguidance reads at most 128 levels, and a tool's schema sits a
+# few levels down in the call grammar. Real schemas stay under 20.
+MAX_DEPTH = 64
+
+# Characters of a schema's JSON text or a grammar: validating takes no more than 0.25 s at
+# this size (x86-64, the worst of many shapes tried) but grows faster than the size (3.5 s
+# for a valid schema of 16,000 properties, 617 KB), and no step of it can be interrupted.
+# A small model's schemas and tools are a few KB (they share its context with the prompt).
+MAX_SOURCE = 64 * 1024
 
 # Where subschemas live, to find which one llguidance's error is about. $defs come
 # first: a broken definition also breaks every $ref to it.
@@ -77,14 +103,16 @@ def _llguidance() -> Any:
 
 @dataclass(frozen=True)
 class GrammarSpec:
-    """A validated constraint. `kind` is "json_schema", "regex" or "lark"; `source` the
-    schema as JSON text or the grammar as written; `grammar` llguidance's form of it;
-    `where` the request field it came from, for later error messages."""
+    """A constraint whose shape is checked; `compile_grammar` validates what it says.
+    `kind` is "json_schema", "regex" or "lark"; `source` the schema as JSON text or the
+    grammar as written; `where` the request field it came from, for error messages;
+    `parts` the (field, schema or its JSON text) pairs inside a grammar built from several
+    (a tool call's), to name the one at fault when it does not compile."""
 
     kind: str
     source: str
-    grammar: str = field(repr=False)
     where: str = field(default="response_format", compare=False)
+    parts: tuple[tuple[str, Any], ...] = field(default=(), compare=False, repr=False)
 
 
 def parse_response_format(value: Any, where: str = "response_format") -> GrammarSpec | None:
@@ -93,8 +121,8 @@ def parse_response_format(value: Any, where: str = "response_format") -> Grammar
     OpenAI's shapes `{"type": "text"}`, `{"type": "json_object"}` and `{"type":
     "json_schema", "json_schema": {"name", "schema", "strict", "description"}}`, and
     edgellm's `{"type": "regex" | "lark", "value": "..."}` (the `grammar` field: pass
-    where="grammar"). Raises GrammarError naming the path at fault, down to the keyword
-    inside a schema (`response_format.json_schema.schema.properties.x.type`).
+    where="grammar"). Only the shape is checked here, and what `schema_spec` checks: cheap
+    enough for the thread that receives the request. Raises GrammarError naming the field.
     """
     if value is None:
         return None
@@ -105,7 +133,7 @@ def parse_response_format(value: Any, where: str = "response_format") -> Grammar
         return None
     if kind == "json_object":
         _only(obj, where, ("type",))
-        return check_schema({"type": "object"}, where)
+        return schema_spec({"type": "object"}, where)
     if kind == "json_schema":
         _only(obj, where, ("type", "json_schema"))
         inner_where = f"{where}.json_schema"
@@ -117,18 +145,13 @@ def parse_response_format(value: Any, where: str = "response_format") -> Grammar
                 raise GrammarError(f"{inner_where}.{key} must be {what}, got {inner[key]!r}")
         if "schema" not in inner:
             raise GrammarError(f"{inner_where}.schema is required")
-        return check_schema(_object(inner["schema"], f"{inner_where}.schema"), f"{inner_where}.schema")
+        return schema_spec(inner["schema"], f"{inner_where}.schema")
     if kind in ("regex", "lark"):
         _only(obj, where, ("type", "value"))
         text = obj.get("value")
         if not isinstance(text, str) or not text:
             raise GrammarError(f"{where}.value must be a non-empty string, got {text!r}")
-        matcher = _llguidance().LLMatcher
-        grammar = matcher.grammar_from_regex(text) if kind == "regex" else matcher.grammar_from_lark(text)
-        error = _invalid(grammar)
-        if error:
-            raise GrammarError(f"{where}.value: {_one_line(error)}")
-        return GrammarSpec(kind, text, grammar, where)
+        return GrammarSpec(kind, _text(_sized(text, f"{where}.value"), f"{where}.value"), where)
     raise GrammarError(f"{where}.type must be one of 'text', 'json_object', 'json_schema', "
                        f"'regex', 'lark', got {kind!r}")
 
@@ -145,43 +168,68 @@ def _only(obj: dict[str, Any], where: str, known: tuple[str, ...]) -> None:
             raise GrammarError(f"{where}.{key} is not a known field (expected {', '.join(known)})")
 
 
-def check_schema(schema: dict[str, Any], where: str) -> GrammarSpec:
-    """A JSON schema compiled to a constraint; GrammarError naming the keyword at fault."""
+def schema_spec(schema: Any, where: str) -> GrammarSpec:
+    """A JSON schema as a constraint: an object, nested at most MAX_DEPTH levels, JSON and
+    text all through (about 30 ms for 600 KB, what parsing it cost). Whether llguidance
+    takes it `compile_grammar` finds out, off the thread that received it."""
+    levels = [_object(schema, where)]
+    for depth in range(MAX_DEPTH + 1):
+        if not levels:
+            break
+        if depth == MAX_DEPTH:
+            raise GrammarError(f"{where} is nested deeper than {MAX_DEPTH} levels, the limit")
+        levels = [item for value in levels for item in (value.values() if type(value) is dict else value)
+                  if type(item) in (dict, list, tuple)]
     try:
         source = json.dumps(schema, ensure_ascii=False, allow_nan=False)
-    except (TypeError, ValueError, RecursionError) as e:
+    except (TypeError, ValueError) as e:
         raise GrammarError(f"{where} is not JSON: {e}") from None
-    grammar = _schema_grammar(source)
-    error = _invalid(grammar)
-    if error:
-        path, detail = _blame(schema, error)
-        raise GrammarError(f"{where}{path}: {_one_line(detail)}")
-    return GrammarSpec("json_schema", source, grammar, where)
+    return GrammarSpec("json_schema", _text(_sized(source, f"{where} as JSON"), where), where)
 
 
-def _schema_grammar(schema: dict[str, Any] | str) -> str:
-    return _llguidance().LLMatcher.grammar_from_json_schema(schema, defaults=_JSON_LAYOUT)
+def _sized(text: str, what: str) -> str:
+    if len(text) > MAX_SOURCE:
+        raise GrammarError(f"{what} is {len(text)} characters, more than the limit of {MAX_SOURCE}")
+    return text
+
+
+def _text(text: str, where: str) -> str:
+    """`text`, if UTF-8 can carry it: JSON's "\\ud800" gives a lone surrogate, which it cannot."""
+    if not encodable(text):
+        raise GrammarError(f"{where} holds a lone surrogate (\\ud800-\\udfff), which is not text")
+    return text
+
+
+def _schema_grammar(schema: dict[str, Any] | str, where: str) -> str:
+    try:
+        return _llguidance().LLMatcher.grammar_from_json_schema(schema, defaults=_JSON_LAYOUT)
+    except ValueError as e:  # what JSON reads but llguidance does not (a number past f64)
+        raise GrammarError(f"{where}: {_one_line(str(e))}") from None
 
 
 def _invalid(grammar: str) -> str:
-    """llguidance's error for `grammar`, or "" when it is valid."""
-    failed, messages = _llguidance().LLMatcher.validate_grammar_with_warnings(grammar)
+    """llguidance's error for `grammar` (within `_LIMITS`), or "" when it is valid."""
+    llguidance = _llguidance()
+    failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(
+        grammar, limits=llguidance.LLParserLimits(**_LIMITS))
     return messages[0] if failed else ""
 
 
-def _blame(schema: dict[str, Any], error: str) -> tuple[str, str]:
+def _blame(schema: dict[str, Any], error: str, until: float, where: str) -> tuple[str, str]:
     """Where in `schema` llguidance's `error` is, and the most specific message for it:
     its messages name the fault but not the place. Subschemas are replaced by {} (any
     value), half of a node's at a time, down to the smallest whose removal clears the
     error; then each of its keywords is dropped. The path is "" for the schema as a
     whole. The subschema checked alone may say more ("minItems (5) is greater than
-    maxItems (2)" where the whole says "required property 'x' is unsatisfiable")."""
-    holder: dict[str, Any] = {"": copy.deepcopy(schema)}
+    maxItems (2)" where the whole says "required property 'x' is unsatisfiable").
+    `schema` is the caller's own copy: it is changed while searching, and restored."""
+    holder: dict[str, Any] = {"": schema}
     checks = iter(range(_BLAME_CHECKS))
 
     def gone() -> bool:
-        # Out of checks, the search stops narrowing down and blames where it got to.
-        return next(checks, None) is not None and _invalid(_schema_grammar(holder[""])) != error
+        # Out of checks or time, the search stops narrowing down and blames where it got to.
+        return (next(checks, None) is not None and time.monotonic() < until
+                and _invalid(_schema_grammar(holder[""], where)) != error)
 
     def cleared(parts: Sequence[tuple[str, Any, Any]]) -> bool:
         saved = [container[at] for _, container, at in parts]
@@ -210,7 +258,7 @@ def _blame(schema: dict[str, Any], error: str) -> tuple[str, str]:
                 fixes.append(keyword)
         parent[key] = node
         defs = {k: schema[k] for k in ("$defs", "definitions") if k in schema}
-        alone = _invalid(_schema_grammar({**defs, **node})) if path else ""
+        alone = _invalid(_schema_grammar({**defs, **node}, where)) if path and time.monotonic() < until else ""
         return path + (_step(fixes[0]) if len(fixes) == 1 else ""), alone or error
     return path, error
 
@@ -242,56 +290,161 @@ def _one_line(message: str) -> str:
 
 
 class _Bridge:
-    """llguidance's view of one Tokenizer with one set of EOS ids, and its compiled grammars
-    (a compiled matcher is never advanced: each request gets a copy)."""
+    """llguidance's view of one Tokenizer with one set of EOS ids, and its compiled grammars:
+    the last `_MAX_COMPILED` that ran, and any other a request still holds."""
 
     def __init__(self, tokenizer: Tokenizer, eos: tuple[int, ...]) -> None:
         # Kept: the tokenizers library counts its vocabulary anew on every call (37 ms at 49k).
         self.vocab_size = tokenizer.vocab_size
+        self.eos = eos
         self.ll = _llguidance().LLTokenizer(tokenizer.tokenizer.to_str(), n_vocab=self.vocab_size,
                                             eos_token=list(eos))
-        self.compiled: OrderedDict[str, Any] = OrderedDict()
+        self.compiled: OrderedDict[tuple[str, str], _Compiled] = OrderedDict()
+        self.held: weakref.WeakValueDictionary[tuple[str, str], _Compiled] = weakref.WeakValueDictionary()
+
+    def find(self, key: tuple[str, str]) -> _Compiled | None:
+        compiled = self.compiled.get(key) or self.held.get(key)
+        if compiled is not None:
+            self.keep(compiled)
+        return compiled
+
+    def keep(self, compiled: _Compiled) -> None:
+        self.compiled[compiled.key] = compiled
+        self.compiled.move_to_end(compiled.key)
+        self.held[compiled.key] = compiled
+        while len(self.compiled) > _MAX_COMPILED:
+            self.compiled.popitem(last=False)
+
+
+class _Compiled:
+    """A grammar compiled for a bridge: its matcher is never advanced (each request gets a
+    copy, which shares its lexer: the lexer's memory stays with this matcher)."""
+
+    def __init__(self, matcher: Any, bridge: _Bridge, key: tuple[str, str]) -> None:
+        self.matcher = matcher
+        self.bridge = bridge
+        self.key = key
+
+    def forget(self) -> None:
+        """Drop it from the cache: it failed in a run (a parser limit reached), so its memory
+        goes once the requests that hold it end."""
+        with _LOCK:
+            if self.bridge.compiled.get(self.key) is self:
+                del self.bridge.compiled[self.key]
 
 
 _BRIDGES: weakref.WeakKeyDictionary[Tokenizer, dict[tuple[int, ...], _Bridge]] = weakref.WeakKeyDictionary()
-_LOCK = threading.Lock()
+_LOCK = threading.Lock()  # held for lookups only, never while compiling
 
 
 def compile_grammar(spec: GrammarSpec, tokenizer: Tokenizer,
                     eos_token_ids: Sequence[int] | None = None) -> Grammar:
-    """`spec` bound to `tokenizer`. The grammar allows an EOS id (the tokenizer's unless
+    """`spec` validated and bound to `tokenizer`: GrammarError naming the path at fault, or
+    the limit it passed. The grammar allows an EOS id (the tokenizer's unless
     `eos_token_ids` is given, e.g. a chat template's end-of-turn) only where it accepts.
-    llguidance's view of a tokenizer (0.3-0.8 s for 49k tokens) and the last grammars
-    compiled for it are cached for as long as the Tokenizer lives."""
+    llguidance's view of a tokenizer (0.3-0.8 s for 49k tokens) is kept for as long as the
+    Tokenizer lives, and with it the grammars that compiled and ran (`_Bridge`)."""
     eos = tuple(int(t) for t in (tokenizer.eos_token_ids if eos_token_ids is None else eos_token_ids))
     if not eos:
         raise GrammarError(f"{spec.where}: a grammar needs at least one EOS token id")
     with _LOCK:
-        bridges = _BRIDGES.setdefault(tokenizer, {})
-        bridge = bridges.get(eos)
-        if bridge is None:
-            bridge = bridges[eos] = _Bridge(tokenizer, eos)
-        matcher = bridge.compiled.pop(spec.grammar, None)
-        if matcher is None:
-            matcher = _llguidance().LLMatcher(bridge.ll, spec.grammar, log_level=0)
-            if matcher.is_error():
-                raise GrammarError(f"{spec.where}: {_one_line(matcher.get_error())}")
-        bridge.compiled[spec.grammar] = matcher
-        while len(bridge.compiled) > _MAX_COMPILED:
-            bridge.compiled.popitem(last=False)
-    return Grammar(matcher, bridge.vocab_size, spec.where)
+        bridge = _BRIDGES.setdefault(tokenizer, {}).get(eos)
+    if bridge is None:
+        made = _Bridge(tokenizer, eos)
+        with _LOCK:
+            bridge = _BRIDGES[tokenizer].setdefault(eos, made)
+    key = (spec.kind, spec.source)
+    with _LOCK:
+        compiled = bridge.find(key)
+    if compiled is None:
+        compiled = _Compiled(_compile(spec, bridge), bridge, key)
+        with _LOCK:
+            bridge.keep(compiled)
+    return Grammar(compiled, spec.where)
+
+
+def _compile(spec: GrammarSpec, bridge: _Bridge) -> Any:
+    """llguidance's matcher for `spec`, validated, within `_LIMITS`, and run one step: its
+    first mask and a token that mask allows. A grammar whose lexer explodes fails there,
+    and is never cached."""
+    deadline = time.monotonic() + COMPILE_SECONDS
+    grammar = _validated(spec, deadline)
+    _in_time(spec, deadline)
+    llguidance = _llguidance()
+    matcher = llguidance.LLMatcher(bridge.ll, grammar, log_level=0, limits=llguidance.LLParserLimits(**_LIMITS))
+    error = matcher.get_error() if matcher.is_error() else _first_step(matcher, bridge)
+    if error:
+        matcher = None  # its lexer's memory goes now, not with the error's traceback
+        raise _refused(spec.where, error)
+    _in_time(spec, deadline)
+    return matcher
+
+
+def _validated(spec: GrammarSpec, deadline: float) -> str:
+    """llguidance's form of `spec`; GrammarError naming the path at fault when it is invalid."""
+    matcher = _llguidance().LLMatcher
+    if spec.kind == "json_schema":
+        grammar = _schema_grammar(spec.source, spec.where)
+    else:
+        grammar = matcher.grammar_from_regex(spec.source) if spec.kind == "regex" else \
+            matcher.grammar_from_lark(spec.source)
+    error = _invalid(grammar)
+    if not error:
+        return grammar
+    if _LIMITED.search(error):  # a limit of the whole: no one part is at fault
+        raise _refused(spec.where, error)
+    until = min(deadline, time.monotonic() + _BLAME_SECONDS)
+    if spec.kind == "json_schema":
+        path, detail = _blame(json.loads(spec.source), error, until, spec.where)
+        raise GrammarError(f"{spec.where}{path}: {_one_line(detail)}")
+    for where, schema in spec.parts:
+        if part_error := _invalid(_schema_grammar(schema, where)):
+            path, detail = _blame(json.loads(schema if isinstance(schema, str) else json.dumps(schema)),
+                                  part_error, until, where)
+            raise GrammarError(f"{where}{path}: {_one_line(detail)}")
+    raise GrammarError(f"{spec.where}.value: {_one_line(error)}")
+
+
+# llguidance's messages when one of `_LIMITS` stopped it.
+_LIMITED = re.compile(r"too many|too big|fuel", re.IGNORECASE)
+
+
+def _refused(where: str, message: str) -> GrammarError:
+    """llguidance's `message` about the grammar at `where`, saying so when a limit refused it."""
+    past = " (past this service's limits for compiling a grammar)" if _LIMITED.search(message) else ""
+    return GrammarError(f"{where}: {_one_line(message)}{past}")
+
+
+def _first_step(matcher: Any, bridge: _Bridge) -> str:
+    """llguidance's error on the first step under `matcher` (on a copy), or ""."""
+    probe = matcher.deep_copy()
+    mask = np.zeros((bridge.vocab_size + 31) // 32, dtype=np.int32)
+    probe.unsafe_compute_mask_ptr(mask.ctypes.data, mask.nbytes)
+    if not probe.is_error():
+        bits = np.unpackbits(mask.view(np.uint8), bitorder="little")[: bridge.vocab_size]
+        bits[list(bridge.eos)] = 0
+        if (allowed := np.flatnonzero(bits)).size:
+            probe.consume_token(int(allowed[0]))
+    return probe.get_error() if probe.is_error() else ""
+
+
+def _in_time(spec: GrammarSpec, deadline: float) -> None:
+    if time.monotonic() > deadline:
+        raise GrammarError(f"{spec.where}: compiling it took longer than {COMPILE_SECONDS:g} s, "
+                           "this service's limit")
 
 
 class Grammar:
-    """A grammar compiled for one tokenizer; `start()` gives each request its own state."""
+    """A grammar compiled for one tokenizer, named by the request field it came from;
+    `start()` gives each request its own state."""
 
-    def __init__(self, matcher: Any, vocab_size: int, where: str) -> None:
-        self._matcher = matcher
-        self.vocab_size = vocab_size
+    def __init__(self, compiled: _Compiled, where: str) -> None:
+        self._compiled = compiled
+        self.vocab_size = compiled.bridge.vocab_size
         self.where = where
 
     def start(self) -> GrammarState:
-        return GrammarState(self._matcher.deep_copy(), self.vocab_size, self.where)
+        return GrammarState(self._compiled.matcher.deep_copy(), self.vocab_size, self.where, self._compiled.forget)
 
 
 class GrammarState:
@@ -303,10 +456,11 @@ class GrammarState:
     copied. `tokens` is unused: the state follows `advance`, called once per kept token.
     """
 
-    def __init__(self, matcher: Any, vocab_size: int, where: str) -> None:
+    def __init__(self, matcher: Any, vocab_size: int, where: str, failed: Callable[[], None]) -> None:
         self._matcher = matcher
         self._vocab = vocab_size
         self._where = where
+        self._failed = failed  # told when the grammar fails, so that it leaves the cache
         self._mask = np.zeros((vocab_size + 31) // 32, dtype=np.int32)
         self._penalty = np.empty((self._mask.nbytes, 8), dtype=np.float32)
         self._stale = True
@@ -340,6 +494,7 @@ class GrammarState:
     def rollback(self, n: int) -> None:
         """Undo the last `n` advances, e.g. speculated tokens the model rejected."""
         if n and not self._matcher.rollback(n):
+            self._failed()
             raise GrammarError(f"{self._where}: cannot roll the grammar back {n} tokens: "
                                f"{_one_line(self._matcher.get_error())}")
         self._stale = True
@@ -356,4 +511,5 @@ class GrammarState:
 
     def _check(self) -> None:
         if self._matcher.is_error():
-            raise GrammarError(f"{self._where}: {_one_line(self._matcher.get_error())}")
+            self._failed()
+            raise _refused(self._where, self._matcher.get_error())

@@ -206,9 +206,9 @@ def _logit_bias(p: Param, value: Any, field: str, vocab_size: int | None) -> dic
 
 
 def _grammar(p: Param, value: Any, field: str) -> "GrammarSpec | None":
-    """A validated constraint (None for plain text); a GrammarSpec passes as it is, so
-    a request checked on arrival is not compiled twice."""
-    from .grammar import GrammarSpec, parse_response_format  # llguidance loads here, not for --help
+    """A constraint of a checked shape (None for plain text); a GrammarSpec passes as it is.
+    What it says is validated when it compiles, off the thread that received it."""
+    from .grammar import GrammarSpec, parse_response_format  # imported here, not for --help
 
     if isinstance(value, GrammarSpec):
         return value
@@ -218,9 +218,10 @@ def _grammar(p: Param, value: Any, field: str) -> "GrammarSpec | None":
 
 
 def _tools(p: Param, value: Any, field: str) -> "tuple[Tool, ...]":
-    """Validated tools; each one's parameter schema is compiled here, so a bad one is
-    refused naming its path before any generation starts."""
-    from .grammar import check_schema
+    """Validated tools, their parameter schemas of a checked shape and, together, of the size
+    one schema may have: they make one call grammar. What the schemas say is validated
+    with it, off the thread that received them."""
+    from .grammar import MAX_SOURCE, schema_spec
     from .tools import Tool, parse_tools
 
     if isinstance(value, (list, tuple)) and all(isinstance(t, Tool) for t in value):
@@ -228,8 +229,11 @@ def _tools(p: Param, value: Any, field: str) -> "tuple[Tool, ...]":
     if isinstance(value, list) and len(value) > p.max_items:
         raise GenerationError(f"{field} has {len(value)} tools, limit is {p.max_items}")
     tools = parse_tools(value)
-    for i, tool in enumerate(tools):
-        check_schema(tool.parameters, f"{field}[{i}].function.parameters")
+    size = sum(len(schema_spec(tool.parameters, f"{field}[{i}].function.parameters").source)
+               for i, tool in enumerate(tools))
+    if size > MAX_SOURCE:
+        raise GenerationError(f"{field}: the parameter schemas come to {size} characters of JSON, more than "
+                              f"the limit of {MAX_SOURCE}")
     return tuple(tools)
 
 

@@ -16,13 +16,13 @@ from typing import Any
 
 import numpy as np
 
-from .grammar import GrammarState, compile_grammar, parse_response_format
+from .grammar import Grammar, GrammarSpec, GrammarState, compile_grammar
 from .params import GenerationParams
 from .reasoning import Markers, Reasoning
 from .sampling import Processor, make_logits_processors, make_sampler
 from .speculate import Drafter
 from .text import StopMatcher, StreamDecoder, Tokenizer
-from .tools import Syntax, ToolCallParser, ToolChoice, call_schema, settle_choice
+from .tools import Syntax, ToolCallParser, call_schema, settle_choice
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,35 @@ class Result:
     tool_calls: list[dict[str, Any]] = field(default_factory=list)  # OpenAI's `tool_calls`, arguments as JSON text
 
 
+def stop_ids(params: GenerationParams, tokenizer: Tokenizer) -> frozenset[int]:
+    """The token ids that end a request's output."""
+    return frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else frozenset(tokenizer.eos_token_ids))
+
+
+def request_grammar(params: GenerationParams, tokenizer: Tokenizer, conventions: Conventions) -> Grammar | None:
+    """The grammar a request's output is held to (None: free text), compiled for `tokenizer`:
+    its response_format or grammar, or the call grammar its tools ask for. The engine calls
+    it on its grammar thread before the request enters the queue, and holds what it gives
+    until the request ends, so the Sequence built on the worker finds it compiled."""
+    choice = settle_choice(params.tool_choice, params.tools)
+    spec = params.response_format or params.grammar
+    answer = spec.source if spec is not None and spec.kind == "json_schema" else None
+    # A model never taught tools repeats a call it was shown rather than ending its turn.
+    parallel = conventions.native_tools if params.parallel_tool_calls is None else params.parallel_tool_calls
+    calls = call_schema(params.tools, choice, conventions.syntax, answer, conventions.call_tags, parallel)
+    if calls is not None:
+        allowed = {t.name for t in choice.allowed(params.tools)}
+        parts = [(f"tools[{i}].function.parameters", t.parameters) for i, t in enumerate(params.tools)
+                 if t.name in allowed]
+        if answer is not None:
+            parts.append((spec.where, answer))
+        spec = GrammarSpec("lark", calls["value"], "tools", tuple(parts))
+    if spec is None:
+        return None
+    # EOS for the grammar is whatever ends the output, so it is allowed only where the output is complete.
+    return compile_grammar(spec, tokenizer, sorted(stop_ids(params, tokenizer)) or tokenizer.eos_token_ids)
+
+
 class Sequence:
     """The decoding state of one request; see the module docstring for who drives it.
 
@@ -108,12 +137,11 @@ class Sequence:
             frequency_penalty=params.frequency_penalty, logit_bias=params.logit_bias,
             penalty_window=params.penalty_window, vocab_size=vocab_size,
         )
-        self.stop_ids = frozenset(params.stop_token_ids) | (
-            frozenset() if params.ignore_eos else frozenset(tokenizer.eos_token_ids))
-        choice = settle_choice(params.tool_choice, params.tools)
-        callable_tools = choice.allowed(params.tools)
+        self.stop_ids = stop_ids(params, tokenizer)
+        callable_tools = settle_choice(params.tool_choice, params.tools).allowed(params.tools)
         self.tools = ToolCallParser(callable_tools) if callable_tools else None
-        self.grammar = self._grammar(params, tokenizer, choice, conventions)
+        grammar = request_grammar(params, tokenizer, conventions)
+        self.grammar: GrammarState | None = grammar.start() if grammar is not None else None
         self.reasoning: Reasoning | None = None
         if (markers := conventions.markers) is not None:
             inside = markers.opened_by(tokenizer.decode(prompt[-8:], skip_special_tokens=False))
@@ -134,21 +162,6 @@ class Sequence:
         self._text = self._thought = ""  # output made ready and not yet handed out in a chunk
         self._calls: list[dict[str, Any]] = []
         self._first = self._last = 0.0
-
-    def _grammar(self, params: GenerationParams, tokenizer: Tokenizer, choice: ToolChoice,
-                 conventions: Conventions) -> GrammarState | None:
-        spec = params.response_format or params.grammar
-        answer = spec.source if spec is not None and spec.kind == "json_schema" else None
-        # A model never taught tools repeats a call it was shown rather than ending its turn.
-        parallel = conventions.native_tools if params.parallel_tool_calls is None else params.parallel_tool_calls
-        calls = call_schema(params.tools, choice, conventions.syntax, answer, conventions.call_tags, parallel)
-        if calls is not None:
-            spec = parse_response_format(calls, "tools")
-        if spec is None:
-            return None
-        # EOS for the grammar is whatever ends this sequence, so it is allowed only where the output is complete.
-        eos = sorted(self.stop_ids) or tokenizer.eos_token_ids
-        return compile_grammar(spec, tokenizer, eos).start()
 
     @property
     def tokens(self) -> np.ndarray:

@@ -11,6 +11,7 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import jsonschema
 import numpy as np
@@ -265,7 +266,16 @@ def test_shapes():
 S = "response_format.json_schema.schema"
 
 
-@pytest.mark.parametrize("value,where,message", [
+def _nested(depth: int) -> dict:
+    """A schema whose JSON nests `depth` objects deep."""
+    schema: dict = {"type": "string"}
+    for _ in range(depth - 1):
+        schema = {"type": "array", "items": schema}
+    return schema
+
+
+# Refused on arrival: what the thread that receives a request can check at the cost of reading it.
+ON_ARRIVAL = [
     ([1], "response_format", "response_format must be a JSON object, got list"),
     ({"type": "xml"}, "response_format", "response_format.type must be one of"),
     ({"type": "text", "schema": {}}, "response_format", "response_format.schema is not a known field"),
@@ -274,6 +284,17 @@ S = "response_format.json_schema.schema"
     ({"type": "json_schema", "json_schema": {"schema": {}, "strict": "yes"}}, "response_format",
      "response_format.json_schema.strict must be true or false"),
     (json_schema([]), "response_format", f"{S} must be a JSON object, got list"),
+    ({"type": "lark", "value": ""}, "grammar", "grammar.value must be a non-empty string"),
+    # llguidance read 128 levels at most, and failed with a ValueError: the service answered 500.
+    (json_schema(_nested(300)), "response_format", f"{S} is nested deeper than 64 levels, the limit"),
+    (json_schema(_nested(65)), "response_format", f"{S} is nested deeper than 64 levels, the limit"),
+    # A lone surrogate (JSON's "\ud800") failed inside llguidance.
+    (json_schema({"enum": ["\ud800"]}), "response_format", f"{S} holds a lone surrogate"),
+    ({"type": "regex", "value": "a\udfffb"}, "grammar", "grammar.value holds a lone surrogate"),
+    (json_schema({"enum": [{1, 2}]}), "response_format", f"{S} is not JSON"),
+]
+# Found when it compiles, off the threads that receive and decode requests.
+WHEN_COMPILED = [
     (json_schema({"type": "strin"}), "response_format", f"{S}.type: Invalid type: strin"),
     (json_schema({"type": "object", "properties": {"x": {"type": "strin"}}}), "response_format",
      f"{S}.properties.x.type: Invalid type: strin"),
@@ -295,25 +316,42 @@ S = "response_format.json_schema.schema"
      "response_format", f"{S}.properties.x: Unsatisfiable schema: minItems (5) is greater than maxItems (2)"),
     ({"type": "regex", "value": "a(b"}, "grammar", "grammar.value: at 1(8): invalid regex"),
     ({"type": "lark", "value": 'start: foo\nfoo: "a" | bar'}, "grammar", 'grammar.value: at 2(6): unknown name: "bar"'),
-    ({"type": "lark", "value": ""}, "grammar", "grammar.value must be a non-empty string"),
-])
-def test_errors_name_the_path(value, where, message):
+    # A number JSON reads but llguidance does not: it raised a ValueError, answered 500.
+    (json_schema({"type": "integer", "maximum": 10**400}), "response_format", f"{S}: "),
+]
+
+
+@pytest.mark.parametrize("arrival,value,where,message", [(True, *case) for case in ON_ARRIVAL]
+                         + [(False, *case) for case in WHEN_COMPILED])
+def test_errors_name_the_path(arrival, value, where, message):
+    tok = Tokenizer(build_tokenizer(), bos_token_id=None, eos_token_ids=[0])
     with pytest.raises(GrammarError) as info:
-        parse_response_format(value, where)
+        spec = parse_response_format(value, where)
+        assert not arrival, f"not refused on arrival: {spec}"
+        compile_grammar(spec, tok)
     assert str(info.value).startswith(message), str(info.value)
     assert isinstance(info.value, GenerationError)  # fronts answer it as bad_request
     assert "\n" not in str(info.value)
+
+
+def test_a_schema_64_levels_deep_compiles():
+    tok = Tokenizer(build_tokenizer(), bos_token_id=None, eos_token_ids=[0])
+    compile_grammar(parse_response_format(json_schema(_nested(64))), tok)
 
 
 def test_runs_without_llguidance():
     """The runtime imports without the extra; only a grammar request needs it."""
     code = (
         "import sys; sys.modules['llguidance'] = None\n"
-        "from edgellm.grammar import parse_response_format\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from tiny import build_tokenizer\n"
+        "from edgellm.grammar import compile_grammar, parse_response_format\n"
         "from edgellm.errors import GrammarError\n"
+        "from edgellm.text import Tokenizer\n"
         "assert parse_response_format({'type': 'text'}) is None\n"
+        "spec = parse_response_format({'type': 'json_object'})\n"
         "try:\n"
-        "    parse_response_format({'type': 'json_object'})\n"
+        "    compile_grammar(spec, Tokenizer(build_tokenizer(), bos_token_id=None, eos_token_ids=[0]))\n"
         "except GrammarError as e:\n"
         "    print(e)\n"
     )

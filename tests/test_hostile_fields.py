@@ -21,10 +21,16 @@ def _deep(levels: int) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("wire, message", [
+    # llguidance read 128 levels at most, and raised ValueError.
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": _deep(300)}}},
+     r"^response_format\.json_schema\.schema is nested deeper than 64 levels, the limit$"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": _deep(450)}}]},
+     r"^tools\[0\]\.function\.parameters is nested deeper than 64 levels"),
     # float() of 10**400 raised OverflowError.
     ({"temperature": 10**400}, r"^temperature must be a number >= 0, got an integer of 401 digits$"),
     ({"logit_bias": {"5": -(10**400)}}, r"^logit_bias\[5\] must be a number in \[-100, 100\], got an integer of "
                                         r"401 digits$"),
+    ({"grammar": {"type": "regex", "value": "a\ud800"}}, r"^grammar\.value holds a lone surrogate"),
 ])
 def test_hostile_fields_are_refused_naming_them(wire, message):
     with pytest.raises(GenerationError, match=message):
