@@ -140,9 +140,8 @@ class Front:
         manifest = self.model.manifest
         self.name = manifest.name or getattr(getattr(self.model, "path", None), "name", "") or "edgellm"
         self.started = time.time()
-        self.tokenizer = getattr(self.model, "tokenizer", None)  # a test double may have none: the worker checks
-        if self.tokenizer is not None:
-            self.tokenizer.bytes_per_token  # worked out now (0.1 s), not on the event loop at the first request
+        self.tokenizer = self.model.tokenizer
+        self.tokenizer.bytes_per_token  # worked out now (0.1 s), not on the event loop at the first request
 
     @property
     def tag(self) -> str:
@@ -214,7 +213,7 @@ class Front:
         """A prompt refused before the queue when its length alone rules it out (`text.cannot_fit`);
         one to be cut on the left (`truncate`) always fits."""
         defaults = (getattr(self.model.manifest, "generation", None) or {}).get("defaults") or {}
-        if self.tokenizer is None or params.get("truncate", defaults.get("truncate")) == "left":
+        if params.get("truncate", defaults.get("truncate")) == "left":
             return None
         return cannot_fit(prompt, self.tokenizer, self.model.max_context)
 
