@@ -31,6 +31,7 @@ from typing import Hashable
 
 import numpy as np
 
+from .errors import GenerationError
 from .generate import take_rows
 from .kvcache import Scope, SharedPrefixes, pick_slot, visible
 from .params import GenerationParams
@@ -55,6 +56,11 @@ class _Active:
     seq: Sequence
     pending: list[int]  # prompt ids not yet prefilled
     token: int = -1  # sampled, not yet fed
+
+
+# What a step gives: (key, Chunk), or (key, GenerationError) for a request that failed on its
+# own (its grammar past a parser limit) and ended there, while the others go on.
+Events = list[tuple[Hashable, "Chunk | GenerationError"]]
 
 
 class Scheduler:
@@ -86,11 +92,11 @@ class Scheduler:
     def busy(self) -> bool:
         return bool(self.waiting or self.active)
 
-    def step(self) -> list[tuple[Hashable, Chunk]]:
+    def step(self) -> Events:
         """Prefill up to `prefill_budget` prompt tokens (prompts already in slots first, then
         waiting ones admitted into free slots), then one batched decode step; the chunks
         made ready, last chunks included."""
-        out: list[tuple[Hashable, Chunk]] = []
+        out: Events = []
         budget = self.prefill_budget
         # Cancellation is asked once before each forward a sequence takes part in.
         for slot, entry in list(self.active.items()):  # in admission order: the oldest prompt first
@@ -122,15 +128,19 @@ class Scheduler:
                 self._take(slot, logits, out)
         return out
 
-    def _verify(self, slot: int, draft: list[int], out: list[tuple[Hashable, Chunk]]) -> None:
+    def _verify(self, slot: int, draft: list[int], out: Events) -> None:
         """Feed the sequence alone on `slot` with its draft after its token; keep what agrees."""
         entry, runner = self.active[slot], self.runner.slots[slot]
-        entry.token, ready = take_rows(runner, entry.seq, runner.forward_all([entry.token, *draft]), draft)
+        try:
+            entry.token, ready = take_rows(runner, entry.seq, runner.forward_all([entry.token, *draft]), draft)
+        except GenerationError as exc:
+            out.append((self.active.pop(slot).key, exc))
+            return
         out.extend((entry.key, chunk) for chunk in ready)
         if entry.seq.finish_reason is not None:
             self._finish(slot, out)
 
-    def _admit(self, request: _Request, out: list[tuple[Hashable, Chunk]]) -> int | None:
+    def _admit(self, request: _Request, out: Events) -> int | None:
         """Put `request` in a free slot; the slot, or None when it was cancelled while waiting."""
         free = sorted((s for s in range(len(self.runner.slots)) if s not in self.active), key=self._used.__getitem__)
         cached_ids = [visible(r.tokens, r.scope, request.scope) for r in self.runner.slots]
@@ -149,7 +159,7 @@ class Scheduler:
             return None
         return slot
 
-    def _prefill(self, slot: int, entry: _Active, budget: int, out: list[tuple[Hashable, Chunk]]) -> int:
+    def _prefill(self, slot: int, entry: _Active, budget: int, out: Events) -> int:
         """Feed `entry`'s prompt on its slot alone, piece by piece, while `budget` lasts; how many
         ids it fed. After the last piece, the first token is sampled and the sequence decodes."""
         fed = 0
@@ -162,14 +172,19 @@ class Scheduler:
             self._take(slot, logits, out)
         return fed
 
-    def _take(self, slot: int, logits: np.ndarray, out: list[tuple[Hashable, Chunk]]) -> None:
+    def _take(self, slot: int, logits: np.ndarray, out: Events) -> None:
         entry = self.active[slot]
-        entry.token = entry.seq.sample(logits)
-        if (chunk := entry.seq.append(entry.token)) is not None:
+        try:
+            entry.token = entry.seq.sample(logits)
+            chunk = entry.seq.append(entry.token)
+        except GenerationError as exc:
+            out.append((self.active.pop(slot).key, exc))
+            return
+        if chunk is not None:
             out.append((entry.key, chunk))
         if entry.seq.finish_reason is not None:
             self._finish(slot, out)
 
-    def _finish(self, slot: int, out: list[tuple[Hashable, Chunk]]) -> None:
+    def _finish(self, slot: int, out: Events) -> None:
         entry = self.active.pop(slot)
         out.append((entry.key, entry.seq.finish()))

@@ -318,6 +318,9 @@ class Engine:
                 scheduler = self.model.scheduler(self.slots)
                 continue
             for key, chunk in events:
+                if isinstance(chunk, GenerationError):  # that request's own failure: the others go on
+                    self._end(live.pop(key), Outcome(error=chunk))
+                    continue
                 self._deliver(live[key], chunk)
                 if chunk.finish_reason is not None:
                     self._end(live.pop(key), Outcome(chunk))

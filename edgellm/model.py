@@ -342,6 +342,8 @@ class Model:
         chunks: list[list[Chunk]] = [[] for _ in prompts]
         while scheduler.busy:
             for i, chunk in scheduler.step():
+                if isinstance(chunk, GenerationError):
+                    raise chunk
                 chunks[i].append(chunk)
         return [collect(iter(mine)) for mine in chunks]
 

@@ -106,15 +106,21 @@ def test_a_slow_schema_does_not_hold_the_thread_that_received_it(model):
     assert "p7" in str(error), error
 
 
+def _streaming(engine: Engine) -> Asked:
+    """A long answer (2,000 tokens, several seconds on the tiny bundle), once it has begun."""
+    stream = Asked(engine, {"max_tokens": 2000}, "Once", client="s", ignore_eos=True)
+    deadline = time.monotonic() + 60
+    while not stream.stamps and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return stream
+
+
 def test_a_grammar_compiling_does_not_stall_the_stream_beside_it(model):
     """With two slots, a grammar compiled on the worker stalled the other slot's stream for
     the whole compile: 1-6 s for each of these."""
     engine = Engine(model, slots=2).start()
     try:
-        stream = Asked(engine, {"max_tokens": 2000}, "Once", client="s", ignore_eos=True)
-        deadline = time.monotonic() + 60
-        while not stream.stamps and time.monotonic() < deadline:
-            time.sleep(0.01)
+        stream = _streaming(engine)
         started = time.perf_counter()
         for job in [Asked(engine, _exploding(n), client=f"e{n}") for n in (1000, 999)]:
             assert isinstance(job.error(), GenerationError)
@@ -127,6 +133,24 @@ def test_a_grammar_compiling_does_not_stall_the_stream_beside_it(model):
     gaps = [b - a for a, b in zip(stream.stamps, stream.stamps[1:]) if b > started and a < ended]
     assert gaps, "the stream ended before the grammars were submitted: nothing measured"
     assert max(gaps) < 1.0, f"the stream stalled {max(gaps):.2f} s"
+
+
+def test_a_grammar_failing_mid_answer_ends_only_its_own_request(model):
+    """It passes its first step and fails at the fourth token, on the worker: with two slots
+    its error ended every request of the step."""
+    engine = Engine(model, slots=2).start()
+    try:
+        stream = _streaming(engine)
+        late = Asked(engine, {"grammar": {"type": "regex", "value": "[a-z]{3}(x{1000}){1000}"}, "max_tokens": 40,
+                              "temperature": 1.0, "seed": 2}, client="a")
+        error = late.error()
+        alive = not stream.done.is_set()
+        stream.cancel.set()
+        assert stream.error() is None, f"another request's grammar ended the stream: {stream.error()}"
+    finally:
+        engine.close()
+    assert alive
+    assert isinstance(error, GenerationError) and str(error).startswith("grammar: ") and "limits" in str(error)
 
 
 def test_a_schema_too_big_to_compile_quickly_is_refused_on_arrival():
