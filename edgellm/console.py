@@ -11,10 +11,21 @@ from typing import Any, Sequence
 class AnswerPrinter:
     def __init__(self) -> None:
         self._thinking = False
+        self._started = False  # anything of this answer printed yet
+
+    def restart(self) -> None:
+        """The service was restarted mid-answer and answers again from the start (an MQTT reply
+        flagged `restart`): what was printed cannot be taken back, so end its line and say so."""
+        if self._started:
+            self.finish()
+            sys.stderr.write("[the service restarted; its answer starts over]\n")
+            sys.stderr.flush()
+            self._started = False
 
     def reasoning(self, delta: str) -> None:
         if not delta:
             return
+        self._started = True
         if not self._thinking:
             sys.stderr.write("[reasoning] ")
             self._thinking = True
@@ -24,6 +35,7 @@ class AnswerPrinter:
     def text(self, delta: str) -> None:
         if not delta:
             return
+        self._started = True
         self._end_reasoning()
         sys.stdout.write(delta)
         sys.stdout.flush()

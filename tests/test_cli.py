@@ -103,3 +103,18 @@ def test_sampling_flags_come_from_the_parameter_declaration():
     assert "in [0, 1)" in res.stdout  # min_p's range, as params.py declares it
     res = _cli("run", "bundle-is-not-read", "hi", "--min-p", "1")
     assert res.returncode == 1 and res.stderr.strip() == "edgellm run: error: min_p must be a number in [0, 1), got 1.0"
+
+
+def test_ask_prints_a_restarted_answer_on_its_own_line(capsys) -> None:
+    """A service killed mid-answer answers again from seq 0 flagged `restart`: `ask` ends the
+    partial line and says so on stderr instead of running the two answers together."""
+    from edgellm.service.commands import _print_replies
+
+    replies = [{"id": "q", "seq": 0, "delta": "The capi"},
+               {"id": "q", "seq": 0, "delta": "The capital", "restart": True},
+               {"id": "q", "seq": 1, "delta": " is Paris."},
+               {"id": "q", "done": True, "finish_reason": "stop", "usage": {}}]
+    assert _print_replies("ask", replies) == 0
+    out, err = capsys.readouterr()
+    assert out == "The capi\nThe capital is Paris.\n"
+    assert "[the service restarted; its answer starts over]" in err

@@ -345,7 +345,10 @@ def _print_replies(command: str, replies: Iterable[dict[str, Any]], as_json: boo
         for reply in replies:
             if as_json:
                 print(proto.encode(reply).decode())
-            elif reply.get("done"):
+                continue
+            if reply.get("restart"):
+                printer.restart()
+            if reply.get("done"):
                 printer.finish(reply.get("tool_calls", []))
                 print(_stats(reply), file=sys.stderr)
             else:
