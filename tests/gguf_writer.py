@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
-
 import zlib
+from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType, TokenType
@@ -67,11 +67,14 @@ _REACH = {Q.Q2_K: 15 * 3, Q.Q3_K: 32 * 4, Q.Q4_K: 63 * 15, Q.Q5_K: 63 * 31, Q.Q6
 
 def blocks(w: np.ndarray, qtype: GGMLQuantizationType, seed: int = 0) -> np.ndarray:
     """`w` [rows, cols] as `qtype` blocks (raw uint8 rows): gguf-py's quantizer where it has
-    one; for the K-quants random codes and sub-block scales, with the float16 scales sized so
-    the values span about `w`'s range. Any bytes are a valid weight, and the reader is checked
+    one; Q4_K and Q6_K (the K-quants of llama.cpp's Q4_K_M) rounded to nearest here; for the
+    other K-quants random codes and sub-block scales, with the float16 scales sized so the
+    values span about `w`'s range. Any bytes are a valid weight, and the reader is checked
     against gguf-py's dequantization of these bytes, whatever they hold."""
     if qtype not in _F16_FIELDS:
         return quantize(w, qtype)
+    if qtype in _ROUNDED:
+        return _ROUNDED[qtype](w)
     block, nbytes = GGML_QUANT_SIZES[qtype]
     rows, cols = w.shape
     rng = np.random.default_rng(seed)
@@ -92,6 +95,47 @@ def blocks(w: np.ndarray, qtype: GGMLQuantizationType, seed: int = 0) -> np.ndar
         sc = rng.integers(0, 16, size=(*raw.shape[:2], 16))
         raw[..., 0:16] = sc | (np.clip(sc + rng.integers(-2, 3, size=sc.shape), 0, 15) << 4)
     return raw.reshape(rows, -1)
+
+
+def _q4_k(w: np.ndarray) -> np.ndarray:
+    """Q4_K by rounding to nearest: per 32 values scale (max - min) / 15 and minimum -min, both
+    as 6-bit multiples of the super-block's float16 d and dmin (ggml's block_q4_K)."""
+    rows, cols = w.shape
+    x = w.astype(np.float32).reshape(rows, cols // 256, 8, 32)
+    low = np.minimum(x.min(axis=-1), 0)
+    scale = (x.max(axis=-1) - low) / 15
+    d = (scale.max(axis=-1) / 63).astype(np.float16)
+    dmin = (-low.min(axis=-1) / 63).astype(np.float16)
+    sc = np.clip(np.rint(scale / np.maximum(d.astype(np.float32), 1e-30)[..., None]), 0, 63).astype(np.uint8)
+    m = np.clip(np.rint(-low / np.maximum(dmin.astype(np.float32), 1e-30)[..., None]), 0, 63).astype(np.uint8)
+    step = (d.astype(np.float32)[..., None] * sc)[..., None]
+    shift = (dmin.astype(np.float32)[..., None] * m)[..., None]
+    q = np.clip(np.rint((x + shift) / np.where(step == 0, 1, step)), 0, 15).astype(np.uint8)
+    qs = (q[..., 0::2, :] | (q[..., 1::2, :] << 4)).reshape(rows, cols // 256, 128)
+    packed = np.concatenate([(sc[..., :4] & 63) | ((sc[..., 4:] >> 4) << 6), (m[..., :4] & 63) | ((m[..., 4:] >> 4) << 6),
+                             (sc[..., 4:] & 15) | ((m[..., 4:] & 15) << 4)], axis=-1)
+    halves = [v[..., None].view(np.uint8) for v in (d, dmin)]
+    return np.concatenate([*halves, packed, qs], axis=-1).reshape(rows, -1)
+
+
+def _q6_k(w: np.ndarray) -> np.ndarray:
+    """Q6_K by rounding to nearest: per 16 values a scale max|w| / 32 as an int8 multiple of the
+    super-block's float16 d, codes q - 32 in [-32, 31] (ggml's block_q6_K)."""
+    rows, cols = w.shape
+    x = w.astype(np.float32).reshape(rows, cols // 256, 16, 16)
+    scale = np.abs(x).max(axis=-1) / 31.5
+    d = (scale.max(axis=-1) / 127).astype(np.float16)
+    sc = np.clip(np.rint(scale / np.maximum(d.astype(np.float32), 1e-30)[..., None]), 0, 127).astype(np.int8)
+    step = (d.astype(np.float32)[..., None] * sc)[..., None]
+    q = (np.clip(np.rint(x / np.where(step == 0, 1, step)), -32, 31) + 32).astype(np.uint8)
+    q = q.reshape(rows, cols // 256, 2, 4, 32)  # value 128h + 32s + i
+    ql = (q[:, :, :, 0:2] & 15) | ((q[:, :, :, 2:4] & 15) << 4)  # byte 64h + 32s' + i, s' in {0, 1}
+    qh = (q >> 4)[..., 0, :] | ((q >> 4)[..., 1, :] << 2) | ((q >> 4)[..., 2, :] << 4) | ((q >> 4)[..., 3, :] << 6)
+    return np.concatenate([ql.reshape(rows, -1, 128), qh.reshape(rows, -1, 64), sc.view(np.uint8),
+                           d[..., None].view(np.uint8)], axis=-1).reshape(rows, -1)
+
+
+_ROUNDED = {Q.Q4_K: _q4_k, Q.Q6_K: _q6_k}
 
 
 def gguf_name(hf: str, arch: str = "llama") -> str:
@@ -222,3 +266,32 @@ def _add_vocab(w: GGUFWriter, hf_folder: Path, config: dict, pre: str) -> None:
     template = hf_folder / "chat_template.jinja"
     if template.exists():
         w.add_chat_template(template.read_text())
+
+
+def requantized_gguf(source: Path, out_path: Path, qtype_of: Callable[[str, tuple[int, int]], GGMLQuantizationType]) -> Path:
+    """`source` with every quantized tensor dequantized and stored again as `qtype_of(name, [rows,
+    cols])` (F32 tensors stay), metadata copied: a real model in other GGUF types."""
+    from gguf import GGUFReader, GGUFValueType
+    from gguf.quants import dequantize
+
+    reader = GGUFReader(source)
+    w = GGUFWriter(str(out_path), reader.fields["general.architecture"].contents())
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture":
+            continue
+        kind = field.types[0]
+        sub = field.types[-1] if kind == GGUFValueType.ARRAY else None
+        w.add_key_value(name, field.contents(), kind, sub_type=sub)
+    for t in reader.tensors:
+        shape = tuple(int(d) for d in reversed(t.shape))
+        if t.tensor_type == Q.F32:
+            w.add_tensor(t.name, np.asarray(t.data))
+            continue
+        values = dequantize(np.asarray(t.data), t.tensor_type).reshape(shape)
+        qtype = qtype_of(t.name, shape)
+        w.add_tensor(t.name, blocks(values, qtype), raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out_path
