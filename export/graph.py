@@ -185,7 +185,8 @@ def gather_rows(w: Writer, name: str, spec: ModelSpec, q: QuantizedWeight, lin: 
         centre = w.fconst(float(1 << (q.bits - 1)))
     scales = w.one("Gather", f"{name}/scales/Gather", [lin.scales, "input_ids"], axis=0)
     scales = w.one("Unsqueeze", f"{name}/scales/Unsqueeze", [scales, w.const([-1])])
-    values = w.one("Mul", f"{name}/Mul", [w.one("Sub", f"{name}/Sub", [codes, centre]), scales])  # [b, s, blocks, bs]
+    centred = w.one("Sub", f"{name}/dequantize/Sub", [codes, centre])
+    values = w.one("Mul", f"{name}/dequantize/Mul", [centred, scales])  # [b, s, blocks, bs]
     offsets = ""
     if lin.folded:  # the digits' blocks sum to each block's offset (quantize.offset_blocks)
         digits = w.one("Slice", f"{name}/offsets/Slice", [values, w.const([q.n_blocks]), w.const([blocks]),
