@@ -23,6 +23,7 @@ from .errors import GenerationError
 from .params import GenerationParams
 from .sequence import request_grammar
 from .session import release_freed_heap
+from .text import cannot_fit
 
 log = logging.getLogger("edgellm.engine")
 
@@ -221,6 +222,15 @@ class Engine:
             if refusal is None:
                 self._by_id[id(job)] = job
             return refusal
+
+    def cannot_fit(self, prompt: Any, params: Mapping[str, Any]) -> str | None:
+        """Why `prompt` is refused before the queue, its length alone ruling it out (`text.cannot_fit`:
+        a megabyte of text is never rendered or tokenized); None when it may fit. A prompt to be cut
+        on the left (`truncate`) always fits. Every front asks this on its receiving thread."""
+        defaults = (getattr(self.model.manifest, "generation", None) or {}).get("defaults") or {}
+        if params.get("truncate", defaults.get("truncate")) == "left":
+            return None
+        return cannot_fit(prompt, self.model.tokenizer, self.model.max_context)
 
     def capped(self, params: Mapping[str, Any], field: str = "max_tokens") -> dict[str, Any]:
         """`params` with the token budget within the ceiling; GenerationError naming `field` above it.

@@ -222,3 +222,16 @@ def test_a_flooding_device_does_not_starve_another(broker, probe, model):
             finals.append(data["id"])
     assert busy == ["f4", "f5"]  # three waiting is the flooding topic's share of six
     assert finals.index("calm") <= 2  # served right after the flood's running and next request
+
+
+def test_a_prompt_too_long_for_the_context_is_refused_before_the_queue(broker, probe, model):
+    """Text of more bytes than the context times the longest token's cannot fit: the MQTT front
+    refuses it on the network thread (Engine.cannot_fit, as the HTTP front does), so it never
+    takes a queue place and the worker never renders or tokenizes it."""
+    gated = Gated(model)
+    size = model.max_context * model.tokenizer.bytes_per_token + 1
+    with running_service(gated, connection(broker.url), max_payload=size + 4096):
+        probe.publish(T.request, {"id": "huge", "prompt": "x" * size})
+        refused = probe.replies("huge")[-1]
+    assert refused["error"]["code"] == proto.BAD_REQUEST and "context is" in refused["error"]["message"]
+    assert not gated.started.is_set(), "the prompt reached the model"

@@ -304,7 +304,7 @@ class Counting:
 
     def __init__(self, model) -> None:
         self.model, self.calls = model, 0
-        self.manifest, self.max_context = model.manifest, model.max_context
+        self.manifest, self.max_context, self.tokenizer = model.manifest, model.max_context, model.tokenizer
 
     def stream(self, prompt, **params):
         self.calls += 1

@@ -28,7 +28,6 @@ from .. import netjson
 from ..engine import Engine, Job, Outcome
 from ..errors import GenerationError
 from ..generate import Result, collect
-from ..text import cannot_fit
 from .http_conn import DEFAULT_MAX_CONNECTIONS, DEFAULT_READ_TIMEOUT, Limits, Listener, descriptor_room
 from .http_metrics import Metrics
 
@@ -188,7 +187,7 @@ class Front:
             params = self.engine.capped(params, budget_field)
         except GenerationError as exc:
             raise HttpError(400, str(exc), param=budget_field) from None
-        if (refusal := self._cannot_fit(prompt, params)) is not None:
+        if (refusal := self.engine.cannot_fit(prompt, params)) is not None:
             chat = isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], dict)
             raise HttpError(400, refusal, param="messages" if chat else "prompt", code="context_length_exceeded")
         run = Run(asyncio.get_running_loop())
@@ -208,14 +207,6 @@ class Front:
             run.unwatch()
             raise outcome_error(run.first)
         return run
-
-    def _cannot_fit(self, prompt: Any, params: Mapping[str, Any]) -> str | None:
-        """A prompt refused before the queue when its length alone rules it out (`text.cannot_fit`);
-        one to be cut on the left (`truncate`) always fits."""
-        defaults = (getattr(self.model.manifest, "generation", None) or {}).get("defaults") or {}
-        if params.get("truncate", defaults.get("truncate")) == "left":
-            return None
-        return cannot_fit(prompt, self.tokenizer, self.model.max_context)
 
     async def whole(self, run: Run) -> Result:
         """A job answered in one body, as the Python API's Result; a disconnect cancels it."""

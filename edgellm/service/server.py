@@ -319,11 +319,15 @@ class Service:
         self._admit(Job(request, route, client=self._client_of(route), answers=answers, restart=msg.dup))
 
     def _capped(self, request: proto.Request) -> proto.Request:
-        """The request with its token budget within the service's ceiling (RequestError above it)."""
+        """The request with its token budget within the service's ceiling; RequestError above it,
+        or when its prompt is too long for the context to be worth queueing (`Engine.cannot_fit`)."""
         try:
-            return dataclasses.replace(request, params=self.engine.capped(request.params))
+            params = self.engine.capped(request.params)
         except GenerationError as exc:
             raise RequestError(proto.BAD_REQUEST, str(exc)) from None
+        if (refusal := self.engine.cannot_fit(request.prompt, params)) is not None:
+            raise RequestError(proto.BAD_REQUEST, refusal)
+        return dataclasses.replace(request, params=params)
 
     def _client_of(self, route: Route) -> str:
         return self.topics.response("") if route.topic.startswith(self.topics.response("")) else route.topic
