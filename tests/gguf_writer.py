@@ -58,11 +58,11 @@ _GEMMA3_BLOCK = {
 }
 
 
-# K-quants gguf-py cannot quantize: where their float16 fields sit in a block (d, then dmin
-# for the types with minimums), and the largest |sub-block scale x code| d multiplies
-# (ggml-quants.c's block_q*_K layouts).
-_F16_FIELDS = {Q.Q2_K: (80, 82), Q.Q3_K: (108,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,)}
-_REACH = {Q.Q2_K: 15 * 3, Q.Q3_K: 32 * 4, Q.Q4_K: 63 * 15, Q.Q5_K: 63 * 31, Q.Q6_K: 128 * 32}
+# The K-quants gguf-py cannot quantize and this file does not round: where their float16 fields
+# sit in a block (d, then dmin for the types with minimums), and the largest |sub-block scale x
+# code| d multiplies (ggml-quants.c's block_q*_K layouts).
+_F16_FIELDS = {Q.Q2_K: (80, 82), Q.Q3_K: (108,), Q.Q5_K: (0, 2)}
+_REACH = {Q.Q2_K: 15 * 3, Q.Q3_K: 32 * 4, Q.Q5_K: 63 * 31}
 
 
 def blocks(w: np.ndarray, qtype: GGMLQuantizationType, seed: int = 0) -> np.ndarray:
@@ -71,19 +71,19 @@ def blocks(w: np.ndarray, qtype: GGMLQuantizationType, seed: int = 0) -> np.ndar
     other K-quants random codes and sub-block scales, with the float16 scales sized so the
     values span about `w`'s range. Any bytes are a valid weight, and the reader is checked
     against gguf-py's dequantization of these bytes, whatever they hold."""
-    if qtype not in _F16_FIELDS:
-        return quantize(w, qtype)
     if qtype in _ROUNDED:
         return _ROUNDED[qtype](w)
+    if qtype not in _F16_FIELDS:
+        return quantize(w, qtype)
     block, nbytes = GGML_QUANT_SIZES[qtype]
     rows, cols = w.shape
     rng = np.random.default_rng(seed)
     raw = rng.integers(0, 256, size=(rows, cols // block, nbytes), dtype=np.uint8)
     d = (rng.uniform(0.5, 1.5, size=raw.shape[:2]) * (float(np.abs(w).max()) or 1.0) / _REACH[qtype])
-    fields = [d, d * (2 if qtype == Q.Q2_K else 16 if qtype == Q.Q5_K else 8)]  # dmin: the middle code's worth
+    fields = [d, d * (2 if qtype == Q.Q2_K else 16)]  # dmin: the middle code's worth
     for offset, value in zip(_F16_FIELDS[qtype], fields):
         raw[..., offset : offset + 2] = value.astype(np.float16).view(np.uint8).reshape(rows, -1, 2)
-    if qtype in (Q.Q4_K, Q.Q5_K):
+    if qtype == Q.Q5_K:
         # Minimums near each sub-block's middle code, as a quantizer picks them for centred
         # weights, give small offsets; random ones would give every block a large mean.
         sc = rng.integers(0, 64, size=(*raw.shape[:2], 8))
