@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import random
 import sys
@@ -23,9 +24,13 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+if TYPE_CHECKING:
+    from paho.mqtt.reasoncodes import ReasonCode
+
+    from edgellm.service.connection import Client, Connection
 
 
 @dataclass(frozen=True)
@@ -104,19 +109,49 @@ def events(args: argparse.Namespace, started: datetime) -> Iterator[tuple[float,
         yield t, f"{args.topic_prefix}/{machine}/{sensor.name}/anomaly", event
 
 
-def publish(args: argparse.Namespace) -> int:
-    from edgellm.service.connection import BrokerAddress, Connection, connect_async, make_client
+def connect(conn: "Connection", client_id: str, *, downgrade: bool, timeout: float = 10.0) -> "Client | str":
+    """A connected client, or one line on why not. With `downgrade`, a broker that refuses MQTT 5
+    (amqtt, the Python fallback broker, speaks only 3.1.1) is asked again over 3.1.1, as `edgellm ask` does."""
+    from edgellm.service.connection import (connect_async, connect_failure_reason, make_client, over_311, refusal,
+                                            refuses_v5)
 
-    conn = Connection(broker=BrokerAddress.parse(args.broker), mqtt_version=args.mqtt_version)
-    client = make_client(conn, f"edgellm-simulator-{args.seed}", persistent=False)
+    client = make_client(conn, client_id, persistent=False)
+    refused: list[object] = []
+
+    def on_connect(_c: object, _u: object, _f: object, reason: "ReasonCode", _p: object) -> None:
+        if reason.is_failure:
+            refused.append(reason)
+
+    client.on_connect = on_connect
     connect_async(client, conn, persistent=False)
     client.loop_start()
-    deadline = time.monotonic() + 10
-    while not client.is_connected():
-        if time.monotonic() > deadline:
-            print(f"simulate_sensors: cannot connect to {conn.broker}", file=sys.stderr)
-            return 1
-        time.sleep(0.05)
+    deadline = time.monotonic() + timeout
+    try:
+        while not client.is_connected():
+            if refused:
+                if downgrade and refuses_v5(conn, refused[0]):
+                    return connect(over_311(conn), client_id, downgrade=False, timeout=timeout)
+                return f"broker {conn.broker}: {refusal(refused[0]) or refused[0]}"
+            if time.monotonic() > deadline:
+                return f"cannot connect to {conn.broker} within {timeout:g}s ({connect_failure_reason(client)})"
+            time.sleep(0.05)
+    finally:
+        if not client.is_connected():
+            client.disconnect()
+            client.loop_stop()
+    return client
+
+
+def publish(args: argparse.Namespace) -> int:
+    from edgellm.service.connection import BrokerAddress, Connection
+
+    conn = Connection(broker=BrokerAddress.parse(args.broker), mqtt_version=args.mqtt_version or "5")
+    client = connect(conn, f"edgellm-simulator-{args.seed}", downgrade=args.mqtt_version is None)
+    if isinstance(client, str):
+        print(f"simulate_sensors: {client}", file=sys.stderr)
+        return 1
+    print(f"simulate_sensors: publishing anomaly events to {conn.broker} "
+          f"{'for ever' if args.duration == 0 else f'for {args.duration:g} s'} (-v logs each)", file=sys.stderr)
     start, sent = time.monotonic(), 0
     try:
         for t, topic, event in events(args, datetime.now(timezone.utc)):
@@ -137,7 +172,8 @@ def publish(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--broker", default="mqtt://127.0.0.1:1883", help="default: %(default)s")
-    p.add_argument("--mqtt-version", choices=("5", "3.1.1"), default="5")
+    p.add_argument("--mqtt-version", choices=("5", "3.1.1"),
+                   help="default: 5, or 3.1.1 when the broker refuses 5 (amqtt, the Python fallback broker)")
     p.add_argument("--topic-prefix", default="factory", help="events go to PREFIX/MACHINE/SENSOR/anomaly "
                                                              "(default: %(default)s)")
     p.add_argument("--machines", type=int, default=3, help="how many machines (default: %(default)s)")
@@ -166,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         except BrokenPipeError:  # `| head`: the reader has all it wants
             sys.stdout = None  # type: ignore[assignment]  # nothing left to flush at exit
         return 0
+    logging.basicConfig(format="simulate_sensors: %(message)s", level=logging.WARNING)
     return publish(args)
 
 

@@ -175,7 +175,7 @@ def test_serve_without_broker_falls_back_to_python_and_ask_finds_it(tiny_bundle,
             rc = main(["ask", "--broker", url, "--device-id", "fb", "-n", "6", "--raw", "Hello there"])
         assert rc == 0
         assert capsys.readouterr().out == model.generate("Hello there", max_new_tokens=6).text + "\n"
-        assert any("asking over 3.1.1" in r.getMessage() for r in caplog.records)
+        assert any("going on over MQTT 3.1.1" in r.getMessage() for r in caplog.records)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(15) == 0
     finally:

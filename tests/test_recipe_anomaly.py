@@ -6,6 +6,7 @@ maxLength, and the schema's bounds then need about 800-1200 tokens after a ~650-
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import signal
 import subprocess
@@ -328,6 +329,30 @@ def test_the_simulator_emits_valid_events_for_each_injected_fault_reproducibly()
     assert seen == {("press-1", "vibration"), ("pump-2", "temperature"), ("mill-3", "current")}, seen
     healthy = subprocess.run([*SIMULATOR, *args, "--faults", ""], capture_output=True, text=True, check=True)
     assert healthy.stdout == ""  # no fault, no anomaly: the bands hold the noise
+
+
+@pytest.mark.skipif(importlib.util.find_spec("amqtt") is None, reason="amqtt is not installed")
+def test_the_simulator_falls_back_to_311_on_the_python_broker_and_says_so():
+    """amqtt, the broker `EDGELLM_BROKER=python` starts, refuses MQTT 5: the simulator goes on over
+    3.1.1 as `edgellm ask` does, in one log line, instead of `cannot connect` after 10 s."""
+    from edgellm.service.amqtt_broker import PythonBroker
+
+    with PythonBroker(0) as python_broker:
+        probe = Probe(connection(python_broker.url, mqtt_version="3.1.1"), topics=("factory/#",))
+        try:
+            proc = subprocess.run([*SIMULATOR, "--broker", python_broker.url, "--rate", "20", "--duration", "1",
+                                   "--machines", "1", "--faults", "spike", "--fault-start", "0"],
+                                  capture_output=True, text=True, timeout=30)
+            assert proc.returncode == 0, proc.stderr
+            assert "refuses MQTT 5" in proc.stderr and "over MQTT 3.1.1" in proc.stderr, proc.stderr
+            first = payload(probe.wait(on("/anomaly")))
+            # Asked for MQTT 5 explicitly: no downgrade, a one-line refusal at once, not a 10 s wait.
+            explicit = subprocess.run([*SIMULATOR, "--broker", python_broker.url, "--mqtt-version", "5"],
+                                      capture_output=True, text=True, timeout=8)
+        finally:
+            probe.close()
+    assert (first["machine"], first["sensor"]) == ("press-1", "current")
+    assert explicit.returncode == 1 and "unsupported protocol version" in explicit.stderr, explicit.stderr
 
 
 @needs_mosquitto

@@ -6,7 +6,6 @@ to this request.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import queue
@@ -19,7 +18,7 @@ from paho.mqtt.properties import Properties
 
 from ..errors import RequestError
 from . import protocol as proto
-from .connection import UNSUPPORTED_VERSION, Connection, connect_async, make_client, refusal
+from .connection import Connection, connect_async, make_client, over_311, refusal, refuses_v5
 
 log = logging.getLogger("edgellm.service")
 
@@ -57,9 +56,7 @@ def ask(
     except VersionRefused:
         if not (downgrade and conn.v5):
             raise
-        log.warning("broker %s refuses MQTT 5 (unsupported protocol version); asking over 3.1.1 with reply_to",
-                    conn.broker)
-        yield from _ask(dataclasses.replace(conn, mqtt_version="3.1.1"), topics, request, timeout)
+        yield from _ask(over_311(conn), topics, request, timeout)
 
 
 def _ask(conn: Connection, topics: proto.Topics, request: dict[str, Any], timeout: float) -> Iterator[dict[str, Any]]:
@@ -70,7 +67,7 @@ def _ask(conn: Connection, topics: proto.Topics, request: dict[str, Any], timeou
 
     def on_connect(c: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
         if reason.is_failure:
-            kind = "version" if reason.value == UNSUPPORTED_VERSION and conn.v5 else "refused"
+            kind = "version" if refuses_v5(conn, reason) else "refused"
             replies.put((kind, refusal(reason) or str(reason)))
         else:
             c.subscribe(reply_topic, qos=1)

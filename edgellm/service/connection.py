@@ -4,6 +4,8 @@ Shared by `edgellm serve` and `edgellm ask` so both speak to the broker the same
 """
 from __future__ import annotations
 
+import dataclasses
+import logging
 import socket
 import ssl
 from dataclasses import dataclass
@@ -15,6 +17,8 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.packettypes import PacketTypes
 
 from .bounded import BoundedClient
+
+log = logging.getLogger("edgellm.service")
 
 MQTT_VERSIONS = {"5": mqtt.MQTTv5, "3.1.1": mqtt.MQTTv311}
 # amqtt, the Python broker, speaks only 3.1.1 and answers an MQTT 5 CONNECT with this reason.
@@ -212,6 +216,18 @@ def refusal(reason: object) -> str | None:
     """A one-line reason when a CONNACK refuses for good (credentials, authorization, protocol version)."""
     value = getattr(reason, "value", None)
     return REFUSED_FOR_GOOD.get(value) if isinstance(value, int) else None
+
+
+def refuses_v5(conn: Connection, reason: object) -> bool:
+    """Whether a CONNACK `reason` is a broker refusing MQTT 5 (amqtt speaks only 3.1.1), which
+    asking again over 3.1.1 fixes."""
+    return conn.v5 and getattr(reason, "value", None) == UNSUPPORTED_VERSION
+
+
+def over_311(conn: Connection) -> Connection:
+    """`conn` over MQTT 3.1.1 after `refuses_v5`, said in one log line so a user sees why."""
+    log.warning("broker %s refuses MQTT 5 (unsupported protocol version); going on over MQTT 3.1.1", conn.broker)
+    return dataclasses.replace(conn, mqtt_version="3.1.1")
 
 
 def publish_properties(correlation: bytes | None) -> Properties | None:
