@@ -139,8 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edgellm",
         description="Run small open language models on edge boards and serve them to devices over MQTT. "
-        "Typical flow: `edgellm export smollm2-135m -o smollm2` once, then `edgellm run smollm2 \"...\"` "
-        "or `edgellm serve smollm2`.",
+        "Typical flow: `edgellm demo` (or `edgellm export smollm2-135m -o bundles/smollm2-135m`) once, "
+        "then `edgellm run bundles/smollm2-135m \"...\"` or `edgellm serve bundles/smollm2-135m`.",
     )
     parser.add_argument("--version", action="version", version=f"edgellm {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")

@@ -65,6 +65,7 @@ def test_tags_ps_version_show(client, model):
     assert listed[0].details.family == model.manifest.spec.arch
     assert [m.model for m in client.ps().models] == [tag(model)]
     assert client.show(tag(model)).template == model.template.source
+    assert client.show(f"{model.path.name}:latest").template == model.template.source  # the folder's name too
     with pytest.raises(ollama.ResponseError) as unknown:
         client.chat(model="llama3.2:latest", messages=ASK, stream=False)
     assert unknown.value.status_code == 404 and "not found" in unknown.value.error

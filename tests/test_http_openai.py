@@ -68,6 +68,16 @@ def test_models_lists_the_served_model(client, model):
         client.models.retrieve("gpt-4o")
 
 
+def test_the_bundle_folders_name_is_accepted_as_the_model_id(client, model):
+    """People type the folder they exported to (`bundles/smollm2-135m` -> `smollm2-135m`); it
+    names the one served model, whose id stays the manifest's name in every reply."""
+    folder = model.path.name
+    assert folder != model.manifest.name  # else this test proves nothing
+    assert client.models.retrieve(folder).id == model.manifest.name
+    reply = client.chat.completions.create(model=folder, messages=ASK, max_tokens=2)
+    assert reply.model == model.manifest.name
+
+
 def test_response_format_json_schema_holds(client, model):
     pytest.importorskip("llguidance")
     schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],

@@ -147,12 +147,19 @@ class Front:
         """The name as Ollama lists it (name:tag)."""
         return self.name if ":" in self.name else f"{self.name}:latest"
 
+    @property
+    def names(self) -> set[str]:
+        """What a client may call the served model: the manifest's name the listings show, and the
+        bundle folder's name (`smollm2-135m`), since that is what people type; each also as `NAME:latest`."""
+        folder = getattr(getattr(self.model, "path", None), "name", "")
+        return {n for name in (self.name, folder) if name for n in (name, f"{name}:latest")}
+
     def check_model(self, name: Any, field: str = "model") -> None:
         if name is None:
             return  # like llama.cpp's server: one model is served, naming it is optional
         if not isinstance(name, str):
             raise HttpError(400, f"{field} must be a string, got {type(name).__name__}", param=field)
-        if name not in (self.name, self.tag):
+        if name not in self.names:
             raise HttpError(404, f"model {name!r} not found; this server serves {self.name!r}", param=field,
                             code="model_not_found")
 
