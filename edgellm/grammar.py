@@ -119,7 +119,8 @@ def parse_response_format(value: Any, where: str = "response_format") -> Grammar
     """The constraint a request field asks for; None for plain text.
 
     OpenAI's shapes `{"type": "text"}`, `{"type": "json_object"}` and `{"type":
-    "json_schema", "json_schema": {"name", "schema", "strict", "description"}}`, and
+    "json_schema", "json_schema": {"name", "schema", "strict", "description"}}` (strict closes
+    its objects, `closed_objects`), and
     edgellm's `{"type": "regex" | "lark", "value": "..."}` (the `grammar` field: pass
     where="grammar"). Only the shape is checked here, and what `schema_spec` checks: cheap
     enough for the thread that receives the request. Raises GrammarError naming the field.
@@ -145,7 +146,8 @@ def parse_response_format(value: Any, where: str = "response_format") -> Grammar
                 raise GrammarError(f"{inner_where}.{key} must be {what}, got {inner[key]!r}")
         if "schema" not in inner:
             raise GrammarError(f"{inner_where}.schema is required")
-        return schema_spec(inner["schema"], f"{inner_where}.schema")
+        spec = schema_spec(inner["schema"], f"{inner_where}.schema")  # checked first: closing copies it through json
+        return schema_spec(closed_objects(inner["schema"]), spec.where) if inner.get("strict") else spec
     if kind in ("regex", "lark"):
         _only(obj, where, ("type", "value"))
         text = obj.get("value")
@@ -185,6 +187,44 @@ def schema_spec(schema: Any, where: str) -> GrammarSpec:
     except (TypeError, ValueError) as e:
         raise GrammarError(f"{where} is not JSON: {e}") from None
     return GrammarSpec("json_schema", _text(_sized(source, f"{where} as JSON"), where), where)
+
+
+# Where a subschema stands for the same value as its parent, so closing it alone would refuse
+# the properties its siblings declare; and where closing would change what a test means.
+_MERGED = ("allOf", "dependentSchemas", "not", "if")
+
+
+def closed_objects(schema: Any) -> Any:
+    """A copy of `schema` where every object schema that does not say what other keys it
+    takes has `additionalProperties: false`, as OpenAI's strict mode reads a schema: a
+    client that declares parameters gets those and no others. Left open: an object that
+    sets additionalProperties or unevaluatedProperties, combines schemas (allOf, anyOf,
+    oneOf, $ref: its keys come from elsewhere), or requires a key it does not declare
+    (closed, it could never be written). A JSON schema's default is open, so only strict
+    requests and tool arguments are closed."""
+    if not isinstance(schema, dict):
+        return schema
+    root = json.loads(json.dumps(schema))  # a copy; schema_spec checked it is JSON
+    todo = [(root, False)]
+    while todo:  # not recursive: a schema given through the Python API has no depth check
+        node, merged = todo.pop()
+        if not merged and _open_object(node):
+            node["additionalProperties"] = False
+        for _, container, key in _subschemas(node):
+            if isinstance(container[key], dict):
+                todo.append((container[key], container is node and key in _MERGED
+                             or any(node.get(k) is container for k in _MERGED)))
+    return root
+
+
+def _open_object(node: dict[str, Any]) -> bool:
+    kinds = node.get("type", "object" if "properties" in node else None)
+    declared, required = node.get("properties", {}), node.get("required", [])
+    return ((kinds == "object" or isinstance(kinds, list) and "object" in kinds)
+            and not any(k in node for k in ("additionalProperties", "unevaluatedProperties", "allOf", "anyOf",
+                                             "oneOf", "$ref"))
+            and isinstance(declared, dict) and isinstance(required, list)
+            and ("patternProperties" in node or all(k in declared for k in required)))
 
 
 def _sized(text: str, what: str) -> str:

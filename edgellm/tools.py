@@ -26,6 +26,7 @@ from typing import Any, Callable, Literal, Sequence
 
 
 from .errors import GenerationError
+from .grammar import closed_objects
 from .netjson import loads as read_json
 from .netjson import surrogate_at
 from .text import Trimmed, partial_suffix, template_variables
@@ -284,7 +285,8 @@ def call_schema(tools: Sequence[Tool], choice: ToolChoice, syntax: Syntax = "her
     """The grammar, as a request's `grammar` field `{"type": "lark", "value": ...}`, that
     constrains the reply to calls allowed by `choice`; None where nothing is constrained.
 
-    "required" and a named function force one or more calls and nothing else; "auto"
+    Arguments hold the declared parameters and no others (`closed_objects`, as OpenAI's
+    strict mode). "required" and a named function force one or more calls and nothing else; "auto"
     leaves text free until the model opens a call, then holds the call to a schema, or,
     with `answer` (a JSON schema as text: the request's response_format), makes the reply
     either calls or one JSON value under that schema. `tag_tokens`: the vocabulary has the
@@ -296,7 +298,7 @@ def call_schema(tools: Sequence[Tool], choice: ToolChoice, syntax: Syntax = "her
     if not allowed:
         return None
     key = "arguments" if syntax == "hermes" else "parameters"
-    bodies = [{"type": "object", "properties": {"name": {"const": t.name}, key: t.parameters},
+    bodies = [{"type": "object", "properties": {"name": {"const": t.name}, key: closed_objects(t.parameters)},
                "required": ["name", key], "additionalProperties": False} for t in allowed]
     schema = {"x-guidance": _LAYOUT, **(bodies[0] if len(bodies) == 1 else {"anyOf": bodies})}
     rules = ["body: %json " + json.dumps(schema, ensure_ascii=False)]
