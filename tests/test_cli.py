@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -31,6 +33,22 @@ def test_run_streams_the_answer_and_prints_stats(tiny_bundle):
     stats = res.stderr.strip().splitlines()[-1]
     assert re.match(r"\[(stop|length)\] prompt \d+ tok \(0 cached\), completion \d+ tok, ttft \d+ ms, [\d.]+ tok/s",
                     stats), stats
+
+
+def test_the_readmes_run_commands_find_the_files_they_name(tiny_bundle):
+    """README's `--tools` / `--json-schema` lines run as written from a checkout (the files ship in
+    examples/), on the tiny bundle instead of SmolLM2 and with a small budget."""
+    pytest.importorskip("llguidance")
+    root = Path(__file__).parent.parent
+    lines = [line.split("#")[0] for line in (root / "README.md").read_text().splitlines()
+             if line.startswith("edgellm run ") and ("--tools" in line or "--json-schema" in line)]
+    assert len(lines) == 2, lines
+    for line in lines:
+        args = shlex.split(line)[2:]
+        args[0] = str(tiny_bundle)
+        res = subprocess.run([sys.executable, "-m", "edgellm.cli", "run", *args, "-n", "24"], cwd=root,
+                             capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, (line, res.stderr)
 
 
 def test_run_sampling_is_reproducible_under_a_seed(tiny_bundle):

@@ -324,3 +324,18 @@ def _has(tool: str) -> bool:
     import shutil
 
     return shutil.which(tool) is not None or os.path.exists(f"/usr/bin/{tool}")
+
+
+def test_the_docs_ten_lines_of_python_print_the_answer_every_run(broker, model):
+    """docs/mqtt.md's paho snippet, run as written but for the broker's address, twice: with a fixed
+    id the second run got the stored final reply and printed no answer."""
+    docs = (ROOT / "docs" / "mqtt.md").read_text()
+    snippet = docs.split("## Ten lines of Python", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    snippet = snippet.replace('c.connect("broker.local", 1883)', f'c.connect("127.0.0.1", {broker.port})')
+    assert str(broker.port) in snippet
+    expected = model.generate("Hello", max_new_tokens=30)
+    with running_service(model, connection(broker.url), device_id="kitchen"):
+        for _ in range(2):
+            run = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, timeout=30)
+            assert run.returncode == 0, run.stderr
+            assert run.stdout == f"{expected.text}\n {expected.finish_reason}\n", run.stdout
