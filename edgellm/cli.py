@@ -68,6 +68,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             break
         if line.strip() == "/reset":
             history = history[:1] if args.system else []
+            print("[history cleared" + ("; the system prompt stays]" if args.system else "]"), file=sys.stderr)
             continue
         history.append({"role": "user", "content": line})
         # The model keeps the previous turn's KV: only the new turn is prefilled.

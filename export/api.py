@@ -205,9 +205,10 @@ def _loss_causes(quant: QuantConfig, info: GraphInfo, kept_blocks: bool) -> str:
     the most (relative RMS error against the source's values), else the activations and cache.
     `kept_blocks`: a GGUF's blocks were imported, so the rounded weights are its float tensors."""
     if info.worst_weights:
-        hint = ("--quant int8 rounds them less" if kept_blocks or quant.weights != "int4" else
-                "the default (no --requantize, --block-size 32) keeps a GGUF's own blocks; --quant int8 rounds "
-                "less")
+        hint = "--quant int8 rounds them less"
+        if not kept_blocks and quant.weights == "int4":  # what helps an int4 rounding; never the flag given
+            finer = f", --block-size {quant.block_size // 2} rounds finer" if quant.block_size > 16 else ""
+            hint += f"{finer}; from a GGUF, leaving out --requantize keeps its own blocks"
         return "the weights rounded here that lost the most: " + "; ".join(info.worst_weights) + f" ({hint})"
     lossy = [f"int8 activations (accuracy level {quant.accuracy_level}; --accuracy-level 0 is exact)"
              if quant.accuracy_level else "", "the int8 KV cache (--kv-cache float32)" if quant.kv_cache == "int8" else "",

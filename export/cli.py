@@ -36,7 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "weights at accuracy level 1-4 on the fast graph, float32 otherwise, float16 for --target "
                         "cuda, float32 for openvino")
     parser.add_argument("--target", default="cpu", choices=list(TARGETS),
-                        help="cpu (default): float32 activations; cuda: float16 activations, attention, norms and "
+                        help="cpu (default): float32 activations, but int8 inside the int4/int8 matmuls at the default "
+                        "--accuracy-level 4 (0 keeps them float32); cuda: float16 activations, attention, norms and "
                         "KV cache end to end, what onnxruntime's CUDA kernels take (Jetson; fast graph only); "
                         "openvino: attention from standard ops OpenVINO fuses, so the whole graph runs inside "
                         "onnxruntime's OpenVINO provider (float32 KV cache, one request at a time); qnn: static shapes, one token "

@@ -66,6 +66,18 @@ def test_chat_keeps_history_and_reuses_the_cache(tiny_bundle):
     assert cached > 0, stats  # the second turn prefills only what is new
 
 
+def test_chat_says_reset_cleared_the_history(tiny_bundle):
+    res = _cli("chat", str(tiny_bundle), "-n", "2", "--system", "Be brief.", stdin="Hello\n/reset\n\n")
+    assert res.returncode == 0, res.stderr
+    assert "[history cleared; the system prompt stays]" in res.stderr.splitlines(), res.stderr
+
+
+def test_ask_help_shows_no_serve_only_words():
+    ask = _cli("ask", "--help").stdout
+    assert "embedded" not in ask and "for serve" not in ask, ask
+    assert "3.1.1 when the broker refuses 5" in ask
+
+
 def test_info_summarises_and_verifies(tiny_bundle):
     res = _cli("info", str(tiny_bundle))
     assert res.returncode == 0, res.stderr

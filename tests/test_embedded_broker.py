@@ -235,6 +235,26 @@ def test_python_broker_stops_cleanly_and_reports_a_taken_port():
         Probe(v311(f"mqtt://127.0.0.1:{port}")).close()
 
 
+def test_a_taken_port_is_said_and_embedded_is_not_called_missing(caplog):
+    """Port 1883 taken: one line says so before the broker takes another; `--broker embedded`
+    is not logged as "no --broker given"."""
+    from edgellm.service.commands import _embedded_broker
+
+    kind = embedded_kind()
+    with closing(socket.socket()) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with caplog.at_level(logging.WARNING, logger="edgellm.service"), \
+                closing(start_embedded(kind, port=port)) as b:
+            assert b.port != port
+        assert any(f"port {port} on 127.0.0.1 is taken" in r.getMessage() for r in caplog.records), caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="edgellm.service"), closing(_embedded_broker(kind, asked=True)):
+        started = [r.getMessage() for r in caplog.records if "started" in r.getMessage()]
+    assert len(started) == 1 and started[0].startswith("--broker embedded: started"), started
+
+
 # -- the embedded mosquitto outlives no one ------------------------------------------------
 
 # What `edgellm serve` does with no --broker, on a port of the test's choosing instead of 1883.

@@ -37,6 +37,9 @@ def test_a_bundle_past_the_gate_is_refused_and_says_which_weights_lost(gguf, tmp
     named = message.split("lost the most: ")[1].split("; not written")[0]
     assert named.count("RMS error") == 3 and named.count("model.") == 3, message
     assert "re-rounded to int4 block 32" in named or "rounded to int4 block 32" in named
+    # What would help, never the default --block-size 32 that was given.
+    assert "--block-size 16 rounds finer; from a GGUF, leaving out --requantize" in message, message
+    assert "--block-size 32" not in message
     assert list(tmp_path.iterdir()) == []  # nothing written, nothing left beside it
 
 

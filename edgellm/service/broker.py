@@ -107,7 +107,10 @@ def start_embedded(kind: str, port: int = 0, workdir: str | os.PathLike[str] | N
     """
     if kind == MOSQUITTO:
         reap_stale()
-    port = port if port and port_is_free(port) else 0
+    if port and not port_is_free(port):
+        log.warning("port %d on 127.0.0.1 is taken (another broker?): the embedded broker takes a free port "
+                    "instead; pass its URL to clients with --broker", port)
+        port = 0
     if kind == PYTHON:
         from .amqtt_broker import PythonBroker  # the optional extra, imported only when used
 

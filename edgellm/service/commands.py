@@ -59,23 +59,30 @@ def _default_device_id() -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname()) or "edge"
 
 
-def _add_connection_arguments(p: argparse.ArgumentParser) -> None:
+def _add_connection_arguments(p: argparse.ArgumentParser, serve: bool) -> None:
+    """The broker flags `serve` and `ask` share; `serve` picks whose words the help shows."""
     g = p.add_argument_group("broker")
-    g.add_argument("--broker", help="mqtt://host[:1883] or mqtts://host[:8883]; for serve, 'embedded' starts a "
-                                    "broker on this host (the default without --http)")
-    g.add_argument("--device-id", help="this device's topic level (default: host name)")
+    if serve:
+        g.add_argument("--broker", help=f"mqtt://host[:1883] or mqtts://host[:8883]; '{EMBEDDED}' starts a broker "
+                                        "on this host (the default without --http)")
+        g.add_argument("--device-id", help="this device's topic level (default: host name)")
+    else:
+        g.add_argument("--broker", help="mqtt://host[:1883] or mqtts://host[:8883] (default: mqtt://127.0.0.1:1883, "
+                                        "where `edgellm serve` starts its broker when 1883 is free)")
+        g.add_argument("--device-id", help="the serving device's --device-id (default: this host's name)")
     g.add_argument("--topic-prefix", help="first topic level (default: edgellm)")
     g.add_argument("--username")
     g.add_argument("--password-file", help="file whose first line is the password (kept off the command line)")
     g.add_argument("--tls-ca", help="CA certificate to verify the broker (implies TLS)")
     g.add_argument("--tls-cert", help="client certificate, for brokers that require one")
     g.add_argument("--tls-key", help="client certificate's private key")
-    g.add_argument("--mqtt-version", choices=sorted(MQTT_VERSIONS), help="default: 5")
+    g.add_argument("--mqtt-version", choices=sorted(MQTT_VERSIONS),
+                   help="default: 5" if serve else "default: 5, or 3.1.1 when the broker refuses 5")
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     add_load_arguments(p)
-    _add_connection_arguments(p)
+    _add_connection_arguments(p, serve=True)
     p.add_argument("--config", type=Path, help="TOML file with a [serve] table of these options "
                                                "(and an [anomaly] table for --recipe anomaly)")
     p.add_argument("--recipe", choices=RECIPES,
@@ -124,7 +131,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_ask_arguments(p: argparse.ArgumentParser) -> None:
-    _add_connection_arguments(p)
+    _add_connection_arguments(p, serve=False)
     p.add_argument("prompt")
     add_sampling_arguments(p)
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for each reply (default: 120)")
@@ -206,15 +213,16 @@ def _embedded_version(kind: str, args: argparse.Namespace) -> str:
     return args.mqtt_version or spoken[0]
 
 
-def _embedded_broker(kind: str) -> EmbeddedBroker:
+def _embedded_broker(kind: str, asked: bool) -> EmbeddedBroker:
     """1883 when free (once a broker a killed serve left there is stopped), so `edgellm ask` finds
-    it without --broker; else any free port."""
+    it without --broker; else any free port. `asked`: --broker embedded rather than no --broker."""
     broker = start_embedded(kind, port=1883)
+    why = f"--broker {EMBEDDED}" if asked else "no --broker given"
     if kind == MOSQUITTO:
-        log.warning("no --broker given: started an embedded mosquitto at %s (this host only)", broker.url)
+        log.warning("%s: started an embedded mosquitto at %s (this host only)", why, broker.url)
     else:
-        log.warning("no --broker given: started the in-process Python broker (amqtt) at %s (this host only); "
-                    "MQTT 5 is unavailable on it, so the service speaks 3.1.1", broker.url)
+        log.warning("%s: started the in-process Python broker (amqtt) at %s (this host only); "
+                    "MQTT 5 is unavailable on it, so the service speaks 3.1.1", why, broker.url)
     return broker
 
 
@@ -306,7 +314,7 @@ def run_serve(args: argparse.Namespace) -> int:
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
         if kind is not None:
-            broker = _embedded_broker(kind)
+            broker = _embedded_broker(kind, asked=args.broker == EMBEDDED)
             conn = dataclasses.replace(conn, broker=BrokerAddress.parse(broker.url))
         if http_config is not None:
             from .http import HttpServer
