@@ -134,7 +134,20 @@ def test_tool_calls_whole_and_as_streamed_deltas(qwen3):
                                                      stream=True, **params))
         deltas = [d.model_dump(exclude_none=True) for c in chunks for d in c.choices[0].delta.tool_calls or []]
         assert merge_deltas([], deltas)[0]["function"] == calls[0].function.model_dump()
-        assert chunks[-1].choices[0].finish_reason == "tool_calls"
+        # As OpenAI streams a call: one delta a chunk, so a client reading `tool_calls[0]` of each
+        # chunk, by index, gets all of it; the name (and id) first; the finish reason on its own.
+        tool_chunks = [c.choices[0].delta.tool_calls for c in chunks if c.choices[0].delta.tool_calls]
+        assert all(len(entries) == 1 for entries in tool_chunks)
+        head = tool_chunks[0][0]
+        assert (head.index, head.type, head.function.name) == (0, "function", "set_light")
+        assert head.id.startswith("call_") and head.function.arguments == ""
+        read: dict[int, str] = {}
+        for entries in tool_chunks:
+            read[entries[0].index] = read.get(entries[0].index, "") + (entries[0].function.arguments or "")
+        assert read == {0: calls[0].function.arguments}
+        last = chunks[-1].choices[0]
+        assert last.finish_reason == "tool_calls" and not last.delta.tool_calls and not last.delta.content
+        assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
         # the call's result goes back as a tool message
         history = ask + [whole.choices[0].message.model_dump(exclude_none=True),
                          {"role": "tool", "tool_call_id": calls[0].id, "content": "the light is on"}]

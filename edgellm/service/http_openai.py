@@ -104,16 +104,17 @@ class _Reply:
         return {**self.head, "choices": choices, **extra}
 
 
-async def _sse_stream(run: Run, reply: _Reply, choice: Any, include_usage: bool) -> AsyncIterator[str]:
-    """Server-sent events: one per chunk (`choice(chunk, first)` builds its choice), then the
-    usage chunk if asked for, then [DONE]. A disconnect cancels the job at the next token."""
+async def _sse_stream(run: Run, reply: _Reply, choices: Any, include_usage: bool) -> AsyncIterator[str]:
+    """Server-sent events: one per choice `choices(chunk, first)` makes of a chunk (none for
+    an empty one, until something went out), then the usage chunk if asked for, then [DONE].
+    A disconnect cancels the job at the next token."""
     extra = {"usage": None} if include_usage else {}
     try:
         first = True
         async for chunk in run.chunks():
-            if first or chunk.text or chunk.reasoning or chunk.tool_calls or chunk.finish_reason:
-                yield _sse(reply([choice(chunk, first)], **extra))
-                first = False
+            for choice in (made := choices(chunk, first)):
+                yield _sse(reply([choice], **extra))
+            first = first and not made
         if run.outcome.error is not None:
             error = outcome_error(run.outcome)
             yield _sse({"error": {"message": str(error), "type": "server_error", "param": None, "code": error.code}})
@@ -124,21 +125,27 @@ async def _sse_stream(run: Run, reply: _Reply, choice: Any, include_usage: bool)
         run.cancel.set()  # the client went away (or it finished: then a no-op)
 
 
-def _streaming(run: Run, reply: _Reply, choice: Any, include_usage: bool) -> StreamingResponse:
+def _streaming(run: Run, reply: _Reply, choices: Any, include_usage: bool) -> StreamingResponse:
     run.unwatch()
-    return StreamingResponse(_sse_stream(run, reply, choice, include_usage), media_type="text/event-stream",
+    return StreamingResponse(_sse_stream(run, reply, choices, include_usage), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-def _chat_delta(chunk: Any, first: bool) -> dict[str, Any]:
+def _chat_deltas(chunk: Any, first: bool) -> list[dict[str, Any]]:
+    """A chunk's choices as OpenAI streams them: the text (with the role, first), then each
+    tool-call delta in a choice of its own (the name with the id, then the arguments), then
+    the finish reason with an empty delta, so a client reading `tool_calls[0]` misses nothing."""
     delta: dict[str, Any] = {"role": "assistant", "content": chunk.text} if first else {}
     if chunk.text and not first:
         delta["content"] = chunk.text
     if chunk.reasoning:
         delta["reasoning_content"] = chunk.reasoning
-    if chunk.tool_calls:
-        delta["tool_calls"] = chunk.tool_calls
-    return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": chunk.finish_reason}
+    deltas = [delta] if delta else []
+    deltas += [{"tool_calls": [call]} for call in chunk.tool_calls]
+    choices = [{"index": 0, "delta": d, "logprobs": None, "finish_reason": None} for d in deltas]
+    if chunk.finish_reason:
+        choices.append({"index": 0, "delta": {}, "logprobs": None, "finish_reason": chunk.finish_reason})
+    return choices
 
 
 def _chat_choice(result: Any) -> dict[str, Any]:
@@ -151,20 +158,24 @@ def _chat_choice(result: Any) -> dict[str, Any]:
     return {"index": 0, "message": message, "logprobs": None, "finish_reason": result.finish_reason}
 
 
-def _text_choice(chunk: Any, _first: bool = False) -> dict[str, Any]:
+def _text_choice(chunk: Any) -> dict[str, Any]:
     """A streamed chunk or a whole `Result`: both have text and finish_reason."""
     return {"index": 0, "text": chunk.text, "logprobs": None, "finish_reason": chunk.finish_reason}
 
 
+def _text_chunks(chunk: Any, first: bool) -> list[dict[str, Any]]:
+    return [_text_choice(chunk)] if first or chunk.text or chunk.finish_reason else []
+
+
 async def _complete(front: Front, request: Request, body: dict[str, Any], prompt: Any, kinds: tuple[str, str],
-                    stream_choice: Any, whole_choice: Any) -> Response:
-    """Run one completion; SSE if asked (`stream_choice` per chunk), else one object."""
+                    stream_choices: Any, whole_choice: Any) -> Response:
+    """Run one completion; SSE if asked (`stream_choices` makes a chunk's choices), else one object."""
     params = _params(body)
     stream, include_usage = _stream_flags(body)
     run = await front.submit(request, prompt, params)
     prefix = "chatcmpl" if kinds[0].startswith("chat") else "cmpl"
     if stream:
-        return _streaming(run, _Reply(front, kinds[0], prefix), stream_choice, include_usage)
+        return _streaming(run, _Reply(front, kinds[0], prefix), stream_choices, include_usage)
     result = await front.whole(run)
     return JSONResponse(_Reply(front, kinds[1], prefix)([whole_choice(result)], usage=usage(result)))
 
@@ -173,7 +184,7 @@ async def chat_completions(front: Front, request: Request) -> Response:
     body = await front.read_json(request)
     front.check_model(body.get("model"))
     return await _complete(front, request, body, _messages(body), ("chat.completion.chunk", "chat.completion"),
-                           _chat_delta, _chat_choice)
+                           _chat_deltas, _chat_choice)
 
 
 def _prompt(body: dict[str, Any]) -> Any:
@@ -192,7 +203,7 @@ async def completions(front: Front, request: Request) -> Response:
     body = await front.read_json(request)
     front.check_model(body.get("model"))
     return await _complete(front, request, body, _prompt(body), ("text_completion", "text_completion"),
-                           _text_choice, _text_choice)
+                           _text_chunks, _text_choice)
 
 
 def _model_card(front: Front) -> dict[str, Any]:
