@@ -38,6 +38,7 @@ from bench import build_genai, run_measured  # noqa: E402
 
 WORKER = HERE / "worker.py"
 PI5_BYTES_PER_S = 11e9  # what a Raspberry Pi 5 sustains reading memory (issue 20)
+UNSTABLE = 1.3  # one row's rounds decoding further apart than this: a busy machine (as in report.unstable)
 GGUF_TYPES = ("Q4_0", "Q4_K_M")  # llama.cpp's quantizer writes these the way users download them
 SOURCES = (*(f"GGUF {t}" for t in GGUF_TYPES), "HF")
 ENGINES = ("edgellm", "genai", "llamacpp")
@@ -213,26 +214,36 @@ def _onnx_nbytes(tensor: Any) -> int:
     return count * helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
 
 
+# Nodes that pass a tensor on without reading it anew: a weight behind one is read where it is used.
+_VIEWS = ("Cast", "Reshape", "Squeeze", "Unsqueeze", "Identity", "Flatten")
+
+
 def onnx_bytes_per_token(model: Path, ids_input: str = "input_ids") -> dict[str, int]:
     """Bytes of weights one decode step reads: every initializer of every MatMulNBits (weight,
     scales, zero points, bias) or float MatMul/Gemm, plus one row of each table gathered by the
-    token ids (the embedding; edgellm gathers its weight, scales and offsets separately)."""
+    token ids (the embedding: edgellm gathers lm_head's weight, scales and offsets separately,
+    genai gathers a reshaped view of lm_head's weight in one GatherBlockQuantized)."""
     import onnx
 
     graph = onnx.load(str(model), load_external_data=False).graph
     inits = {t.name: t for t in graph.initializer}
-    ids = {ids_input}
-    for node in graph.node:  # the ids may reach the gather through a cast or reshape
-        if node.op_type in ("Cast", "Reshape", "Squeeze", "Unsqueeze", "Identity") and node.input[0] in ids:
-            ids.update(node.output)
+    made_by = {out: node for node in graph.node for out in node.output}
+
+    def origin(name: str) -> str:
+        """The tensor `name` is a view of: an initializer, a graph input or a computed value."""
+        while name not in inits and name in made_by and made_by[name].op_type in _VIEWS:
+            name = made_by[name].input[0]
+        return name
+
     matmul: set[str] = set()
     row = 0
     for node in graph.node:
+        stored = [(i, origin(name)) for i, name in enumerate(node.input) if origin(name) in inits]
         if node.op_type in ("MatMulNBits", "MatMul", "Gemm"):
-            matmul.update(i for i in node.input if i in inits)
-        elif node.op_type in ("Gather", "GatherBlockQuantized") and len(node.input) > 1 and node.input[1] in ids:
-            for name in (n for i, n in enumerate(node.input) if i != 1 and n in inits):
-                row += _onnx_nbytes(inits[name]) // inits[name].dims[0]
+            matmul.update(name for _, name in stored)
+        elif node.op_type in ("Gather", "GatherBlockQuantized") and len(node.input) > 1 \
+                and origin(node.input[1]) == ids_input:
+            row += sum(_onnx_nbytes(inits[name]) // inits[name].dims[0] for i, name in stored if i != 1)
     weights = sum(_onnx_nbytes(inits[n]) for n in matmul)
     return {"matmul": weights, "embedding_row": row, "total": weights + row}
 
@@ -377,7 +388,10 @@ def summary(row: Row) -> dict[str, Any]:
     if row.skipped and not row.runs:
         return {**out, "skipped": row.skipped}
     median = {k: statistics.median(r[k] for r in row.runs) for k in ("decode_tokens_per_s", "ttft_s", "peak_rss_mb")}
-    return {**out, **median, **model_facts(row), "skipped": row.skipped,
+    rates = [r["decode_tokens_per_s"] for r in row.runs]
+    # Fastest over slowest round, compared with UNSTABLE in the table.
+    spread = max(rates) / min(rates) if min(rates) > 0 else None
+    return {**out, **median, **model_facts(row), "skipped": row.skipped, "decode_spread": spread,
             "first_ids": row.runs[0]["first_ids"], "runs": row.runs}
 
 
@@ -441,8 +455,11 @@ def table(rows: list[dict[str, Any]], settings: dict[str, Any]) -> str:
             fmt(r.get("vs_llamacpp", {}).get("decode_tokens_per_s"), ".2f", "x"),
             fmt(r.get("vs_genai", {}).get("decode_tokens_per_s"), ".2f", "x"),
         ))
+        name = f"{r['shape']} · {r['source']} · {report.LABELS[r['engine']]}"
         if r.get("skipped"):
-            notes.append(f"{r['shape']} · {r['source']} · {report.LABELS[r['engine']]}: fewer runs: {r['skipped']}")
+            notes.append(f"{name}: fewer runs: {r['skipped']}")
+        if (r["decode_spread"] or 0) > UNSTABLE:
+            notes.append(f"{name}: unstable, rounds {r['decode_spread']:.1f}x apart: rerun on a quiet machine")
     text = report.grid(lines)
     text.append(f"(decode: {settings['tokens']} greedy tokens after a {settings['prompt_tokens']}-token id prompt, "
                 f"EOS ignored, {settings['threads']} threads, median of {settings['runs']} interleaved rounds, one "

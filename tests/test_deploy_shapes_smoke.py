@@ -139,3 +139,38 @@ def test_ratios_and_bars_pair_the_same_file():
         "s GGUF Q4_K_M: edgellm decode >= 1.0x llama.cpp": "FAIL",
         "s HF: edgellm decode >= 1.0x onnxruntime-genai int4": "PASS",
     }
+
+
+def test_onnx_bytes_per_token_follows_views_to_the_stored_tables(tmp_path):
+    """genai gathers its embedding from a Reshape of lm_head's int4 weight; edgellm gathers the
+    weight and its scales apart; a rotary table gathered by position is not the embedding."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    vocab, hidden, blocks = 100, 64, 2
+    tables = {
+        "head.q4": np.zeros((vocab, blocks, 16), np.uint8),  # 32 bytes a row
+        "head.scales": np.zeros((vocab, blocks), np.float32),  # 8 bytes a row
+        "head.bias": np.zeros((vocab,), np.float32),
+        "shape": np.array([vocab, hidden // 2], np.int64),
+        "cos": np.zeros((512, 16), np.float32),
+    }
+    nodes = [
+        helper.make_node("Cast", ["input_ids"], ["ids32"], to=TensorProto.INT32),
+        helper.make_node("Reshape", ["head.q4", "shape"], ["flat"]),
+        helper.make_node("GatherBlockQuantized", ["flat", "ids32", "head.scales"], ["emb"], domain="com.microsoft"),
+        helper.make_node("Gather", ["head.scales", "input_ids"], ["emb_scales"]),  # edgellm's way: counted again
+        helper.make_node("Gather", ["cos", "position_ids"], ["cos_row"]),
+        helper.make_node("MatMulNBits", ["emb", "head.q4", "head.scales", "", "", "head.bias"], ["logits"],
+                         domain="com.microsoft", K=hidden, N=vocab, bits=4, block_size=32),
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info(n, TensorProto.INT64, [1, 1]) for n in ("input_ids", "position_ids")],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 1, vocab])],
+        [numpy_helper.from_array(v, k) for k, v in tables.items()])
+    onnx.save(helper.make_model(graph), tmp_path / "m.onnx")
+    got = ds.onnx_bytes_per_token(tmp_path / "m.onnx")
+    assert got["matmul"] == vocab * (32 + 8 + 4)
+    assert got["embedding_row"] == (32 + 8) + 8
+    assert got["total"] == got["matmul"] + got["embedding_row"]
