@@ -136,6 +136,18 @@ def cmd_devices(args: argparse.Namespace) -> int:
     return 0
 
 
+# What `edgellm service FILE` prints: the files ship in the wheel next to the device profiles
+# (devices/ in a checkout), so a board that installed only the wheel needs no checkout.
+SERVICE_FILES = {"unit": "edgellm.service", "env": "edgellm.env"}
+
+
+def cmd_service(args: argparse.Namespace) -> int:
+    from .devices import _profile_dir
+
+    sys.stdout.write((_profile_dir() / SERVICE_FILES[args.file]).read_text())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edgellm",
@@ -176,6 +188,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("devices", cmd_devices, "list device profiles (and the one detected here), or show one")
     p.add_argument("name", nargs="?", help="profile to show")
+
+    p = add("service", cmd_service, "print the systemd unit or its settings file, to install on a board "
+            "(e.g. `edgellm service unit | sudo tee /etc/systemd/system/edgellm.service`)")
+    p.add_argument("file", choices=list(SERVICE_FILES),
+                   help="unit: edgellm.service; env: /etc/edgellm/edgellm.env, the settings it reads")
 
     add_serve_arguments(add("serve", run_serve, "answer requests from devices over MQTT"))
     add_ask_arguments(add("ask", run_ask, "send one prompt to an `edgellm serve` over MQTT and print the answer"))

