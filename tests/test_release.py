@@ -161,3 +161,21 @@ def test_the_docs_install_line_takes_the_wheel_with_extras(wheel, installed, tmp
                           "--dry-run", "--no-index", spec], env=_env(installed), capture_output=True, text=True,
                          timeout=120)
     assert res.returncode == 0 and "Would install edgellm-" in res.stdout, res.stdout + res.stderr
+
+
+def test_the_wheel_alone_runs_a_bundle(installed, tiny_bundle, tmp_path):
+    """Everything the runtime reads at run time (templates, schemas, profiles) is in the wheel."""
+    res = _in_venv(installed, f"edgellm run {tiny_bundle} hello --max-tokens 4 --profile rpi4", tmp_path)
+    assert res.returncode == 0 and "completion 4 tok" in res.stderr, res.stderr
+
+
+def test_the_env_files_settings_are_flags_serve_takes():
+    """The unit runs `edgellm serve ${EDGELLM_BUNDLE} --profile ${EDGELLM_PROFILE} $EDGELLM_ARGS`."""
+    from edgellm.cli import build_parser
+
+    unit = (ROOT / "devices" / "edgellm.service").read_text()
+    env = dict(re.findall(r"^(EDGELLM_\w+)=(.*)$", (ROOT / "devices" / "edgellm.env").read_text(), re.M))
+    exec_start = re.search(r"^ExecStart=\S+/edgellm (.*)$", unit, re.M)[1]
+    argv = shlex.split(re.sub(r"\$\{?(EDGELLM_\w+)\}?", lambda m: env[m[1]], exec_start))
+    args = build_parser().parse_args(argv)
+    assert args.command == "serve" and str(args.bundle) == env["EDGELLM_BUNDLE"]
