@@ -122,6 +122,14 @@ def test_a_request_pipelined_behind_an_answer_must_arrive_too(model):
         assert closed_within(sock, 3)
 
 
+def _wait_open(server, count: int, timeout: float = 5.0) -> None:
+    """Until the server counts exactly `count` open connections (a closed one leaves it a moment later)."""
+    deadline = time.monotonic() + timeout
+    while server.listener.open != count and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert server.listener.open == count, f"{server.listener.open} connections open, expected {count}"
+
+
 def test_connections_over_the_limits_are_refused_at_once_with_one_log_line(model, caplog):
     with serving(model, max_connections=8) as server:  # 2 per client address
         held = [connect(server, "127.0.0.2") for _ in range(2)]
@@ -130,10 +138,11 @@ def test_connections_over_the_limits_are_refused_at_once_with_one_log_line(model
             for _ in range(20):  # the third connection of one address, twenty times
                 assert turned_away(connect(server, "127.0.0.2"))
             assert httpx.get(server.url + "/health").status_code == 200  # another address is served
+            # Its connection must be gone before counting to the limit: while the server still
+            # held it, the count could reach 8 with the last held socket not yet accepted.
+            _wait_open(server, 2)
             held += [connect(server, f"127.0.0.{3 + i // 2}") for i in range(6)]  # 8 held: the limit
-            deadline = time.monotonic() + 5
-            while server.listener.open < 8 and time.monotonic() < deadline:
-                time.sleep(0.01)
+            _wait_open(server, 8)
             assert turned_away(connect(server, "127.0.0.9"))
         lines = [r.getMessage() for r in caplog.records if "refusing connections" in r.getMessage()]
         assert len(lines) == 1, lines
