@@ -27,6 +27,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--requantize", action="store_true",
                         help="round a GGUF's blocks afresh to --quant/--block-size instead of importing each type "
                         "exactly (smaller and faster to read, worse answers)")
+    parser.add_argument("--head-bits", type=int, choices=[4, 8],
+                        help="bits of lm_head and of the embedding it shares when tied (default: as --quant, and a "
+                        "GGUF's own type); 4 rounds a Q8_0/Q6_K head afresh to int4: fewer bytes a token, "
+                        "checked by the quality gate")
     parser.add_argument("--accuracy-level", type=int, choices=[0, 1, 2, 3, 4],
                         help="MatMulNBits accuracy_level (default 4 for --target cpu: int8 activations, fastest; "
                         "0 for cuda, whose kernel has no such mode)")
@@ -131,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
     eval_text = args.eval_text.read_text(encoding="utf-8") if args.eval_text else None
     quant = QuantConfig(weights=args.quant, block_size=args.block_size, symmetric=not args.asymmetric,
                         accuracy_level=args.accuracy_level, kv_cache=args.kv_cache, target=args.target,
-                        context=args.context)
+                        context=args.context, head_bits=args.head_bits)
     bars = _Bars() if sys.stderr.isatty() else _StageLines()
     start = time.perf_counter()
     try:

@@ -53,6 +53,10 @@ class WeightLoader:
         self._done: dict[tuple[bool, str, int, int, bool], _Tally] = {}
         # Relative RMS error of each freshly rounded weight against the source's values.
         self.errors: dict[str, float] = {}
+        self._fresh_bits: dict[str, int] = {}
+        # lm_head, and the embedding when it is lm_head's table: what quant.head_bits sets.
+        tied = source.spec.tie_embeddings
+        self._head = {"lm_head.weight"} | ({"model.embed_tokens.weight"} if tied else set())
 
     def load(self, names: list[str]) -> list[QuantizedWeight]:
         """The weights `names` ([out, in] each) stacked along out: one MatMulNBits weight per
@@ -80,12 +84,17 @@ class WeightLoader:
 
     def _part(self, name: str) -> _Part:
         kind = self._types.get(name, "float")
+        head_bits = self.quant.head_bits if name in self._head else None
+        bits = head_bits or self.bits
         blocks = self.source.quant_blocks(name) if self.exact and kind in TYPES else None
         if blocks is not None:
-            return _Part(from_gguf_blocks(blocks), True, kind)
+            imported = from_gguf_blocks(blocks)
+            if head_bits is None or imported.bits <= head_bits:  # a head no wider than --head-bits stays
+                return _Part(imported, True, kind)
         w = self.source.tensor(name)
-        q = quantize_nbits(w, self.bits, self.quant.block_size, self.quant.symmetric)
+        q = quantize_nbits(w, bits, self.quant.block_size, self.quant.symmetric)
         self.errors[name] = float(np.linalg.norm(dequantize(q) - w) / max(float(np.linalg.norm(w)), 1e-30))
+        self._fresh_bits[name] = bits
         return _Part(q, False, kind)
 
     def worst(self, count: int = 3) -> list[str]:
@@ -95,7 +104,7 @@ class WeightLoader:
         for name, err in ranked:
             kind = self._types.get(name, "float")
             verb = "rounded" if kind in FLOAT_TYPES else "re-rounded"
-            worst.append(f"{name} ({kind} {verb} to int{self.bits} block {self.quant.block_size}, {err:.1%} RMS error)")
+            worst.append(f"{name} ({kind} {verb} to int{self._fresh_bits[name]} block {self.quant.block_size}, {err:.1%} RMS error)")
         return worst
 
     def notes(self) -> list[str]:

@@ -108,3 +108,21 @@ def test_the_rotary_rows_are_the_first_positions(tiny_hf, tmp_path):
     tables = [onnx.load(tmp_path / name / "model.onnx").graph.initializer for name in "ab"]
     cos = [next(onnx.numpy_helper.to_array(t) for t in init if t.name == "cos_cache") for init in tables]
     np.testing.assert_array_equal(cos[0], cos[1][:64])
+
+
+def test_a_four_bit_head_halves_the_tied_table(tiny_hf, tmp_path):
+    """--head-bits 4: the Q8_0 tied table (lm_head and the embedding's gather) is rounded afresh to
+    int4 block 32, so its codes take half the bytes; the notes and the manifest say so."""
+    path = write_tiny_gguf(tiny_hf("llama", **SHAPE), tmp_path / "m.gguf", QTYPES)
+    exact, small = tmp_path / "exact", tmp_path / "head4"
+    export_model(path, exact, evaluate=False, max_context=64)
+    manifest = export_model(path, small, evaluate=False, max_context=64, quant=QuantConfig(head_bits=4))
+    before, after = _initializers(exact)["lm_head.qweight"], _initializers(small)["lm_head.qweight"]
+    assert after[1] * 2 == before[1], (before, after)
+    assert manifest.quantization["head_bits"] == 4
+    assert "re-quantized 1 Q8_0 tensor to int4 block 32 symmetric: 5.00 bits a weight read (8.50 in the GGUF)" in \
+        manifest.quantization["notes"], manifest.quantization["notes"]
+    # The embedding gathers the int4 rows: the bundle loads and answers (its quality is the gate's to judge).
+    assert edgellm.load(small).generate([5, 17, 33], max_new_tokens=4, temperature=0).usage.completion_tokens == 4
+    with pytest.raises(ExportError, match="--head-bits 4 --quant fp16"):
+        QuantConfig(weights="fp16", head_bits=4)
