@@ -90,6 +90,9 @@ class Genai:
     def __init__(self, model_dir: Path, threads: int, context: int) -> None:
         import onnxruntime_genai as og
 
+        decoder = json.loads((model_dir / "genai_config.json").read_text())["model"]["decoder"]
+        # Its sliding-window attention (Gemma 3) refuses a cache shorter than the window.
+        self.cache_floor = (decoder.get("sliding_window") or {}).get("window_size", 0)
         config = og.Config(str(model_dir))
         options = {"intra_op_num_threads": threads, "inter_op_num_threads": 1}
         config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
@@ -102,7 +105,7 @@ class Genai:
         started = time.perf_counter()
         params = self.og.GeneratorParams(self.model)
         total = len(ids) + max_new_tokens
-        params.set_search_options(max_length=total, min_length=total, do_sample=False)
+        params.set_search_options(max_length=max(total, self.cache_floor), min_length=total, do_sample=False)
         generator = self.og.Generator(self.model, params)
         generator.append_tokens(list(ids))
 
@@ -115,7 +118,7 @@ class Genai:
 
     def perplexity(self, ids: Sequence[int]) -> float:
         params = self.og.GeneratorParams(self.model)
-        params.set_search_options(max_length=len(ids) + 1)
+        params.set_search_options(max_length=max(len(ids) + 1, self.cache_floor))
         generator = self.og.Generator(self.model, params)
         generator.append_tokens(list(ids))
         return perplexity(generator.get_output("logits")[0], ids)
