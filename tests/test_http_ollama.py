@@ -102,3 +102,18 @@ def test_tools_and_think(tiny_bundle_factory):
                                   options={"num_predict": 12, "seed": 1, "temperature": 1.0})
     expected = qwen3.generate(opened, max_new_tokens=12, seed=1, temperature=1.0)
     assert expected.reasoning and (thought.thinking, thought.response) == (expected.reasoning, expected.text)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_schema_refused_once_compiled_is_named_as_format(client, model, stream):
+    """The schema is checked on the grammar thread after the request is accepted; its error still
+    names Ollama's `format`, not the OpenAI-shaped field the parameters are declared under."""
+    schema = {"type": "object", "properties": {"a": {"type": "array", "minItems": 5, "maxItems": 2}}, "required": ["a"]}
+    with pytest.raises(ollama.ResponseError) as caught:
+        reply = client.chat(model=tag(model), messages=[{"role": "user", "content": "hi"}], format=schema,
+                            stream=stream)
+        if stream:
+            list(reply)
+    assert caught.value.status_code == 400
+    assert caught.value.error.startswith("format.properties.a"), caught.value.error
+    assert "response_format" not in caught.value.error

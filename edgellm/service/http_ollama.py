@@ -36,8 +36,18 @@ _OPTIONS = {"num_predict": "max_tokens", "temperature": "temperature", "top_k": 
             "min_p": "min_p", "seed": "seed", "stop": "stop", "repeat_penalty": "repetition_penalty",
             "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
             "repeat_last_n": "penalty_window"}
-_NAMES = {wire: f"options.{name}" for name, wire in _OPTIONS.items()} | {
-    "response_format": "format", "reasoning": "think"}
+# Longest first: a schema's own path ("response_format.json_schema.schema.properties...") is
+# under `format` as Ollama spells it.
+_NAMES = {"response_format.json_schema.schema": "format"} | {
+    wire: f"options.{name}" for name, wire in _OPTIONS.items()} | {"response_format": "format", "reasoning": "think"}
+
+
+def _named(message: str) -> str:
+    """`message` with a field named as the Ollama request spells it (params.py names the wire's)."""
+    for wire_name, name in _NAMES.items():
+        if message.startswith(wire_name):
+            return name + message[len(wire_name):]
+    return message
 
 
 def _now() -> str:
@@ -74,11 +84,7 @@ def _params(body: dict[str, Any]) -> dict[str, Any]:
     try:
         return from_wire(wire)
     except GenerationError as exc:
-        message = str(exc)
-        for wire_name, name in _NAMES.items():
-            if message.startswith(wire_name):
-                message = name + message[len(wire_name):]
-        raise HttpError(400, message) from None
+        raise HttpError(400, _named(str(exc))) from None
 
 
 def _without_nulls(value: Any) -> Any:
@@ -174,7 +180,7 @@ async def _ndjson(front: Front, run: Run, chat: bool) -> AsyncIterator[str]:
                 yield _line({"model": front.tag, "created_at": _now(), **_part(chat, chunk.text, chunk.reasoning),
                              "done": False})
         if run.outcome.error is not None:
-            yield _line({"error": str(outcome_error(run.outcome))})
+            yield _line({"error": _named(str(outcome_error(run.outcome)))})
             return
         if calls and (whole := _ollama_calls(calls)):
             yield _line({"model": front.tag, "created_at": _now(),
@@ -198,7 +204,10 @@ def _part(chat: bool, text: str, reasoning: str, calls: list[dict[str, Any]] | N
 
 async def _answer(front: Front, request: Request, prompt: Any, params: dict[str, Any], stream: bool,
                   chat: bool) -> Response:
-    run = await front.submit(request, prompt, params, budget_field="options.num_predict")
+    try:
+        run = await front.submit(request, prompt, params, budget_field="options.num_predict")
+    except HttpError as exc:  # a grammar refused once compiled names the wire's field
+        raise HttpError(exc.status, _named(str(exc)), exc.param, exc.code, exc.headers) from None
     if stream:
         run.unwatch()
         return StreamingResponse(_ndjson(front, run, chat), media_type="application/x-ndjson")
