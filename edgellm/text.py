@@ -25,6 +25,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .bundle import bundle_file
 from .errors import BundleError, GenerationError
+from .netjson import encodable
 
 TOKENIZER_FILE = "tokenizer.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
@@ -103,9 +104,14 @@ class Tokenizer:
         `text` to the strings they are encoded as, always as plain text. BOS is
         prepended only when the bundle asks for it and the text does not already
         begin with it."""
-        with self._lock:
-            ids = self._encode_literals(text, literals) if literals else \
-                self.tokenizer.encode(text, add_special_tokens=False).ids
+        try:
+            with self._lock:
+                ids = self._encode_literals(text, literals) if literals else \
+                    self.tokenizer.encode(text, add_special_tokens=False).ids
+        except TypeError:  # what tokenizers raises for a lone surrogate ("\ud800"): not text
+            if isinstance(text, str) and not encodable(text):
+                raise GenerationError("prompt holds a lone surrogate (\\ud800-\\udfff), which is not text") from None
+            raise
         if add_special_tokens and self.add_bos_token and (not ids or ids[0] != self.bos_token_id):
             ids.insert(0, self.bos_token_id)
         return ids

@@ -69,3 +69,11 @@ def test_a_lone_surrogate_is_refused_before_the_worker(model):
 def test_a_tool_that_no_tokenizer_takes_is_refused_naming_the_field():
     with pytest.raises(GenerationError, match=r"^tools\[0\]\.function\.description holds a lone surrogate"):
         parse_tools([{"type": "function", "function": {"name": "f", "description": "on \udc00"}}])
+
+
+def test_a_lone_surrogate_in_a_python_api_prompt_is_a_generation_error(model):
+    """The Python API has no wire check before it: the tokenizer's TypeError becomes the one-line
+    GenerationError every other bad prompt raises."""
+    with pytest.raises(GenerationError, match="lone surrogate"):
+        model.generate("valve \ud800 open?", max_new_tokens=2)
+    assert model.generate("valve open?", max_new_tokens=2, temperature=0).usage.completion_tokens == 2
