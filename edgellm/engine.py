@@ -192,6 +192,7 @@ class Engine:
         return len(self._jobs)
 
     def start(self) -> "Engine":
+        self.model.tokenizer.bytes_per_token  # cannot_fit's bound, worked out once (0.1 s) before any request waits on it
         for thread in (self._worker, self._compiler):
             if not thread.is_alive():
                 thread.start()

@@ -101,6 +101,7 @@ def test_a_graph_without_a_batch_dimension_serves_one_at_a_time(model, caplog):
     class Old:  # a bundle exported before batching: its manifest has no graph.batch
         manifest = type("M", (), {"graph": {"kind": "fast"}, "generation": {}})()
         max_context = model.max_context
+        tokenizer = model.tokenizer
         stream = model.stream
 
     engine = Engine(Old(), slots=4).start()

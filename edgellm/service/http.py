@@ -139,8 +139,6 @@ class Front:
         manifest = self.model.manifest
         self.name = manifest.name or getattr(getattr(self.model, "path", None), "name", "") or "edgellm"
         self.started = time.time()
-        self.tokenizer = self.model.tokenizer
-        self.tokenizer.bytes_per_token  # worked out now (0.1 s), not on the event loop at the first request
 
     @property
     def tag(self) -> str:
