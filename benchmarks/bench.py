@@ -85,7 +85,7 @@ def _slug(source: str) -> str:
 
 def gguf_of(source: str) -> Path | None:
     """The GGUF file behind `source`, which llama.cpp needs; None for a HF folder."""
-    from export.sources import BUILTIN_MODELS, resolve_builtin
+    from edgellm.export.sources import BUILTIN_MODELS, resolve_builtin
 
     if source in BUILTIN_MODELS:
         return resolve_builtin(source)
@@ -103,7 +103,7 @@ def export_edgellm(args: argparse.Namespace, bundle: Path) -> dict[str, Any]:
         runs.append(("--requantize", requantized(bundle), ["--requantize"]))
     for name, out, extra in runs:
         report.stage(f"edgellm export {args.source} ({name}) -> {out}")
-        flag = args.work / "run" / "export.json"
+        flag = args.work / "run" / "edgellm.export.json"
         cmd = [sys.executable, str(HERE / "worker.py"), "export", str(flag), "--",
                args.source, "-o", str(out), "--quant", "int4", "--force", "--allow-quality-loss", *extra]
         measured = run_measured(cmd)
@@ -150,9 +150,9 @@ def model_for(key: str, args: argparse.Namespace, bundle: Path, genai_dir: Path)
 
 def workload(args: argparse.Namespace, bundle: Path) -> dict[str, Any]:
     """Every engine's inputs: the same prompts as text and ids, and the gate's eval ids."""
-    from edgellm.bundle import read_manifest
-    from export.api import MAX_EVAL_TOKENS
-    from export.quality import DEFAULT_TEXT
+    from edgellm.runtime.bundle import read_manifest
+    from edgellm.export.api import MAX_EVAL_TOKENS
+    from edgellm.export.quality import DEFAULT_TEXT
 
     spec = read_manifest(bundle, verify=False).spec
     prompts = PromptSet(bundle)
@@ -200,9 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     exported = export_edgellm(args, bundle)
     work = workload(args, bundle)
 
-    from edgellm.bundle import read_manifest
+    from edgellm.runtime.bundle import read_manifest
 
-    quality: dict[str, Any] = {"text": "export.quality.DEFAULT_TEXT", "tokens": len(work["eval_ids"])}
+    quality: dict[str, Any] = {"text": "edgellm.export.quality.DEFAULT_TEXT", "tokens": len(work["eval_ids"])}
     for key, path in (("edgellm", bundle), ("edgellm-requant", requantized(bundle))):
         if key in args.engines and (path / "manifest.json").is_file():
             gate = read_manifest(path, verify=False).quality

@@ -47,9 +47,9 @@ def worker(args: argparse.Namespace) -> None:
     import numpy as np
     import onnxruntime as ort
 
-    from edgellm.bundle import read_manifest
-    from edgellm.kvcache import cache_for
-    from edgellm.session import Runner, prefill, session_options
+    from edgellm.runtime.bundle import read_manifest
+    from edgellm.runtime.caches import cache_for
+    from edgellm.runtime.runner import Runner, prefill, session_options
 
     manifest = read_manifest(args.bundle, verify=False)
     ids = json.loads(args.ids.read_text())
@@ -89,9 +89,9 @@ def worker(args: argparse.Namespace) -> None:
 
 def export_bundles(source: str, work: Path) -> dict[str, dict[str, Any]]:
     """The three bundles under `work`, exported (with the perplexity gate) when missing."""
-    from edgellm.bundle import read_manifest
-    from export.api import export_model
-    from export.config import QuantConfig
+    from edgellm.runtime.bundle import read_manifest
+    from edgellm.export.api import export_model
+    from edgellm.export.config import QuantConfig
 
     out = {}
     for name, quant in EXPORTS.items():

@@ -11,7 +11,7 @@ import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from edgellm.bundle import read_manifest
+from edgellm.runtime.bundle import read_manifest
 from edgellm.text import Tokenizer
 
 # Plain sentences in the register of the product (sensor fleets); shuffled with a fixed

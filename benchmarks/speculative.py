@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     model = edgellm.load(bundle, threads=args.threads)
     gguf = args.gguf
     if gguf is None:
-        from export.sources import resolve_builtin
+        from edgellm.export.sources import resolve_builtin
 
         gguf = Path(resolve_builtin("smollm2-135m"))
     llamas = llama_runners(gguf, args.threads)

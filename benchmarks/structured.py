@@ -188,7 +188,7 @@ def timers() -> Iterator[dict[str, list[float]]]:
     Seconds per call, by part; the forward counts one-token calls only (decode, not prefill)."""
     from edgellm.grammar import GrammarState
     from edgellm.sequence import Sequence
-    from edgellm.session import Runner
+    from edgellm.runtime.runner import Runner
 
     spent: dict[str, list[float]] = {"forward": [], "mask": [], "advance": [], "sample": [], "append": []}
     targets = [(Runner, "forward", "forward"), (GrammarState, "__call__", "mask"),

@@ -106,7 +106,7 @@ def quality(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def export(argv: list[str]) -> dict[str, Any]:
-    from edgellm.cli import main
+    from edgellm.cli.main import main
 
     rc = main(["export", *argv])
     return {"rc": rc, "torch_imported": "torch" in sys.modules}

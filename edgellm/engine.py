@@ -22,7 +22,7 @@ from typing import Any, Callable, Generic, Hashable, Iterator, Mapping, Protocol
 from .errors import GenerationError
 from .params import GenerationParams
 from .sequence import request_grammar
-from .session import release_freed_heap
+from .runtime.runner import release_freed_heap
 from .text import cannot_fit
 
 log = logging.getLogger("edgellm.engine")
@@ -160,7 +160,7 @@ class Engine:
     """Serves one model to any number of fronts; `start()`, `submit()`, then `close()`.
 
     With `slots` above 1 (and a graph exported with a batch dimension) up to that many
-    requests decode together, one batched step for all of them (`edgellm.batch`); a
+    requests decode together, one batched step for all of them (`edgellm.scheduler`); a
     request joins as soon as a slot is free and leaves when it ends."""
 
     def __init__(self, model: StreamingModel, queue_size: int = 8, per_client: int | None = None,

@@ -13,10 +13,10 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 from .errors import GenerationError
-from .kvcache import Scope, SharedPrefixes
+from .runtime.caches import Scope, SharedPrefixes
 from .params import GenerationParams
 from .sequence import Chunk, Conventions, Result, Sequence, Usage  # noqa: F401  Usage: edgellm.Usage resolves here
-from .session import Runner, prefill
+from .runtime.runner import Runner, prefill
 from .speculate import Drafter
 from .text import Tokenizer
 from .tools import merge_deltas

@@ -7,22 +7,22 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
-from .bundle import Manifest, bundle_file, read_manifest
+from .runtime.bundle import Manifest, bundle_file, read_manifest
 from .errors import BundleError, GenerationError
 from .generate import Chunk, Conventions, GenerationParams, Result, collect, stream_chunks
-from .kvcache import Scope, SharedPrefixes, SlotCache, cache_for, common_prefix
+from .runtime.caches import Scope, SharedPrefixes, SlotCache, cache_for, common_prefix
 from .reasoning import CONFIG_KEY, detect_markers, template_extras
-from .session import (BatchRunner, ProviderSpec, Runner, create_session, prefill, release_freed_heap,
+from .runtime.runner import (BatchRunner, ProviderSpec, Runner, create_session, prefill, release_freed_heap,
                       release_mapped_weights)
 from .speculate import DraftModel, PromptLookup
-from .spec import ModelSpec
-from .static_cache import StepRunner
+from .runtime.model_spec import ModelSpec
+from .runtime.static_step import StepRunner
 from .text import ChatTemplate, Tokenizer, encode_chat, template_variables
 from .tools import CLOSE, OPEN, call_syntax, chat_inputs, settle_choice
 
 if TYPE_CHECKING:
-    from .batch import Scheduler
-    from .devices import DeviceProfile
+    from .scheduler import Scheduler
+    from .runtime.devices import DeviceProfile
 
 log = logging.getLogger("edgellm")
 
@@ -113,14 +113,14 @@ def load(
 def _profile(profile: "str | os.PathLike[str] | DeviceProfile | None") -> "DeviceProfile | None":
     if profile is None or not isinstance(profile, (str, os.PathLike)):
         return profile
-    from .devices import load_profile
+    from .runtime.devices import load_profile
 
     return load_profile(profile)
 
 
 def _warn_memory(prof: "DeviceProfile", root: Path, manifest: Manifest, context: int, kv_bytes: int,
                  slots: int = 1) -> None:
-    from .devices import memory_warning
+    from .runtime.devices import memory_warning
 
     # The graph file and its external-data siblings (model.onnx.data) are the weights.
     stem = Path(manifest.graph["file"]).name
@@ -350,7 +350,7 @@ class Model:
     def scheduler(self, slots: int) -> "Scheduler":
         """A continuous-batching scheduler over `slots` cache slots (one where the graph has
         no batch dimension), for whoever drives many requests: `generate_many`, the engine."""
-        from .batch import Scheduler
+        from .scheduler import Scheduler
 
         if not self._batches:
             kind = "a generic" if self.manifest.graph["kind"] != "fast" else f"a --target {self.manifest.graph['target']}"

@@ -1,7 +1,7 @@
 """The generation-parameter contract, declared once in `PARAMS`.
 
 Every front derives from it: the Python API validates with `GenerationParams.build`,
-the CLI builds its flags from it (`edgellm.args`), the MQTT protocol validates a
+the CLI builds its flags from it (`edgellm.cli.args`), the MQTT protocol validates a
 request's parameter fields with `from_wire`, and the published request schema's
 parameter properties are `wire_schema()`. tests/test_params.py checks all four
 at every boundary, so a range written here is the range everywhere.

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .kvcache import Scope
-from .session import Runner, prefill
+from .runtime.caches import Scope
+from .runtime.runner import Runner, prefill
 
 # Longest and shortest suffix looked up: a short one matches everywhere and drafts mostly
 # wrong guesses, each of which costs a wider step. Draft length: starts at START_DRAFT, +2

@@ -23,7 +23,7 @@ from jinja2 import TemplateError, TemplateSyntaxError, meta
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from .bundle import bundle_file
+from .runtime.bundle import bundle_file
 from .errors import BundleError, GenerationError
 from .netjson import encodable
 

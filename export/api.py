@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
 from edgellm import __version__
-from edgellm.bundle import Manifest, finalize_manifest
+from edgellm.runtime.bundle import Manifest, finalize_manifest
 from edgellm.errors import BundleError, ExportError
 
 from . import arch

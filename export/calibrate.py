@@ -26,8 +26,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from edgellm.kvcache import StaticCache
-from edgellm.session import Runner, create_session
+from edgellm.runtime.caches import StaticCache
+from edgellm.runtime.runner import Runner, create_session
 
 from .config import QuantConfig
 from .graph import build_fast_graph

@@ -30,7 +30,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from edgellm.errors import ExportError
-from edgellm.spec import ModelSpec
+from edgellm.runtime.model_spec import ModelSpec
 
 from . import arch, openvino
 from .arch import Layer, Rope

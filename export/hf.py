@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from edgellm.errors import ExportError
-from edgellm.spec import ModelSpec
+from edgellm.runtime.model_spec import ModelSpec
 
 from . import arch
 

@@ -12,7 +12,7 @@ per-block floats of its own (int4 offsets rewrite lm_head's scales into float ze
 The KV cache is sequence-major, [batch, rows, kv_heads, head_dim]: `past_key_values.*` are the
 rows cached so far, and `present.*` only the new rows, so the runtime binds past to the first
 rows of one preallocated buffer and present to the rows right after them
-(edgellm.kvcache.AppendCache): no step copies the cache, whichever provider runs it.
+(edgellm.runtime.caches.AppendCache): no step copies the cache, whichever provider runs it.
 The shared nodes (positions, mask, rotary tables) are built once, before the layers.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto
 
-from edgellm.spec import ModelSpec
+from edgellm.runtime.model_spec import ModelSpec
 
 from .arch import Layer
 from .linear import Writer, gathered_codes

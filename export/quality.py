@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from edgellm.kvcache import kv_dtype, kv_shape
-from edgellm.spec import ModelSpec
+from edgellm.runtime.caches import kv_dtype, kv_shape
+from edgellm.runtime.model_spec import ModelSpec
 
 # A fixed English paragraph (about 230 tokens for SmolLM2's tokenizer); the built-in
 # default so numbers are comparable across exports and releases.
@@ -60,7 +60,7 @@ def token_nll(model_path: Path, graph: dict[str, Any], spec: ModelSpec, ids: lis
     session = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
     arr = np.asarray(ids, dtype=np.int64)[None, :]
     if graph.get("target") == "qnn":  # a one-token graph: the text goes a step a token
-        from edgellm.static_cache import StepRunner
+        from edgellm.runtime.static_step import StepRunner
 
         logits = StepRunner(session, where=str(model_path)).forward_all(ids[:-1]).astype(np.float64)
     else:

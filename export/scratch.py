@@ -4,7 +4,7 @@ An export fills hundreds of MB of siblings of its output: the bundle being writt
 (`bundle_writer`'s `.NAME.*.tmp`), the fp32 reference of the quality gate (`.reference.*`), the
 KV calibration graph (`.calibrate.*`). Python removes them on any exception, Ctrl-C included;
 `terminate_cleans_up` gives SIGTERM the same path, and SIGKILL runs nothing, so each directory has
-an owner marker beside it (`edgellm.ownership`) and every export first removes the ones in its
+an owner marker beside it (`edgellm.runtime.ownership`) and every export first removes the ones in its
 output's directory whose owner is gone. A live export's directories are never touched.
 """
 from __future__ import annotations
@@ -19,8 +19,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from edgellm.bundle import bundle_writer
-from edgellm.ownership import mark, owner_gone
+from edgellm.runtime.bundle import bundle_writer
+from edgellm.runtime.ownership import mark, owner_gone
 
 log = logging.getLogger("edgellm.export")
 

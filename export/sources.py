@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from edgellm.errors import ExportError
-from edgellm.spec import ModelSpec
+from edgellm.runtime.model_spec import ModelSpec
 
 # Names accepted in place of a path: the models that ship inside PyPI packages.
 BUILTIN_MODELS = {

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export.quantize import dequantize, quantize_nbits
+from edgellm.export.quantize import dequantize, quantize_nbits
 from ort_loop import FastGraphRunner
 from test_graph import PROMPT, export, hf_greedy, hf_model
 

@@ -33,8 +33,8 @@ def tiny_hf(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
 @pytest.fixture(scope="session")
 def tiny_bundle_factory(tmp_path_factory: pytest.TempPathFactory, tiny_hf) -> Callable[..., Path]:
     """`tiny_bundle_factory(arch="llama", quant="fp32", via="fast", **model_kw)` -> an exported bundle."""
-    from export.api import export_model
-    from export.config import QuantConfig
+    from edgellm.export.api import export_model
+    from edgellm.export.config import QuantConfig
 
     cache: dict[str, Path] = {}
 
@@ -58,8 +58,8 @@ def tiny_bundle(tiny_bundle_factory) -> Path:
 @pytest.fixture(scope="session")
 def smollm2_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The real SmolLM2-135M-Instruct, exported from the shipped GGUF with the defaults, once per session."""
-    from export.api import export_model
-    from export.sources import resolve_builtin
+    from edgellm.export.api import export_model
+    from edgellm.export.sources import resolve_builtin
 
     try:
         resolve_builtin("smollm2-135m")
@@ -73,8 +73,8 @@ def smollm2_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def smollm2_fp32_bundle(tmp_path_factory: pytest.TempPathFactory, smollm2_bundle) -> Path:
     """The same weights with fp32 graph math: the reference the default bundle must follow."""
-    from export.api import export_model
-    from export.config import QuantConfig
+    from edgellm.export.api import export_model
+    from edgellm.export.config import QuantConfig
 
     out = tmp_path_factory.mktemp("smollm2-fp32") / "bundle"
     export_model("smollm2-135m", out, quant=QuantConfig("fp32"), evaluate=False)

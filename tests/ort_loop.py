@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from edgellm.spec import ModelSpec
+from edgellm.runtime.model_spec import ModelSpec
 
 
 class FastGraphRunner:

@@ -7,8 +7,8 @@ import json
 import pytest
 
 import edgellm
-from edgellm.bundle import read_manifest
-from edgellm.cli import main
+from edgellm.runtime.bundle import read_manifest
+from edgellm.cli.main import main
 from edgellm.errors import ExportError
 
 pytest.importorskip("optimum.exporters.onnx")
@@ -45,7 +45,7 @@ def test_cli_exports_an_architecture_without_fast_graph(via, olmo, tmp_path):
 
 
 def test_fast_path_refuses_it_naming_the_fast_families(olmo, tmp_path):
-    from export.api import export_model
+    from edgellm.export.api import export_model
 
     with pytest.raises(ExportError, match=r"'olmo' has no fast graph \(fast: .*llama.*; try --via optimum\)"):
         export_model(olmo, tmp_path / "b", via="fast", evaluate=False)

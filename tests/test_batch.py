@@ -14,10 +14,10 @@ import onnx
 import pytest
 
 import edgellm
-from edgellm.bundle import finalize_manifest, read_manifest
+from edgellm.runtime.bundle import finalize_manifest, read_manifest
 from edgellm.errors import BundleError, GenerationError
-from edgellm.kvcache import SlotCache, common_prefix, pick_slot
-from edgellm.session import PREFILL_CHUNK, BatchRunner, Runner, piece, prefill
+from edgellm.runtime.caches import SlotCache, common_prefix, pick_slot
+from edgellm.runtime.runner import PREFILL_CHUNK, BatchRunner, Runner, piece, prefill
 
 PROMPTS = [
     "The quick brown fox",

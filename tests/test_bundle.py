@@ -10,7 +10,7 @@ from typing import Any, Callable
 import pytest
 
 import edgellm
-from edgellm.bundle import MANIFEST, Manifest, bundle_file, bundle_writer, finalize_manifest, read_manifest, verify_files
+from edgellm.runtime.bundle import MANIFEST, Manifest, bundle_file, bundle_writer, finalize_manifest, read_manifest, verify_files
 from edgellm.errors import BundleError
 from edgellm.text import ChatTemplate, Tokenizer
 

@@ -115,14 +115,14 @@ def _python(code: str) -> subprocess.CompletedProcess:
 
 
 def test_the_service_commands_do_not_import_the_cli():
-    res = _python("import sys, edgellm.service.commands; print('edgellm.cli' in sys.modules)")
+    res = _python("import sys, edgellm.cli.commands; print('edgellm.cli.main' in sys.modules)")
     assert res.returncode == 0 and res.stdout.strip() == "False", res.stderr
 
 
 def test_a_broken_service_import_fails_loudly_instead_of_hiding_serve():
     # None in sys.modules makes the import of that module raise ImportError.
     res = _python("import sys; sys.modules['edgellm.service.server'] = None\n"
-                  "from edgellm.cli import main; main(['--help'])")
+                  "from edgellm.cli.main import main; main(['--help'])")
     assert res.returncode != 0 and "import of edgellm.service.server halted" in res.stderr, res.stderr
     assert "serve" not in res.stdout  # no --help printed without the service commands
 
@@ -138,7 +138,7 @@ def test_sampling_flags_come_from_the_parameter_declaration():
 def test_ask_prints_a_restarted_answer_on_its_own_line(capsys) -> None:
     """A service killed mid-answer answers again from seq 0 flagged `restart`: `ask` ends the
     partial line and says so on stderr instead of running the two answers together."""
-    from edgellm.service.commands import _print_replies
+    from edgellm.cli.commands import _print_replies
 
     replies = [{"id": "q", "seq": 0, "delta": "The capi"},
                {"id": "q", "seq": 0, "delta": "The capital", "restart": True},

@@ -110,7 +110,7 @@ def test_a_url_with_credentials_is_refused_without_echoing_them(url):
 
 
 def test_the_cli_error_line_for_such_a_url_hides_the_password(capsys):
-    from edgellm.cli import main
+    from edgellm.cli.main import main
 
     rc = main(["ask", "--broker", f"mqtt://edge:{SECRET}@127.0.0.1:1", "--device-id", "d", "Hi"])
     err = capsys.readouterr().err

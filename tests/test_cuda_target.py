@@ -18,15 +18,15 @@ import pytest
 from onnx import TensorProto
 
 import edgellm
-from edgellm.bundle import read_manifest
+from edgellm.runtime.bundle import read_manifest
 from edgellm.errors import ExportError
-from edgellm.kvcache import StaticCache
-from edgellm.session import Runner, create_session
-from export.api import export_model
-from export.cli import add_arguments, run
-from export.config import QuantConfig
-from export.graph import build_fast_graph
-from export.hf import open_hf_folder
+from edgellm.runtime.caches import StaticCache
+from edgellm.runtime.runner import Runner, create_session
+from edgellm.export.api import export_model
+from edgellm.export.cli import add_arguments, run
+from edgellm.export.config import QuantConfig
+from edgellm.export.graph import build_fast_graph
+from edgellm.export.hf import open_hf_folder
 from test_graph import TRAIN_TEXT, trained_tiny  # noqa: F401 - the fixture is used by name
 from tiny import PHI3_SHAPE, build_tokenizer
 

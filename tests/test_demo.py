@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from edgellm.service.broker import BROKER_ENV, MOSQUITTO, PYTHON, find_mosquitto
-from edgellm.service.demo import DEMO_SYSTEM
+from edgellm.cli.demo import DEMO_SYSTEM
 
 pytestmark = pytest.mark.timeout(120)
 ROOT = Path(__file__).parent.parent
@@ -47,9 +47,9 @@ def test_demo_answers_over_mqtt_on_either_broker(tiny_bundle, tmp_path, kind):
 
 
 def test_demo_without_a_bundle_or_the_model_package_says_what_to_install(tmp_path, monkeypatch, capsys):
-    from edgellm.cli import main
+    from edgellm.cli.main import main
 
-    monkeypatch.setattr("export.sources.BUILTIN_MODELS", {"smollm2-135m": ("llm_not_installed", "model.gguf")})
+    monkeypatch.setattr("edgellm.export.sources.BUILTIN_MODELS", {"smollm2-135m": ("llm_not_installed", "model.gguf")})
     target = tmp_path / "bundles" / "smollm2-135m"
     rc = main(["demo", "--bundle", str(target), "hi"])
     err = capsys.readouterr().err.strip()
@@ -59,7 +59,7 @@ def test_demo_without_a_bundle_or_the_model_package_says_what_to_install(tmp_pat
 
 
 def test_demo_never_overwrites_a_folder_that_is_not_a_bundle(tmp_path, capsys):
-    from edgellm.cli import main
+    from edgellm.cli.main import main
 
     (tmp_path / "notes.txt").write_text("mine\n")
     rc = main(["demo", "--bundle", str(tmp_path), "hi"])
@@ -72,8 +72,8 @@ def test_demo_never_overwrites_a_folder_that_is_not_a_bundle(tmp_path, capsys):
 @pytest.mark.timeout(600)
 def test_demo_exports_smollm2_once_and_answers_as_the_model_does_in_process(tmp_path):
     import edgellm
-    from edgellm.service.demo import DEFAULT_BUNDLE, DEFAULT_PROMPT
-    from export.sources import resolve_builtin
+    from edgellm.cli.demo import DEFAULT_BUNDLE, DEFAULT_PROMPT
+    from edgellm.export.sources import resolve_builtin
 
     try:
         resolve_builtin("smollm2-135m")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from edgellm.devices import (
+from edgellm.runtime.devices import (
     ProfileError,
     detect,
     estimate_memory_mb,
@@ -16,7 +16,7 @@ from edgellm.devices import (
     memory_warning,
     physical_cores,
 )
-from edgellm.spec import ModelSpec
+from edgellm.runtime.model_spec import ModelSpec
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = ["coreml", "generic", "jetson-orin-nano", "npu-qnn", "openvino", "rk3588", "rpi4", "rpi5", "x86-gateway"]
@@ -197,8 +197,12 @@ def test_memory_estimate_hand_computed():
 def test_wheel_config_lists_every_package_and_maps_the_profiles():
     """pyproject lists packages by hand (package-dir needs it): catch a forgotten one."""
     tool = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
-    on_disk = {p.parent.relative_to(REPO).as_posix().replace("/", ".")
+    # The toolchain's export/ installs as edgellm.export, never as a bare top-level `export`.
+    on_disk = {p.parent.relative_to(REPO).as_posix().replace("/", ".").replace("export", "edgellm.export", 1)
+               if p.parent.relative_to(REPO).parts[0] == "export" else p.parent.relative_to(REPO).as_posix().replace("/", ".")
                for top in ("edgellm", "export") for p in (REPO / top).rglob("*.py")}
     assert on_disk <= set(tool["packages"])
+    assert not any(name == "export" or name.startswith("export.") for name in tool["packages"])
     assert tool["package-dir"]["edgellm.profiles"] == "devices"
+    assert tool["package-dir"]["edgellm.export"] == "export"
     assert "*.toml" in tool["package-data"]["edgellm.profiles"]

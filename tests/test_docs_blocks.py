@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from edgellm.cli import build_parser
+from edgellm.cli.main import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC_FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "devices" / "README.md"]
@@ -222,7 +222,7 @@ def test_the_sweep_covers_the_docs() -> None:
     """The sweep sees the blocks it claims to: if fences stop matching, this notices before the
     parametrized test silently shrinks. The parser knows `export`'s flags only when export.cli imports:
     say that here rather than as "unrecognized arguments" on every export line."""
-    importlib.import_module("export.cli")
+    importlib.import_module("edgellm.export.cli")
     langs = [b.lang for b in ALL]
     assert sum(lang in SHELL for lang in langs) >= 10 and langs.count("python") >= 4
     commands = [argv for b in ALL if b.lang in SHELL for _, argv in _commands(b.text, b.lang == "console")]

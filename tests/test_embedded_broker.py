@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from edgellm.service import protocol as proto
-from edgellm.ownership import cmdline, pid_running
+from edgellm.runtime.ownership import cmdline, pid_running
 from edgellm.service import broker as broker_module
 from edgellm.service.broker import (BROKER_ENV, MOSQUITTO, OWNER, PID_FILE, PYTHON, BrokerError, embedded_kind,
                                     find_mosquitto, free_port, port_is_free, start_embedded)
@@ -169,7 +169,7 @@ def test_serve_without_broker_falls_back_to_python_and_ask_finds_it(tiny_bundle,
         online = payload(watcher.wait(lambda m: payload(m).get("state") == "online"))
         watcher.close()
         assert online["state"] == "online" and online["capabilities"]["mqtt_version"] == "3.1.1"
-        from edgellm.cli import main
+        from edgellm.cli.main import main
 
         with caplog.at_level(logging.WARNING, logger="edgellm.service"):
             rc = main(["ask", "--broker", url, "--device-id", "fb", "-n", "6", "--raw", "Hello there"])
@@ -191,7 +191,7 @@ def test_serve_without_broker_falls_back_to_python_and_ask_finds_it(tiny_bundle,
     (["--shared-group", "g"], "--shared-group: the in-process Python broker .* has no shared subscriptions"),
 ])
 def test_what_the_python_broker_lacks_is_a_one_line_error_before_loading(monkeypatch, capsys, option, message):
-    from edgellm.cli import main
+    from edgellm.cli.main import main
 
     monkeypatch.setenv(BROKER_ENV, PYTHON)
     rc = main(["serve", "no-such-bundle", *option])  # the bundle is never opened: the check comes first
@@ -238,7 +238,7 @@ def test_python_broker_stops_cleanly_and_reports_a_taken_port():
 def test_a_taken_port_is_said_and_embedded_is_not_called_missing(caplog):
     """Port 1883 taken: one line says so before the broker takes another; `--broker embedded`
     is not logged as "no --broker given"."""
-    from edgellm.service.commands import _embedded_broker
+    from edgellm.cli.commands import _embedded_broker
 
     kind = embedded_kind()
     with closing(socket.socket()) as taken:

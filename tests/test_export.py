@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from edgellm.bundle import read_manifest
+from edgellm.runtime.bundle import read_manifest
 from edgellm.errors import ExportError
-from export.api import export_model
-from export.config import QuantConfig
+from edgellm.export.api import export_model
+from edgellm.export.config import QuantConfig
 
 
 def _leftovers(parent: Path) -> list[str]:

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from edgellm.ownership import start_time
-from export.api import export_model
-from export.config import QuantConfig
-from export.scratch import terminate_cleans_up
+from edgellm.runtime.ownership import start_time
+from edgellm.export.api import export_model
+from edgellm.export.config import QuantConfig
+from edgellm.export.scratch import terminate_cleans_up
 
 pytestmark = pytest.mark.timeout(120)
 ROOT = Path(__file__).parent.parent
@@ -26,7 +26,7 @@ ROOT = Path(__file__).parent.parent
 # when the bundle being written and the fp32 reference both exist beside the output.
 _HELD = """
 import sys, time
-import export.api as api
+import edgellm.export.api as api
 
 perplexity, calls = api.perplexity, []
 

@@ -11,10 +11,10 @@ import logging
 import pytest
 from gguf import GGMLQuantizationType as Q
 
-from edgellm.bundle import read_manifest
-from edgellm.cli import main
+from edgellm.runtime.bundle import read_manifest
+from edgellm.cli.main import main
 from edgellm.errors import ExportError
-from export.api import export_model
+from edgellm.export.api import export_model
 from gguf_writer import write_tiny_gguf
 from test_gguf_exact import K_SHAPE, K_TIED_QTYPES
 

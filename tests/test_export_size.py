@@ -11,8 +11,8 @@ from gguf import GGUFReader
 
 import edgellm
 from edgellm.errors import ExportError
-from export.api import export_model
-from export.config import QuantConfig
+from edgellm.export.api import export_model
+from edgellm.export.config import QuantConfig
 from gguf_writer import write_tiny_gguf
 
 # One layer whose rows are whole blocks, so the tied Q8_0 embedding is a large share of the file.

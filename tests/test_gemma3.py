@@ -16,10 +16,10 @@ import pytest
 from gguf import GGMLQuantizationType
 
 from edgellm.errors import ExportError
-from export.arch import gemma3
-from export.gguf import open_gguf
-from export.config import QuantConfig
-from export.graph import build_fast_graph
+from edgellm.export.arch import gemma3
+from edgellm.export.gguf import open_gguf
+from edgellm.export.config import QuantConfig
+from edgellm.export.graph import build_fast_graph
 from arch_checks import STEPS, assert_greedy_matches, assert_int4_exact
 from gguf_writer import write_tiny_gguf
 from ort_loop import FastGraphRunner
@@ -154,7 +154,7 @@ def test_gguf_sentencepiece_vocabulary_encodes_as_sentencepiece():
 
     import sentencepiece as spm
 
-    from export.gguf_vocab import build_tokenizer
+    from edgellm.export.gguf_vocab import build_tokenizer
     from test_gguf import TEXTS
 
     buf = io.BytesIO()

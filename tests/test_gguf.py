@@ -15,9 +15,9 @@ from safetensors.numpy import load_file
 from tokenizers import Tokenizer
 
 from edgellm.errors import ExportError
-from export.gguf import EXACT_TYPES, open_gguf
-from export.gguf_vocab import build_tokenizer
-from export.sources import resolve_builtin
+from edgellm.export.gguf import EXACT_TYPES, open_gguf
+from edgellm.export.gguf_vocab import build_tokenizer
+from edgellm.export.sources import resolve_builtin
 
 from gguf_writer import DEFAULT_QTYPES, llama_cpp_permute, write_tiny_gguf
 

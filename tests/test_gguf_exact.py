@@ -19,14 +19,14 @@ from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize as gguf_dequantize
 from onnx import TensorProto, helper
 
-from export.api import export_model
-from export.config import QuantConfig
-from export.gguf import open_gguf
-from export.gguf_blocks import from_gguf_blocks
-from export.graph import OPSET, build_fast_graph
-from export.linear import Writer, apply_linear, quantized_linear
-from export.quantize import QuantizedWeight, dequantize, offset_blocks, offset_digits, unpack
-from export.sources import QuantBlocks
+from edgellm.export.api import export_model
+from edgellm.export.config import QuantConfig
+from edgellm.export.gguf import open_gguf
+from edgellm.export.gguf_blocks import from_gguf_blocks
+from edgellm.export.graph import OPSET, build_fast_graph
+from edgellm.export.linear import Writer, apply_linear, quantized_linear
+from edgellm.export.quantize import QuantizedWeight, dequantize, offset_blocks, offset_digits, unpack
+from edgellm.export.sources import QuantBlocks
 from gguf_writer import blocks as gguf_blocks
 from gguf_writer import requantized_gguf, write_tiny_gguf
 from ort_loop import FastGraphRunner
@@ -268,7 +268,7 @@ def test_smollm2_as_q4_k_m_passes_its_gate(tmp_path):
     """Real weights in a K-quant mix (SmolLM2's dequantized Q4_1 blocks, stored again as Q4_K_M
     would): the default export imports every tensor exactly and passes the gate (measured
     1.024x with the int8 KV cache, 0.998x with a float32 one; --requantize: 1.808x)."""
-    from export.sources import resolve_builtin
+    from edgellm.export.sources import resolve_builtin
 
     try:
         source = resolve_builtin("smollm2-135m")

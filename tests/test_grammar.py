@@ -21,7 +21,7 @@ from edgellm.errors import ExportError, GenerationError, GrammarError
 from edgellm.grammar import compile_grammar, parse_response_format
 from edgellm.sampling import make_sampler
 from edgellm.text import Tokenizer
-from export.gguf_vocab import build_tokenizer as gguf_tokenizer
+from edgellm.export.gguf_vocab import build_tokenizer as gguf_tokenizer
 
 from tiny import build_tokenizer
 
@@ -363,8 +363,8 @@ def test_runs_without_llguidance():
 
 
 def test_smollm2_vocabulary():
-    from export.gguf import open_gguf
-    from export.sources import resolve_builtin
+    from edgellm.export.gguf import open_gguf
+    from edgellm.export.sources import resolve_builtin
 
     try:
         source = open_gguf(resolve_builtin("smollm2-135m"))

@@ -20,13 +20,13 @@ from onnx import helper
 from safetensors.numpy import load_file, save_file
 
 from edgellm.errors import ExportError
-from edgellm.spec import ModelSpec
-from export.api import export_model
-from export.config import QuantConfig
-from export.graph import build_fast_graph, gather_rows
-from export.hf import open_hf_folder
-from export.linear import Writer, apply_linear, quantized_linear
-from export.quantize import dequantize, quantize_nbits
+from edgellm.runtime.model_spec import ModelSpec
+from edgellm.export.api import export_model
+from edgellm.export.config import QuantConfig
+from edgellm.export.graph import build_fast_graph, gather_rows
+from edgellm.export.hf import open_hf_folder
+from edgellm.export.linear import Writer, apply_linear, quantized_linear
+from edgellm.export.quantize import dequantize, quantize_nbits
 from ort_loop import FastGraphRunner
 from tiny import _CORPUS, build_tokenizer
 
@@ -347,7 +347,7 @@ def test_graph_layout_and_progress(tiny_hf, tmp_path):
 @pytest.mark.slow
 def test_smollm2_int4_from_gguf(tmp_path):
     pytest.importorskip("gguf")
-    from export.sources import open_source, resolve_builtin
+    from edgellm.export.sources import open_source, resolve_builtin
 
     try:
         resolve_builtin("smollm2-135m")

@@ -293,7 +293,9 @@ def test_7_405_says_allow_and_a_megabyte_prompt_is_refused_before_the_queue(serv
     done = threading.Event()
 
     def stream() -> None:
-        body = {"messages": ASK, "max_tokens": 64, "ignore_eos": True, "stream": True}
+        # A long prompt: its prefill outlasts the refusals even on an idle machine.
+        long = [{"role": "user", "content": "Repeat after me: " + "word " * 1200}]
+        body = {"messages": long, "max_tokens": 64, "ignore_eos": True, "stream": True}
         with httpx.stream("POST", service.url + "/v1/chat/completions", json=body, timeout=60) as events:
             assert [line for line in events.iter_lines() if line.startswith("data: ")][-1] == "data: [DONE]"
         done.set()

@@ -345,8 +345,8 @@ def test_a_prompt_too_long_for_any_tokenization_is_refused_before_the_queue(mode
 
 
 def test_serve_reads_every_key_of_the_file_and_the_http_options(tmp_path):
-    from edgellm.cli import build_parser
-    from edgellm.service.commands import _apply_config, _http_config
+    from edgellm.cli.main import build_parser
+    from edgellm.cli.commands import _apply_config, _http_config
 
     keys = tmp_path / "keys"
     keys.write_text("# plant gateways\nfirst-key\n\n  second-key  \n# retired: old-key\nfirst-key\n")

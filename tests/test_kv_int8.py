@@ -14,14 +14,14 @@ import pytest
 from onnx import TensorProto, helper
 
 import edgellm
-from edgellm.bundle import read_manifest
-from edgellm.cli import main
+from edgellm.runtime.bundle import read_manifest
+from edgellm.cli.main import main
 from edgellm.errors import ExportError
-from edgellm.kvcache import StaticCache
-from edgellm.session import Runner, create_session
-from export.api import export_model
-from export.calibrate import kv_scales_from_cache
-from export.config import QuantConfig
+from edgellm.runtime.caches import StaticCache
+from edgellm.runtime.runner import Runner, create_session
+from edgellm.export.api import export_model
+from edgellm.export.calibrate import kv_scales_from_cache
+from edgellm.export.config import QuantConfig
 from test_graph import TRAIN_TEXT, trained_tiny  # noqa: F401 - the fixture is used by name
 from tiny import build_tokenizer
 

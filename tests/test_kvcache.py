@@ -14,7 +14,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from edgellm.errors import GenerationError
-from edgellm.kvcache import DynamicCache, StaticCache
+from edgellm.runtime.caches import DynamicCache, StaticCache
 
 HEADS, KV_HEADS, HEAD_DIM, CAPACITY = 4, 2, 8, 24
 

@@ -21,15 +21,15 @@ import onnx
 import pytest
 
 import edgellm
-from edgellm.bundle import read_manifest
+from edgellm.runtime.bundle import read_manifest
 from edgellm.errors import BundleError, ExportError, GenerationError
-from edgellm.kvcache import AppendCache, SlotCache, StaticCache, cache_for
-from edgellm.session import BatchRunner, Runner, create_session
-from export.api import export_model
-from export.config import QuantConfig
-from export.graph import build_fast_graph
-from export.gguf import open_gguf
-from export.hf import open_hf_folder
+from edgellm.runtime.caches import AppendCache, SlotCache, StaticCache, cache_for
+from edgellm.runtime.runner import BatchRunner, Runner, create_session
+from edgellm.export.api import export_model
+from edgellm.export.config import QuantConfig
+from edgellm.export.graph import build_fast_graph
+from edgellm.export.gguf import open_gguf
+from edgellm.export.hf import open_hf_folder
 from gguf_writer import write_tiny_gguf
 from test_gguf_exact import TIED_QTYPES, UNTIED_QTYPES
 from test_graph import LLAMA3_ROPE, PROMPT, hf_greedy, hf_model

@@ -14,8 +14,8 @@ import onnxruntime as ort
 import pytest
 
 from edgellm.errors import ExportError
-from export.config import QuantConfig
-from export.optimum_path import export_optimum, op_histogram, untie_transposed_weights, write_graph
+from edgellm.export.config import QuantConfig
+from edgellm.export.optimum_path import export_optimum, op_histogram, untie_transposed_weights, write_graph
 from tests.tiny import make_tiny_model
 
 pytest.importorskip("optimum.exporters.onnx")
@@ -84,7 +84,7 @@ def snap_to_int4(src: Path, dst: Path, block_size: int = 32) -> Path:
     """
     from safetensors.numpy import load_file, save_file
 
-    from export.quantize import dequantize, quantize_nbits
+    from edgellm.export.quantize import dequantize, quantize_nbits
 
     shutil.copytree(src, dst)
     weights = load_file(dst / "model.safetensors")

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 
 from edgellm.errors import ExportError
-from export.arch import phi3
-from export.config import QuantConfig
-from export.gguf import open_gguf
-from export.graph import build_fast_graph
+from edgellm.export.arch import phi3
+from edgellm.export.config import QuantConfig
+from edgellm.export.gguf import open_gguf
+from edgellm.export.graph import build_fast_graph
 from arch_checks import STEPS, assert_greedy_matches, assert_int4_exact
 from gguf_writer import write_tiny_gguf
 from test_graph import PROMPT, export, hf_greedy, hf_model

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 import edgellm
-from edgellm import session as sess
+from edgellm.runtime import runner as sess
 
 PROMPT = "The quick brown"
 

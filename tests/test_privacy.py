@@ -19,16 +19,16 @@ import numpy as np
 import pytest
 
 import edgellm
-from edgellm import cli
+from edgellm.cli.main import main as cli
 from edgellm.engine import Engine, Job, Outcome
 from edgellm.errors import GenerationError
 from edgellm.generate import collect
-from edgellm.kvcache import Scope, SharedPrefixes, Snapshot, visible
+from edgellm.runtime.caches import Scope, SharedPrefixes, Snapshot, visible
 from edgellm.recipes.anomaly import shared_prompt
 from edgellm.recipes.config import AnomalyConfig
 from edgellm.service import protocol as proto
 from edgellm.service.broker import find_mosquitto
-from edgellm.service.commands import _share_prompts
+from edgellm.cli.commands import _share_prompts
 from mqtt_helpers import connection, running_service
 
 SYSTEM = [{"role": "system", "content": "You are the assistant of the plant's front desk. Answer briefly."}]

@@ -1,4 +1,4 @@
-"""`--target qnn`: a static-shape, one-token-step graph (export/qnn.py) and its runner (edgellm/static_cache.py).
+"""`--target qnn`: a static-shape, one-token-step graph (export/qnn.py) and its runner (edgellm/runtime/static_step.py).
 
 On the CPU provider the graph must answer as transformers does, family by family, and
 its int4 form as the cpu graph of the same weights. Where onnxruntime-qnn is installed,
@@ -18,15 +18,15 @@ import numpy as np
 import onnx
 import pytest
 
-from edgellm.bundle import read_manifest
+from edgellm.runtime.bundle import read_manifest
 from edgellm.errors import BundleError, ExportError, GenerationError
-from edgellm.kvcache import StaticCache
-from edgellm.session import Runner, create_session
-from edgellm.static_cache import FixedCache, StepRunner
-from export.config import QuantConfig
-from export.graph import build_fast_graph
-from export.hf import open_hf_folder
-from export.qnn import build_qnn_graph
+from edgellm.runtime.caches import StaticCache
+from edgellm.runtime.runner import Runner, create_session
+from edgellm.runtime.static_step import FixedCache, StepRunner
+from edgellm.export.config import QuantConfig
+from edgellm.export.graph import build_fast_graph
+from edgellm.export.hf import open_hf_folder
+from edgellm.export.qnn import build_qnn_graph
 from test_graph import PROMPT, hf_greedy, hf_model
 from test_openvino_target import CASES, _greedy  # the prompt in two chunks, then greedy steps
 
@@ -148,7 +148,7 @@ def test_export_qnn_bundle_loads_and_answers_as_the_cpu_bundle(tiny_hf, tmp_path
     """The manifest records the target and its context, load() picks StepRunner and that context,
     the quality gate ran the text a step a token, and greedy text is the cpu bundle's at level 0."""
     from edgellm.model import load
-    from export.api import export_model
+    from edgellm.export.api import export_model
 
     folder = tiny_hf("llama")
     # Random weights: whether int4 passes the gate is chance, so the bundle is written either way.

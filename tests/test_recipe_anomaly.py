@@ -20,7 +20,7 @@ import jsonschema  # the test extra's: an independent judge of the explanations
 import pytest
 
 import edgellm
-from edgellm.cli import main
+from edgellm.cli.main import main
 from edgellm.errors import RecipeError, RequestError
 from edgellm.recipes.anomaly import AnomalyRecipe, explanation
 from edgellm.recipes.config import SCHEMA, AnomalyConfig, load_config

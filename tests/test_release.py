@@ -140,7 +140,7 @@ def test_the_lean_install_lists_the_runtime_dependencies_but_tokenizers_own():
 def test_the_runtime_runs_without_hugging_faces_download_client(tiny_bundle):
     """What the lean install leaves out is never imported: `edgellm run` answers with
     huggingface_hub and hf_xet unimportable."""
-    code = ("import sys; sys.modules.update(huggingface_hub=None, hf_xet=None); from edgellm.cli import main; "
+    code = ("import sys; sys.modules.update(huggingface_hub=None, hf_xet=None); from edgellm.cli.main import main; "
             f"sys.exit(main(['run', {str(tiny_bundle)!r}, 'hello', '--max-tokens', '4']))")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "completion" in res.stderr, res.stderr
@@ -171,7 +171,7 @@ def test_the_wheel_alone_runs_a_bundle(installed, tiny_bundle, tmp_path):
 
 def test_the_env_files_settings_are_flags_serve_takes():
     """The unit runs `edgellm serve ${EDGELLM_BUNDLE} --profile ${EDGELLM_PROFILE} $EDGELLM_ARGS`."""
-    from edgellm.cli import build_parser
+    from edgellm.cli.main import build_parser
 
     unit = (ROOT / "devices" / "edgellm.service").read_text()
     env = dict(re.findall(r"^(EDGELLM_\w+)=(.*)$", (ROOT / "devices" / "edgellm.env").read_text(), re.M))

@@ -59,7 +59,7 @@ def test_chunked_prefill_matches_transformers(fp32, tiny_hf):
     torch = pytest.importorskip("torch")
     from transformers import AutoModelForCausalLM
 
-    from edgellm.session import PREFILL_CHUNK
+    from edgellm.runtime.runner import PREFILL_CHUNK
 
     ids = []
     while len(ids) < 2 * PREFILL_CHUNK + 37:
@@ -275,7 +275,7 @@ def test_import_pulls_in_no_export_stack(tiny_bundle):
 
 
 def _with_defaults(bundle: Path, tmp_path: Path, defaults: dict) -> Path:
-    from edgellm.bundle import finalize_manifest, read_manifest
+    from edgellm.runtime.bundle import finalize_manifest, read_manifest
 
     copy = tmp_path / "bundle"
     shutil.copytree(bundle, copy)
@@ -300,7 +300,7 @@ def test_bad_manifest_defaults_are_refused(tiny_bundle, tmp_path):
 
 
 def test_profile_sets_context_and_warns_on_memory(tiny_bundle, caplog):
-    from edgellm.devices import DeviceProfile
+    from edgellm.runtime.devices import DeviceProfile
 
     tiny = DeviceProfile(name="tiny", description="test board", threads=1,
                          providers=(("CPUExecutionProvider", {}),), max_context=32, memory_limit_mb=0,
@@ -314,7 +314,7 @@ def test_profile_sets_context_and_warns_on_memory(tiny_bundle, caplog):
 
 
 def test_slots_are_counted_in_the_memory_warning(tiny_bundle, caplog):
-    from edgellm.devices import DeviceProfile, estimate_memory_mb
+    from edgellm.runtime.devices import DeviceProfile, estimate_memory_mb
 
     model = edgellm.load(tiny_bundle)
     weights = (tiny_bundle / "model.onnx.data").stat().st_size + (tiny_bundle / "model.onnx").stat().st_size

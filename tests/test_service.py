@@ -208,7 +208,7 @@ def test_username_password_and_a_clear_refusal(tmp_path, model, tiny_bundle, cap
             reply = list(ask(good, T, {"id": "pw", "prompt": "Hi", "max_tokens": 3}, timeout=10))
             assert reply[-1]["done"] is True
         (tmp_path / "wrong").write_text("guess\n")
-        from edgellm.cli import main
+        from edgellm.cli.main import main
 
         with caplog.at_level(logging.ERROR, logger="edgellm.service"):
             rc = main(["serve", str(tiny_bundle), "--broker", mosq.url, "--device-id", "dev1",
@@ -254,7 +254,7 @@ def test_shared_group_answers_each_request_exactly_once(broker, probe, tiny_bund
 
 
 def test_ask_command_prints_the_streamed_answer(broker, model, capsys):
-    from edgellm.cli import main
+    from edgellm.cli.main import main
 
     with running_service(model, connection(broker.url)):
         rc = main(["ask", "--broker", broker.url, "--device-id", "dev1", "-n", "6", "--raw", "Hello there"])
@@ -263,7 +263,7 @@ def test_ask_command_prints_the_streamed_answer(broker, model, capsys):
 
 
 def test_ask_command_fails_with_one_line_when_nobody_answers(broker, capsys):
-    from edgellm.cli import main
+    from edgellm.cli.main import main
 
     rc = main(["ask", "--broker", broker.url, "--device-id", "nobody", "--timeout", "0.5", "Hi"])
     err = capsys.readouterr().err.strip()
@@ -271,8 +271,8 @@ def test_ask_command_fails_with_one_line_when_nobody_answers(broker, capsys):
 
 
 def test_serve_config_file_fills_unset_options(tmp_path):
-    from edgellm.cli import build_parser
-    from edgellm.service.commands import _apply_config
+    from edgellm.cli.main import build_parser
+    from edgellm.cli.commands import _apply_config
 
     config = tmp_path / "edgellm.toml"
     config.write_text('[serve]\nbroker = "mqtt://b:1883"\ndevice-id = "kitchen"\nqueue-size = 2\nmqtt-version = 5\n')

@@ -12,9 +12,9 @@ from __future__ import annotations
 import logging
 
 import edgellm
-from edgellm.bundle import read_manifest
-from export.api import export_model
-from export.config import QuantConfig
+from edgellm.runtime.bundle import read_manifest
+from edgellm.export.api import export_model
+from edgellm.export.config import QuantConfig
 
 QUESTIONS = [
     "What is the capital of France?",

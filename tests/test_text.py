@@ -9,7 +9,7 @@ import edgellm
 from edgellm.errors import BundleError, GenerationError
 from edgellm.generate import GenerationParams
 from edgellm.text import ChatTemplate, StopMatcher, StreamDecoder, Tokenizer, encode_chat
-from export.gguf_vocab import build_tokenizer as build_gguf_tokenizer
+from edgellm.export.gguf_vocab import build_tokenizer as build_gguf_tokenizer
 from tests.tiny import CHAT_TEMPLATE, build_tokenizer
 
 TEXTS = [

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Callable, Protocol, Sequence
 
 from ..errors import EdgeLLMError
-from ..ownership import cmdline, mark, owner_gone, pid_running
+from ..runtime.ownership import cmdline, mark, owner_gone, pid_running
 
 log = logging.getLogger("edgellm.service")
 

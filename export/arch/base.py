@@ -14,7 +14,7 @@ from typing import Any, Callable
 import numpy as np
 
 from edgellm.errors import ExportError
-from edgellm.spec import ModelSpec
+from edgellm.runtime.model_spec import ModelSpec
 
 # Rotary scaling the graph computes (graph.rope_caches); one list for every reader.
 ROPE_TYPES = ("default", "linear", "llama3", "dynamic", "longrope")

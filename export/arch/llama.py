@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from edgellm.errors import ExportError
-from edgellm.spec import ModelSpec
+from edgellm.runtime.model_spec import ModelSpec
 
 from .base import Family, GGUFMeta, gguf_rope_scaling, gguf_spec, hf_spec, split_layer
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from edgellm.errors import ExportError
-from edgellm.spec import ModelSpec
+from edgellm.runtime.model_spec import ModelSpec
 
 from .base import GGUF_BLOCK, Family, GGUFMeta, Layer, gguf_rope_scaling, gguf_spec, hf_spec, split_layer
 

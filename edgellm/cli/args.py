@@ -11,8 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .errors import GenerationError
-from .params import BY_NAME, CHOICE, INT, NUMBER, PARAMS, STRINGS, check_all, check_together
+from ..errors import GenerationError
+from ..params import BY_NAME, CHOICE, INT, NUMBER, PARAMS, STRINGS, check_all, check_together
 
 
 def add_load_arguments(p: argparse.ArgumentParser) -> None:
@@ -91,7 +91,7 @@ def _read_json(path: Path, flag: str) -> Any:
 
 
 def load_model(args: argparse.Namespace):
-    from . import load  # onnxruntime loads here, not for --help
+    from .. import load  # onnxruntime loads here, not for --help
 
     return load(args.bundle, profile=args.profile, providers=args.providers, threads=args.threads,
                 max_context=args.max_context, verify=not args.no_verify, draft=args.draft)

@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import ExportError
-from . import protocol as proto
-from .broker import MQTT_VERSIONS_OF, BrokerError, embedded_kind, start_embedded
-from .connection import BrokerAddress, Connection
-from .server import Service, ServiceConfig, StreamingModel
+from ..service import protocol as proto
+from ..service.broker import MQTT_VERSIONS_OF, BrokerError, embedded_kind, start_embedded
+from ..service.connection import BrokerAddress, Connection
+from ..service.server import Service, ServiceConfig, StreamingModel
 
 log = logging.getLogger("edgellm.service")
 
@@ -43,8 +43,8 @@ def ensure_bundle(path: Path) -> Path:
     if path.is_dir() and any(path.iterdir()):
         return path
     try:
-        from export.api import export_model
-        from export.sources import resolve_builtin
+        from edgellm.export.api import export_model
+        from edgellm.export.sources import resolve_builtin
 
         resolve_builtin(BUILTIN)
     except (ImportError, ExportError) as exc:

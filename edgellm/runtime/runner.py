@@ -17,8 +17,8 @@ from typing import Any, Callable, Sequence, Union
 import numpy as np
 import onnxruntime as ort
 
-from .errors import BundleError, GenerationError
-from .kvcache import AppendCache, KVCache, Scope, SharedPrefixes, SlotCache, past_names, reusable_prefix, visible
+from ..errors import BundleError, GenerationError
+from .caches import AppendCache, KVCache, Scope, SharedPrefixes, SlotCache, past_names, reusable_prefix, visible
 
 log = logging.getLogger("edgellm")
 

@@ -33,10 +33,10 @@ import numpy as np
 
 from .errors import GenerationError
 from .generate import take_rows
-from .kvcache import Scope, SharedPrefixes, pick_slot, visible
+from .runtime.caches import Scope, SharedPrefixes, pick_slot, visible
 from .params import GenerationParams
 from .sequence import Chunk, Conventions, Sequence
-from .session import PREFILL_CHUNK, BatchRunner, piece
+from .runtime.runner import PREFILL_CHUNK, BatchRunner, piece
 from .speculate import PromptLookup
 from .text import Tokenizer
 

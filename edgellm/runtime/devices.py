@@ -14,11 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import EdgeLLMError
-from .spec import ModelSpec
+from ..errors import EdgeLLMError
+from .model_spec import ModelSpec
 
 # Wheel layout first; the checkout's devices/ serves editable installs and running from source.
-_PROFILE_DIRS = (Path(__file__).with_name("profiles"), Path(__file__).resolve().parents[1] / "devices")
+_PACKAGE = Path(__file__).resolve().parents[1]  # edgellm/
+_PROFILE_DIRS = (_PACKAGE / "profiles", _PACKAGE.parent / "devices")
 
 # onnxruntime.get_all_providers() of 1.32, copied so a typo fails at load time instead of
 # silently falling back to CPU, and without importing onnxruntime here.

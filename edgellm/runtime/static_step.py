@@ -15,9 +15,9 @@ from typing import Sequence
 import numpy as np
 import onnxruntime as ort
 
-from .errors import BundleError, GenerationError
-from .kvcache import AppendCache, past_names, present_names
-from .session import Runner, run_bound
+from ..errors import BundleError, GenerationError
+from .caches import AppendCache, past_names, present_names
+from .runner import Runner, run_bound
 
 POSITION = "position_ids"
 

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
 
-from .errors import BundleError
-from .spec import ModelSpec
+from ..errors import BundleError
+from .model_spec import ModelSpec
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -40,7 +40,7 @@ class Manifest:
     batch (true: the graph decodes several cache slots in one step; absent: batch 1), and
     target ("cuda": float16 activations for CUDA's kernels; "openvino": standard-op attention
     and a sequence-major cache, see kvcache.AppendCache; "qnn": a static one-token step over
-    `context` cache rows, see static_cache.StepRunner; absent: "cpu").
+    `context` cache rows, see static_step.StepRunner; absent: "cpu").
     `quantization` holds: weights ("int4" | "int8" | "fp16" | "fp32"), block_size,
     symmetric, accuracy_level, and per-tensor notes (e.g. GGUF blocks imported exactly).
     `generation` holds: bos_token_id, eos_token_ids, pad_token_id and default sampling.

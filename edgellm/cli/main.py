@@ -11,13 +11,13 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from . import __version__
+from .. import __version__
 from .args import add_load_arguments, add_sampling_arguments, load_model, sampling_params
 from .console import AnswerPrinter
-from .errors import EdgeLLMError
-from .service.commands import (add_ask_arguments, add_demo_arguments, add_serve_arguments, run_ask, run_demo,
+from ..errors import EdgeLLMError
+from .commands import (add_ask_arguments, add_demo_arguments, add_serve_arguments, run_ask, run_demo,
                                run_serve)
-from .tools import merge_deltas
+from ..tools import merge_deltas
 
 
 def _stream_to_stdout(model, request, params: dict[str, Any]):
@@ -79,7 +79,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .bundle import bundle_file, read_manifest, verify_files
+    from ..runtime.bundle import bundle_file, read_manifest, verify_files
 
     m = read_manifest(args.bundle, verify=False)
     verified = [] if args.no_verify else verify_files(args.bundle, m)
@@ -112,13 +112,13 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from export.cli import run
+    from edgellm.export.cli import run
 
     return run(args)
 
 
 def cmd_devices(args: argparse.Namespace) -> int:
-    from .devices import detect, list_profiles, load_profile
+    from ..runtime.devices import detect, list_profiles, load_profile
 
     if args.name:
         print(json.dumps(load_profile(args.name).to_dict(), indent=2))
@@ -128,7 +128,7 @@ def cmd_devices(args: argparse.Namespace) -> int:
         mark = "*" if name == here.name else " "
         print(f"{mark} {name:<18} {load_profile(name).description}")
     print(f"(* detected on this machine: {here.name})")
-    from .session import available_devices  # onnxruntime loads here, not for the profile list
+    from ..runtime.runner import available_devices  # onnxruntime loads here, not for the profile list
 
     print("\nexecution providers and devices on this machine:")
     for provider, kind, vendor in available_devices():
@@ -142,7 +142,7 @@ SERVICE_FILES = {"unit": "edgellm.service", "env": "edgellm.env"}
 
 
 def cmd_service(args: argparse.Namespace) -> int:
-    from .devices import _profile_dir
+    from ..runtime.devices import _profile_dir
 
     sys.stdout.write((_profile_dir() / SERVICE_FILES[args.file]).read_text())
     return 0
@@ -165,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     try:
-        from export.cli import add_arguments as add_export_arguments
+        from edgellm.export.cli import add_arguments as add_export_arguments
     except ImportError:  # the export extra is not installed: say so when used
         add_export_arguments = None
     p = add("export", cmd_export, "turn a Hugging Face folder or GGUF file into a bundle (needs edgellm[export])")
@@ -216,6 +216,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"edgellm {args.command}: interrupted", file=sys.stderr)
         return 130
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -23,20 +23,20 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .. import load
-from ..args import add_load_arguments, add_sampling_arguments, load_model, sampling_params
-from ..console import AnswerPrinter
+from .args import add_load_arguments, add_sampling_arguments, load_model, sampling_params
+from .console import AnswerPrinter
 from ..errors import RequestError
 from ..params import to_wire
 from ..recipes import RECIPES
 from ..recipes.anomaly import AnomalyRecipe, shared_prompt
 from ..recipes.config import AnomalyConfig, load_config
-from . import protocol as proto
-from .broker import (MOSQUITTO, MQTT_VERSIONS_OF, PYTHON, BrokerError, EmbeddedBroker, embedded_kind,
+from ..service import protocol as proto
+from ..service.broker import (MOSQUITTO, MQTT_VERSIONS_OF, PYTHON, BrokerError, EmbeddedBroker, embedded_kind,
                      start_embedded)
-from .client import ask, new_request_id
-from .connection import MQTT_VERSIONS, BrokerAddress, Connection, read_password
+from ..service.client import ask, new_request_id
+from ..service.connection import MQTT_VERSIONS, BrokerAddress, Connection, read_password
 from .demo import DEFAULT_BUNDLE, DEFAULT_PROMPT, DEMO_SYSTEM, ensure_bundle, local_service
-from .server import Service, ServiceConfig, engine_for
+from ..service.server import Service, ServiceConfig, engine_for
 
 log = logging.getLogger("edgellm.service")
 
@@ -187,7 +187,7 @@ def _service_config(args: argparse.Namespace, topics: proto.Topics) -> ServiceCo
              "reasoning_topic", "slots")
     given = {k: getattr(args, k) for k in names}
     if given["slots"] is None and getattr(args, "profile", None):
-        from ..devices import load_profile
+        from ..runtime.devices import load_profile
 
         given["slots"] = load_profile(args.profile).slots
     for key, low in (("queue_size", 1), ("max_payload", 1), ("session_expiry", 0), ("max_tokens", 1),
@@ -244,7 +244,7 @@ def _http_config(args: argparse.Namespace) -> Any:
             raise ValueError(f"{', '.join(given)}: only with --http HOST:PORT")
         return None
     try:
-        from .http import HttpConfig, parse_address
+        from ..service.http import HttpConfig, parse_address
     except ImportError as exc:
         raise ValueError(f"--http needs the http extra ({exc.name} is missing): pip install 'edgellm[http]'") from None
     host, port = parse_address(args.http)
@@ -317,7 +317,7 @@ def run_serve(args: argparse.Namespace) -> int:
             broker = _embedded_broker(kind, asked=args.broker == EMBEDDED)
             conn = dataclasses.replace(conn, broker=BrokerAddress.parse(broker.url))
         if http_config is not None:
-            from .http import HttpServer
+            from ..service.http import HttpServer
 
             http = HttpServer(engine, http_config).start()
             log.info("serving %s over HTTP at %s (OpenAI: %s/v1, Ollama: %s)%s", model.manifest.name or args.bundle,

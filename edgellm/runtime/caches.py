@@ -17,7 +17,7 @@ from typing import Any, NamedTuple, Protocol, Sequence
 import numpy as np
 import onnxruntime as ort
 
-from .errors import GenerationError
+from ..errors import GenerationError
 
 # int8: GroupQueryAttention quantizes new rows itself, with per-channel scales baked into the graph.
 _DTYPES = {"float32": np.float32, "float16": np.float16, "int8": np.int8}
@@ -46,7 +46,7 @@ def cache_for(graph: dict[str, Any], num_layers: int, kv_heads: int, head_dim: i
     if graph["kind"] != "fast":
         return DynamicCache(num_layers, kv_heads, head_dim, capacity, dtype)
     if graph.get("target") == "qnn":
-        from .static_cache import FixedCache  # it builds on AppendCache, below
+        from .static_step import FixedCache  # it builds on AppendCache, below
 
         return FixedCache(num_layers, kv_heads, head_dim, capacity, dtype)
     kind = AppendCache if graph.get("target", "cpu") in APPEND_TARGETS else StaticCache
