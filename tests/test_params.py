@@ -16,7 +16,7 @@ from typing import Any
 import jsonschema  # the test extra's: a second, independent reading of the schema
 import pytest
 
-from edgellm.cli.main import main as cli
+from edgellm.cli import main as cli
 from edgellm.cli.args import DOCUMENT_FLAGS, sampling_params
 from edgellm.errors import GenerationError, RequestError
 from edgellm.params import (BOOL, BY_NAME, CHOICE, INT, LOGIT_BIAS, NUMBER, OBJECT, PARAMS, STRING, STRINGS, TOOL_CHOICE,

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import edgellm
-from edgellm.cli.main import main as cli
+from edgellm.cli import main as cli
 from edgellm.engine import Engine, Job, Outcome
 from edgellm.errors import GenerationError
 from edgellm.generate import collect
