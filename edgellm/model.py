@@ -21,6 +21,7 @@ from .text import ChatTemplate, Tokenizer, encode_chat, template_variables
 from .tools import CLOSE, OPEN, call_syntax, chat_inputs, settle_choice
 
 if TYPE_CHECKING:
+    from .retrieval.embed import EmbeddingModel
     from .scheduler import Scheduler
     from .runtime.devices import DeviceProfile
 
@@ -51,8 +52,9 @@ def load(
     max_context: int | None = None,
     verify: bool = True,
     draft: "str | os.PathLike[str] | Model | None" = None,
-) -> "Model":
-    """Open a bundle. Explicit arguments override the device profile's values.
+) -> "Model | EmbeddingModel":
+    """Open a bundle. Explicit arguments override the device profile's values. An embedding
+    bundle opens as an `EmbeddingModel` (`embed(texts)`), every other kind as a `Model`.
 
     `verify` checks every file's sha256 against the manifest first, so a corrupt
     copy on an SD card is refused before it produces garbage. `draft`: a smaller bundle
@@ -65,6 +67,10 @@ def load(
         providers = providers if providers is not None else prof.providers
         threads = threads if threads is not None else prof.threads
         max_context = max_context if max_context is not None else prof.max_context
+    if manifest.graph["kind"] == "embedding":  # a sentence encoder: texts in, vectors out
+        from .retrieval.embed import EmbeddingModel
+
+        return EmbeddingModel.open(root, manifest, providers, threads)
     wanted = DEFAULT_MAX_CONTEXT if max_context is None else max_context
     if not isinstance(wanted, int) or isinstance(wanted, bool) or wanted < 2:
         raise GenerationError(f"max_context must be an integer >= 2, got {wanted!r}")

@@ -19,7 +19,8 @@ from . import arch
 from .config import DEFAULT_MAX_CONTEXT, GraphInfo, QuantConfig
 from .quality import DEFAULT_TEXT, perplexity
 from .scratch import owned_bundle_writer, remove_stale, scratch_dir, terminate_cleans_up
-from .sources import Source, open_source
+from .embedding import export_embedding, is_encoder
+from .sources import Source, open_source, source_path
 
 log = logging.getLogger("edgellm.export")
 
@@ -60,6 +61,8 @@ def export_model(
     if via not in ("auto", "fast", "optimum"):
         raise ExportError(f"--via {via!r}: expected fast or optimum")
     progress = progress or (lambda stage, done, total: None)
+    if is_encoder(folder := source_path(source)):
+        return _export_embedding(folder, out, quant, force, eval_text, evaluate, allow_quality_loss, progress)
 
     progress("read", 0, 1)
     src = open_source(source)
@@ -101,6 +104,20 @@ def export_model(
     except OSError as exc:
         raise ExportError(f"{out}: cannot write bundle ({exc.strerror or exc})") from None
     return manifest
+
+
+def _export_embedding(folder: Path, out: Path, quant: QuantConfig, force: bool, eval_text: str | None,
+                      evaluate: bool, allow_quality_loss: bool, progress: Progress) -> Manifest:
+    """An encoder (BERT-class sentence embedding model) -> a bundle of kind `embedding`."""
+    try:
+        remove_stale(out.parent)
+        with terminate_cleans_up(), owned_bundle_writer(out, force) as tmp:
+            return export_embedding(folder, tmp, quant=quant, name=out.name, eval_text=eval_text,
+                                    evaluate=evaluate, allow_quality_loss=allow_quality_loss, progress=progress)
+    except BundleError as exc:
+        raise ExportError(str(exc)) from None
+    except OSError as exc:
+        raise ExportError(f"{out}: cannot write bundle ({exc.strerror or exc})") from None
 
 
 def _bundle_context(trained: int, asked: int | None) -> int:

@@ -147,10 +147,13 @@ def run(args: argparse.Namespace) -> int:
         bars.close()
     q = manifest.quality
     target = f", target {manifest.graph['target']}" if "target" in manifest.graph else ""
-    line = (f"wrote {args.output} ({manifest.graph['kind']} graph, {quant.weights}, kv {manifest.graph['kv_dtype']}"
-            f"{target}) "
+    kv = f", kv {manifest.graph['kv_dtype']}" if "kv_dtype" in manifest.graph else ""
+    line = (f"wrote {args.output} ({manifest.graph['kind']} graph, {quant.weights}{kv}{target}) "
             f"in {time.perf_counter() - start:.1f} s")
-    if q:
+    if q and "min_cosine" in q:
+        line += (f"; cosine to the source at least {q['min_cosine']:.5f} (mean {q['mean_cosine']:.5f}, "
+                 f"limit {q['limit']})")
+    elif q:
         line += (f"; perplexity {q['perplexity']:.3f} vs source {q['source_perplexity']:.3f} "
                  f"({q['ratio']:.3f}x, limit {q['max_ratio']}x{'' if q['passed'] else ' EXCEEDED'})")
     print(line)

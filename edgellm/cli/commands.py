@@ -88,6 +88,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", choices=RECIPES,
                    help="also run this recipe, a client of this service, in the same process "
                         "(settings: its table in --config; see docs/anomaly.md)")
+    p.add_argument("--embedding", type=Path, metavar="BUNDLE",
+                   help="also serve this embedding bundle (`edgellm export` of a sentence encoder) on the "
+                        "embedding routes: /v1/embeddings, /api/embed, /api/embeddings (docs/retrieval.md)")
     g = p.add_argument_group("service")
     g.add_argument("--client-id", help="MQTT client id (default: edgellm-DEVICE; keep it stable to keep the session)")
     g.add_argument("--shared-group", help="share requests with other services via $share/NAME/...")
@@ -289,6 +292,22 @@ def _share_prompts(model: Any, system: str | None, recipe: AnomalyConfig | None)
                  prompt[0]["content"])
 
 
+def _embedder(args: argparse.Namespace) -> Any:
+    """The --embedding bundle, loaded beside the generative one, or None."""
+    if args.embedding is None:
+        return None
+    import edgellm
+    from ..retrieval.embed import EmbeddingModel, Embedder
+
+    model = edgellm.load(args.embedding, profile=args.profile, providers=args.providers, threads=args.threads,
+                         verify=not args.no_verify)
+    if not isinstance(model, EmbeddingModel):
+        raise ValueError(f"--embedding {args.embedding}: a {model.manifest.graph['kind']} bundle, not an embedding "
+                         f"one (export a sentence encoder, e.g. edgellm export all-minilm-l6-v2)")
+    log.info("embedding with %s (%d dimensions)", model.name, model.dimensions)
+    return Embedder(model)
+
+
 def run_serve(args: argparse.Namespace) -> int:
     _apply_config(args)
     topics = _topics(args)
@@ -307,6 +326,10 @@ def run_serve(args: argparse.Namespace) -> int:
         kind = embedded_kind()
         conn = dataclasses.replace(conn, mqtt_version=_embedded_version(kind, args))
     model = load_model(args)
+    if model.manifest.graph["kind"] == "embedding":
+        raise ValueError(f"{args.bundle}: an embedding bundle; serve a generative bundle and pass this one as "
+                         f"--embedding {args.bundle}")
+    embedder = _embedder(args)
     _share_prompts(model, args.shared_system, recipe_config)
     engine = engine_for(model, config).start()  # one queue for MQTT and HTTP alike
     broker = service = http = recipe = None
@@ -319,7 +342,7 @@ def run_serve(args: argparse.Namespace) -> int:
         if http_config is not None:
             from ..service.http import HttpServer
 
-            http = HttpServer(engine, http_config).start()
+            http = HttpServer(engine, http_config, embedder=embedder).start()
             log.info("serving %s over HTTP at %s (OpenAI: %s/v1, Ollama: %s)%s", model.manifest.name or args.bundle,
                      http.url, http.url, http.url, f"; {len(http_config.api_keys)} bearer key(s) accepted" if http_config.api_keys else "")
         if mqtt:

@@ -27,7 +27,7 @@ from .model_spec import ModelSpec
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-GRAPH_KINDS = ("fast", "generic")
+GRAPH_KINDS = ("fast", "generic", "embedding")  # embedding: edgellm.retrieval.embed
 GRAPH_TARGETS = ("cpu", "cuda", "openvino", "qnn")
 _SHA256 = re.compile("[0-9a-f]{64}")
 

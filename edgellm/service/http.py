@@ -136,6 +136,7 @@ class Front:
         self.model = engine.model
         self.config = config
         self.metrics = metrics
+        self.embedder: Any = None  # a retrieval.embed.Embedder: the embedding routes' model
         manifest = self.model.manifest
         self.name = manifest.name or getattr(getattr(self.model, "path", None), "name", "") or "edgellm"
         self.started = time.time()
@@ -282,18 +283,20 @@ async def _metrics(front: Front, _request: Request) -> Response:
                     media_type="text/plain; version=0.0.4")
 
 
-def build_app(engine: Engine, config: HttpConfig, metrics: Metrics | None = None) -> Any:
+def build_app(engine: Engine, config: HttpConfig, metrics: Metrics | None = None, embedder: Any = None) -> Any:
     """The ASGI app: OpenAI and Ollama routes, /health and /metrics, behind the guard (key, origin,
-    host, content type) and, when origins are allowed, starlette's CORS middleware."""
-    from . import http_ollama, http_openai
+    host, content type) and, when origins are allowed, starlette's CORS middleware. `embedder`
+    (a retrieval.embed.Embedder) answers the embedding routes; without it they answer 404."""
+    from . import http_embed, http_ollama, http_openai
     from .http_guard import Guard
 
     front = Front(engine, config, metrics or Metrics())
+    front.embedder = embedder
     routes = [Route("/health", endpoint(front, "/health", openai_error, _health)),
               Route("/metrics", endpoint(front, "/metrics", openai_error, _metrics))]
-    for module, shape in ((http_openai, openai_error), (http_ollama, ollama_error)):
+    for module in (http_openai, http_ollama, http_embed):
         for path, methods, handler in module.ROUTES:
-            routes.append(Route(path, endpoint(front, path, shape, handler), methods=methods))
+            routes.append(Route(path, endpoint(front, path, shape_of(path), handler), methods=methods))
 
     async def not_found(request: Request, exc: HTTPException) -> Response:
         error = HttpError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", code="not_found",
@@ -311,7 +314,8 @@ class HttpServer:
     """uvicorn on its own thread, bound before `start` returns (a port in use fails here, in the caller);
     its connections come from a `Listener` within `config.max_connections` and `config.read_timeout`."""
 
-    def __init__(self, engine: Engine, config: HttpConfig, metrics: Metrics | None = None) -> None:
+    def __init__(self, engine: Engine, config: HttpConfig, metrics: Metrics | None = None,
+                 embedder: Any = None) -> None:
         from .http_guard import is_loopback
 
         self.config = config
@@ -339,7 +343,7 @@ class HttpServer:
         # h11 named, not "auto": the listener's deadline reads h11's state (httptools would replace it).
         # No websockets: an upgraded connection would leave the listener's protocol, and its count.
         # Errors only: uvicorn warns once per malformed or upgrade request, a log flood on demand.
-        uv_config = uvicorn.Config(build_app(engine, config, self.metrics), http="h11", ws="none",
+        uv_config = uvicorn.Config(build_app(engine, config, self.metrics, embedder), http="h11", ws="none",
                                    log_level="error", lifespan="off", access_log=False, timeout_graceful_shutdown=2)
         self._server = _Uvicorn(uv_config, self.listener)
         self._thread = threading.Thread(target=self._server.run, name="edgellm-http", daemon=True)
