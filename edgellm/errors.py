@@ -23,6 +23,11 @@ class GrammarError(GenerationError):
     its JSON path), or constrained decoding is asked for without llguidance installed."""
 
 
+class RetrievalError(EdgeLLMError):
+    """A document cannot be read, or an index file is unusable or was built by another embedding
+    model; the message names the file."""
+
+
 class RecipeError(EdgeLLMError):
     """A recipe's settings file, prompt template or schema is unusable; the message names the file and key."""
 

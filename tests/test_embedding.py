@@ -24,19 +24,13 @@ from edgellm.export.api import export_model
 from edgellm.export.config import QuantConfig
 from edgellm.retrieval.embed import Embedder, EmbeddingModel
 from edgellm.service.http import HttpConfig, HttpServer
+from edgellm.service.broker import find_mosquitto
+from edgellm.service.server import Service, ServiceConfig
 from embedding_helpers import cosines, make_tiny_bert, minilm_folder, reference
+from mqtt_helpers import Probe, connection
 
 TEXTS = ["The pump cavitates when the suction pressure drops below the vapour pressure.",
          "hi", "Bearing wear shows as vibration at twice the shaft speed. " * 40, ""]
-
-
-@pytest.fixture(scope="module")
-def minilm(tmp_path_factory) -> dict[str, Path]:
-    """all-MiniLM-L6-v2 exported at fp32 and int8 (gate on), once for the module."""
-    root = tmp_path_factory.mktemp("minilm")
-    for quant in ("fp32", "int8"):
-        export_model("all-minilm-l6-v2", root / quant, quant=QuantConfig(weights=quant))
-    return {quant: root / quant for quant in ("fp32", "int8")}
 
 
 @pytest.mark.parametrize("pooling", ["mean", "cls"])
@@ -172,3 +166,30 @@ def test_serve_runs_both_bundles_from_one_process(tiny_bundle, minilm, tmp_path)
     wrong = subprocess.run([sys.executable, "-m", "edgellm.cli", "serve", str(tiny_bundle), "--http", "127.0.0.1:0",
                             "--embedding", str(tiny_bundle)], capture_output=True, text=True, timeout=120)
     assert wrong.returncode != 0 and "not an embedding one" in wrong.stderr
+
+
+@pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto is not installed (apt-get install mosquitto)")
+def test_mqtt_embed_request(broker, model, minilm):
+    embedder = Embedder(edgellm.load(minilm["int8"]))
+    conn = connection(broker.url)
+    service = Service(model, conn, ServiceConfig(device_id="emb", reconnect_min_s=0.2, reconnect_max_s=1.0),
+                      embedder=embedder).start()
+    probe = Probe(conn, "probe-embed", topics=("edgellm/emb/response/#", "mine/#", "edgellm/emb/status"))
+    try:
+        assert service.connected.wait(10)
+        status = probe.wait(lambda m: m.topic == "edgellm/emb/status")
+        assert json.loads(status.payload)["capabilities"]["embedding"] == "int8"
+        probe.publish("edgellm/emb/embed", {"id": "e1", "input": TEXTS, "reply_to": "mine/e1"})
+        reply = probe.replies("e1", timeout=30)[-1]
+        assert reply["done"] and reply["model"] == "int8" and reply["usage"]["prompt_tokens"] > 256
+        assert cosines(reply["embeddings"], reference(minilm_folder(), TEXTS)).min() >= 0.99
+        for rid, body, says in (("e2", {"input": [1]}, "non-empty list of strings"),
+                                ("e3", {"input": ["x"] * 33}, "at most 32"),
+                                ("e4", {"input": "x", "prompt": "y"}, "unknown field 'prompt'"),
+                                ("e5", {"input": "\ud800"}, "lone surrogate")):
+            probe.publish("edgellm/emb/embed", json.dumps({"id": rid, **body}))
+            error = probe.replies(rid, timeout=30)[-1]
+            assert error["status"] == "error" and says in error["error"]["message"], error
+    finally:
+        probe.close()
+        service.stop()

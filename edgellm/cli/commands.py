@@ -346,7 +346,7 @@ def run_serve(args: argparse.Namespace) -> int:
             log.info("serving %s over HTTP at %s (OpenAI: %s/v1, Ollama: %s)%s", model.manifest.name or args.bundle,
                      http.url, http.url, http.url, f"; {len(http_config.api_keys)} bearer key(s) accepted" if http_config.api_keys else "")
         if mqtt:
-            service = Service(model, conn, config, engine).start()
+            service = Service(model, conn, config, engine, embedder=embedder).start()
             if recipe_config is not None:
                 recipe = AnomalyRecipe(conn, topics, recipe_config, client_id=f"{service.client_id}-anomaly").start()
             log.info("serving %s as device %r: requests on %s", model.manifest.name or args.bundle,

@@ -15,6 +15,7 @@ from .. import __version__
 from .args import add_load_arguments, add_sampling_arguments, load_model, sampling_params
 from .console import AnswerPrinter
 from ..errors import EdgeLLMError
+from .index import add_index_arguments, run_index
 from .commands import (add_ask_arguments, add_demo_arguments, add_serve_arguments, run_ask, run_demo,
                                run_serve)
 from ..tools import merge_deltas
@@ -194,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", choices=list(SERVICE_FILES),
                    help="unit: edgellm.service; env: /etc/edgellm/edgellm.env, the settings it reads")
 
+    add_index_arguments(add("index", run_index, "a local index of documents to search (docs/retrieval.md)"))
     add_serve_arguments(add("serve", run_serve, "answer requests from devices over MQTT"))
     add_ask_arguments(add("ask", run_ask, "send one prompt to an `edgellm serve` over MQTT and print the answer"))
     add_demo_arguments(add("demo", run_demo, "export SmolLM2 once, serve it on a local broker, ask it over MQTT"))

@@ -19,7 +19,7 @@ from ..runtime.bundle import Manifest, bundle_file
 from ..runtime.runner import ProviderSpec, create_session
 
 BATCH = 32  # texts a run: larger batches gain little on a CPU and pad more
-MAX_TEXTS = 2048  # texts one call may embed (OpenAI's limit for one request)
+MAX_TEXTS = 2048  # texts one request to a front may embed (OpenAI's limit)
 MAX_CHARS = 1 << 16  # characters of one text read before truncation (the graph reads at most max_tokens)
 
 
@@ -89,8 +89,6 @@ def check_texts(texts: list[object]) -> None:
     """A clear one-line error for what cannot be embedded (before any work)."""
     if not texts:
         raise GenerationError("input must hold at least one text")
-    if len(texts) > MAX_TEXTS:
-        raise GenerationError(f"input holds {len(texts)} texts, at most {MAX_TEXTS} a request")
     for i, text in enumerate(texts):
         if not isinstance(text, str):
             raise GenerationError(f"input[{i}] must be a string, got {type(text).__name__}")
@@ -109,6 +107,8 @@ class Embedder:
         self._waiting = 0
 
     def embed(self, texts: str | Sequence[str], truncate: bool = True) -> tuple[np.ndarray, int]:
+        if not isinstance(texts, str) and len(texts) > MAX_TEXTS:
+            raise GenerationError(f"input holds {len(texts)} texts, at most {MAX_TEXTS} a request")
         with self._count:
             if self._waiting >= self.max_waiting:
                 raise RequestError("busy", f"busy: {self._waiting} embedding requests are waiting")

@@ -186,6 +186,39 @@ def parse_request(payload: bytes, max_bytes: int = DEFAULT_MAX_PAYLOAD) -> Reque
                    cancel_key=cancel_key)
 
 
+# An embed request (`{base}/embed`): texts in, one vector each out, on the request's reply route.
+EMBED_FIELDS = frozenset({"id", "input", "reply_to"})
+MAX_EMBED_TEXTS = 32  # a vector is ~8 KB of JSON at 384 dimensions: a reply stays within a few hundred KB
+
+
+@dataclass(frozen=True)
+class EmbedRequest:
+    id: str
+    texts: list[str]
+    reply_to: str | None = None
+
+
+def parse_embed(payload: bytes, max_bytes: int = DEFAULT_MAX_PAYLOAD) -> EmbedRequest:
+    """Validate an embed request: {"id", "input": a string or up to MAX_EMBED_TEXTS strings, "reply_to"?}."""
+    data = decode_json(payload, max_bytes)
+    if not isinstance(data, dict):
+        raise _bad(f"request must be a JSON object, got {type(data).__name__}")
+    if unknown := sorted(set(data) - EMBED_FIELDS):
+        raise _bad(f"unknown field {unknown[0][:40]!r}")
+    if not valid_id(data.get("id")):
+        raise _bad("field 'id' must be 1-128 characters of A-Z a-z 0-9 _ . : @ -")
+    texts = data.get("input")
+    texts = [texts] if isinstance(texts, str) else texts
+    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+        raise _bad("field 'input' must be a string or a non-empty list of strings")
+    if len(texts) > MAX_EMBED_TEXTS:
+        raise _bad(f"field 'input' holds {len(texts)} texts, at most {MAX_EMBED_TEXTS} a request")
+    reply_to = data.get("reply_to")
+    if reply_to is not None and not valid_topic(reply_to):
+        raise _bad("field 'reply_to' must be a topic without wildcards, not starting with '$'")
+    return EmbedRequest(data["id"], texts, reply_to)
+
+
 def _check_key(value: Any, name: str) -> None:
     if not (isinstance(value, str) and 8 <= len(value) <= MAX_CANCEL_KEY and value.isascii() and value.isprintable()):
         raise _bad(f"{name} must be a string of 8-{MAX_CANCEL_KEY} printable ASCII characters")
@@ -326,6 +359,10 @@ class Topics:
     @property
     def cancel(self) -> str:
         return f"{self.base}/cancel"
+
+    @property
+    def embed(self) -> str:
+        return f"{self.base}/embed"
 
     @property
     def status(self) -> str:

@@ -111,8 +111,9 @@ class Service:
     HTTP) is started and closed by its owner, and `stop()` only cancels this front's jobs."""
 
     def __init__(self, model: StreamingModel, conn: Connection, config: ServiceConfig,
-                 engine: Engine | None = None) -> None:
+                 engine: Engine | None = None, embedder: Any = None) -> None:
         self.model = model
+        self.embedder = embedder  # a retrieval.embed.Embedder: answers `{base}/embed`
         self.conn = conn
         self.config = config
         self.topics = proto.Topics(config.topic_prefix, config.device_id)
@@ -200,6 +201,7 @@ class Service:
                 "slots": self.engine.slots,
                 "mqtt_version": self.conn.mqtt_version,
                 "shared_group": self.config.shared_group,
+                "embedding": self.embedder.model.name if self.embedder is not None else None,
             },
         )
 
@@ -221,7 +223,8 @@ class Service:
             request_topic = f"$share/{self.config.shared_group}/{request_topic}"
         # Retain As Published: a request published with the retain flag is seen as such, and refused.
         options = SubscribeOptions(qos=1, retainAsPublished=True) if self.conn.v5 else 1
-        client.subscribe([(request_topic, options), (self.topics.cancel, options)])
+        embed = [(self.topics.embed, options)] if self.embedder is not None else []
+        client.subscribe([(request_topic, options), (self.topics.cancel, options), *embed])
         client.publish(self.status_topic, proto.encode(self.status()), qos=1, retain=True)
         self.connected.set()
         log.info(
@@ -249,6 +252,8 @@ class Service:
                 self._on_cancel(msg, answers)
             elif msg.topic == self.topics.request:
                 self._on_request(msg, answers)
+            elif msg.topic == self.topics.embed and self.embedder is not None:
+                self._on_embed(msg, answers)
             else:
                 self.acks.now(answers)
         except Exception:  # noqa: BLE001 - one bad message must never stop the service
@@ -317,6 +322,30 @@ class Service:
             self._refuse(msg, rid, reply_to, exc.code, str(exc), answers)
             return
         self._admit(Job(request, route, client=self._client_of(route), answers=answers, restart=msg.dup))
+
+    def _on_embed(self, msg: mqtt.MQTTMessage, answers: Deliveries) -> None:
+        """An embed request, computed on a thread of its own (never the network thread); the
+        embedder refuses it 'busy' when its few places to wait are taken."""
+        try:
+            request = proto.parse_embed(msg.payload, self.config.max_payload)
+            route = self._route(msg, request.id, request.reply_to)
+        except RequestError as exc:
+            rid, reply_to = proto.peek(msg.payload, self.config.max_payload)
+            self._refuse(msg, rid, reply_to, exc.code, str(exc), answers)
+            return
+
+        def run() -> None:
+            try:
+                vectors, tokens = self.embedder.embed(request.texts)
+            except RequestError as exc:
+                self._send(route, proto.error_payload(request.id, exc.code, str(exc)), answers)
+            except GenerationError as exc:
+                self._send(route, proto.error_payload(request.id, proto.BAD_REQUEST, str(exc)), answers)
+            else:
+                self._send(route, {"id": request.id, "done": True, "embeddings": vectors.tolist(),
+                                   "model": self.embedder.model.name, "usage": {"prompt_tokens": tokens}}, answers)
+
+        threading.Thread(target=run, name="edgellm-embed", daemon=True).start()
 
     def _capped(self, request: proto.Request) -> proto.Request:
         """The request with its token budget within the service's ceiling; RequestError above it,
