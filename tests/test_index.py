@@ -10,6 +10,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -196,7 +197,8 @@ def test_sigkill_while_indexing_leaves_the_document_as_before(tmp_path, encoder)
     (docs / "b.md").write_text(_large(2))
     process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    line = process.stdout.readline()  # a.md is written; b.md is being chunked and embedded
+    line = process.stdout.readline()  # a.md is written; b.md is read, then chunked and embedded (~2 s)
+    time.sleep(0.3)  # well inside b.md's embedding: ~6,000 chunks take seconds, reading it milliseconds
     process.send_signal(signal.SIGKILL)
     process.wait(30)
     assert line.startswith(f"updated {docs / 'a.md'}") and process.returncode == -signal.SIGKILL
