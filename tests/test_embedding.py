@@ -60,6 +60,16 @@ def test_embedding_export_refusals(tmp_path):
     assert not (tmp_path / "b").exists()
 
 
+def test_cli_info_shows_the_gate_and_run_refuses_an_embedding_bundle(minilm, capsys):
+    from edgellm.cli.main import main
+
+    assert main(["info", str(minilm["int8"])]) == 0
+    out = capsys.readouterr().out
+    assert "mean pooling, normalised, 384 dimensions" in out and "cosine  at least 0.99" in out
+    assert main(["run", str(minilm["int8"]), "hello"]) == 1
+    assert "an embedding bundle, which embeds texts and generates none" in capsys.readouterr().err
+
+
 def test_input_refusals_are_one_line(tmp_path):
     folder = make_tiny_bert(tmp_path / "hf")
     export_model(folder, tmp_path / "b", quant=QuantConfig(weights="fp32"), evaluate=False)

@@ -326,9 +326,6 @@ def run_serve(args: argparse.Namespace) -> int:
         kind = embedded_kind()
         conn = dataclasses.replace(conn, mqtt_version=_embedded_version(kind, args))
     model = load_model(args)
-    if model.manifest.graph["kind"] == "embedding":
-        raise ValueError(f"{args.bundle}: an embedding bundle; serve a generative bundle and pass this one as "
-                         f"--embedding {args.bundle}")
     embedder = _embedder(args)
     _share_prompts(model, args.shared_system, recipe_config)
     engine = engine_for(model, config).start()  # one queue for MQTT and HTTP alike

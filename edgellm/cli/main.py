@@ -94,16 +94,21 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("source", f"{m.source.get('kind', '?')} {m.source.get('path', '')}"),
         ("architecture", f"{s.arch}: {s.num_layers} layers, hidden {s.hidden_size}, heads {s.num_heads}/"
                          f"{s.num_kv_heads} kv, head dim {s.head_dim}, vocab {s.vocab_size}"),
-        ("context", f"{s.max_context} tokens, rope theta {s.rope_theta:g}"
-                    + (f", scaling {s.rope_scaling}" if s.rope_scaling else "")),
-        ("graph", f"{m.graph['kind']} ({m.graph['file']}), kv {m.graph.get('kv_dtype')}"),
+        ("context", f"{s.max_context} tokens" + ("" if m.graph["kind"] == "embedding" else f", rope theta "
+                    f"{s.rope_theta:g}" + (f", scaling {s.rope_scaling}" if s.rope_scaling else ""))),
+        ("graph", f"{m.graph['kind']} ({m.graph['file']}), " + (
+            f"{m.graph['pooling']} pooling{', normalised' if m.graph.get('normalize') else ''}, "
+            f"{m.graph['dimensions']} dimensions" if m.graph["kind"] == "embedding" else f"kv {m.graph.get('kv_dtype')}")),
         ("weights", f"{q.get('weights')}" + (f", block {q['block_size']}, "
                     f"{'symmetric' if q.get('symmetric') else 'asymmetric'}" if q.get("block_size") else "")),
         ("size", f"{size / 2**20:.1f} MiB in {len(m.files)} files, "
                  + (f"sha256 verified ({len(verified)}/{len(m.files)})" if not args.no_verify
                     else "checksums not verified (--no-verify)")),
     ]
-    if m.quality:
+    if "min_cosine" in m.quality:
+        rows.append(("cosine", f"at least {m.quality['min_cosine']:.5f} to the source (mean {m.quality['mean_cosine']:.5f}, "
+                               f"limit {m.quality['limit']})"))
+    elif m.quality:
         rows.append(("perplexity", f"{m.quality['perplexity']:.3f} vs source {m.quality['source_perplexity']:.3f} "
                                    f"({m.quality['ratio']:.3f}x)"))
     rows.append(("exporter", ", ".join(f"{k} {v}" for k, v in m.exporter.items())))
