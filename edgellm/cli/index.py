@@ -39,7 +39,7 @@ def run_index(args: argparse.Namespace) -> int:
         raise RetrievalError(f"{args.index}: no such index (create it with edgellm index add)")
     with Index(args.index) as index:
         if args.action == "add":
-            model = _encoder(index, args.embedding)
+            model = open_encoder(index, args.embedding)
             start = time.perf_counter()
             changes = index.add(args.paths, model, report=_print_change)
             done = sum(c.action not in ("unchanged", "failed") for c in changes)
@@ -55,7 +55,7 @@ def run_index(args: argparse.Namespace) -> int:
             for path, chunks in index.documents():
                 print(f"{chunks:6d}  {path}")
         else:
-            hits = retrieve(index, _encoder(index, args.embedding), args.query, args.k)
+            hits = retrieve(index, open_encoder(index, args.embedding), args.query, args.k)
             if args.json:
                 print(json.dumps([h.to_dict() for h in hits], ensure_ascii=False, indent=2))
             for n, hit in enumerate([] if args.json else hits, 1):
@@ -64,7 +64,7 @@ def run_index(args: argparse.Namespace) -> int:
     return 0
 
 
-def _encoder(index: Any, given: Path | None) -> Any:
+def open_encoder(index: Any, given: Path | None) -> Any:
     """The embedding bundle: the one given (remembered by the index), else the one it remembers."""
     import edgellm
     from ..retrieval.embed import EmbeddingModel

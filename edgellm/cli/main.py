@@ -43,15 +43,39 @@ def _stats(chunk) -> str:
 
 def cmd_run(args: argparse.Namespace) -> int:
     params = sampling_params(args)  # a bad flag fails before the slow load
+    if args.index is not None and args.raw:
+        raise ValueError("--index puts its sources in the chat's system turn: it cannot go with --raw")
     model = load_model(args)
     if args.raw:
         request: Any = args.prompt
     else:
         request = ([{"role": "system", "content": args.system}] if args.system else [])
         request.append({"role": "user", "content": args.prompt})
-    last, _, _ = _stream_to_stdout(model, request, params)
+    citations: list[Any] = []
+    if args.index is not None:
+        request, citations = _grounded(request, args.index, args.sources)
+    last, text, _ = _stream_to_stdout(model, request, params)
+    if citations:
+        from ..retrieval.grounding import mark_cited
+
+        print("\nsources:")
+        for c in mark_cited(text, citations):
+            print(f"[{c.n}]{'*' if c.cited else ' '} {c.path}:{c.line}" + (f"  {c.heading}" if c.heading else ""))
     print(_stats(last), file=sys.stderr)
     return 0
+
+
+def _grounded(messages: list[dict[str, Any]], index_path: Path, k: int) -> tuple[list[dict[str, Any]], list[Any]]:
+    """The chat with the index's `k` chunks nearest the question as numbered sources, and those sources."""
+    from ..retrieval.grounding import ground, last_user_text
+    from ..retrieval.index import Index, retrieve
+    from .index import open_encoder
+
+    if not index_path.is_file():
+        raise ValueError(f"--index {index_path}: no such index (create it with edgellm index add)")
+    with Index(index_path) as index:
+        hits = retrieve(index, open_encoder(index, None), last_user_text(messages), k)
+    return ground(messages, hits)
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -182,6 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_load_arguments(p)
     p.add_argument("prompt")
     add_sampling_arguments(p)
+    p.add_argument("--index", type=Path, metavar="FILE",
+                   help="answer from this document index (edgellm index): the chunks nearest the prompt go into "
+                        "the chat as numbered sources, listed after the answer (* where it cites them)")
+    p.add_argument("--sources", type=int, default=4, metavar="K", help="how many chunks --index gives (default 4)")
 
     p = add("chat", cmd_chat, "interactive chat that keeps history and reuses its KV cache")
     add_load_arguments(p)
