@@ -49,7 +49,8 @@ def worker(args: argparse.Namespace) -> None:
 
     from edgellm.runtime.bundle import read_manifest
     from edgellm.runtime.caches import cache_for
-    from edgellm.runtime.runner import Runner, prefill, session_options
+    from edgellm.runtime.providers import session_options
+    from edgellm.runtime.runner import Runner, prefill
 
     manifest = read_manifest(args.bundle, verify=False)
     ids = json.loads(args.ids.read_text())

@@ -22,7 +22,7 @@ from typing import Any, Callable, Generic, Hashable, Iterator, Mapping, Protocol
 from .errors import GenerationError
 from .params import GenerationParams
 from .sequence import request_grammar
-from .runtime.runner import release_freed_heap
+from .runtime.providers import release_freed_heap
 from .text import cannot_fit
 
 log = logging.getLogger("edgellm.engine")

@@ -12,8 +12,8 @@ from .errors import BundleError, GenerationError
 from .generate import Chunk, Conventions, GenerationParams, Result, collect, stream_chunks
 from .runtime.caches import Scope, SharedPrefixes, SlotCache, cache_for, common_prefix
 from .reasoning import CONFIG_KEY, detect_markers, template_extras
-from .runtime.runner import (BatchRunner, ProviderSpec, Runner, create_session, prefill, release_freed_heap,
-                      release_mapped_weights)
+from .runtime.providers import ProviderSpec, create_session, release_freed_heap, release_mapped_weights
+from .runtime.runner import BatchRunner, Runner, prefill
 from .speculate import DraftModel, PromptLookup
 from .runtime.model_spec import ModelSpec
 from .runtime.static_step import StepRunner

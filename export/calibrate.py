@@ -27,7 +27,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 from edgellm.runtime.caches import StaticCache
-from edgellm.runtime.runner import Runner, create_session
+from edgellm.runtime.providers import create_session
+from edgellm.runtime.runner import Runner
 
 from .config import QuantConfig
 from .graph import build_fast_graph

@@ -21,7 +21,8 @@ import edgellm
 from edgellm.runtime.bundle import read_manifest
 from edgellm.errors import ExportError
 from edgellm.runtime.caches import StaticCache
-from edgellm.runtime.runner import Runner, create_session
+from edgellm.runtime.providers import create_session
+from edgellm.runtime.runner import Runner
 from edgellm.export.api import export_model
 from edgellm.export.cli import add_arguments, run
 from edgellm.export.config import QuantConfig

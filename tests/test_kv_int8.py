@@ -18,7 +18,8 @@ from edgellm.runtime.bundle import read_manifest
 from edgellm.cli.main import main
 from edgellm.errors import ExportError
 from edgellm.runtime.caches import StaticCache
-from edgellm.runtime.runner import Runner, create_session
+from edgellm.runtime.providers import create_session
+from edgellm.runtime.runner import Runner
 from edgellm.export.api import export_model
 from edgellm.export.calibrate import kv_scales_from_cache
 from edgellm.export.config import QuantConfig

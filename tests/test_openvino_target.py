@@ -24,7 +24,8 @@ import edgellm
 from edgellm.runtime.bundle import read_manifest
 from edgellm.errors import BundleError, ExportError, GenerationError
 from edgellm.runtime.caches import AppendCache, SlotCache, StaticCache, cache_for
-from edgellm.runtime.runner import BatchRunner, Runner, create_session
+from edgellm.runtime.providers import create_session
+from edgellm.runtime.runner import BatchRunner, Runner
 from edgellm.export.api import export_model
 from edgellm.export.config import QuantConfig
 from edgellm.export.graph import build_fast_graph

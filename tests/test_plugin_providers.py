@@ -9,7 +9,7 @@ import sys
 import pytest
 
 import edgellm
-from edgellm.runtime import runner as sess
+from edgellm.runtime import providers as sess
 
 PROMPT = "The quick brown"
 

@@ -21,7 +21,8 @@ import pytest
 from edgellm.runtime.bundle import read_manifest
 from edgellm.errors import BundleError, ExportError, GenerationError
 from edgellm.runtime.caches import StaticCache
-from edgellm.runtime.runner import Runner, create_session
+from edgellm.runtime.providers import create_session
+from edgellm.runtime.runner import Runner
 from edgellm.runtime.static_step import FixedCache, StepRunner
 from edgellm.export.config import QuantConfig
 from edgellm.export.graph import build_fast_graph

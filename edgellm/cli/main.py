@@ -158,7 +158,7 @@ def cmd_devices(args: argparse.Namespace) -> int:
         mark = "*" if name == here.name else " "
         print(f"{mark} {name:<18} {load_profile(name).description}")
     print(f"(* detected on this machine: {here.name})")
-    from ..runtime.runner import available_devices  # onnxruntime loads here, not for the profile list
+    from ..runtime.providers import available_devices  # onnxruntime loads here, not for the profile list
 
     print("\nexecution providers and devices on this machine:")
     for provider, kind, vendor in available_devices():

@@ -16,7 +16,7 @@ from tokenizers import Tokenizer
 
 from ..errors import BundleError, GenerationError, RequestError
 from ..runtime.bundle import Manifest, bundle_file
-from ..runtime.runner import ProviderSpec, create_session
+from ..runtime.providers import ProviderSpec, create_session
 
 BATCH = 32  # texts a run: larger batches gain little on a CPU and pad more
 MAX_TEXTS = 2048  # texts one request to a front may embed (OpenAI's limit)

@@ -1,4 +1,4 @@
-"""The onnxruntime session over a bundle's graph, and the forward pass that drives it.
+"""The forward pass over a bundle's graph: the runners that feed it token ids and keep its cache.
 
 Per-step overhead is what separates a Python loop from a native one, so the
 forward pass binds everything once and afterwards rebinds only the inputs whose
@@ -7,227 +7,16 @@ last row of logits out of the graph.
 """
 from __future__ import annotations
 
-import ctypes
-import importlib
-import logging
-import os
-from pathlib import Path
-from typing import Any, Callable, Sequence, Union
+from typing import Callable, Sequence
 
 import numpy as np
 import onnxruntime as ort
 
 from ..errors import BundleError, GenerationError
 from .caches import AppendCache, KVCache, Scope, SharedPrefixes, SlotCache, past_names, reusable_prefix, visible
-
-log = logging.getLogger("edgellm")
-
-CPU = "CPUExecutionProvider"
-ProviderSpec = Union[str, tuple[str, dict[str, Any]]]
+from .providers import first_line
 
 _NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
-
-
-def session_options(threads: int | None = None) -> ort.SessionOptions:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads or 0  # 0: onnxruntime picks one per core
-    # One graph, one request at a time: parallelism between nodes only costs threads.
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # Errors only: a provider that takes part of a graph warns per node it leaves to the
-    # CPU, and edgellm says in one line which provider runs and why another did not.
-    so.log_severity_level = 3
-    return so
-
-
-def _name(entry: ProviderSpec) -> str:
-    return entry if isinstance(entry, str) else entry[0]
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-# Accelerators shipped as plugin execution providers, loaded into the stock onnxruntime
-# wheel: the provider's name -> (its Python package, the edgellm extra that installs it).
-PLUGINS = {
-    "OpenVINOExecutionProvider": ("onnxruntime_ep_openvino", "openvino"),
-    "QNNExecutionProvider": ("onnxruntime_qnn", "qnn"),
-}
-# A plugin provider's device types, tried in this order unless its profile entry says
-# `devices = "GPU,CPU"` (edgellm's own option; the rest go to the provider as they are).
-DEVICE_ORDER = "NPU,GPU,CPU"
-_registered: set[str] = set()
-
-
-def create_session(
-    path: str | os.PathLike[str],
-    *,
-    providers: Sequence[ProviderSpec] | None = None,
-    threads: int | None = None,
-) -> ort.InferenceSession:
-    """Open `path` on the first provider that works, ending on the CPU.
-
-    A board's profile may name an accelerator that this onnxruntime build lacks, whose
-    plugin package is not installed, that has no device here, or that fails on this
-    graph; the model should still run, slower, and say why in one line.
-    """
-    path = Path(path)
-    available = set(ort.get_available_providers())
-    cpu: ProviderSpec = CPU
-    for entry in providers or ():
-        name = _name(entry)
-        if name == CPU:
-            cpu = entry
-            break
-        if name in available and name not in _registered:
-            session = _builtin_session(path, entry, threads)
-        elif name in PLUGINS:
-            session = _plugin_session(path, name, {} if isinstance(entry, str) else entry[1], threads)
-        else:
-            log.warning("provider %s is not available in this onnxruntime (has %s); trying the next",
-                        name, ", ".join(sorted(available)))
-            continue
-        if session is not None:
-            return session
-    try:
-        return ort.InferenceSession(str(path), session_options(threads), providers=[cpu])
-    except Exception as exc:  # noqa: BLE001 - reported as the bundle's fault, in one line
-        raise BundleError(f"{path}: onnxruntime cannot load the graph ({_first_line(exc)})") from None
-
-
-def _builtin_session(path: Path, entry: ProviderSpec, threads: int | None) -> ort.InferenceSession | None:
-    name = _name(entry)
-    if not isinstance(entry, str):
-        folder = str(Path(ort.__file__).parent / "capi")  # where onnxruntime's own provider wheels put libraries
-        entry = (name, {k: str(v).replace("{package}", folder) for k, v in entry[1].items() if k != "devices"})
-    try:
-        session = ort.InferenceSession(str(path), session_options(threads), providers=[entry, CPU])
-    except Exception as exc:  # noqa: BLE001 - any failure means: try the next provider
-        log.warning("provider %s failed to open %s (%s); trying the next", name, path.name, _first_line(exc))
-        return None
-    if name in session.get_providers():
-        return session
-    log.warning("provider %s was not applied to %s; trying the next", name, path.name)
-    return None
-
-
-def _plugin_session(path: Path, name: str, options: dict[str, Any],
-                    threads: int | None) -> ort.InferenceSession | None:
-    """`name` from its plugin package, on the first of its devices that opens the graph.
-
-    Option values may say `{package}` for the folder of the provider's libraries (QNN's
-    `backend_path = "{package}/libQnnHtp.so"`): the plugin package's here, onnxruntime's
-    own for a built-in provider."""
-    package, extra = PLUGINS[name]
-    try:
-        module = importlib.import_module(package)
-    except ImportError:
-        log.warning('provider %s is a plugin and its package %s is not installed (pip install "edgellm[%s]"); '
-                    "trying the next", name, package, extra)
-        return None
-    if name not in _registered:
-        try:
-            ort.register_execution_provider_library(name, module.get_library_path())
-        except Exception as exc:  # noqa: BLE001 - a broken plugin is one more provider to skip
-            log.warning("provider %s: cannot register %s (%s); trying the next", name, package, _first_line(exc))
-            return None
-        _registered.add(name)
-    options = {k: str(v) for k, v in options.items()}
-    order = [kind.strip().upper() for kind in options.pop("devices", DEVICE_ORDER).split(",") if kind.strip()]
-    folder = str(Path(module.__file__).parent)
-    options = {k: v.replace("{package}", folder) for k, v in options.items()}
-    devices = [d for d in ort.get_ep_devices() if d.ep_name == name]
-    if not devices:
-        log.warning("provider %s offers no device on this machine; trying the next", name)
-        return None
-    for kind in order:
-        chosen = [d for d in devices if d.device.type.name == kind]
-        if not chosen:
-            continue
-        so = session_options(threads)
-        try:
-            so.add_provider_for_devices(chosen[:1], options)
-            return ort.InferenceSession(str(path), so)
-        except Exception as exc:  # noqa: BLE001 - try the next device
-            log.warning("provider %s on its %s device failed to open %s (%s); trying the next", name, kind,
-                        path.name, _first_line(exc))
-    have = sorted({d.device.type.name for d in devices})
-    log.warning("provider %s opened %s on none of its devices %s (has %s); trying the next", name, path.name,
-                ",".join(order), ",".join(have))
-    return None
-
-
-def available_devices() -> list[tuple[str, str, str]]:
-    """(provider, device type, vendor) for every provider this machine can run: onnxruntime's
-    own and those of installed plugin packages (registered here). The device is "" for a
-    built-in provider that does not enumerate devices and for a plugin that found none."""
-    for name, (package, _) in PLUGINS.items():
-        if name in _registered:
-            continue
-        try:
-            module = importlib.import_module(package)
-            ort.register_execution_provider_library(name, module.get_library_path())
-            _registered.add(name)
-        except Exception:  # noqa: BLE001 - not installed or broken: not available here
-            continue
-    found = [(d.ep_name, d.device.type.name, d.device.vendor) for d in ort.get_ep_devices()]
-    listed = {name for name, _, _ in found}
-    idle = [(name, "", "installed, no device here") for name in sorted(_registered - listed)]
-    # Azure's provider calls a cloud endpoint: never a device of an offline board.
-    return found + idle + [(p, "", "") for p in ort.get_available_providers()
-                           if p not in listed and p != "AzureExecutionProvider"]
-
-
-def release_freed_heap() -> None:
-    """Return the heap that onnxruntime freed while loading to the operating system.
-
-    Prepacking copies each MatMulNBits weight into the kernel's layout and frees the
-    staging buffers; glibc keeps such memory (26 MB for SmolLM2) unless asked, and on
-    a 1 GB board that is memory the KV cache could use.
-    """
-    try:
-        trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError, TypeError):  # not glibc (musl, macOS, Windows): nothing kept
-        return
-    trim(0)
-
-
-_MADV_DONTNEED = 4
-
-
-def release_mapped_weights(root: Path) -> int:
-    """Drop this process's resident pages of the files under `root` that onnxruntime mapped.
-
-    onnxruntime maps external weights and, having prepacked a MatMulNBits weight into a
-    copy of its own, unmaps it, unless another node reads it too: a tied embedding shares
-    lm_head's table, and on x86 the packed scales stay mapped. Prepacking read every page,
-    so each would stay resident twice (Qwen2.5-0.5B shape: 147 MB). Dropped pages stay in
-    the page cache and come back at the rows a Gather reads. A mapping with a page written
-    through it (copied on write: dropping would lose the write) is left alone. Linux only.
-    Returns the bytes dropped.
-    """
-    try:
-        smaps = Path("/proc/self/smaps").read_text()
-        madvise = ctypes.CDLL(None).madvise
-    except (OSError, AttributeError):
-        return 0
-    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    prefix, dropped, span = str(Path(root).resolve()) + os.sep, 0, None
-    for line in smaps.splitlines():
-        fields = line.split()
-        if len(fields) >= 6 and "-" in fields[0] and fields[5].startswith(prefix):
-            start, end = (int(x, 16) for x in fields[0].split("-"))
-            span = (start, end)
-        elif len(fields) >= 5 and "-" in fields[0]:
-            span = None  # a mapping of something else
-        elif span and fields[0] == "Anonymous:" and fields[1] == "0":  # no page written through it
-            if madvise(span[0], span[1] - span[0], _MADV_DONTNEED) == 0:
-                dropped += span[1] - span[0]
-            span = None
-    return dropped
 
 
 # Prefill feeds at most this many tokens per run. The attention scratch grows with
@@ -264,14 +53,14 @@ def run_bound(session: ort.InferenceSession, io: ort.IOBinding, where: str) -> N
     try:
         session.run_with_iobinding(io)
     except Exception as exc:  # noqa: BLE001 - onnxruntime's errors share no base class
-        raise GenerationError(f"{where}: onnxruntime run failed ({_first_line(exc)})") from None
+        raise GenerationError(f"{where}: onnxruntime run failed ({first_line(exc)})") from None
 
 
 class Runner:
     """Feeds token ids through the graph and keeps the KV cache and its ids in step.
 
     `tokens` are the ids whose keys and values the cache holds, so a new prompt can
-    reuse the longest common prefix; `scope` is whose they are (`kvcache.visible`).
+    reuse the longest common prefix; `scope` is whose they are (`caches.visible`).
     """
 
     scope = Scope()  # an instance's own once a request took the cache (StepRunner has no __init__ of Runner's)
@@ -295,7 +84,7 @@ class Runner:
         if kind == "fast" and sequence_major(session) != isinstance(cache, AppendCache):
             layout = "sequence-major (--target openvino)" if sequence_major(session) else "head-major"
             raise BundleError(f"{where}: the graph's KV cache is {layout}; {type(cache).__name__} does not bind it "
-                              "(kvcache.cache_for picks the cache from the manifest's graph section)")
+                              "(caches.cache_for picks the cache from the manifest's graph section)")
         logits_type = outputs["logits"].type
         if logits_type not in _NUMPY:
             raise BundleError(f"{where}: graph output 'logits' has type {logits_type}, expected float or float16")
@@ -332,8 +121,8 @@ class Runner:
         return self.cache.capacity
 
     def reuse(self, ids: Sequence[int], scope: Scope = Scope(), shared: SharedPrefixes | None = None) -> int:
-        """Keep the cached rows a request in `scope` may reuse for `ids` (`kvcache.visible`,
-        `kvcache.reusable_prefix`), or restore the longest of the `shared` prefixes `ids`
+        """Keep the cached rows a request in `scope` may reuse for `ids` (`caches.visible`,
+        `caches.reusable_prefix`), or restore the longest of the `shared` prefixes `ids`
         starts with where that is more; return how many rows `ids` finds cached."""
         n = reusable_prefix(visible(self.tokens, self.scope, scope), ids)
         prefix = shared.longest(ids) if shared else None
@@ -412,7 +201,7 @@ class Runner:
 
 
 def sequence_major(session: ort.InferenceSession) -> bool:
-    """Whether the graph's past is [batch, rows, kv_heads, head_dim] (kvcache.AppendCache's layout)."""
+    """Whether the graph's past is [batch, rows, kv_heads, head_dim] (caches.AppendCache's layout)."""
     past = next(i for i in session.get_inputs() if i.name == past_names(0)[0])
     return isinstance(past.shape[1], str)
 
@@ -456,8 +245,8 @@ class BatchRunner:
               shared: SharedPrefixes | None = None) -> int:
         """Keep `slot`'s cached rows of its longest common prefix with `ids` (`Runner.reuse`) and
         extend them with rows another slot holds for a longer one (a chat's earlier turn), as far
-        as `kvcache.reusable_prefix` allows and only from a slot whose rows `scope` may see
-        (`kvcache.visible`). Return how many rows `ids` finds cached."""
+        as `caches.reusable_prefix` allows and only from a slot whose rows `scope` may see
+        (`caches.visible`). Return how many rows `ids` finds cached."""
         runner = self.slots[slot]
         kept = runner.reuse(ids, scope, shared)
         longest, donor = max((reusable_prefix(visible(other.tokens, other.scope, scope), ids), i)
