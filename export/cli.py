@@ -113,11 +113,13 @@ class _StageLines:
 def families_table() -> str:
     """Which architectures export from which source by which path, for `--list`."""
     from .arch import FAMILIES
+    from .embedding import ENCODER_TYPES
 
     rows = [("family", "HF model_type", "GGUF architecture", "paths")]
     rows += [(f.name, ", ".join(f.hf_types), ", ".join(f.gguf_archs), "fast (default), optimum from HF")
              for f in FAMILIES]
     rows.append(("other", "any decoder optimum exports", "refused", "optimum"))
+    rows.append(("encoder", ", ".join(ENCODER_TYPES), "refused", "embedding bundle (torch.onnx; --quant int8|fp32)"))
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[3] for r in rows)
 
@@ -146,9 +148,10 @@ def run(args: argparse.Namespace) -> int:
     finally:
         bars.close()
     q = manifest.quality
-    target = f", target {manifest.graph['target']}" if "target" in manifest.graph else ""
-    kv = f", kv {manifest.graph['kv_dtype']}" if "kv_dtype" in manifest.graph else ""
-    line = (f"wrote {args.output} ({manifest.graph['kind']} graph, {quant.weights}{kv}{target}) "
+    graph = manifest.graph
+    target = f", target {graph.target}" if graph.target != "cpu" else ""
+    kv = f", kv {graph.kv_dtype}" if graph.kind != "embedding" else ""
+    line = (f"wrote {args.output} ({graph.kind} graph, {quant.weights}{kv}{target}) "
             f"in {time.perf_counter() - start:.1f} s")
     if q and "min_cosine" in q:
         line += (f"; cosine to the source at least {q['min_cosine']:.5f} (mean {q['mean_cosine']:.5f}, "

@@ -37,7 +37,7 @@ TEXTS = ["The pump cavitates when the suction pressure drops below the vapour pr
 def test_tiny_bert_pooling_as_its_config_says(tmp_path, pooling):
     folder = make_tiny_bert(tmp_path / "hf", pooling=pooling, normalize=pooling == "mean")
     manifest = export_model(folder, tmp_path / "b", quant=QuantConfig(weights="fp32"))
-    assert manifest.graph["kind"] == "embedding" and manifest.graph["pooling"] == pooling
+    assert manifest.graph.kind == "embedding" and manifest.graph.pooling == pooling
     assert manifest.quality["passed"] and manifest.quality["min_cosine"] >= 0.999
     model = edgellm.load(tmp_path / "b")
     assert isinstance(model, EmbeddingModel) and model.dimensions == 32
@@ -48,6 +48,16 @@ def test_tiny_bert_pooling_as_its_config_says(tmp_path, pooling):
     assert np.allclose(norms, 1, atol=1e-5) if pooling == "mean" else not np.allclose(norms, 1, atol=1e-3)
     assert tokens == sum(min(len(model.tokenizer.encode(t).ids), 64) for t in TEXTS)
     assert np.allclose(model.embed(TEXTS[1]), vectors[1:2], atol=1e-5)  # alone or batched: the same vector
+
+
+def test_a_bare_transformer_folder_gets_mean_pooled_unit_vectors(tmp_path):
+    folder = make_tiny_bert(tmp_path / "hf", pooling="cls", normalize=False)
+    (folder / "modules.json").unlink()  # no sentence-transformers config: the documented default
+    manifest = export_model(folder, tmp_path / "b", quant=QuantConfig(weights="fp32"))
+    assert (manifest.graph["pooling"], manifest.graph["normalize"]) == ("mean", True)
+    assert manifest.spec.max_context == 128  # max_position_embeddings, sentence_bert_config.json aside
+    vectors = edgellm.load(tmp_path / "b").embed(TEXTS[:2])
+    assert cosines(vectors, reference(folder, TEXTS[:2], "mean", True, max_tokens=128)).min() >= 0.9999
 
 
 def test_embedding_export_refusals(tmp_path):
