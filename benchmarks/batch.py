@@ -115,7 +115,7 @@ def main() -> None:
         raise SystemExit(f"--levels: at most {len(QUESTIONS)} prompts")
     report.warn_if_busy(report.machine_info())
     model = load(ensure_bundle(args.bundle), args.threads)
-    if not model.manifest.graph.get("batch"):
+    if not model.manifest.graph.batch:
         raise SystemExit(f"{model.path}: exported without a batch dimension; re-export it")
     one_set(model, 2, 8, batched=True)  # warm-up: first runs pay for page faults and arena growth
     rates: dict[tuple[int, bool], list[float]] = {(c, b): [] for c in levels for b in (True, False)}

@@ -63,15 +63,15 @@ def worker(args: argparse.Namespace) -> None:
         options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
     start = time.perf_counter()
     try:
-        session = ort.InferenceSession(str(args.bundle / manifest.graph["file"]), options, providers=[entry])
+        session = ort.InferenceSession(str(args.bundle / manifest.graph.file), options, providers=[entry])
         whole = True if args.provider == OPENVINO else None
     except Exception:  # noqa: BLE001 - some node needs the CPU provider: open with it, and say so
         options = session_options(args.threads)
-        session = ort.InferenceSession(str(args.bundle / manifest.graph["file"]), options, providers=[entry, CPU])
+        session = ort.InferenceSession(str(args.bundle / manifest.graph.file), options, providers=[entry, CPU])
         whole = False
     load = time.perf_counter() - start
     spec = manifest.spec
-    cache = cache_for(manifest.graph, spec.num_layers, spec.num_kv_heads, spec.head_dim, len(ids) + args.tokens + 8)
+    cache = cache_for(manifest.graph, spec, len(ids) + args.tokens + 8)
     runner = Runner(session, cache, kind="fast")
     ttft, steps, tokens = [], [], []
     for _ in range(2):
@@ -101,7 +101,7 @@ def export_bundles(source: str, work: Path) -> dict[str, dict[str, Any]]:
             report.stage(f"edgellm export {source} -> {path} ({quant or 'defaults'})")
             export_model(source, path, quant=QuantConfig(**quant), force=True)
         manifest = read_manifest(path, verify=False)
-        out[name] = {"path": str(path), "quality": manifest.quality, "kv_dtype": manifest.graph["kv_dtype"]}
+        out[name] = {"path": str(path), "quality": manifest.quality, "kv_dtype": manifest.graph.kv_dtype}
     return out
 
 

@@ -167,7 +167,7 @@ class Engine:
                  max_tokens: int = 1024, slots: int = 1) -> None:
         if not isinstance(slots, int) or isinstance(slots, bool) or slots < 1:
             raise ValueError(f"slots must be an integer >= 1, got {slots!r}")
-        if slots > 1 and not (getattr(model.manifest, "graph", None) or {}).get("batch"):
+        if slots > 1 and not model.manifest.graph.batch:
             log.warning("%d slots asked for, but this bundle's graph has no batch dimension (export it again "
                         "with this edgellm): serving one request at a time", slots)
             slots = 1

@@ -10,13 +10,12 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 from .runtime.bundle import Manifest, bundle_file, read_manifest
 from .errors import BundleError, GenerationError
 from .generate import Chunk, Conventions, GenerationParams, Result, collect, stream_chunks
-from .runtime.caches import Scope, SharedPrefixes, SlotCache, cache_for, common_prefix
+from .runtime.caches import Scope, SharedPrefixes, common_prefix, kv_dtype
 from .reasoning import CONFIG_KEY, detect_markers, template_extras
 from .runtime.providers import ProviderSpec, create_session, release_freed_heap, release_mapped_weights
-from .runtime.runner import BatchRunner, Runner, prefill
+from .runtime.runner import BatchRunner, OneTokenRunner, Runner, open_runner, open_slots, prefill
 from .speculate import DraftModel, PromptLookup
 from .runtime.model_spec import ModelSpec
-from .runtime.static_step import StepRunner
 from .text import ChatTemplate, Tokenizer, encode_chat, template_variables
 from .tools import CLOSE, OPEN, call_syntax, chat_inputs, settle_choice
 
@@ -67,24 +66,18 @@ def load(
         providers = providers if providers is not None else prof.providers
         threads = threads if threads is not None else prof.threads
         max_context = max_context if max_context is not None else prof.max_context
-    if manifest.graph["kind"] == "embedding":  # a sentence encoder: texts in, vectors out
+    graph = manifest.graph
+    if graph.kind == "embedding":  # a sentence encoder: texts in, vectors out
         from .retrieval.embed import EmbeddingModel
 
         return EmbeddingModel.open(root, manifest, providers, threads)
     wanted = DEFAULT_MAX_CONTEXT if max_context is None else max_context
     if not isinstance(wanted, int) or isinstance(wanted, bool) or wanted < 2:
         raise GenerationError(f"max_context must be an integer >= 2, got {wanted!r}")
-    context = min(wanted, manifest.spec.max_context)
-    one_token = manifest.graph.get("target") == "qnn"
-    if one_token:  # fixed in the graph's shapes at export
-        context = manifest.graph["context"]
-
-    graph = manifest.graph
-    graph_path = bundle_file(root, graph["file"])
-    spec = manifest.spec
-    cache = cache_for(graph, spec.num_layers, spec.num_kv_heads, spec.head_dim, context)
+    context = graph.fixed_context or min(wanted, manifest.spec.max_context)
+    graph_path = bundle_file(root, graph.file)
     if prof is not None:
-        _warn_memory(prof, root, manifest, context, cache.dtype.itemsize)
+        _warn_memory(prof, root, manifest, context, kv_dtype(graph.kv_dtype).itemsize)
     # The tokenizer first: parsing its JSON peaks at several times its size, and that
     # peak should not stack on the session's (45 MB of 280 for SmolLM2, measured).
     tokenizer = Tokenizer.from_bundle(root, manifest.generation)
@@ -97,8 +90,8 @@ def load(
     release_freed_heap()
     session = create_session(graph_path, providers=providers, threads=threads)
     release_mapped_weights(root)
-    _warn_target(graph.get("target", "cpu"), session.get_providers()[0])
-    runner = (StepRunner if one_token else Runner)(session, cache, kind=graph["kind"], where=str(graph_path))
+    _warn_target(graph.target, session.get_providers()[0])
+    runner = open_runner(session, graph, manifest.spec, context, where=str(graph_path))
     defaults = manifest.generation.get("defaults") or {}
     try:
         GenerationParams.build(defaults, {}, runner.vocab_size)
@@ -129,7 +122,7 @@ def _warn_memory(prof: "DeviceProfile", root: Path, manifest: Manifest, context:
     from .runtime.devices import memory_warning
 
     # The graph file and its external-data siblings (model.onnx.data) are the weights.
-    stem = Path(manifest.graph["file"]).name
+    stem = Path(manifest.graph.file).name
     weights = sum(bundle_file(root, f).stat().st_size for f in manifest.files if Path(f).name.startswith(stem))
     if warning := memory_warning(prof, manifest.spec, context, weights, kv_bytes, slots):
         log.warning("%s", warning)
@@ -172,7 +165,7 @@ class Model:
         self,
         path: Path,
         manifest: Manifest,
-        runner: Runner,
+        runner: Runner | OneTokenRunner,
         tokenizer: Tokenizer,
         template: ChatTemplate,
         defaults: dict[str, Any],
@@ -358,25 +351,22 @@ class Model:
         no batch dimension), for whoever drives many requests: `generate_many`, the engine."""
         from .scheduler import Scheduler
 
-        if not self._batches:
-            kind = "a generic" if self.manifest.graph["kind"] != "fast" else f"a --target {self.manifest.graph['target']}"
-            raise GenerationError(f"{kind} graph decodes one request at a time: serve it with one slot")
-        return Scheduler(self._slots(slots if self.manifest.graph.get("batch") else 1), self.tokenizer,
-                         self.conventions, shared=self.shared)
+        graph = self.manifest.graph
+        return Scheduler(self._slots(slots if graph.batch else 1), self.tokenizer, self.conventions,
+                         shared=self.shared)
 
     @property
     def _batches(self) -> bool:
         """Whether cache slots can run this graph (a generic, openvino or qnn one runs one request at a time)."""
-        graph = self.manifest.graph
-        return graph["kind"] == "fast" and graph.get("target", "cpu") in ("cpu", "cuda")
+        return self.manifest.graph.takes_slots
 
     def _slots(self, n: int) -> BatchRunner:
         if self._batch is None or len(self._batch.slots) != n:
             self._batch = None  # release the old slots' buffers before mapping new ones
-            spec, graph = self.spec, self.manifest.graph
-            cache = SlotCache(n, spec.num_layers, spec.num_kv_heads, spec.head_dim, self.max_context,
-                              graph.get("kv_dtype", "float32"))
+            graph = self.manifest.graph
             if self.profile is not None and n > 1:
-                _warn_memory(self.profile, self.path, self.manifest, self.max_context, cache.keys[0].itemsize, n)
-            self._batch = BatchRunner(self._runner.session, cache, where=str(bundle_file(self.path, graph["file"])))
+                _warn_memory(self.profile, self.path, self.manifest, self.max_context,
+                             kv_dtype(graph.kv_dtype).itemsize, n)
+            self._batch = open_slots(self._runner.session, graph, self.spec, self.max_context, n,
+                                     where=str(bundle_file(self.path, graph.file)))
         return self._batch

@@ -9,7 +9,7 @@ recipe on the openvino target's weights:
   and the WHOLE preallocated cache as `past_key_values.{i}.*` [1, context, kv_heads, head_dim];
   outputs `logits` [1, 1, vocab] and the new rows only as `present.{i}.*` [1, 1, kv_heads,
   head_dim], which the runtime binds into its buffer at row `position_ids`
-  (edgellm.runtime.static_step). `context` is fixed at export: every step attends over all of it.
+  (edgellm.runtime.runner.OneTokenRunner). `context` is fixed at export: every step attends over all of it.
 - the additive mask is built in the graph from the position (rows before it, and the new
   row, attend; -10000 elsewhere, finite in fp16), so the runtime feeds no mask.
 - rotary from Slice/Mul/Sub/Add/Concat, cos/sin rows gathered by position (QNN takes no

@@ -8,11 +8,11 @@ quantization and graph building cost.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
+from edgellm.runtime.bundle import Graph
 from edgellm.runtime.caches import kv_dtype, kv_shape
 from edgellm.runtime.model_spec import ModelSpec
 
@@ -32,12 +32,11 @@ DEFAULT_TEXT = (
 )
 
 
-def _feeds(graph: dict[str, Any], spec: ModelSpec, ids: np.ndarray) -> dict[str, np.ndarray]:
+def _feeds(graph: Graph, spec: ModelSpec, ids: np.ndarray) -> dict[str, np.ndarray]:
     seq = ids.shape[1]
-    dtype = kv_dtype(graph.get("kv_dtype", "float32"))
-    empty = np.zeros(kv_shape(graph.get("target", "cpu"), 0, spec.num_kv_heads, spec.head_dim), dtype=dtype)
+    empty = np.zeros(kv_shape(graph.target, 0, spec.num_kv_heads, spec.head_dim), dtype=kv_dtype(graph.kv_dtype))
     feeds: dict[str, np.ndarray] = {}
-    for name in graph["inputs"]:
+    for name in graph.inputs:
         if name == "input_ids":
             feeds[name] = ids
         elif name == "attention_mask":
@@ -53,16 +52,16 @@ def _feeds(graph: dict[str, Any], spec: ModelSpec, ids: np.ndarray) -> dict[str,
     return feeds
 
 
-def token_nll(model_path: Path, graph: dict[str, Any], spec: ModelSpec, ids: list[int], threads: int = 0) -> np.ndarray:
+def token_nll(model_path: Path, graph: Graph, spec: ModelSpec, ids: list[int], threads: int = 0) -> np.ndarray:
     """Negative log-likelihood of each token given the ones before it (len(ids) - 1 values)."""
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     session = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
     arr = np.asarray(ids, dtype=np.int64)[None, :]
-    if graph.get("target") == "qnn":  # a one-token graph: the text goes a step a token
-        from edgellm.runtime.static_step import StepRunner
+    if graph.layout == "fixed":  # a one-token graph: the text goes a step a token
+        from edgellm.runtime.runner import OneTokenRunner
 
-        logits = StepRunner(session, where=str(model_path)).forward_all(ids[:-1]).astype(np.float64)
+        logits = OneTokenRunner(session, where=str(model_path)).forward_all(ids[:-1]).astype(np.float64)
     else:
         (logits,) = session.run(["logits"], _feeds(graph, spec, arr))
         logits = logits[0, :-1].astype(np.float64)
@@ -71,5 +70,5 @@ def token_nll(model_path: Path, graph: dict[str, Any], spec: ModelSpec, ids: lis
     return logz - logits[np.arange(len(ids) - 1), arr[0, 1:]]
 
 
-def perplexity(model_path: Path, graph: dict[str, Any], spec: ModelSpec, ids: list[int]) -> float:
+def perplexity(model_path: Path, graph: Graph, spec: ModelSpec, ids: list[int]) -> float:
     return float(np.exp(token_nll(model_path, graph, spec, ids).mean()))

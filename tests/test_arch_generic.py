@@ -37,7 +37,7 @@ def test_cli_exports_an_architecture_without_fast_graph(via, olmo, tmp_path):
     out = tmp_path / "bundle"
     assert main(["export", str(olmo), "-o", str(out), "--quant", "fp32", "--no-eval", "--via", via]) == 0
     manifest = read_manifest(out)
-    assert manifest.graph["kind"] == "generic" and manifest.spec.arch == "olmo"
+    assert manifest.graph.kind == "generic" and manifest.spec.arch == "olmo"
     config = json.loads((olmo / "config.json").read_text())
     assert (manifest.spec.num_layers, manifest.spec.num_kv_heads) == (2, config["num_key_value_heads"])
     tokens = edgellm.load(out, threads=1).generate(PROMPT, max_new_tokens=STEPS, ignore_eos=True).token_ids

@@ -36,7 +36,7 @@ def test_an_exported_bundle_verifies_every_file_it_holds(bundle):
     manifest = read_manifest(bundle)
     on_disk = sorted(p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file())
     assert verify_files(bundle, manifest) == [n for n in on_disk if n != MANIFEST]
-    assert manifest.graph["file"] in manifest.files
+    assert manifest.graph.file in manifest.files
     assert {"model.onnx.data", "tokenizer.json", "chat_template.jinja"} <= set(manifest.files)
 
 

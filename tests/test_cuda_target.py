@@ -137,7 +137,7 @@ def test_cuda_bundle_exports_gates_and_loads(trained_tiny, tmp_path, capsys):  #
     assert run(parser.parse_args([str(trained_tiny), "-o", str(out), "--target", "cuda"])) == 0
     assert "kv float16, target cuda" in capsys.readouterr().out
     manifest = read_manifest(out)
-    assert manifest.graph["target"] == "cuda" and manifest.graph["kv_dtype"] == "float16"
+    assert manifest.graph.target == "cuda" and manifest.graph.kv_dtype == "float16"
     assert manifest.quantization["kv_cache"] == "float16" and "target" not in manifest.quantization
     assert manifest.quantization["accuracy_level"] == 0  # what CUDA's kernel computes, so the gate measures it
     q = manifest.quality  # float16 int4 against the float32 graph of the source's weights

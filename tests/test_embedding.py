@@ -54,7 +54,7 @@ def test_a_bare_transformer_folder_gets_mean_pooled_unit_vectors(tmp_path):
     folder = make_tiny_bert(tmp_path / "hf", pooling="cls", normalize=False)
     (folder / "modules.json").unlink()  # no sentence-transformers config: the documented default
     manifest = export_model(folder, tmp_path / "b", quant=QuantConfig(weights="fp32"))
-    assert (manifest.graph["pooling"], manifest.graph["normalize"]) == ("mean", True)
+    assert (manifest.graph.pooling, manifest.graph.normalize) == ("mean", True)
     assert manifest.spec.max_context == 128  # max_position_embeddings, sentence_bert_config.json aside
     vectors = edgellm.load(tmp_path / "b").embed(TEXTS[:2])
     assert cosines(vectors, reference(folder, TEXTS[:2], "mean", True, max_tokens=128)).min() >= 0.9999

@@ -8,6 +8,7 @@ import pytest
 import edgellm
 from edgellm.engine import Engine, Job, Outcome
 from edgellm.errors import GenerationError
+from edgellm.runtime.bundle import Graph
 from edgellm.generate import collect
 from edgellm.service import protocol as proto
 from edgellm.service.broker import find_mosquitto
@@ -99,7 +100,7 @@ def test_slots_are_refused_unless_a_positive_integer(model):
 
 def test_a_graph_without_a_batch_dimension_serves_one_at_a_time(model, caplog):
     class Old:  # a bundle exported before batching: its manifest has no graph.batch
-        manifest = type("M", (), {"graph": {"kind": "fast"}, "generation": {}})()
+        manifest = type("M", (), {"graph": Graph("fast", "model.onnx", (), ()), "generation": {}})()
         max_context = model.max_context
         tokenizer = model.tokenizer
         stream = model.stream

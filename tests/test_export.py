@@ -27,7 +27,7 @@ def test_bundle_is_self_describing(tiny_hf, tmp_path):
     assert on_disk.to_dict() == manifest.to_dict()
     assert {"model.onnx", "tokenizer.json", "chat_template.jinja"} <= set(manifest.files)
     assert manifest.spec.arch == "qwen2" and manifest.spec.attention_bias
-    assert manifest.graph["kind"] == "fast"
+    assert manifest.graph.kind == "fast"
     assert manifest.quantization["weights"] == "int4" and manifest.quantization["block_size"] == 32
     assert manifest.generation["eos_token_ids"] == [2]
     assert manifest.source["kind"] == "hf" and len(manifest.source["sha256"]) == 64

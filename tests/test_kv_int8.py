@@ -43,8 +43,8 @@ def _teacher_forced(bundle: Path, prompt: list[int], continuation: list[int]) ->
     """Logits predicting each token of `continuation`, through the runtime's own runner and cache."""
     m = read_manifest(bundle)
     s = m.spec
-    cache = StaticCache(s.num_layers, s.num_kv_heads, s.head_dim, 128, m.graph["kv_dtype"])
-    runner = Runner(create_session(bundle / m.graph["file"], threads=1), cache, kind="fast")
+    cache = StaticCache(s.num_layers, s.num_kv_heads, s.head_dim, 128, m.graph.kv_dtype)
+    runner = Runner(create_session(bundle / m.graph.file, threads=1), cache, kind="fast")
     rows = [runner.forward(prompt)]
     rows += [runner.forward([t]) for t in continuation[:-1]]
     return np.stack(rows)
@@ -52,7 +52,7 @@ def _teacher_forced(bundle: Path, prompt: list[int], continuation: list[int]) ->
 
 def test_int8_bundle_layout(bundles):
     manifest = read_manifest(bundles["int8"])
-    assert manifest.graph["kv_dtype"] == "int8" and manifest.quantization["kv_cache"] == "int8"
+    assert manifest.graph.kv_dtype == "int8" and manifest.quantization["kv_cache"] == "int8"
     assert any("int8 per channel" in n for n in manifest.quantization["notes"])
     q = manifest.quality  # the gate measured the int8-KV graph against fp32 weights and float32 KV
     assert q["passed"] and q["perplexity"] != q["source_perplexity"]
@@ -66,7 +66,7 @@ def test_int8_bundle_layout(bundles):
     scales = {t.name: t for t in graph.initializer}
     k_scale = scales[gqa[0].input[12]]
     assert list(k_scale.dims) == [1, manifest.spec.num_kv_heads, 1, manifest.spec.head_dim]
-    assert read_manifest(bundles["float32"]).graph["kv_dtype"] == "float32"
+    assert read_manifest(bundles["float32"]).graph.kv_dtype == "float32"
 
 
 def test_runtime_cache_is_int8_and_a_quarter(bundles):
@@ -155,6 +155,6 @@ def test_auto_kv_cache_follows_the_activations(quant, fast, expected):
 def test_default_export_records_the_resolved_cache(tiny_hf, tmp_path):
     """`auto` is resolved before anything is written: the manifest never says auto."""
     manifest = export_model(tiny_hf("llama"), tmp_path / "b", evaluate=False)
-    assert manifest.quantization["kv_cache"] == "int8" == manifest.graph["kv_dtype"]
+    assert manifest.quantization["kv_cache"] == "int8" == manifest.graph.kv_dtype
     manifest = export_model(tiny_hf("llama"), tmp_path / "c", quant=QuantConfig(accuracy_level=0), evaluate=False)
-    assert manifest.quantization["kv_cache"] == "float32" == manifest.graph["kv_dtype"]
+    assert manifest.quantization["kv_cache"] == "float32" == manifest.graph.kv_dtype

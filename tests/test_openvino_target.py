@@ -21,7 +21,7 @@ import onnx
 import pytest
 
 import edgellm
-from edgellm.runtime.bundle import read_manifest
+from edgellm.runtime.bundle import Graph, read_manifest
 from edgellm.errors import BundleError, ExportError, GenerationError
 from edgellm.runtime.caches import AppendCache, SlotCache, StaticCache, cache_for
 from edgellm.runtime.providers import create_session
@@ -57,8 +57,8 @@ def _export(folder: Path, out: Path, **quant) -> tuple[Path, object]:
 
 
 def _runner(graph_dir: Path, spec, target: str = "openvino") -> Runner:
-    graph = {"kind": "fast", "target": target, "kv_dtype": "float32"}
-    cache = cache_for(graph, spec.num_layers, spec.num_kv_heads, spec.head_dim, 128)
+    graph = Graph("fast", "model.onnx", (), (), target=target)
+    cache = cache_for(graph, spec, 128)
     return Runner(create_session(graph_dir / "model.onnx", threads=1), cache, kind="fast")
 
 
@@ -153,7 +153,7 @@ def _both(folder: Path, tmp_path: Path, quant: dict, steps: int) -> tuple[tuple,
 def test_export_openvino_bundle(tiny_hf, tmp_path):
     manifest = export_model(tiny_hf("llama"), tmp_path / "b", quant=QuantConfig("int4", target="openvino"))
     graph = read_manifest(tmp_path / "b").graph
-    assert graph["target"] == "openvino" and graph["kv_dtype"] == "float32" and graph["batch"] is False
+    assert graph.target == "openvino" and graph.kv_dtype == "float32" and graph.batch is False
     assert manifest.quality["perplexity"] / manifest.quality["source_perplexity"] < 1.05
     with pytest.raises(ExportError, match="int8 --target openvino"):
         export_model(tiny_hf("llama"), tmp_path / "c", quant=QuantConfig("int4", target="openvino", kv_cache="int8"))

@@ -1,4 +1,4 @@
-"""`--target qnn`: a static-shape, one-token-step graph (export/qnn.py) and its runner (edgellm/runtime/static_step.py).
+"""`--target qnn`: a static-shape, one-token-step graph (export/qnn.py) and its runner (edgellm/runtime/runner.py OneTokenRunner).
 
 On the CPU provider the graph must answer as transformers does, family by family, and
 its int4 form as the cpu graph of the same weights. Where onnxruntime-qnn is installed,
@@ -20,10 +20,9 @@ import pytest
 
 from edgellm.runtime.bundle import read_manifest
 from edgellm.errors import BundleError, ExportError, GenerationError
-from edgellm.runtime.caches import StaticCache
+from edgellm.runtime.caches import FixedCache, StaticCache
 from edgellm.runtime.providers import create_session
-from edgellm.runtime.runner import Runner
-from edgellm.runtime.static_step import FixedCache, StepRunner
+from edgellm.runtime.runner import OneTokenRunner, Runner
 from edgellm.export.config import QuantConfig
 from edgellm.export.graph import build_fast_graph
 from edgellm.export.hf import open_hf_folder
@@ -47,7 +46,7 @@ def test_qnn_graph_matches_transformers(case, tiny_hf, tmp_path):
     folder = tiny_hf(arch, **kw)
     path = _export(folder, tmp_path, weights="fp32")
     ref_tokens, ref_logits = hf_greedy(hf_model(folder), PROMPT, STEPS)
-    tokens, logits = _greedy(StepRunner(create_session(path, threads=1)), PROMPT)
+    tokens, logits = _greedy(OneTokenRunner(create_session(path, threads=1)), PROMPT)
     assert tokens == ref_tokens
     np.testing.assert_allclose(logits, ref_logits, atol=1e-4 * np.abs(ref_logits).max(), rtol=0)
 
@@ -80,7 +79,7 @@ def test_qnn_int4_graph_equals_the_cpu_graph(tiny_hf, tmp_path):
     cache = StaticCache(spec.num_layers, spec.num_kv_heads, spec.head_dim, CONTEXT)
     cpu = Runner(create_session(tmp_path / "cpu" / "model.onnx", threads=1), cache, kind="fast")
     ref_tokens, ref = _greedy(cpu, PROMPT)
-    tokens, logits = _greedy(StepRunner(create_session(path, threads=1)), PROMPT)
+    tokens, logits = _greedy(OneTokenRunner(create_session(path, threads=1)), PROMPT)
     assert tokens == ref_tokens
     np.testing.assert_allclose(logits, ref, atol=1e-4 * np.abs(ref).max(), rtol=0)
 
@@ -88,7 +87,7 @@ def test_qnn_int4_graph_equals_the_cpu_graph(tiny_hf, tmp_path):
 def test_present_lands_at_its_row_and_a_rewind_forgets_the_rows_after(tiny_hf, tmp_path):
     """Each step writes its row into the runner's buffer at its position, nothing else; rows left
     behind by a rewind are masked, so feeding again answers as the first time; snapshots restore."""
-    runner = StepRunner(create_session(_export(tiny_hf("llama"), tmp_path, weights="fp32"), threads=1))
+    runner = OneTokenRunner(create_session(_export(tiny_hf("llama"), tmp_path, weights="fp32"), threads=1))
     cache = runner.cache
     assert isinstance(cache, FixedCache) and cache.capacity == CONTEXT
     first = runner.forward_all(PROMPT)
@@ -110,18 +109,18 @@ def test_the_context_is_the_graphs(tiny_hf, tmp_path):
     folder = tiny_hf("llama")
     path = _export(folder, tmp_path, context=8, weights="fp32")
     session = create_session(path, threads=1)
-    runner = StepRunner(session)
+    runner = OneTokenRunner(session)
     runner.forward(PROMPT)
     with pytest.raises(GenerationError, match="holds 7 of 8 tokens.*--context.*cannot add 2"):
         runner.forward([1, 2])
     assert runner.length == 7  # refused before any step
     runner.forward([1])
     with pytest.raises(BundleError, match="context is 8 rows.*FixedCache of 16"):
-        StepRunner(session, FixedCache(2, 2, 16, 16))
+        OneTokenRunner(session, FixedCache(2, 2, 16, 16))
     (tmp_path / "cpu").mkdir()
     build_fast_graph(open_hf_folder(folder), QuantConfig("fp32"), tmp_path / "cpu")
     with pytest.raises(BundleError, match="'attention_mask': not the one-token graph of --target qnn"):
-        StepRunner(create_session(tmp_path / "cpu" / "model.onnx", threads=1))
+        OneTokenRunner(create_session(tmp_path / "cpu" / "model.onnx", threads=1))
     with pytest.raises(ExportError, match="--context 600: expected 2 to the model's max_context 512"):
         build_qnn_graph(open_hf_folder(folder), QuantConfig("fp32", target="qnn", context=600), tmp_path)
 
@@ -139,14 +138,14 @@ def test_qnn_graph_runs_whole_on_the_htp_with_the_cpu_tokens(weights, tiny_hf, t
     assert (placed.qnn_nodes, placed.partitions, placed.left) == (placed.total_nodes, 1, [])
     # What onnxruntime hands QNN after its basic rewrites (constant folding): the graph, not a fragment.
     assert placed.total_nodes > 0.9 * len(onnx.load(path, load_external_data=False).graph.node)
-    tokens, _ = _greedy(StepRunner(session), PROMPT, 8)
-    want, _ = _greedy(StepRunner(create_session(path, threads=1)), PROMPT, 8)
+    tokens, _ = _greedy(OneTokenRunner(session), PROMPT, 8)
+    want, _ = _greedy(OneTokenRunner(create_session(path, threads=1)), PROMPT, 8)
     assert tokens == want
     assert len(set(want)) > 2  # a model stuck on one token would agree trivially
 
 
 def test_export_qnn_bundle_loads_and_answers_as_the_cpu_bundle(tiny_hf, tmp_path, caplog):
-    """The manifest records the target and its context, load() picks StepRunner and that context,
+    """The manifest records the target and its context, load() picks OneTokenRunner and that context,
     the quality gate ran the text a step a token, and greedy text is the cpu bundle's at level 0."""
     from edgellm.model import load
     from edgellm.export.api import export_model
@@ -155,10 +154,10 @@ def test_export_qnn_bundle_loads_and_answers_as_the_cpu_bundle(tiny_hf, tmp_path
     # Random weights: whether int4 passes the gate is chance, so the bundle is written either way.
     manifest = export_model(folder, tmp_path / "qnn", quant=QuantConfig("int4", target="qnn", context=64),
                             allow_quality_loss=True)
-    assert (manifest.graph["target"], manifest.graph["context"], manifest.quality["tokens"]) == ("qnn", 64, 64)
+    assert (manifest.graph.target, manifest.graph.context, manifest.quality["tokens"]) == ("qnn", 64, 64)
     with caplog.at_level(logging.WARNING, logger="edgellm"):
         model = load(tmp_path / "qnn")
-    assert isinstance(model._runner, StepRunner) and model.max_context == 64
+    assert isinstance(model._runner, OneTokenRunner) and model.max_context == 64
     assert any("--target qnn but runs on CPUExecutionProvider" in r.getMessage() for r in caplog.records)
     export_model(folder, tmp_path / "cpu", quant=QuantConfig("int4", accuracy_level=0), evaluate=False)
     want = load(tmp_path / "cpu").generate("The quick brown", max_new_tokens=10)

@@ -96,7 +96,7 @@ def test_prefix_reuse_gives_cold_tokens(which, request):
 def test_fast_and_generic_graphs_agree(fp32, tiny_bundle_factory):
     pytest.importorskip("optimum.exporters.onnx")
     generic = edgellm.load(tiny_bundle_factory("llama", "fp32", "optimum"))
-    assert generic.manifest.graph["kind"] == "generic"
+    assert generic.manifest.graph.kind == "generic"
     for prompt in PROMPTS:  # warm on both: exercises DynamicCache's rewind too
         assert generic.generate(prompt, **GREEDY).token_ids == fp32.generate(prompt, **GREEDY).token_ids
 

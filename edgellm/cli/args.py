@@ -95,7 +95,7 @@ def load_model(args: argparse.Namespace):
 
     model = load(args.bundle, profile=args.profile, providers=args.providers, threads=args.threads,
                  max_context=args.max_context, verify=not args.no_verify, draft=args.draft)
-    if model.manifest.graph["kind"] == "embedding":
+    if model.manifest.graph.kind == "embedding":
         raise ValueError(f"{args.bundle}: an embedding bundle, which embeds texts and generates none: serve it "
                          f"beside a generative bundle with --embedding {args.bundle}, or search with edgellm index")
     return model

@@ -302,7 +302,7 @@ def _embedder(args: argparse.Namespace) -> Any:
     model = edgellm.load(args.embedding, profile=args.profile, providers=args.providers, threads=args.threads,
                          verify=not args.no_verify)
     if not isinstance(model, EmbeddingModel):
-        raise ValueError(f"--embedding {args.embedding}: a {model.manifest.graph['kind']} bundle, not an embedding "
+        raise ValueError(f"--embedding {args.embedding}: a {model.manifest.graph.kind} bundle, not an embedding "
                          f"one (export a sentence encoder, e.g. edgellm export all-minilm-l6-v2)")
     log.info("embedding with %s (%d dimensions)", model.name, model.dimensions)
     return Embedder(model)

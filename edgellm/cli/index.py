@@ -74,7 +74,7 @@ def open_encoder(index: Any, given: Path | None) -> Any:
         raise RetrievalError(f"{index.path}: new index: name its embedding bundle with --embedding BUNDLE")
     model = edgellm.load(bundle)
     if not isinstance(model, EmbeddingModel):
-        raise RetrievalError(f"--embedding {bundle}: a {model.manifest.graph['kind']} bundle, not an embedding one")
+        raise RetrievalError(f"--embedding {bundle}: a {model.manifest.graph.kind} bundle, not an embedding one")
     index.check_model(model)
     if given is not None:
         index.remember_bundle(given)

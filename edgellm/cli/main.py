@@ -118,11 +118,11 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("source", f"{m.source.get('kind', '?')} {m.source.get('path', '')}"),
         ("architecture", f"{s.arch}: {s.num_layers} layers, hidden {s.hidden_size}, heads {s.num_heads}/"
                          f"{s.num_kv_heads} kv, head dim {s.head_dim}, vocab {s.vocab_size}"),
-        ("context", f"{s.max_context} tokens" + ("" if m.graph["kind"] == "embedding" else f", rope theta "
+        ("context", f"{s.max_context} tokens" + ("" if m.graph.kind == "embedding" else f", rope theta "
                     f"{s.rope_theta:g}" + (f", scaling {s.rope_scaling}" if s.rope_scaling else ""))),
-        ("graph", f"{m.graph['kind']} ({m.graph['file']}), " + (
-            f"{m.graph['pooling']} pooling{', normalised' if m.graph.get('normalize') else ''}, "
-            f"{m.graph['dimensions']} dimensions" if m.graph["kind"] == "embedding" else f"kv {m.graph.get('kv_dtype')}")),
+        ("graph", f"{m.graph.kind} ({m.graph.file}), " + (
+            f"{m.graph.pooling} pooling{', normalised' if m.graph.normalize else ''}, "
+            f"{m.graph.dimensions} dimensions" if m.graph.kind == "embedding" else f"kv {m.graph.kv_dtype}")),
         ("weights", f"{q.get('weights')}" + (f", block {q['block_size']}, "
                     f"{'symmetric' if q.get('symmetric') else 'asymmetric'}" if q.get("block_size") else "")),
         ("size", f"{size / 2**20:.1f} MiB in {len(m.files)} files, "

@@ -14,7 +14,7 @@ import threading
 import numpy as np
 from tokenizers import Tokenizer
 
-from ..errors import BundleError, GenerationError, RequestError
+from ..errors import GenerationError, RequestError
 from ..runtime.bundle import Manifest, bundle_file
 from ..runtime.providers import ProviderSpec, create_session
 
@@ -31,21 +31,17 @@ class EmbeddingModel:
         self.manifest = manifest
         self.session = session
         self.tokenizer = tokenizer
-        graph = manifest.graph
-        self.inputs: list[str] = list(graph["inputs"])
-        self.dimensions: int = int(graph["dimensions"])
+        self.inputs: list[str] = list(manifest.graph.inputs)
+        self.dimensions: int = manifest.graph.dimensions or 0  # bundle.Graph checked it is positive
         self.max_tokens: int = manifest.spec.max_context
 
     @classmethod
     def open(cls, root: Path, manifest: Manifest, providers: Sequence[ProviderSpec] | None = None,
              threads: int | None = None) -> "EmbeddingModel":
-        graph = manifest.graph
-        if not isinstance(graph.get("dimensions"), int) or graph["dimensions"] < 1:
-            raise BundleError(f"{root / 'manifest.json'}: graph.dimensions must be a positive integer")
         tokenizer = Tokenizer.from_file(str(bundle_file(root, "tokenizer.json")))
         tokenizer.enable_truncation(manifest.spec.max_context)
         tokenizer.no_padding()  # batches are padded here, after sorting by length
-        session = create_session(bundle_file(root, graph["file"]), providers=providers, threads=threads)
+        session = create_session(bundle_file(root, manifest.graph.file), providers=providers, threads=threads)
         return cls(root, manifest, session, tokenizer)
 
     @property

@@ -82,9 +82,9 @@ def model_id(model: Encoder) -> str:
     vectors of two models are not comparable."""
     manifest = getattr(model, "manifest", None)
     files = getattr(manifest, "files", None) or {}
-    graph = getattr(manifest, "graph", None) or {}
+    graph_file = getattr(getattr(manifest, "graph", None), "file", "")
     return json.dumps({"name": model.name, "dimensions": model.dimensions,
-                       "graph_sha256": files.get(graph.get("file", ""), "")})
+                       "graph_sha256": files.get(graph_file, "")})
 
 
 class Index:

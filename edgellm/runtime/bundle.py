@@ -32,15 +32,115 @@ GRAPH_TARGETS = ("cpu", "cuda", "openvino", "qnn")
 _SHA256 = re.compile("[0-9a-f]{64}")
 
 
+KV_DTYPES = ("float32", "float16", "int8")  # int8: GroupQueryAttention quantizes new rows itself
+# How a graph's cache is laid out, by its kind and target (the cache and runner that bind it:
+# runtime/caches.py cache_for, runtime/runner.py open_runner).
+LAYOUTS = {
+    "generic": "dynamic",  # optimum: present is past plus the new rows, a grown copy every step
+    "cpu": "static",  # [1, kv_heads, capacity, head_dim], written in place; cache slots batch it
+    "cuda": "static",
+    "openvino": "append",  # [1, capacity, kv_heads, head_dim], present is only the new rows
+    "qnn": "fixed",  # one token a step over the whole context fixed at export
+}
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class Graph:
+    """The manifest's `graph` section, parsed and checked once (`from_dict`): the one place the
+    runtime learns how to run a bundle's graph. Absent fields read as the first exports wrote them.
+
+    kind: "fast" (edgellm's GroupQueryAttention graph), "generic" (an optimum export) or
+    "embedding" (a sentence encoder, edgellm.retrieval.embed). target: what the graph's ops and
+    dtypes were chosen for ("cpu"; "cuda": float16 activations; "openvino": standard-op attention
+    and a sequence-major cache; "qnn": a static one-token step over `context` cache rows).
+    batch: exported with a batch dimension, so several cache slots decode in one step.
+    """
+
+    kind: str
+    file: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    target: str = "cpu"
+    kv_dtype: str = "float32"
+    batch: bool = False
+    context: int | None = None  # qnn: the cache rows, fixed in the graph's shapes
+    pooling: str | None = None  # embedding: "mean" | "cls", inside the graph
+    normalize: bool = False  # embedding: unit vectors, inside the graph
+    dimensions: int | None = None  # embedding: the vector's length
+
+    @property
+    def layout(self) -> str:
+        """The cache layout ("dynamic", "static", "append", "fixed"; see LAYOUTS); "" for an encoder."""
+        if self.kind == "embedding":
+            return ""
+        return LAYOUTS["generic" if self.kind == "generic" else self.target]
+
+    @property
+    def takes_slots(self) -> bool:
+        """Whether cache slots (caches.SlotCache) can run it: a fast graph with the head-major
+        cache; several of them in one step only where it has a `batch` dimension too."""
+        return self.layout == "static"
+
+    @property
+    def fixed_context(self) -> int | None:
+        """The context a graph's shapes fix (qnn); None where the caller chooses it."""
+        return self.context if self.layout == "fixed" else None
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"kind": self.kind, "file": self.file, "inputs": list(self.inputs),
+                                "outputs": list(self.outputs)}
+        if self.kind == "embedding":
+            data.update(pooling=self.pooling, normalize=self.normalize, dimensions=self.dimensions)
+            return data
+        data.update(kv_dtype=self.kv_dtype, batch=self.batch)
+        if self.target != "cpu":
+            data["target"] = self.target
+        if self.context is not None:
+            data["context"] = self.context
+        return data
+
+    @classmethod
+    def from_dict(cls, graph: dict[str, Any], where: str = MANIFEST) -> "Graph":
+        """Check the section and return it frozen; BundleError names the first bad field."""
+        if graph.get("kind") not in GRAPH_KINDS:
+            raise BundleError(f"{where}: graph.kind {graph.get('kind')!r} is not one of {GRAPH_KINDS}")
+        for key in ("file", "inputs", "outputs"):
+            if key not in graph:
+                raise BundleError(f"{where}: field 'graph.{key}' is missing")
+        _check_name(graph["file"], where, "graph.file")
+        for key in ("inputs", "outputs"):
+            names = graph[key]
+            if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+                raise BundleError(f"{where}: graph.{key} must be a list of names, got {names!r}")
+        if not isinstance(graph.get("batch", False), bool):
+            raise BundleError(f"{where}: graph.batch must be true or false, got {graph['batch']!r}")
+        if graph.get("target", "cpu") not in GRAPH_TARGETS:
+            raise BundleError(f"{where}: graph.target {graph['target']!r} is not one of {GRAPH_TARGETS}")
+        if graph.get("kv_dtype", "float32") not in KV_DTYPES:
+            raise BundleError(f"{where}: graph.kv_dtype {graph['kv_dtype']!r} is not one of {KV_DTYPES}")
+        context = graph.get("context")
+        if graph.get("target") == "qnn" and (not _is_int(context) or context < 2):
+            raise BundleError(f"{where}: graph.context must be an integer >= 2 for target qnn, got {context!r}")
+        dimensions = graph.get("dimensions")
+        if graph["kind"] == "embedding" and (not _is_int(dimensions) or dimensions < 1):
+            raise BundleError(f"{where}: graph.dimensions must be a positive integer, got {dimensions!r}")
+        return cls(kind=graph["kind"], file=graph["file"], inputs=tuple(graph["inputs"]),
+                   outputs=tuple(graph["outputs"]), target=graph.get("target", "cpu"),
+                   kv_dtype=graph.get("kv_dtype", "float32"), batch=graph.get("batch", False),
+                   context=context if _is_int(context) else None, pooling=graph.get("pooling"),
+                   normalize=bool(graph.get("normalize", False)), dimensions=dimensions)
+
+
 @dataclass
 class Manifest:
     """The parsed `manifest.json`.
 
-    `graph` holds: kind ("fast" | "generic"), file, inputs, outputs, kv_dtype,
-    batch (true: the graph decodes several cache slots in one step; absent: batch 1), and
-    target ("cuda": float16 activations for CUDA's kernels; "openvino": standard-op attention
-    and a sequence-major cache, see kvcache.AppendCache; "qnn": a static one-token step over
-    `context` cache rows, see static_step.StepRunner; absent: "cpu").
+    `graph` is the checked `Graph` (an exporter may pass the section as a dict: it is parsed
+    here, so a bundle is held to the same rules written as read).
     `quantization` holds: weights ("int4" | "int8" | "fp16" | "fp32"), block_size,
     symmetric, accuracy_level, and per-tensor notes (e.g. GGUF blocks imported exactly).
     `generation` holds: bos_token_id, eos_token_ids, pad_token_id and default sampling.
@@ -49,7 +149,7 @@ class Manifest:
     """
 
     spec: ModelSpec
-    graph: dict[str, Any]
+    graph: Graph
     quantization: dict[str, Any]
     generation: dict[str, Any]
     source: dict[str, Any] = field(default_factory=dict)
@@ -59,13 +159,17 @@ class Manifest:
     name: str = ""
     format_version: int = FORMAT_VERSION
 
+    def __post_init__(self) -> None:
+        if isinstance(self.graph, dict):
+            self.graph = Graph.from_dict(self.graph)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "format_version": self.format_version,
             "name": self.name,
             "source": self.source,
             "spec": self.spec.to_dict(),
-            "graph": self.graph,
+            "graph": self.graph.to_dict(),
             "quantization": self.quantization,
             "generation": self.generation,
             "quality": self.quality,
@@ -85,27 +189,14 @@ class Manifest:
             spec = ModelSpec.from_dict(data["spec"])
         except (TypeError, ValueError) as exc:
             raise BundleError(f"{where}: field 'spec' is invalid: {exc}") from None
-        graph = data["graph"]
-        if graph.get("kind") not in GRAPH_KINDS:
-            raise BundleError(f"{where}: graph.kind {graph.get('kind')!r} is not one of {GRAPH_KINDS}")
-        for key in ("file", "inputs", "outputs"):
-            if key not in graph:
-                raise BundleError(f"{where}: field 'graph.{key}' is missing")
-        if not isinstance(graph.get("batch", False), bool):
-            raise BundleError(f"{where}: graph.batch must be true or false, got {graph['batch']!r}")
-        if graph.get("target", "cpu") not in GRAPH_TARGETS:
-            raise BundleError(f"{where}: graph.target {graph['target']!r} is not one of {GRAPH_TARGETS}")
-        context = graph.get("context")
-        if graph.get("target") == "qnn" and (not isinstance(context, int) or isinstance(context, bool) or context < 2):
-            raise BundleError(f"{where}: graph.context must be an integer >= 2 for target qnn, got {context!r}")
         files = data["files"]
         for name, digest in files.items():
             _check_name(name, where, "files entry")
             if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
                 raise BundleError(f"{where}: files[{name!r}] must be a sha256 in lowercase hex, got {digest!r}")
-        _check_name(graph["file"], where, "graph.file")
-        if graph["file"] not in files:
-            raise BundleError(f"{where}: graph.file {graph['file']!r} is not in the checksummed files list")
+        graph = Graph.from_dict(data["graph"], where)
+        if graph.file not in files:
+            raise BundleError(f"{where}: graph.file {graph.file!r} is not in the checksummed files list")
         return cls(
             spec=spec,
             graph=graph,

@@ -1,26 +1,32 @@
 """KV caches: the per-layer key/value state a graph reads and extends every step.
 
-One small protocol, two shapes of graph. A fast graph (GroupQueryAttention) takes
-a preallocated [1, kv_heads, capacity, head_dim] buffer and writes new rows into it
-in place when past and present are the same OrtValue, so a token never copies the
-cache. A generic graph (optimum) returns a grown copy every step. A fast graph
-exported with a batch dimension decodes several `SlotCache` slots in one step.
-A `--target openvino` graph (standard-op attention) reads a sequence-major past and
-returns only the new rows, which `AppendCache` binds right after the cached ones.
+One small protocol, one cache per layout of graph (`Graph.layout`; `cache_for` picks it).
+"static": a fast graph (GroupQueryAttention) takes a preallocated [1, kv_heads, capacity,
+head_dim] buffer and writes new rows into it in place when past and present are the same
+OrtValue, so a token never copies the cache (`StaticCache`); exported with a batch
+dimension it decodes several `SlotCache` slots in one step. "dynamic": a generic graph
+(optimum) returns a grown copy every step (`DynamicCache`). "append": a `--target openvino`
+graph (standard-op attention) reads a sequence-major past and returns only the new rows,
+which `AppendCache` binds right after the cached ones. "fixed": a `--target qnn` graph reads
+the whole buffer of a context fixed at export every step (`FixedCache`).
+
+Who may reuse a cache's rows (`Scope`, `visible`, `SharedPrefixes`) lives here too.
 """
 from __future__ import annotations
 
 import mmap
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Protocol, Sequence
+from typing import NamedTuple, Protocol, Sequence
 
 import numpy as np
 import onnxruntime as ort
 
 from ..errors import GenerationError
+from .bundle import KV_DTYPES, LAYOUTS, Graph
+from .model_spec import ModelSpec
 
 # int8: GroupQueryAttention quantizes new rows itself, with per-channel scales baked into the graph.
-_DTYPES = {"float32": np.float32, "float16": np.float16, "int8": np.int8}
+_DTYPES = dict(zip(KV_DTYPES, (np.float32, np.float16, np.int8)))
 
 
 def past_names(layer: int) -> tuple[str, str]:
@@ -31,26 +37,18 @@ def present_names(layer: int) -> tuple[str, str]:
     return f"present.{layer}.key", f"present.{layer}.value"
 
 
-# Graph targets whose cache is [batch, rows, kv_heads, head_dim], present = the new rows only.
-APPEND_TARGETS = ("openvino",)
-
-
 def kv_shape(target: str, rows: int, kv_heads: int, head_dim: int) -> tuple[int, ...]:
     """One layer's batch-1 key (or value) shape for `rows` rows in a graph of `target`'s layout."""
-    return (1, rows, kv_heads, head_dim) if target in APPEND_TARGETS else (1, kv_heads, rows, head_dim)
+    sequence_major = LAYOUTS[target] in ("append", "fixed")
+    return (1, rows, kv_heads, head_dim) if sequence_major else (1, kv_heads, rows, head_dim)
 
 
-def cache_for(graph: dict[str, Any], num_layers: int, kv_heads: int, head_dim: int, capacity: int) -> "KVCache":
-    """The cache a manifest's `graph` section binds: its kind, target and kv_dtype decide."""
-    dtype = graph.get("kv_dtype", "float32")
-    if graph["kind"] != "fast":
-        return DynamicCache(num_layers, kv_heads, head_dim, capacity, dtype)
-    if graph.get("target") == "qnn":
-        from .static_step import FixedCache  # it builds on AppendCache, below
-
-        return FixedCache(num_layers, kv_heads, head_dim, capacity, dtype)
-    kind = AppendCache if graph.get("target", "cpu") in APPEND_TARGETS else StaticCache
-    return kind(num_layers, kv_heads, head_dim, capacity, dtype)
+def cache_for(graph: Graph, spec: ModelSpec, capacity: int) -> "KVCache":
+    """The batch-1 cache that binds `graph` (its layout and kv_dtype decide), `capacity` rows."""
+    kind = {"dynamic": DynamicCache, "static": StaticCache, "append": AppendCache, "fixed": FixedCache}
+    if graph.layout not in kind:
+        raise GenerationError(f"a {graph.kind} graph has no KV cache")
+    return kind[graph.layout](spec.num_layers, spec.num_kv_heads, spec.head_dim, capacity, graph.kv_dtype)
 
 
 def kv_dtype(name: str) -> np.dtype:
@@ -244,6 +242,40 @@ class AppendCache(_Preallocated):
             io.bind_input(name, "cpu", 0, self.dtype, past, address)
         for name, address in self._present:
             io.bind_output(name, "cpu", 0, self.dtype, present, address + offset)
+
+
+class FixedCache(AppendCache):
+    """Sequence-major buffers [1, capacity, kv_heads, head_dim] for a `--target qnn` graph.
+
+    An NPU compiles a graph for fixed shapes, so that graph (export/qnn.py) reads the WHOLE
+    preallocated cache every step, finds the rows it may attend to from `position_ids`, and
+    returns only the new row. Past is bound to each whole buffer and present to row `length`
+    of that same buffer: the graph reads that row only under its mask (weight exactly 0, and
+    whatever it holds is a finite key or value), so writing it in place is safe in any order
+    and no step copies the cache."""
+
+    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, capacity: int, dtype: str = "float32") -> None:
+        super().__init__(num_layers, kv_heads, head_dim, capacity, dtype)
+        self._row_size = kv_heads * head_dim * self.dtype.itemsize
+        # (past name, present name, buffer address) per layer and kind.
+        self._buffers = [(past, present, buf.ctypes.data) for layer in range(num_layers)
+                         for past, present, buf in zip(past_names(layer), present_names(layer),
+                                                       (self.keys[layer], self.values[layer]))]
+        self._bound_to: ort.IOBinding | None = None
+
+    def bind(self, io: ort.IOBinding, new_tokens: int) -> None:
+        if new_tokens != 1:
+            raise GenerationError(f"a fixed-context graph takes one token a step, not {new_tokens}")
+        self._check_room(1)
+        row = [1, 1, self.kv_heads, self.head_dim]
+        if self._bound_to is not io:  # the whole buffers: the same every step
+            whole = [1, self.capacity, self.kv_heads, self.head_dim]
+            for past, _, address in self._buffers:
+                io.bind_input(past, "cpu", 0, self.dtype, whole, address)
+            self._bound_to = io
+        offset = self.length * self._row_size
+        for _, present, address in self._buffers:
+            io.bind_output(present, "cpu", 0, self.dtype, row, address + offset)
 
 
 def common_prefix(cached: Sequence[int], ids: Sequence[int], limit: int) -> int:

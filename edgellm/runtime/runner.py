@@ -13,9 +13,13 @@ import numpy as np
 import onnxruntime as ort
 
 from ..errors import BundleError, GenerationError
-from .caches import AppendCache, KVCache, Scope, SharedPrefixes, SlotCache, past_names, reusable_prefix, visible
+from .bundle import Graph
+from .caches import (AppendCache, FixedCache, KVCache, Scope, SharedPrefixes, SlotCache, cache_for, past_names,
+                     reusable_prefix, visible)
+from .model_spec import ModelSpec
 from .providers import first_line
 
+POSITION = "position_ids"  # a one-token graph finds its rows from the position it is fed
 _NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
@@ -56,61 +60,17 @@ def run_bound(session: ort.InferenceSession, io: ort.IOBinding, where: str) -> N
         raise GenerationError(f"{where}: onnxruntime run failed ({first_line(exc)})") from None
 
 
-class Runner:
-    """Feeds token ids through the graph and keeps the KV cache and its ids in step.
+class CachedIds:
+    """What every batch-1 runner keeps beside its cache: `tokens`, the ids whose keys and values
+    the cache holds, so a new prompt can reuse the longest common prefix, and `scope`, whose
+    they are (`caches.visible`)."""
 
-    `tokens` are the ids whose keys and values the cache holds, so a new prompt can
-    reuse the longest common prefix; `scope` is whose they are (`caches.visible`).
-    """
-
-    scope = Scope()  # an instance's own once a request took the cache (StepRunner has no __init__ of Runner's)
-
-    def __init__(self, session: ort.InferenceSession, cache: KVCache, *, kind: str, where: str = "graph") -> None:
+    def __init__(self, session: ort.InferenceSession, cache: KVCache, where: str) -> None:
         self.session = session
         self.cache = cache
-        self.kind = kind
         self.tokens: list[int] = []
-        inputs = {i.name for i in session.get_inputs()}
-        outputs = {o.name: o for o in session.get_outputs()}
-        past = {name for layer in range(cache.num_layers) for name in past_names(layer)}
-        required = {"input_ids", "attention_mask"} | past | ({"logits_to_keep"} if kind == "fast" else set())
-        optional = {"position_ids"} if kind == "generic" else set()
-        if missing := sorted(required - inputs):
-            raise BundleError(f"{where}: graph input {missing[0]!r} is missing ({kind} graph)")
-        if unknown := sorted(inputs - required - optional):
-            raise BundleError(f"{where}: graph input {unknown[0]!r} is not one edgellm feeds ({kind} graph)")
-        if "logits" not in outputs:
-            raise BundleError(f"{where}: graph output 'logits' is missing")
-        if kind == "fast" and sequence_major(session) != isinstance(cache, AppendCache):
-            layout = "sequence-major (--target openvino)" if sequence_major(session) else "head-major"
-            raise BundleError(f"{where}: the graph's KV cache is {layout}; {type(cache).__name__} does not bind it "
-                              "(caches.cache_for picks the cache from the manifest's graph section)")
-        logits_type = outputs["logits"].type
-        if logits_type not in _NUMPY:
-            raise BundleError(f"{where}: graph output 'logits' has type {logits_type}, expected float or float16")
-        vocab = outputs["logits"].shape[-1]
-        if not isinstance(vocab, int):
-            raise BundleError(f"{where}: graph output 'logits' has no fixed vocabulary dimension")
-        self.vocab_size = vocab
+        self.scope = Scope()  # nobody's until a request takes the cache (`reuse`)
         self._where = where
-        self._logits_dtype = _NUMPY[logits_type]
-        self._positions = "position_ids" in inputs
-        capacity = cache.capacity
-        self._io = session.io_binding()
-        # Buffers that live as long as the runner; OrtValues over them share memory,
-        # so writing a token id into `_one` is the whole per-step input update.
-        self._mask = np.ones((1, capacity), np.int64)
-        self._arange = np.arange(capacity, dtype=np.int64)[None]
-        self._one = np.zeros((1, 1), np.int64)
-        self._one_ort = ort.OrtValue.ortvalue_from_numpy(self._one)
-        self._row = np.zeros((1, 1, vocab), self._logits_dtype)
-        self._row_ort = ort.OrtValue.ortvalue_from_numpy(self._row)
-        self._held: dict[str, ort.OrtValue] = {}
-        # Only the last position's logits are computed unless a caller verifies a draft.
-        self._keep_one = ort.OrtValue.ortvalue_from_numpy(np.ones(1, np.int64))
-        if kind == "fast":
-            self._bind_held("logits_to_keep", self._keep_one)
-        self._bind_output_row()
 
     @property
     def length(self) -> int:
@@ -138,6 +98,55 @@ class Runner:
     def rewind(self, to: int) -> None:
         self.cache.rewind(to)
         del self.tokens[to:]
+
+
+class Runner(CachedIds):
+    """Feeds token ids through a fast or generic graph and keeps the KV cache and its ids in
+    step; a prompt's run of ids is one step (`prefill` chunks it)."""
+
+    def __init__(self, session: ort.InferenceSession, cache: KVCache, *, kind: str, where: str = "graph") -> None:
+        super().__init__(session, cache, where)
+        self.kind = kind
+        inputs = {i.name for i in session.get_inputs()}
+        outputs = {o.name: o for o in session.get_outputs()}
+        past = {name for layer in range(cache.num_layers) for name in past_names(layer)}
+        required = {"input_ids", "attention_mask"} | past | ({"logits_to_keep"} if kind == "fast" else set())
+        optional = {"position_ids"} if kind == "generic" else set()
+        if missing := sorted(required - inputs):
+            raise BundleError(f"{where}: graph input {missing[0]!r} is missing ({kind} graph)")
+        if unknown := sorted(inputs - required - optional):
+            raise BundleError(f"{where}: graph input {unknown[0]!r} is not one edgellm feeds ({kind} graph)")
+        if "logits" not in outputs:
+            raise BundleError(f"{where}: graph output 'logits' is missing")
+        if kind == "fast" and sequence_major(session) != isinstance(cache, AppendCache):
+            layout = "sequence-major (--target openvino)" if sequence_major(session) else "head-major"
+            raise BundleError(f"{where}: the graph's KV cache is {layout}; {type(cache).__name__} does not bind it "
+                              "(caches.cache_for picks the cache from the manifest's graph section)")
+        logits_type = outputs["logits"].type
+        if logits_type not in _NUMPY:
+            raise BundleError(f"{where}: graph output 'logits' has type {logits_type}, expected float or float16")
+        vocab = outputs["logits"].shape[-1]
+        if not isinstance(vocab, int):
+            raise BundleError(f"{where}: graph output 'logits' has no fixed vocabulary dimension")
+        self.vocab_size = vocab
+        self._logits_dtype = _NUMPY[logits_type]
+        self._positions = "position_ids" in inputs
+        capacity = cache.capacity
+        self._io = session.io_binding()
+        # Buffers that live as long as the runner; OrtValues over them share memory,
+        # so writing a token id into `_one` is the whole per-step input update.
+        self._mask = np.ones((1, capacity), np.int64)
+        self._arange = np.arange(capacity, dtype=np.int64)[None]
+        self._one = np.zeros((1, 1), np.int64)
+        self._one_ort = ort.OrtValue.ortvalue_from_numpy(self._one)
+        self._row = np.zeros((1, 1, vocab), self._logits_dtype)
+        self._row_ort = ort.OrtValue.ortvalue_from_numpy(self._row)
+        self._held: dict[str, ort.OrtValue] = {}
+        # Only the last position's logits are computed unless a caller verifies a draft.
+        self._keep_one = ort.OrtValue.ortvalue_from_numpy(np.ones(1, np.int64))
+        if kind == "fast":
+            self._bind_held("logits_to_keep", self._keep_one)
+        self._bind_output_row()
 
     def forward(self, ids: Sequence[int]) -> np.ndarray:
         """Feed `ids` after the cached ones; return the last position's logits (float32, a copy)."""
@@ -198,6 +207,68 @@ class Runner:
             return
         self._io.bind_ortvalue_output("logits", self._row_ort)
         self._held["out:logits"] = self._row_ort
+
+
+class OneTokenRunner(CachedIds):
+    """The runner of a `--target qnn` graph: one token a step over a context fixed at export
+    (caches.FixedCache), so every id, prompt or draft, is one step; there is no prefill graph
+    yet. It answers the calls a `Runner` answers and keeps the same cached ids."""
+
+    def __init__(self, session: ort.InferenceSession, cache: FixedCache | None = None, *,
+                 where: str = "graph") -> None:
+        """`cache`: the graph's own shapes size one when it is None (the export's quality gate)."""
+        inputs = {i.name: i for i in session.get_inputs()}
+        outputs = {o.name: o for o in session.get_outputs()}
+        layers = sum(name.startswith("past_key_values.") for name in inputs) // 2
+        wanted = {"input_ids", POSITION} | {name for layer in range(layers) for name in past_names(layer)}
+        if set(inputs) != wanted or layers == 0:
+            odd = sorted(set(inputs) ^ wanted) or ["past_key_values.0.key"]
+            raise BundleError(f"{where}: graph input {odd[0]!r}: not the one-token graph of --target qnn "
+                              "(input_ids, position_ids and past_key_values.* only)")
+        shape = inputs[past_names(0)[0]].shape
+        logits = outputs.get("logits")
+        if logits is None or not all(isinstance(n, int) for n in [*shape, *logits.shape]):
+            raise BundleError(f"{where}: a --target qnn graph has static 'logits' and past shapes, got "
+                              f"{None if logits is None else logits.shape} and {shape}")
+        _, context, kv_heads, head_dim = shape
+        cache = cache if cache is not None else FixedCache(layers, kv_heads, head_dim, context)
+        if not isinstance(cache, FixedCache) or cache.capacity != context:
+            raise BundleError(f"{where}: the graph's context is {context} rows, fixed at export; "
+                              f"{type(cache).__name__} of {cache.capacity} does not bind it")
+        super().__init__(session, cache, where)
+        self.cache: FixedCache = cache
+        self.kind = "fast"
+        self.vocab_size = logits.shape[-1]
+        self._io = session.io_binding()
+        # Bound once; a step writes the token and its position into them.
+        self._id, self._position = np.zeros((1, 1), np.int32), np.zeros((1, 1), np.int32)
+        self._row = np.zeros((1, 1, self.vocab_size), np.float32)
+        self._held = [ort.OrtValue.ortvalue_from_numpy(a) for a in (self._id, self._position, self._row)]
+        self._io.bind_ortvalue_input("input_ids", self._held[0])
+        self._io.bind_ortvalue_input(POSITION, self._held[1])
+        self._io.bind_ortvalue_output("logits", self._held[2])
+
+    def forward(self, ids: Sequence[int]) -> np.ndarray:
+        """Feed `ids` after the cached ones; return the last position's logits (float32, a copy)."""
+        return self.forward_all(ids)[-1]
+
+    def forward_all(self, ids: Sequence[int]) -> np.ndarray:
+        """Feed `ids` one step each; every fed position's logits, `(len(ids), vocab)`."""
+        if not ids:
+            raise GenerationError("forward needs at least one token id")
+        if self.length + len(ids) > self.capacity:
+            raise GenerationError(f"KV cache holds {self.length} of {self.capacity} tokens (the context this "
+                                  f"graph was exported for, --context); cannot add {len(ids)}")
+        rows = np.empty((len(ids), self.vocab_size), np.float32)
+        for i, token in enumerate(ids):
+            self.cache.bind(self._io, 1)
+            self._id[0, 0] = token
+            self._position[0, 0] = self.length
+            run_bound(self.session, self._io, self._where)
+            self.cache.advance(1)
+            self.tokens.append(int(token))
+            rows[i] = self._row[0, 0]
+        return rows
 
 
 def sequence_major(session: ort.InferenceSession) -> bool:
@@ -298,3 +369,24 @@ class BatchRunner:
             runner.tokens.append(int(token))
             out[slot] = self._logits[slot, 0].astype(np.float32)
         return out
+
+
+def open_runner(session: ort.InferenceSession, graph: Graph, spec: ModelSpec, context: int, *,
+                where: str = "graph") -> Runner | OneTokenRunner:
+    """The batch-1 runner and the cache that fit `graph`: where a bundle's graph is chosen a runner.
+    `context`: the cache rows asked for; a graph whose shapes fix its own (qnn) keeps that."""
+    cache = cache_for(graph, spec, graph.fixed_context or context)
+    if graph.layout == "fixed":
+        return OneTokenRunner(session, cache, where=where)
+    return Runner(session, cache, kind=graph.kind, where=where)
+
+
+def open_slots(session: ort.InferenceSession, graph: Graph, spec: ModelSpec, context: int, slots: int, *,
+               where: str = "graph") -> BatchRunner:
+    """`slots` cache slots of `context` rows over `graph`, decoded together where it has a batch
+    dimension (`Graph.batch`; without one, ask for one slot)."""
+    if not graph.takes_slots:
+        kind = "a generic" if graph.kind != "fast" else f"a --target {graph.target}"
+        raise GenerationError(f"{kind} graph decodes one request at a time: serve it with one slot")
+    cache = SlotCache(slots, spec.num_layers, spec.num_kv_heads, spec.head_dim, context, graph.kv_dtype)
+    return BatchRunner(session, cache, where=where)
