@@ -29,7 +29,7 @@ from ..errors import RequestError
 from ..params import to_wire
 from ..recipes import RECIPES
 from ..recipes.anomaly import AnomalyRecipe, shared_prompt
-from ..recipes.config import AnomalyConfig, load_config
+from ..recipes.config import AnomalyConfig, load_config, valid_filter
 from ..service import protocol as proto
 from ..service.broker import (MOSQUITTO, MQTT_VERSIONS_OF, PYTHON, BrokerError, EmbeddedBroker, embedded_kind,
                      start_embedded)
@@ -112,6 +112,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="the system prompt this service's clients send: its cached rows serve every client; "
                         "the rest of each prompt is reused only by the client that sent it (docs/mqtt.md)")
     h = p.add_argument_group("http (needs edgellm[http]; see docs/http.md)")
+    g.add_argument("--ha-discovery", nargs="?", const="homeassistant", metavar="PREFIX",
+                   help="announce this service (and the anomaly recipe's machines) to Home Assistant by MQTT "
+                        "discovery under PREFIX (default: homeassistant); docs/home-assistant.md")
     h.add_argument("--http", metavar="HOST:PORT",
                    help="also serve OpenAI- and Ollama-compatible HTTP here (HOST defaults to 127.0.0.1); "
                         "without --broker, HTTP only")
@@ -309,6 +312,21 @@ def _embedder(args: argparse.Namespace) -> Any:
 
 
 def run_serve(args: argparse.Namespace) -> int:
+def _ha_discovery(prefix: str, conn: Connection, topics: proto.Topics, engine: Any, service: Service,
+                  recipe: AnomalyConfig | None) -> Any:
+    """The Home Assistant announcer of `service` (and of the recipe's machines, whose explanations
+    it reads on the recipe's output topics)."""
+    from ..integrations.ha_discovery import HaDiscovery
+
+    explanations = recipe.output.format(machine="+", sensor="+") if recipe is not None else None
+    if explanations is not None and not valid_filter(explanations):
+        raise ValueError(f"--ha-discovery: anomaly.output {recipe.output!r} must have {{machine}} and {{sensor}} "
+                         "as whole topic levels for the machines' events to be read")
+    return HaDiscovery(conn, topics, engine, service.model.manifest.name or topics.device,
+                       status_topic=service.status_topic, prefix=prefix, explanations=explanations,
+                       client_id=f"{service.client_id}-ha")
+
+
     _apply_config(args)
     topics = _topics(args)
     config = _service_config(args, topics)
@@ -318,6 +336,9 @@ def run_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--recipe {args.recipe} is a client of the MQTT service: pass --broker (or "
                          f"--broker {EMBEDDED}) next to --http")
     recipe_config = _recipe_config(args, topics, config)  # a bad recipe setting fails before the slow load too
+    if args.ha_discovery is not None and not mqtt:
+        raise ValueError(f"--ha-discovery announces the MQTT service: pass --broker (or --broker {EMBEDDED}) "
+                         "next to --http")
     embedded = mqtt and args.broker in (None, EMBEDDED)
     # bad settings fail before the slow load
     conn = _connection(args, "mqtt://127.0.0.1" if embedded else args.broker) if mqtt else None
@@ -329,7 +350,7 @@ def run_serve(args: argparse.Namespace) -> int:
     embedder = _embedder(args)
     _share_prompts(model, args.shared_system, recipe_config)
     engine = engine_for(model, config).start()  # one queue for MQTT and HTTP alike
-    broker = service = http = recipe = None
+    broker = service = http = recipe = discovery = None
     stop = threading.Event()
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
@@ -349,12 +370,16 @@ def run_serve(args: argparse.Namespace) -> int:
             log.info("serving %s as device %r: requests on %s", model.manifest.name or args.bundle,
                      topics.device, topics.request)
         while not stop.is_set() and not (service is not None and service.finished.is_set()):
+            if args.ha_discovery is not None:
+                discovery = _ha_discovery(args.ha_discovery, conn, topics, engine, service, recipe_config).start()
             stop.wait(0.5)
     except KeyboardInterrupt:
         pass
     finally:
         signal.signal(signal.SIGTERM, previous)
         if recipe is not None:
+        if discovery is not None:
+            discovery.stop()
             recipe.stop()
         engine.close()  # cancels every request: MQTT finals go out before the service says offline
         if http is not None:
