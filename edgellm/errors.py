@@ -28,6 +28,10 @@ class RetrievalError(EdgeLLMError):
     model; the message names the file."""
 
 
+class BrokerError(EdgeLLMError):
+    """The embedded broker cannot be found or does not start."""
+
+
 class RecipeError(EdgeLLMError):
     """A recipe's settings file, prompt template or schema is unusable; the message names the file and key."""
 

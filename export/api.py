@@ -20,7 +20,7 @@ from .config import DEFAULT_MAX_CONTEXT, GraphInfo, QuantConfig
 from .quality import DEFAULT_TEXT, perplexity
 from .scratch import owned_bundle_writer, remove_stale, scratch_dir, terminate_cleans_up
 from .embedding import export_embedding, is_encoder
-from .sources import Source, open_source, source_path
+from .sources import Source, source_path
 
 log = logging.getLogger("edgellm.export")
 
@@ -104,6 +104,22 @@ def export_model(
     except OSError as exc:
         raise ExportError(f"{out}: cannot write bundle ({exc.strerror or exc})") from None
     return manifest
+
+
+def open_source(source: str | Path) -> Source:
+    """Open a HF folder, a .gguf file or a built-in model name."""
+    path = source_path(source)
+    if not path.exists():
+        raise ExportError(f"{path}: no such file or directory")
+    if path.is_dir():
+        from .hf import open_hf_folder
+
+        return open_hf_folder(path)
+    if path.suffix.lower() == ".gguf":
+        from .gguf import open_gguf
+
+        return open_gguf(path)
+    raise ExportError(f"{path}: not a model folder or a .gguf file")
 
 
 def _export_embedding(folder: Path, out: Path, quant: QuantConfig, force: bool, eval_text: str | None,

@@ -77,19 +77,3 @@ def resolve_builtin(name: str) -> Path:
 def source_path(source: str | Path) -> Path:
     """The path a source names: itself, or a built-in model's file or folder."""
     return resolve_builtin(str(source)) if str(source) in BUILTIN_MODELS else Path(source)
-
-
-def open_source(source: str | Path) -> Source:
-    """Open a HF folder, a .gguf file or a built-in model name."""
-    path = source_path(source)
-    if not path.exists():
-        raise ExportError(f"{path}: no such file or directory")
-    if path.is_dir():
-        from .hf import open_hf_folder
-
-        return open_hf_folder(path)
-    if path.suffix.lower() == ".gguf":
-        from .gguf import open_gguf
-
-        return open_gguf(path)
-    raise ExportError(f"{path}: not a model folder or a .gguf file")

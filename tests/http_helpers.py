@@ -8,7 +8,8 @@ from typing import Any, Iterator
 
 import edgellm
 from edgellm.engine import Engine
-from edgellm.service.http import HttpConfig, HttpServer
+from edgellm.service.http import HttpConfig
+from edgellm.service.http_server import HttpServer
 from tests.tiny import QWEN3_TEMPLATE, THINK_TOOL_TOKENS
 
 LIGHT = {"type": "object", "properties": {"on": {"type": "boolean"}, "level": {"type": "integer", "minimum": 0,

@@ -43,7 +43,7 @@ def python_broker(port: int = 0):
     """amqtt's broker, imported only by the tests that need it, so the mosquitto ones run without it."""
     from edgellm.service.amqtt_broker import PythonBroker
 
-    return PythonBroker(port)
+    return PythonBroker(port or free_port())
 
 T = proto.Topics("edgellm", "dev1")
 ROOT = Path(__file__).parent.parent

@@ -23,7 +23,8 @@ from edgellm.errors import BundleError, ExportError, GenerationError
 from edgellm.export.api import export_model
 from edgellm.export.config import QuantConfig
 from edgellm.retrieval.embed import Embedder, EmbeddingModel
-from edgellm.service.http import HttpConfig, HttpServer
+from edgellm.service.http import HttpConfig
+from edgellm.service.http_server import HttpServer
 from edgellm.service.broker import find_mosquitto
 from edgellm.service.server import Service, ServiceConfig
 from embedding_helpers import cosines, make_tiny_bert, minilm_folder, reference

@@ -347,7 +347,8 @@ def test_graph_layout_and_progress(tiny_hf, tmp_path):
 @pytest.mark.slow
 def test_smollm2_int4_from_gguf(tmp_path):
     pytest.importorskip("gguf")
-    from edgellm.export.sources import open_source, resolve_builtin
+    from edgellm.export.api import open_source
+    from edgellm.export.sources import resolve_builtin
 
     try:
         resolve_builtin("smollm2-135m")

@@ -15,7 +15,8 @@ import ollama
 import openai
 import pytest
 
-from edgellm.service.http import HttpConfig, HttpServer
+from edgellm.service.http import HttpConfig
+from edgellm.service.http_server import HttpServer
 from edgellm.service.http_guard import tenant_of_key
 from http_helpers import Paced, serving
 

@@ -358,7 +358,7 @@ def _ha_discovery(prefix: str, conn: Connection, topics: proto.Topics, engine: A
             broker = _embedded_broker(kind, asked=args.broker == EMBEDDED)
             conn = dataclasses.replace(conn, broker=BrokerAddress.parse(broker.url))
         if http_config is not None:
-            from ..service.http import HttpServer
+            from ..service.http_server import HttpServer
 
             http = HttpServer(engine, http_config, embedder=embedder).start()
             log.info("serving %s over HTTP at %s (OpenAI: %s/v1, Ollama: %s)%s", model.manifest.name or args.bundle,

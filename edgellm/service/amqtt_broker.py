@@ -15,7 +15,7 @@ from amqtt.broker import Broker
 from amqtt.plugins.base import BaseAuthPlugin
 from amqtt.session import Session
 
-from .broker import PYTHON, BrokerError, free_port
+from ..errors import BrokerError
 
 log = logging.getLogger("edgellm.service")
 
@@ -33,13 +33,11 @@ class LocalClients(BaseAuthPlugin):
 
 
 class PythonBroker:
-    """amqtt listening on 127.0.0.1:`port` (0 picks a free one); sessions live in memory."""
+    """amqtt listening on 127.0.0.1:`port`; sessions live in memory. broker.start_embedded picks
+    the port and picks again when another process took it."""
 
-    kind = PYTHON
-
-    def __init__(self, port: int = 0) -> None:
-        self.port = port or free_port()
-        self._fixed_port = bool(port)
+    def __init__(self, port: int) -> None:
+        self.port = port
         self._loop: asyncio.AbstractEventLoop | None = None
         self._broker: Broker | None = None
         self._thread: threading.Thread | None = None
@@ -61,18 +59,9 @@ class PythonBroker:
         for name in ("amqtt", "transitions"):
             if logging.getLogger(name).level == logging.NOTSET:
                 logging.getLogger(name).setLevel(logging.WARNING)
-        for _ in range(3):
-            try:
-                self._start(timeout)
-            except BrokerError as exc:
-                if "address already in use" in str(exc).lower() and not self._fixed_port:
-                    self.port = free_port()  # another process took the port we picked; pick again
-                    continue
-                raise
-            self._fixed_port = True
-            log.info("broker: amqtt (in-process) %s", self.url)
-            return self
-        raise BrokerError(f"amqtt found no free port after 3 tries (last {self.port})")
+        self._start(timeout)
+        log.info("broker: amqtt (in-process) %s", self.url)
+        return self
 
     def _start(self, timeout: float) -> None:
         started: Future[None] = Future()

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Callable, Protocol, Sequence
 
-from ..errors import EdgeLLMError
+from ..errors import BrokerError
 from ..runtime.ownership import cmdline, mark, owner_gone, pid_running
 
 log = logging.getLogger("edgellm.service")
@@ -47,10 +47,6 @@ _SEARCH = ("/usr/sbin", "/usr/local/sbin", "/opt/homebrew/sbin")
 # In each embedded mosquitto's directory: who started it, and the mosquitto's own pid.
 OWNER, PID_FILE = "owner.json", "mosquitto.pid"
 _PR_SET_PDEATHSIG = 1
-
-
-class BrokerError(EdgeLLMError):
-    """The embedded broker cannot be found or does not start."""
 
 
 def find_mosquitto() -> str | None:
@@ -76,8 +72,6 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 class EmbeddedBroker(Protocol):
-    kind: str
-
     @property
     def url(self) -> str: ...
 
@@ -112,10 +106,22 @@ def start_embedded(kind: str, port: int = 0, workdir: str | os.PathLike[str] | N
                     "instead; pass its URL to clients with --broker", port)
         port = 0
     if kind == PYTHON:
-        from .amqtt_broker import PythonBroker  # the optional extra, imported only when used
-
-        return PythonBroker(port).start()
+        return _python_broker(port)
     return Mosquitto(workdir, port).start()
+
+
+def _python_broker(port: int) -> EmbeddedBroker:
+    """amqtt on `port`, or with 0 on a port picked here, picked again should another process take
+    it before amqtt binds it (Mosquitto.start does the same for mosquitto)."""
+    from .amqtt_broker import PythonBroker  # the optional extra, imported only when used
+
+    for _ in range(3):
+        try:
+            return PythonBroker(port or free_port()).start()
+        except BrokerError as exc:
+            if port or "address already in use" not in str(exc).lower():
+                raise
+    raise BrokerError("amqtt found no free port after 3 tries")
 
 
 def runtime_dir() -> Path:
@@ -202,8 +208,6 @@ class Mosquitto:
     Linux stops the process when the *thread* that called `start()` ends: call it from the
     thread that lives as long as the broker should (the main thread, in edgellm).
     """
-
-    kind = MOSQUITTO
 
     def __init__(self, workdir: str | os.PathLike[str] | None = None, port: int = 0,
                  options: Sequence[str] = ()) -> None:
