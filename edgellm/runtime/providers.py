@@ -26,7 +26,7 @@ ProviderSpec = Union[str, tuple[str, dict[str, Any]]]
 def session_options(threads: int | None = None) -> ort.SessionOptions:
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads or 0  # 0: onnxruntime picks one per core
-    # One graph, one request at a time: parallelism between nodes only costs threads.
+    # A decode step is a chain of nodes (a batched step too): parallelism between nodes only costs threads.
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

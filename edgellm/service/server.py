@@ -1,10 +1,10 @@
 """The MQTT service: requests in, `Model.stream` chunks out. No generation logic lives here.
 
-The engine's worker thread runs one generation at a time (the model is not thread-safe)
-and calls back here with each chunk; paho's network thread only validates, routes and
-queues. The engine may be shared with the HTTP front. Replies go out at QoS 1:
-paho keeps unacknowledged and not-yet-sent QoS 1 messages and sends them after a
-reconnect, so a generation that finishes while the broker is away still reaches
+The engine's worker thread runs the decode loop (one request, or several in a batched step;
+the model is not thread-safe) and calls back here with each chunk; paho's network thread
+only validates, routes and queues. The engine may be shared with the HTTP front. Replies
+go out at QoS 1: paho keeps unacknowledged and not-yet-sent QoS 1 messages and sends them
+after a reconnect, so a generation that finishes while the broker is away still reaches
 its device. A QoS 1 request is acknowledged only once the reply that ends it is out
 (`acks`), so a service that dies is handed its unanswered requests again when it restarts.
 """
