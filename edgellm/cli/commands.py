@@ -29,7 +29,7 @@ from ..errors import RequestError
 from ..params import to_wire
 from ..recipes import RECIPES
 from ..recipes.anomaly import AnomalyRecipe, shared_prompt
-from ..recipes.config import AnomalyConfig, load_config, valid_filter
+from ..recipes.config import AnomalyConfig, load_config, load_sparkplug, valid_filter
 from ..service import protocol as proto
 from ..service.broker import (MOSQUITTO, MQTT_VERSIONS_OF, PYTHON, BrokerError, EmbeddedBroker, embedded_kind,
                      start_embedded)
@@ -47,6 +47,7 @@ _CONFIG_KEYS = (
     "queue_per_client", "reasoning_topic", "http", "api_key_file", "http_max_body", "slots", "shared_system",
 )
 _CONFIG_KEYS += ("http_allow_origin", "http_server_name", "http_max_connections", "http_read_timeout")
+_CONFIG_KEYS += ("ha_discovery",)
 _INT_KEYS = ("queue_size", "session_expiry", "max_payload", "max_tokens", "queue_per_client", "http_max_body",
              "slots", "http_max_connections")
 _FLOAT_KEYS = ("http_read_timeout",)
@@ -111,10 +112,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--shared-system", metavar="TEXT",
                    help="the system prompt this service's clients send: its cached rows serve every client; "
                         "the rest of each prompt is reused only by the client that sent it (docs/mqtt.md)")
-    h = p.add_argument_group("http (needs edgellm[http]; see docs/http.md)")
     g.add_argument("--ha-discovery", nargs="?", const="homeassistant", metavar="PREFIX",
                    help="announce this service (and the anomaly recipe's machines) to Home Assistant by MQTT "
                         "discovery under PREFIX (default: homeassistant); docs/home-assistant.md")
+    h = p.add_argument_group("http (needs edgellm[http]; see docs/http.md)")
     h.add_argument("--http", metavar="HOST:PORT",
                    help="also serve OpenAI- and Ollama-compatible HTTP here (HOST defaults to 127.0.0.1); "
                         "without --broker, HTTP only")
@@ -311,22 +312,28 @@ def _embedder(args: argparse.Namespace) -> Any:
     return Embedder(model)
 
 
-def run_serve(args: argparse.Namespace) -> int:
 def _ha_discovery(prefix: str, conn: Connection, topics: proto.Topics, engine: Any, service: Service,
                   recipe: AnomalyConfig | None) -> Any:
     """The Home Assistant announcer of `service` (and of the recipe's machines, whose explanations
     it reads on the recipe's output topics)."""
     from ..integrations.ha_discovery import HaDiscovery
 
-    explanations = recipe.output.format(machine="+", sensor="+") if recipe is not None else None
-    if explanations is not None and not valid_filter(explanations):
-        raise ValueError(f"--ha-discovery: anomaly.output {recipe.output!r} must have {{machine}} and {{sensor}} "
-                         "as whole topic levels for the machines' events to be read")
     return HaDiscovery(conn, topics, engine, service.model.manifest.name or topics.device,
-                       status_topic=service.status_topic, prefix=prefix, explanations=explanations,
+                       status_topic=service.status_topic, prefix=prefix,
+                       explanations=_explanations(recipe) if recipe is not None else None,
                        client_id=f"{service.client_id}-ha")
 
 
+def _explanations(recipe: AnomalyConfig) -> str:
+    """The filter of the recipe's output topics, which the integrations read."""
+    explanations = recipe.output.format(machine="+", sensor="+")
+    if not valid_filter(explanations):
+        raise ValueError(f"anomaly.output {recipe.output!r} must have {{machine}} and {{sensor}} as whole topic "
+                         "levels for Home Assistant and Sparkplug to read the explanations")
+    return explanations
+
+
+def run_serve(args: argparse.Namespace) -> int:
     _apply_config(args)
     topics = _topics(args)
     config = _service_config(args, topics)
@@ -335,10 +342,15 @@ def _ha_discovery(prefix: str, conn: Connection, topics: proto.Topics, engine: A
     if args.recipe and not mqtt:
         raise ValueError(f"--recipe {args.recipe} is a client of the MQTT service: pass --broker (or "
                          f"--broker {EMBEDDED}) next to --http")
-    recipe_config = _recipe_config(args, topics, config)  # a bad recipe setting fails before the slow load too
     if args.ha_discovery is not None and not mqtt:
         raise ValueError(f"--ha-discovery announces the MQTT service: pass --broker (or --broker {EMBEDDED}) "
                          "next to --http")
+    recipe_config = _recipe_config(args, topics, config)  # a bad recipe setting fails before the slow load too
+    sparkplug_config = load_sparkplug(args.config) if recipe_config is not None else None
+    if sparkplug_config is not None:
+        from ..integrations.sparkplug import require
+
+        require()
     embedded = mqtt and args.broker in (None, EMBEDDED)
     # bad settings fail before the slow load
     conn = _connection(args, "mqtt://127.0.0.1" if embedded else args.broker) if mqtt else None
@@ -350,7 +362,7 @@ def _ha_discovery(prefix: str, conn: Connection, topics: proto.Topics, engine: A
     embedder = _embedder(args)
     _share_prompts(model, args.shared_system, recipe_config)
     engine = engine_for(model, config).start()  # one queue for MQTT and HTTP alike
-    broker = service = http = recipe = discovery = None
+    broker = service = http = recipe = discovery = sparkplug = None
     stop = threading.Event()
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
@@ -367,19 +379,25 @@ def _ha_discovery(prefix: str, conn: Connection, topics: proto.Topics, engine: A
             service = Service(model, conn, config, engine, embedder=embedder).start()
             if recipe_config is not None:
                 recipe = AnomalyRecipe(conn, topics, recipe_config, client_id=f"{service.client_id}-anomaly").start()
+            if sparkplug_config is not None:
+                from ..integrations.sparkplug import SparkplugNode
+
+                sparkplug = SparkplugNode(conn, sparkplug_config, topics.device, _explanations(recipe_config),
+                                          model.manifest.name or topics.device).start()
             log.info("serving %s as device %r: requests on %s", model.manifest.name or args.bundle,
                      topics.device, topics.request)
-        while not stop.is_set() and not (service is not None and service.finished.is_set()):
             if args.ha_discovery is not None:
                 discovery = _ha_discovery(args.ha_discovery, conn, topics, engine, service, recipe_config).start()
+        while not stop.is_set() and not (service is not None and service.finished.is_set()):
             stop.wait(0.5)
     except KeyboardInterrupt:
         pass
     finally:
         signal.signal(signal.SIGTERM, previous)
+        for integration in (discovery, sparkplug):
+            if integration is not None:
+                integration.stop()
         if recipe is not None:
-        if discovery is not None:
-            discovery.stop()
             recipe.stop()
         engine.close()  # cancels every request: MQTT finals go out before the service says offline
         if http is not None:

@@ -30,8 +30,46 @@ RESPONSE_FORMAT = {"type": "json_schema", "json_schema": {"name": "anomaly_expla
 DEFAULT_SYSTEM = ("You are a maintenance assistant for industrial machines. You explain sensor anomalies to "
                   "technicians in plain words and answer in JSON only.")
 TABLE = "anomaly"
+SPARKPLUG = "sparkplug"
 
 
+@dataclass(frozen=True)
+class SparkplugConfig:
+    """The `[sparkplug]` table: the recipe's explanations also go out as Sparkplug B
+    (integrations/sparkplug.py) under `spBv1.0/{group}/.../{node}/{machine}`."""
+
+    group: str = "edgellm"
+    node: str | None = None  # default: the service's --device-id
+    state_file: Path = Path("sparkplug-bdseq")  # bdSeq kept across restarts, relative to the config file
+
+
+def load_sparkplug(path: Path | None) -> SparkplugConfig | None:
+    """The `[sparkplug]` table of `path`, checked; None when there is none."""
+    if path is None:
+        return None
+    try:
+        table = tomllib.loads(path.read_text(encoding="utf-8")).get(SPARKPLUG)
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise RecipeError(f"--config {path}: {exc}") from None
+    if table is None:
+        return None
+    if not isinstance(table, dict):
+        raise RecipeError(f"{path}: [{SPARKPLUG}] must be a table")
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        name = key.replace("-", "_")
+        if name not in ("group", "node", "state_file"):
+            raise RecipeError(f"{path}: unknown key {SPARKPLUG}.{key} (known: group, node, state-file)")
+        if not isinstance(value, str) or not value or (name != "state_file" and not _sparkplug_id(value)):
+            what = "a file name" if name == "state_file" else "one topic level without / + # (Sparkplug ids)"
+            raise RecipeError(f"{path}: {SPARKPLUG}.{key} must be {what}, got {value!r}")
+        values[name] = (path.parent / value).resolve() if name == "state_file" else value
+    values.setdefault("state_file", (path.parent / SparkplugConfig.state_file).resolve())
+    return SparkplugConfig(**values)
+
+
+def _sparkplug_id(value: str) -> bool:
+    return proto.valid_topic(value) and not {"/", "+", "#"} & set(value)
 
 
 @dataclass(frozen=True)
