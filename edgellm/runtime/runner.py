@@ -1,5 +1,9 @@
 """The forward pass over a bundle's graph: the runners that feed it token ids and keep its cache.
 
+Where a graph gets its runner: `open_runner` (one request: `Runner` for fast and generic
+graphs, `OneTokenRunner` for a fixed-context qnn graph) and `open_slots` (`BatchRunner` over
+cache slots), from the manifest's `Graph` alone.
+
 Per-step overhead is what separates a Python loop from a native one, so the
 forward pass binds everything once and afterwards rebinds only the inputs whose
 shape changed (the attention mask grows by one each token) and copies only the
