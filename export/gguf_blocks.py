@@ -39,6 +39,9 @@ class _Decoded:
     scales: np.ndarray  # float32 [N, n_blocks]
     minimum: np.ndarray | None  # float32 [N, n_blocks]
     centre: int
+    # K-quants: the super-block's float16 scale [N, n_super] and the int8 sub-block scales
+    # [N, n_blocks] whose float32 product `scales` is (QuantizedWeight.scale_factors).
+    factors: tuple[np.ndarray, np.ndarray] | None = None
 
 
 def _f16(raw: np.ndarray) -> np.ndarray:
@@ -95,24 +98,28 @@ def _k_nibbles(qs: np.ndarray) -> np.ndarray:
 
 
 def _super(raw: np.ndarray, codes: np.ndarray, scales: np.ndarray, minimum: np.ndarray | None,
-           centre: int) -> _Decoded:
-    """Sub-blocks of super-blocks [N, n_super, sub, block] as plain blocks [N, n_super * sub, block]."""
+           centre: int, factors: tuple[np.ndarray, np.ndarray] | None = None) -> _Decoded:
+    """Sub-blocks of super-blocks [N, n_super, sub, block] as plain blocks [N, n_super * sub, block];
+    `factors` (d [N, n_super, 1] as float32, sub-scales [N, n_super, sub]) are kept as float16
+    and int8 when `scales` is their product."""
     n = raw.shape[0]
+    kept = None if factors is None else (factors[0].reshape(n, -1).astype(np.float16),
+                                         factors[1].reshape(n, -1).astype(np.int8))
     return _Decoded(codes.reshape(n, -1, codes.shape[-1]), scales.reshape(n, -1),
-                    None if minimum is None else minimum.reshape(n, -1), centre)
+                    None if minimum is None else minimum.reshape(n, -1), centre, kept)
 
 
 def _q4_k(raw: np.ndarray) -> _Decoded:
     d, dmin = _f16(raw[..., 0:2])[..., None], _f16(raw[..., 2:4])[..., None]
     sc, m = _k_scale_min(raw[..., 4:16])
-    return _super(raw, _k_nibbles(raw[..., 16:144]), d * sc, -(dmin * m), 0)
+    return _super(raw, _k_nibbles(raw[..., 16:144]), d * sc, -(dmin * m), 0, (d, sc))
 
 
 def _q5_k(raw: np.ndarray) -> _Decoded:
     d, dmin = _f16(raw[..., 0:2])[..., None], _f16(raw[..., 2:4])[..., None]
     sc, m = _k_scale_min(raw[..., 4:16])
     high = (raw[..., None, 16:48] >> np.arange(8, dtype=np.uint8)[:, None]) & 1  # sub-block j: bit j
-    return _super(raw, _k_nibbles(raw[..., 48:176]) | (high << 4), d * sc, -(dmin * m), 0)
+    return _super(raw, _k_nibbles(raw[..., 48:176]) | (high << 4), d * sc, -(dmin * m), 0, (d, sc))
 
 
 def _q6_k(raw: np.ndarray) -> _Decoded:
@@ -120,8 +127,8 @@ def _q6_k(raw: np.ndarray) -> _Decoded:
     low = (raw[..., 0:128].reshape(*lead, 2, 1, 64) >> np.array([0, 4], dtype=np.uint8)[:, None]) & 0x0F
     high = (raw[..., 128:192].reshape(*lead, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8)[:, None]) & 0x03
     codes = (low.reshape(*lead, 8, 32) | (high.reshape(*lead, 8, 32) << 4)).reshape(*lead, 16, 16)
-    scales = raw[..., 192:208].view(np.int8).astype(np.float32) * _f16(raw[..., 208:210])[..., None]
-    return _super(raw, codes, scales, None, 32)
+    sc, d = raw[..., 192:208].view(np.int8).astype(np.float32), _f16(raw[..., 208:210])[..., None]
+    return _super(raw, codes, sc * d, None, 32, (d, sc))
 
 
 def _q3_k(raw: np.ndarray) -> _Decoded:
@@ -190,4 +197,5 @@ def from_gguf_blocks(blocks: QuantBlocks) -> QuantizedWeight:
         offsets = decoded.minimum + np.float32(middle - decoded.centre) * decoded.scales
     return QuantizedWeight(packed=pack(codes, t.bits), scales=np.ascontiguousarray(decoded.scales, dtype=np.float32),
                            zero_points=None, bits=t.bits, block_size=t.block, K=k, N=n,
-                           offsets=None if offsets is None else np.ascontiguousarray(offsets, dtype=np.float32))
+                           offsets=None if offsets is None else np.ascontiguousarray(offsets, dtype=np.float32),
+                           scale_factors=decoded.factors)

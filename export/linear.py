@@ -68,6 +68,32 @@ class Writer:
         """An initializer the activations meet, in their dtype (kernels take one T for both)."""
         return self.initializer(name, np.asarray(array).astype(self.float_type))
 
+    def exact_floats(self, name: str, array: np.ndarray, compact: bool) -> str:
+        """`floats`, but held as float16 in the file where that is exact (GGUF's block scales are
+        float16) and the activations are float32 (`compact`: the cpu target): a Cast of it that
+        onnxruntime's constant folding turns back into the same float32 tensor when it loads the
+        graph, before MatMulNBits prepacks it. MatMulNBits takes its scales in the activations'
+        dtype: without this a 4-bit weight would carry 4 bytes of scale per 16 of codes on disk."""
+        array = np.asarray(array, dtype=np.float32)
+        half = array.astype(np.float16)
+        if not compact or self.float_type != np.float32 or not np.array_equal(half.astype(np.float32), array):
+            return self.floats(name, array)
+        stored = self.initializer(f"{name}.float16", half)
+        return self.node("Cast", f"{name}/Cast", [stored], [name], to=self.float_proto)[0]
+
+    def factored_floats(self, name: str, factors: tuple[np.ndarray, np.ndarray]) -> str:
+        """Block scales held as a GGUF K-quant holds them: float16 super-block scales [N, n_super]
+        times int8 sub-block scales [N, n_blocks] (0.31 bits a value where float32 per block of 32
+        takes 1). Casts, a Mul and a Reshape that onnxruntime folds at load into the float32
+        scales; the product (11 by 7 significant bits) is exact in float32, as in the decoder."""
+        top, sub = factors
+        n, n_super = top.shape
+        top = self.initializer(f"{name}.super.float16", top.reshape(n, n_super, 1))
+        sub = self.initializer(f"{name}.sub.int8", sub.reshape(n, n_super, -1))
+        product = self.one("Mul", f"{name}/Mul", [self.one("Cast", f"{name}/super/Cast", [top], to=self.float_proto),
+                                                   self.one("Cast", f"{name}/sub/Cast", [sub], to=self.float_proto)])
+        return self.node("Reshape", f"{name}/Reshape", [product, self.const([n, -1])], [name])[0]
+
     def const(self, values: list[int] | int) -> str:
         """A shared int64 constant (a scalar when `values` is an int)."""
         key = (values,) if isinstance(values, int) else tuple(values)
@@ -170,16 +196,26 @@ def quantized_linear(
                       zero_points=w.floats(f"{prefix}.qzeros", zeros.reshape(-1)),
                       bias="" if bias is None else w.floats(f"{prefix}.bias", bias),
                       K=q.K, N=q.N, bits=q.bits, block_size=q.block_size)
-    packed, scales, folded = q.packed, q.scales, 0
+    # The cpu target keeps a GGUF's scales at the GGUF's own width (float32 when cast at load).
+    compact = quant.target == "cpu" and w.float_type == np.float32
+    packed, folded = q.packed, 0
+    if compact and q.scale_factors is not None:
+        scales = w.factored_floats(f"{prefix}.scales", q.scale_factors)
+    else:
+        scales = w.exact_floats(f"{prefix}.scales", q.scales, compact)
     if matmul and q.offsets is not None and folds_offsets(quant, q.bits):
         extra_packed, extra_scales = offset_blocks(q)
-        packed, scales = np.concatenate([packed, extra_packed], axis=1), np.concatenate([scales, extra_scales], axis=1)
+        packed = np.concatenate([packed, extra_packed], axis=1)
+        # Two initializers joined by a Concat onnxruntime folds at load: the weight's own scales
+        # stay float16 where they are, the offset digits' scales are float32.
+        scales = w.one("Concat", f"{prefix}.scales/Concat",
+                       [scales, w.exact_floats(f"{prefix}.offset_scales", extra_scales, compact)], axis=1)
         folded = extra_packed.shape[1] * q.block_size
     # A gathered row adds its offsets from the float table; so does an unfolded matmul.
     table = q.offsets is not None and not folded
     return Linear(
         weight=w.initializer(f"{prefix}.qweight", packed),
-        scales=w.floats(f"{prefix}.scales", scales),
+        scales=scales,
         zero_points="" if q.zero_points is None else w.initializer(f"{prefix}.qzeros", q.zero_points),
         bias="" if bias is None else w.floats(f"{prefix}.bias", bias),
         K=q.K,

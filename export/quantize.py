@@ -57,6 +57,10 @@ class QuantizedWeight:
     N: int
     # float32 [N, n_blocks] added to each block's values (a GGUF type's minimum), or None.
     offsets: np.ndarray | None = None
+    # `scales` as the product a GGUF K-quant stores (float16 [N, n_super] super-block scales
+    # times int8 [N, n_blocks] sub-block scales, exact in float32), or None: the graph keeps
+    # the factors (linear.py) where float32 scales would take 8 bits per 32 values.
+    scale_factors: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
     def n_blocks(self) -> int:
@@ -119,7 +123,16 @@ def concat_rows(parts: list[QuantizedWeight]) -> QuantizedWeight:
         K=first.K,
         N=sum(p.N for p in parts),
         offsets=np.concatenate([_offsets(p) for p in parts]) if any_offsets else None,
+        scale_factors=_concat_factors(parts),
     )
+
+
+def _concat_factors(parts: list[QuantizedWeight]) -> tuple[np.ndarray, np.ndarray] | None:
+    """The parts' scale factors stacked along N, if every part has them in one layout."""
+    factors = [p.scale_factors for p in parts]
+    if any(f is None for f in factors) or len({f[0].shape[1] for f in factors}) != 1:
+        return None
+    return np.concatenate([f[0] for f in factors]), np.concatenate([f[1] for f in factors])
 
 
 def _packed_zero_points(q: QuantizedWeight) -> np.ndarray:
