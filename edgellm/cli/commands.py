@@ -4,9 +4,9 @@ Settings come from the command line, else from the `[serve]` table of `--config`
 (keys are the long option names), else from the defaults of `Connection` and
 `ServiceConfig`.
 
-`serve` runs MQTT, HTTP (`--http`) or both over one engine: with `--http` and no
-`--broker` it serves HTTP only; `--broker embedded` starts the embedded broker as
-when neither is given.
+`serve` runs MQTT, HTTP (`--http`), Wyoming (`--wyoming`) or several over one engine: with
+`--http` or `--wyoming` and no `--broker` there is no MQTT; `--broker embedded` starts the
+embedded broker as when none of them is given.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ from ..service import protocol as proto
 from ..service.broker import (MOSQUITTO, MQTT_VERSIONS_OF, PYTHON, BrokerError, EmbeddedBroker, embedded_kind,
                      start_embedded)
 from ..service.client import ask, new_request_id
-from ..service.connection import MQTT_VERSIONS, BrokerAddress, Connection, read_password
+from ..service.connection import MQTT_VERSIONS, BrokerAddress, Connection, parse_address, read_password
 from .demo import DEFAULT_BUNDLE, DEFAULT_PROMPT, DEMO_SYSTEM, ensure_bundle, local_service
 from ..service.server import Service, ServiceConfig, engine_for
 
@@ -47,7 +47,7 @@ _CONFIG_KEYS = (
     "queue_per_client", "reasoning_topic", "http", "api_key_file", "http_max_body", "slots", "shared_system",
 )
 _CONFIG_KEYS += ("http_allow_origin", "http_server_name", "http_max_connections", "http_read_timeout")
-_CONFIG_KEYS += ("ha_discovery",)
+_CONFIG_KEYS += ("ha_discovery", "wyoming")
 _INT_KEYS = ("queue_size", "session_expiry", "max_payload", "max_tokens", "queue_per_client", "http_max_body",
              "slots", "http_max_connections")
 _FLOAT_KEYS = ("http_read_timeout",)
@@ -115,6 +115,11 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ha-discovery", nargs="?", const="homeassistant", metavar="PREFIX",
                    help="announce this service (and the anomaly recipe's machines) to Home Assistant by MQTT "
                         "discovery under PREFIX (default: homeassistant); docs/home-assistant.md")
+    w = p.add_argument_group("wyoming (needs edgellm[wyoming]; see docs/home-assistant.md)")
+    w.add_argument("--wyoming", metavar="HOST:PORT",
+                   help="also serve Home Assistant Assist's language stage over Wyoming (handle) here (HOST defaults "
+                        "to 127.0.0.1; Home Assistant's usual port is 10400); without --broker, no MQTT. The "
+                        "system prompt is --shared-system, else a short spoken-answer one")
     h = p.add_argument_group("http (needs edgellm[http]; see docs/http.md)")
     h.add_argument("--http", metavar="HOST:PORT",
                    help="also serve OpenAI- and Ollama-compatible HTTP here (HOST defaults to 127.0.0.1); "
@@ -251,7 +256,7 @@ def _http_config(args: argparse.Namespace) -> Any:
             raise ValueError(f"{', '.join(given)}: only with --http HOST:PORT")
         return None
     try:
-        from ..service.http import HttpConfig, parse_address
+        from ..service.http import HttpConfig
     except ImportError as exc:
         raise ValueError(f"--http needs the http extra ({exc.name} is missing): pip install 'edgellm[http]'") from None
     host, port = parse_address(args.http)
@@ -266,6 +271,20 @@ def _http_config(args: argparse.Namespace) -> Any:
         if value is not None:
             settings[field] = value
     return HttpConfig(host, port, keys, **settings)
+
+
+def _wyoming_config(args: argparse.Namespace) -> Any:
+    """The Wyoming front's settings, or None without --wyoming; checked before the slow load."""
+    if args.wyoming is None:
+        return None
+    try:
+        from ..service.wyoming import WyomingConfig
+    except ImportError as exc:
+        raise ValueError(f"--wyoming needs the wyoming extra ({exc.name} is missing): "
+                         "pip install 'edgellm[wyoming]'") from None
+    host, port = parse_address(args.wyoming, "--wyoming")
+    config = WyomingConfig(host, port)
+    return dataclasses.replace(config, system=args.shared_system) if args.shared_system else config
 
 
 def _api_keys(path: str) -> tuple[str, ...]:
@@ -338,7 +357,8 @@ def run_serve(args: argparse.Namespace) -> int:
     topics = _topics(args)
     config = _service_config(args, topics)
     http_config = _http_config(args)
-    mqtt = args.broker is not None or http_config is None
+    wyoming_config = _wyoming_config(args)
+    mqtt = args.broker is not None or (http_config is None and wyoming_config is None)
     if args.recipe and not mqtt:
         raise ValueError(f"--recipe {args.recipe} is a client of the MQTT service: pass --broker (or "
                          f"--broker {EMBEDDED}) next to --http")
@@ -360,9 +380,9 @@ def run_serve(args: argparse.Namespace) -> int:
         conn = dataclasses.replace(conn, mqtt_version=_embedded_version(kind, args))
     model = load_model(args)
     embedder = _embedder(args)
-    _share_prompts(model, args.shared_system, recipe_config)
+    _share_prompts(model, wyoming_config.system if wyoming_config else args.shared_system, recipe_config)
     engine = engine_for(model, config).start()  # one queue for MQTT and HTTP alike
-    broker = service = http = recipe = discovery = sparkplug = None
+    broker = service = http = recipe = discovery = sparkplug = wyoming = None
     stop = threading.Event()
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
@@ -375,6 +395,10 @@ def run_serve(args: argparse.Namespace) -> int:
             http = HttpServer(engine, http_config, embedder=embedder).start()
             log.info("serving %s over HTTP at %s (OpenAI: %s/v1, Ollama: %s)%s", model.manifest.name or args.bundle,
                      http.url, http.url, http.url, f"; {len(http_config.api_keys)} bearer key(s) accepted" if http_config.api_keys else "")
+        if wyoming_config is not None:
+            from ..service.wyoming import WyomingServer
+
+            wyoming = WyomingServer(engine, model.manifest.name or str(args.bundle), wyoming_config).start()
         if mqtt:
             service = Service(model, conn, config, engine, embedder=embedder).start()
             if recipe_config is not None:
@@ -402,6 +426,8 @@ def run_serve(args: argparse.Namespace) -> int:
         engine.close()  # cancels every request: MQTT finals go out before the service says offline
         if http is not None:
             http.stop()
+        if wyoming is not None:
+            wyoming.stop()
         if service is not None:
             service.stop()
         if broker is not None:

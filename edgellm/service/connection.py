@@ -236,3 +236,15 @@ def publish_properties(correlation: bytes | None) -> Properties | None:
     props = Properties(PacketTypes.PUBLISH)
     props.CorrelationData = correlation
     return props
+
+
+def parse_address(text: str, flag: str = "--http") -> tuple[str, int]:
+    """HOST:PORT, [IPv6]:PORT, :PORT or PORT (host 127.0.0.1) -> (host, port), for the fronts that
+    listen (HTTP, Wyoming); `flag` names the option in the error."""
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = "", text
+    host = host.strip("[]") or "127.0.0.1"
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{flag} {text!r}: expected HOST:PORT with a port in 0-65535")
+    return host, int(port)

@@ -45,17 +45,6 @@ class HttpConfig:
     read_timeout: float = DEFAULT_READ_TIMEOUT  # seconds for a request's headers and body to arrive
 
 
-def parse_address(text: str) -> tuple[str, int]:
-    """HOST:PORT, [IPv6]:PORT, :PORT or PORT (host 127.0.0.1) -> (host, port)."""
-    host, sep, port = text.rpartition(":")
-    if not sep:
-        host, port = "", text
-    host = host.strip("[]") or "127.0.0.1"
-    if not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"--http {text!r}: expected HOST:PORT with a port in 0-65535")
-    return host, int(port)
-
-
 class HttpError(Exception):
     """A request answered with an error status; the route's shape (OpenAI or Ollama) writes the body."""
 
