@@ -224,6 +224,7 @@ def onnx_bytes_per_token(model: Path, ids_input: str = "input_ids") -> dict[str,
     token ids (the embedding: edgellm gathers lm_head's weight, scales and offsets separately,
     genai gathers a reshaped view of lm_head's weight in one GatherBlockQuantized)."""
     import onnx
+    from onnx import helper
 
     graph = onnx.load(str(model), load_external_data=False).graph
     inits = {t.name: t for t in graph.initializer}
@@ -235,16 +236,33 @@ def onnx_bytes_per_token(model: Path, ids_input: str = "input_ids") -> dict[str,
             name = made_by[name].input[0]
         return name
 
+    # A Cast of a stored tensor (edgellm's float16 GGUF scales, cast to float32 and folded at
+    # load) is read at the dtype it is cast to; a Concat of stored tensors (the offset digits'
+    # scales after the weight's own) reads each of them.
+    widths = {node.input[0]: helper.tensor_dtype_to_np_dtype(a.i).itemsize for node in graph.node
+              if node.op_type == "Cast" and node.input[0] in inits for a in node.attribute if a.name == "to"}
+
+    def nbytes(name: str) -> int:
+        t = inits[name]
+        return math.prod(t.dims) * widths[name] if name in widths else _onnx_nbytes(t)
+
+    def sources(name: str) -> list[str]:
+        name = origin(name)
+        node = made_by.get(name)
+        if name not in inits and node is not None and node.op_type == "Concat":
+            return [s for i in node.input for s in sources(i)]
+        return [name] if name in inits else []
+
     matmul: set[str] = set()
     row = 0
     for node in graph.node:
-        stored = [(i, origin(name)) for i, name in enumerate(node.input) if origin(name) in inits]
+        stored = [(i, s) for i, name in enumerate(node.input) for s in sources(name)]
         if node.op_type in ("MatMulNBits", "MatMul", "Gemm"):
             matmul.update(name for _, name in stored)
         elif node.op_type in ("Gather", "GatherBlockQuantized") and len(node.input) > 1 \
                 and origin(node.input[1]) == ids_input:
-            row += sum(_onnx_nbytes(inits[name]) // inits[name].dims[0] for i, name in stored if i != 1)
-    weights = sum(_onnx_nbytes(inits[n]) for n in matmul)
+            row += sum(nbytes(name) // inits[name].dims[0] for i, name in stored if i != 1)
+    weights = sum(nbytes(n) for n in matmul)
     return {"matmul": weights, "embedding_row": row, "total": weights + row}
 
 

@@ -174,3 +174,36 @@ def test_onnx_bytes_per_token_follows_views_to_the_stored_tables(tmp_path):
     assert got["matmul"] == vocab * (32 + 8 + 4)
     assert got["embedding_row"] == (32 + 8) + 8
     assert got["total"] == got["matmul"] + got["embedding_row"]
+
+
+def test_onnx_bytes_per_token_reads_float16_scales_as_the_float32_they_are_cast_to(tmp_path):
+    """edgellm keeps a GGUF's float16 scales as float16 in the file and casts them (folded at
+    load): the kernel reads float32, 4 bytes a scale; the offset digits' float32 scales are
+    joined to them by a Concat, and both are read, by the MatMulNBits and by the gather."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    vocab, hidden = 100, 64
+    tables = {
+        "head.q4": np.zeros((vocab, 3, 16), np.uint8),  # 2 blocks of the weight, 1 of offset digits
+        "head.scales.float16": np.zeros((vocab, 2), np.float16),  # 4 bytes a row, read as 8
+        "head.offset_scales": np.zeros((vocab, 1), np.float32),  # 4 bytes a row
+    }
+    nodes = [
+        helper.make_node("Cast", ["head.scales.float16"], ["head.scales"], to=TensorProto.FLOAT),
+        helper.make_node("Concat", ["head.scales", "head.offset_scales"], ["all_scales"], axis=1),
+        helper.make_node("Gather", ["head.q4", "input_ids"], ["emb"]),
+        helper.make_node("Gather", ["all_scales", "input_ids"], ["emb_scales"]),
+        helper.make_node("MatMulNBits", ["x", "head.q4", "all_scales"], ["logits"],
+                         domain="com.microsoft", K=hidden + 32, N=vocab, bits=4, block_size=32),
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, 1]),
+                     helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, hidden + 32])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 1, vocab])],
+        [numpy_helper.from_array(v, k) for k, v in tables.items()])
+    onnx.save(helper.make_model(graph), tmp_path / "m.onnx")
+    got = ds.onnx_bytes_per_token(tmp_path / "m.onnx")
+    assert got["matmul"] == vocab * (48 + 8 + 4)
+    assert got["embedding_row"] == 48 + 8 + 4
