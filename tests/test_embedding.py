@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -212,6 +213,11 @@ def test_mqtt_embed_request(broker, model, minilm):
             probe.publish("edgellm/emb/embed", json.dumps({"id": rid, **body}))
             error = probe.replies(rid, timeout=30)[-1]
             assert error["status"] == "error" and says in error["error"]["message"], error
+        embedder.max_waiting = 0  # every place to wait taken: refused at once, no thread started
+        threads = threading.active_count()
+        probe.publish("edgellm/emb/embed", json.dumps({"id": "e6", "input": "x"}))
+        busy = probe.replies("e6", timeout=30)[-1]
+        assert busy["error"]["code"] == "busy" and threading.active_count() == threads
     finally:
         probe.close()
         service.stop()

@@ -103,12 +103,22 @@ class Embedder:
         self._waiting = 0
 
     def embed(self, texts: str | Sequence[str], truncate: bool = True) -> tuple[np.ndarray, int]:
-        if not isinstance(texts, str) and len(texts) > MAX_TEXTS:
-            raise GenerationError(f"input holds {len(texts)} texts, at most {MAX_TEXTS} a request")
+        """Wait for the model and embed; RequestError "busy" at once when too many wait."""
+        self.admit(1 if isinstance(texts, str) else len(texts))
+        return self.admitted(texts, truncate)
+
+    def admit(self, count: int) -> None:
+        """Take a place to wait, or refuse: a front that runs the work on a thread of its own asks
+        here first, on its receiving thread, so a flood of requests never becomes a flood of threads."""
+        if count > MAX_TEXTS:
+            raise GenerationError(f"input holds {count} texts, at most {MAX_TEXTS} a request")
         with self._count:
             if self._waiting >= self.max_waiting:
                 raise RequestError("busy", f"busy: {self._waiting} embedding requests are waiting")
             self._waiting += 1
+
+    def admitted(self, texts: str | Sequence[str], truncate: bool = True) -> tuple[np.ndarray, int]:
+        """Embed for a request `admit` let in, then give its place back."""
         try:
             with self._run:
                 return self.model.embed_counted(texts, truncate)

@@ -324,8 +324,8 @@ class Service:
         self._admit(Job(request, route, client=self._client_of(route), answers=answers, restart=msg.dup))
 
     def _on_embed(self, msg: mqtt.MQTTMessage, answers: Deliveries) -> None:
-        """An embed request, computed on a thread of its own (never the network thread); the
-        embedder refuses it 'busy' when its few places to wait are taken."""
+        """An embed request, computed on a thread of its own (never the network thread) once the
+        embedder admits it; 'busy' at once, on this thread, when its few places to wait are taken."""
         try:
             request = proto.parse_embed(msg.payload, self.config.max_payload)
             route = self._route(msg, request.id, request.reply_to)
@@ -334,11 +334,15 @@ class Service:
             self._refuse(msg, rid, reply_to, exc.code, str(exc), answers)
             return
 
+        try:
+            self.embedder.admit(len(request.texts))
+        except RequestError as exc:
+            self._send(route, proto.error_payload(request.id, exc.code, str(exc)), answers)
+            return
+
         def run() -> None:
             try:
-                vectors, tokens = self.embedder.embed(request.texts)
-            except RequestError as exc:
-                self._send(route, proto.error_payload(request.id, exc.code, str(exc)), answers)
+                vectors, tokens = self.embedder.admitted(request.texts)
             except GenerationError as exc:
                 self._send(route, proto.error_payload(request.id, proto.BAD_REQUEST, str(exc)), answers)
             else:
