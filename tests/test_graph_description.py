@@ -84,3 +84,16 @@ def test_open_runner_and_open_slots_fit_the_tiny_bundle(tiny_bundle):
     openvino = Graph.from_dict({**manifest.graph.to_dict(), "target": "openvino"})
     with pytest.raises(GenerationError, match="a --target openvino graph decodes one request at a time"):
         open_slots(session, openvino, manifest.spec, 32, 2)
+
+
+def test_a_manifest_that_misnames_the_graphs_inputs_is_refused_at_load(bundle):
+    # Before, graph.inputs and graph.outputs were written and never compared with the graph.
+    edit_manifest(bundle, lambda d: d["graph"].update(inputs=[n for n in d["graph"]["inputs"] if n != "attention_mask"]))
+    with pytest.raises(BundleError, match="graph input 'attention_mask': the graph has it, manifest.json's "
+                                          "graph.inputs do not"):
+        edgellm.load(bundle)
+    edit_manifest(bundle, lambda d: d["graph"].update(inputs=[*d["graph"]["inputs"], "attention_mask"],
+                                                      outputs=["logits", "hidden_states"]))
+    with pytest.raises(BundleError, match="graph output 'hidden_states': manifest.json lists it, the graph's "
+                                          "graph.outputs do not"):
+        edgellm.load(bundle)

@@ -379,10 +379,21 @@ def open_runner(session: ort.InferenceSession, graph: Graph, spec: ModelSpec, co
                 where: str = "graph") -> Runner | OneTokenRunner:
     """The batch-1 runner and the cache that fit `graph`: where a bundle's graph is chosen a runner.
     `context`: the cache rows asked for; a graph whose shapes fix its own (qnn) keeps that."""
+    check_names(session, graph, where)
     cache = cache_for(graph, spec, graph.fixed_context or context)
     if graph.layout == "fixed":
         return OneTokenRunner(session, cache, where=where)
     return Runner(session, cache, kind=graph.kind, where=where)
+
+
+def check_names(session: ort.InferenceSession, graph: Graph, where: str) -> None:
+    """Refuse a graph whose input or output names are not those its manifest lists: the
+    description the runtime reads must be of the graph it runs."""
+    for what, names, listed in (("input", [i.name for i in session.get_inputs()], graph.inputs),
+                                ("output", [o.name for o in session.get_outputs()], graph.outputs)):
+        if odd := sorted(set(names) ^ set(listed)):
+            side = "the graph has it, manifest.json's" if odd[0] in names else "manifest.json lists it, the graph's"
+            raise BundleError(f"{where}: graph {what} {odd[0]!r}: {side} graph.{what}s do not")
 
 
 def open_slots(session: ort.InferenceSession, graph: Graph, spec: ModelSpec, context: int, slots: int, *,
