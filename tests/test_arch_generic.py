@@ -54,9 +54,10 @@ def test_fast_path_refuses_it_naming_the_fast_families(olmo, tmp_path):
 def test_list_prints_families_sources_and_paths(capsys):
     assert main(["export", "--list"]) == 0
     rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}
-    assert set(rows) == {"llama", "qwen", "gemma3", "phi3", "other"}
+    assert set(rows) == {"llama", "qwen", "gemma3", "phi3", "other", "encoder"}
     assert "gemma3_text" in rows["gemma3"] and "fast" in rows["phi3"]
     assert "refused" in rows["other"] and rows["other"].endswith("optimum")
+    assert "bert" in rows["encoder"] and "embedding bundle" in rows["encoder"]
 
 
 def test_export_without_output_says_what_is_missing(olmo, capsys):
