@@ -98,6 +98,22 @@ def test_errors_answer_not_handled_and_a_hostile_client_only_loses_its_own_conne
     assert asyncio.run(hostile()) == b""
     assert Handled.is_type(asyncio.run(ask(server.port, "Still there?"))[-1].type)
 
+    async def flood() -> bytes:
+        """Every place taken by idle connections: one more is closed at once, and a place that frees is reused."""
+        held = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(server.config.max_connections)]
+        await asyncio.sleep(0.2)
+        reader, _ = await asyncio.open_connection("127.0.0.1", server.port)
+        refused = await asyncio.wait_for(reader.read(), 10)
+        held.pop()[1].close()
+        await asyncio.sleep(0.2)
+        events = await ask(server.port, "And now?")
+        for _, writer in held:
+            writer.close()
+        assert Handled.is_type(events[-1].type)
+        return refused
+
+    assert asyncio.run(flood()) == b""
+
 
 @pytest.mark.timeout(120)
 def test_serve_wyoming_answers_alone_without_mqtt(tiny_bundle):

@@ -51,6 +51,7 @@ class WyomingConfig:
     conversations: int = 64  # kept for follow-ups; the least recently used goes first
     turns: int = 8  # messages of a conversation resent with each transcript (user + assistant)
     zeroconf: bool = True  # announce `_wyoming._tcp` when `zeroconf` is installed and the host is not loopback
+    max_connections: int = 16  # a voice pipeline holds one or two; more are closed at once
 
 
 class ProtocolError(Exception):
@@ -133,6 +134,7 @@ class WyomingServer:
         self._failure: BaseException | None = None
         self._server: asyncio.AbstractServer | None = None
         self._zeroconf: Any = None
+        self._open = 0  # connections being served (only the event loop's thread counts them)
         self._thread = threading.Thread(target=self._run, name="edgellm-wyoming", daemon=True)
 
     def start(self) -> "WyomingServer":
@@ -190,6 +192,11 @@ class WyomingServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
         client = f"wyoming:{peer[0] if peer else '?'}"
+        if self._open >= self.config.max_connections:
+            log.warning("wyoming: %d connections open; closing the one from %s", self._open, client)
+            writer.close()
+            return
+        self._open += 1
         try:
             while (event := await read_event(reader)) is not None:
                 if event["type"] == "describe":
@@ -201,6 +208,7 @@ class WyomingServer:
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
+            self._open -= 1
             writer.close()
 
     def info(self) -> Info:
