@@ -335,9 +335,10 @@ def test_the_simulator_emits_valid_events_for_each_injected_fault_reproducibly()
 def test_the_simulator_falls_back_to_311_on_the_python_broker_and_says_so():
     """amqtt, the broker `EDGELLM_BROKER=python` starts, refuses MQTT 5: the simulator goes on over
     3.1.1 as `edgellm ask` does, in one log line, instead of `cannot connect` after 10 s."""
-    from edgellm.service.amqtt_broker import PythonBroker
+    from edgellm.service.broker import PYTHON, start_embedded
 
-    with PythonBroker(0) as python_broker:
+    python_broker = start_embedded(PYTHON)  # started: `with` would start it again
+    try:
         probe = Probe(connection(python_broker.url, mqtt_version="3.1.1"), topics=("factory/#",))
         try:
             proc = subprocess.run([*SIMULATOR, "--broker", python_broker.url, "--rate", "20", "--duration", "1",
@@ -351,6 +352,8 @@ def test_the_simulator_falls_back_to_311_on_the_python_broker_and_says_so():
                                       capture_output=True, text=True, timeout=8)
         finally:
             probe.close()
+    finally:
+        python_broker.close()
     assert (first["machine"], first["sensor"]) == ("press-1", "current")
     assert explicit.returncode == 1 and "unsupported protocol version" in explicit.stderr, explicit.stderr
 
