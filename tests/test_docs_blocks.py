@@ -5,7 +5,8 @@ This is the sweep: other tests *run* particular blocks (test_cli, test_service, 
 test_privacy, test_protocol); here every block is parsed. `edgellm ...` lines go through the real
 argparse parser, `python script.py --flag` lines need the script and its flags, repo paths must exist,
 Python blocks must compile and their edgellm imports must import. A block that cannot be checked this way
-carries `<!-- docs-test: skip (why) -->` on the line above its fence.
+carries `<!-- docs-test: skip (why) -->` on the line above its fence. test_docs_run runs every block;
+a block that is a client of a service names it in `<!-- docs-test: with (edgellm serve ...) -->`.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ DOC_FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "
 SHELL = {"bash", "sh", "shell", "console"}
 FENCE = re.compile(r"^(\s*)```(\S*)\s*$")
 MARKER = re.compile(r"^\s*<!--\s*docs-test:\s*skip\s*(?:\((.*?)\))?\s*-->\s*$")
+WITH = re.compile(r"^\s*<!--\s*docs-test:\s*with\s*\((.*)\)\s*-->\s*$")
 # Paths under these folders name files this checkout ships; anything else (bundles/, dist/, /tmp) is output.
 # Not edgellm/: MQTT topics start with it (`edgellm/kitchen/request`).
 REPO_DIRS = ("examples/", "devices/", "scripts/", "benchmarks/", "docs/", "tests/", ".ci/")
@@ -50,6 +52,7 @@ class Block:
     lang: str
     text: str
     skip: str | None  # the marker's reason; "" for a marker without one
+    setup: str | None = None  # a `with` marker's command: the service this block is a client of
 
 
 def blocks(markdown: str, doc: str) -> list[Block]:
@@ -67,7 +70,8 @@ def blocks(markdown: str, doc: str) -> list[Block]:
         marker = MARKER.match(prev)
         skip = None if not marker else (marker.group(1) or "").strip()
         body = "\n".join(line[indent:] if not line[:indent].strip() else line for line in lines[i + 1:j])
-        found.append(Block(doc, i + 1, lang, body, skip))
+        setup = WITH.match(prev)
+        found.append(Block(doc, i + 1, lang, body, skip, setup[1].strip() if setup else None))
         i = j + 1
     return found
 
@@ -200,13 +204,15 @@ def untyped_problems(block: Block) -> list[str]:
 def problems(block: Block) -> list[str]:
     if block.skip is not None:
         return [] if block.skip else [f"{block.doc}:{block.line}: docs-test marker gives no reason"]
+    # a `with` marker's service command (on the line above the fence) is checked like a shell line
+    found = shell_problems(Block(block.doc, block.line - 2, "sh", block.setup, None)) if block.setup else []
     if block.lang in SHELL:
-        return shell_problems(block)
+        return found + shell_problems(block)
     if block.lang == "python":
-        return python_problems(block)
+        return found + python_problems(block)
     if block.lang == "":
-        return untyped_problems(block)
-    return []  # json, toml: data, checked where their parsers live (test_protocol, test_devices)
+        return found + untyped_problems(block)
+    return found  # json, toml: data, checked where their parsers live (test_protocol, test_devices)
 
 
 ALL = [b for doc in DOC_FILES for b in blocks(doc.read_text(), str(doc.relative_to(ROOT)))]
@@ -255,3 +261,9 @@ def test_markers_need_a_reason_and_untyped_commands_are_caught() -> None:
            "```\nedgellm serve B\n```\n")
     bare, reasoned, untyped = blocks(doc, "T.md")
     assert "no reason" in problems(bare)[0] and problems(reasoned) == [] and "untagged" in problems(untyped)[0]
+
+
+def test_a_with_markers_service_command_is_parsed_too() -> None:
+    doc = "<!-- docs-test: with (edgellm serve B --htpp :8080) -->\n```python\nimport edgellm\n```\n"
+    (block,) = blocks(doc, "T.md")
+    assert block.setup == "edgellm serve B --htpp :8080" and "--htpp" in "\n".join(problems(block))
