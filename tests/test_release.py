@@ -179,3 +179,47 @@ def test_the_env_files_settings_are_flags_serve_takes():
     argv = shlex.split(re.sub(r"\$\{?(EDGELLM_\w+)\}?", lambda m: env[m[1]], exec_start))
     args = build_parser().parse_args(argv)
     assert args.command == "serve" and str(args.bundle) == env["EDGELLM_BUNDLE"]
+
+
+def test_the_unit_starts_a_working_serve_from_the_wheel(installed, tiny_bundle, tmp_path):
+    """The unit's ExecStart, expanded as systemd does from the shipped env file (the bundle and the
+    broker's port moved here; the password in its file), run from the wheel's venv: it logs in as
+    the env file's user on a mosquitto that demands the password, answers a request, and on the
+    SIGTERM `systemctl stop` sends it exits 0 and leaves its status offline."""
+    from mqtt_helpers import Probe, connection, make_password_file, start_broker
+
+    (tmp_path / "broker").mkdir()
+    passwd = make_password_file(tmp_path / "broker", "gateway", "s3cret")
+    broker = start_broker(tmp_path / "broker", options=(f"password_file {passwd}", "allow_anonymous false"))
+    try:
+        env = dict(re.findall(r"^(EDGELLM_\w+)=(.*)$", (ROOT / "devices" / "edgellm.env").read_text(), re.M))
+        password = tmp_path / "mqtt-password"
+        password.write_text("s3cret\n")
+        env["EDGELLM_BUNDLE"] = str(tiny_bundle)
+        env["EDGELLM_ARGS"] = (env["EDGELLM_ARGS"].replace("mqtt://127.0.0.1:1883", broker.url)
+                               .replace("/etc/edgellm/mqtt-password", str(password)))
+        assert broker.url in env["EDGELLM_ARGS"] and str(password) in env["EDGELLM_ARGS"], env
+        exec_start = re.search(r"^ExecStart=(\S+) (.*)$", (ROOT / "devices" / "edgellm.service").read_text(), re.M)
+        assert exec_start[1] == f"{VENV_BIN}edgellm"
+        # systemd: ${VAR} is one word, $VAR splits on white space
+        argv = [word for token in exec_start[2].split() for word in
+                ([env[token[2:-1]]] if token.startswith("${") else env[token[1:]].split() if token.startswith("$")
+                 else [token])]
+        probe = Probe(connection(broker.url, username="gateway", password="s3cret"))
+        proc = subprocess.Popen([str(installed / "bin" / "edgellm"), *argv], cwd=tmp_path, env=_env(installed),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            status = probe.wait(lambda m: m.topic.endswith("/status") and b'"online"' in m.payload, timeout=60)
+            device = status.topic.split("/")[1]
+            probe.publish(f"edgellm/{device}/request", {"id": "u1", "prompt": "hello", "max_tokens": 4})
+            assert probe.replies("u1", timeout=60)[-1]["done"] is True
+            proc.terminate()
+            assert proc.wait(30) == 0
+            probe.wait(lambda m: m.topic.endswith("/status") and b'"offline"' in m.payload, timeout=10)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            probe.close()
+            print(proc.communicate()[0])  # the service's log, shown when the test fails
+    finally:
+        broker.close()
