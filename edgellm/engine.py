@@ -233,13 +233,15 @@ class Engine:
             return None
         return cannot_fit(prompt, self.model.tokenizer, self.model.max_context)
 
-    def capped(self, params: Mapping[str, Any], field: str = "max_tokens") -> dict[str, Any]:
-        """`params` with the token budget within the ceiling; GenerationError naming `field` above it.
+    def capped(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """`params` with the token budget within the ceiling; GenerationError (field max_new_tokens,
+        which each front spells its way) above it.
 
         Without a budget, the bundle's default applies unless it is above the ceiling."""
         asked = params.get("max_new_tokens")
         if asked is not None and asked > self.max_tokens:
-            raise GenerationError(f"field '{field}' is {asked}, this service allows at most {self.max_tokens}")
+            raise GenerationError(f"max_new_tokens is {asked}, this service allows at most {self.max_tokens}",
+                                  field="max_new_tokens")
         if asked is not None:
             return dict(params)
         defaults = (getattr(self.model.manifest, "generation", None) or {}).get("defaults") or {}

@@ -15,7 +15,16 @@ class ExportError(EdgeLLMError):
 
 
 class GenerationError(EdgeLLMError):
-    """A generation request cannot be run (prompt too long, bad sampling parameter)."""
+    """A generation request cannot be run (prompt too long, bad sampling parameter).
+
+    `field` is the request parameter at fault by its Python API name (`max_new_tokens`,
+    `messages`, `response_format`; None: the request as a whole), and the message starts
+    with it: a front spells it as its clients do (`params.spelled`), never guessing it from
+    the message."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class GrammarError(GenerationError):

@@ -397,7 +397,11 @@ def compile_grammar(spec: GrammarSpec, tokenizer: Tokenizer,
     with _LOCK:
         compiled = bridge.find(key)
     if compiled is None:
-        compiled = _Compiled(_compile(spec, bridge), bridge, key)
+        try:
+            compiled = _Compiled(_compile(spec, bridge), bridge, key)
+        except GrammarError as exc:  # its field is the request parameter `where` starts with, for fronts to spell
+            exc.field = exc.field or re.match(r"\w+", spec.where).group()
+            raise
         with _LOCK:
             bridge.keep(compiled)
     return Grammar(compiled, spec.where)

@@ -16,6 +16,7 @@ from .runtime.providers import ProviderSpec, create_session, release_freed_heap,
 from .runtime.runner import BatchRunner, OneTokenRunner, Runner, open_runner, open_slots, prefill
 from .speculate import DraftModel, PromptLookup
 from .runtime.model_spec import ModelSpec
+from .messages import check_messages
 from .text import ChatTemplate, Tokenizer, encode_chat, template_variables
 from .tools import CLOSE, OPEN, call_syntax, chat_inputs, settle_choice
 
@@ -212,7 +213,8 @@ class Model:
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     def render_chat(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True, **extra: Any) -> str:
-        return self.template.render(list(messages), add_generation_prompt=add_generation_prompt, **extra)
+        return self.template.render(check_messages(list(messages)), add_generation_prompt=add_generation_prompt,
+                                    **extra)
 
     def prompt_ids(self, prompt: Prompt, params: GenerationParams) -> list[int]:
         """Token ids of a plain prompt, of messages rendered through the chat template

@@ -247,10 +247,18 @@ def _short(value: Any) -> str:
 def check(p: Param, value: Any, vocab_size: int | None = None, field: str | None = None) -> Any:
     """`value` validated and normalized (ints as int, numbers as float, lists as list).
 
-    Token ids are checked against `vocab_size` when it is given. Raises
-    GenerationError naming `field` (default: the parameter's name) and its range.
+    Token ids are checked against `vocab_size` when it is given. Raises GenerationError
+    whose `field` is the parameter's name, its message spelling it as `field` (default: the
+    parameter's name) and saying its range.
     """
-    field = field or p.name
+    try:
+        return _check(p, value, vocab_size, field or p.name)
+    except GenerationError as exc:
+        exc.field = exc.field or p.name
+        raise
+
+
+def _check(p: Param, value: Any, vocab_size: int | None, field: str) -> Any:
     if value is None and p.optional:
         return None
     if p.kind == INT:
@@ -293,7 +301,7 @@ def check_all(values: Mapping[str, Any], vocab_size: int | None = None) -> dict[
     """Validate keyword parameters by their API names; unknown names are refused."""
     for name in values:
         if name not in BY_NAME:
-            raise GenerationError(f"unknown generation parameter {name!r}")
+            raise GenerationError(f"unknown generation parameter {name!r}", field=name)
     return {name: check(BY_NAME[name], value, vocab_size) for name, value in values.items()}
 
 
@@ -304,7 +312,8 @@ def check_together(params: Mapping[str, Any], spelled: Callable[[str], str] = la
     cannot both hold, and a call is held to its schema only if no grammar competes."""
     constraints = [name for name in ("response_format", "grammar") if params.get(name) is not None]
     if len(constraints) == 2:
-        raise GenerationError(f"{spelled('response_format')} and {spelled('grammar')} cannot both be set")
+        raise GenerationError(f"{spelled('response_format')} and {spelled('grammar')} cannot both be set",
+                              field="response_format")
     choice = None
     if params.get("tools") or params.get("tool_choice") is not None:
         from .tools import settle_choice
@@ -314,10 +323,11 @@ def check_together(params: Mapping[str, Any], spelled: Callable[[str], str] = la
             constraints.append("tool_choice")
         if choice.mode != "none" and params.get("grammar") is not None:
             raise GenerationError(f"{spelled('grammar')} cannot be combined with {spelled('tools')}; "
-                                  f"use {spelled('response_format')} for the answer that is not a call")
+                                  f"use {spelled('response_format')} for the answer that is not a call",
+                                  field="grammar")
     if constraints and params.get("stop"):
         raise GenerationError(f"{spelled('stop')} cannot be combined with {spelled(constraints[0])}: "
-                              f"a stop string could cut the constrained output short of valid")
+                              f"a stop string could cut the constrained output short of valid", field="stop")
 
 
 def constrained(params: Mapping[str, Any]) -> bool:
@@ -387,7 +397,8 @@ class GenerationParams:
 def from_wire(data: Mapping[str, Any]) -> dict[str, Any]:
     """The parameter fields of a wire request, by API name, validated and normalized.
 
-    Other fields are ignored (the protocol owns them). Errors name the wire field.
+    Other fields are ignored (the protocol owns them). Errors name the parameter by its API
+    name (`field`); each front spells it as its clients do (`spelled`, with `WIRE` for MQTT's).
     """
     params = {}
     for wire, p in BY_WIRE.items():
@@ -396,15 +407,37 @@ def from_wire(data: Mapping[str, Any]) -> dict[str, Any]:
         value = data[wire]
         if p.kind == LOGIT_BIAS and isinstance(value, dict):
             value = {_bias_key(key): b for key, b in value.items()}
-        params[p.name] = check(p, value, field=wire)
-    check_together(params, lambda name: BY_NAME[name].wire or name)
+        params[p.name] = check(p, value)
+    check_together(params)
     return params
 
 
 def _bias_key(key: str) -> int:
     if not (0 < len(key) <= _BIAS_KEY_DIGITS and key.isascii() and key.isdigit()):
-        raise GenerationError(f"logit_bias key must be a token id of 1-{_BIAS_KEY_DIGITS} digits, got {_short(key)}")
+        raise GenerationError(f"logit_bias key must be a token id of 1-{_BIAS_KEY_DIGITS} digits, got {_short(key)}",
+                              field="logit_bias")
     return int(key)
+
+
+# How the MQTT wire (and, but for what they rename, the HTTP fronts) spells each parameter.
+WIRE: dict[str, str] = {p.name: p.wire for p in PARAMS if p.wire}
+
+
+def spelled(exc: GenerationError, names: Mapping[str, str]) -> str:
+    """`exc`'s message with the parameter it names spelled as a front's table `names` has it.
+
+    The message starts with its field (`exc.field`, an API name) or a path inside it; `names`
+    maps API names, and paths inside them a front spells apart (Ollama's `format` is
+    `response_format.json_schema.schema`), to the front's spelling. The longest that fits wins."""
+    message, field = str(exc), exc.field
+    if field is None:
+        return message
+    paths = [path for path in names if (path == field or path.startswith((field + ".", field + "[")))
+             and message.startswith(path) and not message[len(path):len(path) + 1].isidentifier()]
+    if not paths:
+        return message
+    path = max(paths, key=len)
+    return names[path] + message[len(path):]
 
 
 def to_wire(params: Mapping[str, Any]) -> dict[str, Any]:

@@ -281,11 +281,10 @@ class ChatTemplate:
 
     def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = True,
                **extra: Any) -> str:
-        """The prompt text for `messages`; `extra` reaches the template as variables
-        (tools, enable_thinking, ...)."""
+        """The prompt text for `messages`, checked already (`messages.check_messages`); `extra`
+        reaches the template as variables (tools, enable_thinking, ...)."""
         if self._compiled is None:
             raise GenerationError("bundle has no chat template; send a plain prompt")
-        _check_messages(messages)
         context = {"bos_token": self.bos_token, "eos_token": self.eos_token, **extra}
         try:
             return self._compiled.render(messages=messages,
@@ -351,17 +350,6 @@ def _describe(e: Exception) -> str:
     line = getattr(e, "lineno", None)
     where = f" (line {line})" if line else ""
     return f"{type(e).__name__}: {e}{where}"
-
-
-def _check_messages(messages: object) -> None:
-    if not isinstance(messages, list) or not messages:
-        raise GenerationError("messages must be a non-empty list of {role, content} objects")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise GenerationError(f"messages[{i}] must be an object with role and content, got {m!r}")
-        for key in ("role", "content"):
-            if not isinstance(m.get(key), str):
-                raise GenerationError(f"messages[{i}].{key} must be a string, got {m.get(key)!r}")
 
 
 class StreamDecoder:

@@ -27,8 +27,7 @@ from typing import Any, Callable, Literal, Sequence
 
 from .errors import GenerationError
 from .grammar import closed_objects
-from .netjson import loads as read_json
-from .netjson import surrogate_at
+from .messages import check_keys, check_messages, kind, no_surrogate
 from .text import Trimmed, partial_suffix, template_variables
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
@@ -36,7 +35,6 @@ PYTHON_TAG = "<|python_tag|>"
 Syntax = Literal["hermes", "llama3"]
 # OpenAI's rule for function names; it also keeps names safe inside a grammar literal.
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
-_ROLES = ("system", "user", "assistant", "tool")
 _NO_PARAMETERS = {"type": "object", "properties": {}}
 
 FALLBACK_PREAMBLE = (
@@ -82,30 +80,30 @@ def parse_tools(value: object) -> list[Tool]:
     if value is None:
         return []
     if not isinstance(value, list):
-        raise GenerationError(f"tools must be a list of function tools, got {_kind(value)}")
+        raise _error("tools", f"tools must be a list of function tools, got {kind(value)}")
     tools: list[Tool] = []
     for i, item in enumerate(value):
         where = f"tools[{i}]"
-        _check_keys(item, where, {"type", "function"})
+        check_keys(item, where, {"type", "function"}, "tools")
         if item.get("type") != "function":
-            raise GenerationError(f'{where}.type must be "function", got {item.get("type")!r}')
+            raise _error("tools", f'{where}.type must be "function", got {item.get("type")!r}')
         fn = item.get("function")
-        _check_keys(fn, f"{where}.function", {"name", "description", "parameters", "strict"})
+        check_keys(fn, f"{where}.function", {"name", "description", "parameters", "strict"}, "tools")
         name = fn.get("name")
         if not isinstance(name, str) or not _NAME.fullmatch(name):
-            raise GenerationError(f"{where}.function.name must be 1-64 letters, digits, _ or -, got {name!r}")
+            raise _error("tools", f"{where}.function.name must be 1-64 letters, digits, _ or -, got {name!r}")
         if any(t.name == name for t in tools):
-            raise GenerationError(f"{where}.function.name {name!r} is already the name of another tool")
+            raise _error("tools", f"{where}.function.name {name!r} is already the name of another tool")
         description = fn.get("description", "")
         if not isinstance(description, str):
-            raise GenerationError(f"{where}.function.description must be a string, got {_kind(description)}")
+            raise _error("tools", f"{where}.function.description must be a string, got {kind(description)}")
         params = fn.get("parameters", dict(_NO_PARAMETERS))
         if not isinstance(params, dict) or params.get("type", "object") != "object":
-            raise GenerationError(f"{where}.function.parameters must be a JSON schema of type object, "
+            raise _error("tools", f"{where}.function.parameters must be a JSON schema of type object, "
                                   f"got {params!r}")
         if not isinstance(fn.get("strict", False), bool):
-            raise GenerationError(f"{where}.function.strict must be true or false, got {fn['strict']!r}")
-        _no_surrogate(item, where)
+            raise _error("tools", f"{where}.function.strict must be true or false, got {fn['strict']!r}")
+        no_surrogate(item, where, "tools")
         tools.append(Tool(name, description, params))
     return tools
 
@@ -117,12 +115,12 @@ def parse_tool_choice(value: object) -> ToolChoice | None:
     if value in ("auto", "none", "required"):
         return ToolChoice(value)  # type: ignore[arg-type]
     if isinstance(value, dict):
-        _check_keys(value, "tool_choice", {"type", "function"})
+        check_keys(value, "tool_choice", {"type", "function"}, "tool_choice")
         fn = value.get("function")
         if value.get("type") == "function" and isinstance(fn, dict) and isinstance(fn.get("name"), str):
-            _check_keys(fn, "tool_choice.function", {"name"})
+            check_keys(fn, "tool_choice.function", {"name"}, "tool_choice")
             return ToolChoice("function", fn["name"])
-    raise GenerationError('tool_choice must be "auto", "none", "required" or '
+    raise _error("tool_choice", 'tool_choice must be "auto", "none", "required" or '
                           f'{{"type": "function", "function": {{"name": ...}}}}, got {value!r}')
 
 
@@ -132,94 +130,15 @@ def settle_choice(choice: ToolChoice | None, tools: Sequence[Tool]) -> ToolChoic
     if choice is None:
         return ToolChoice("auto" if tools else "none")
     if choice.mode == "required" and not tools:
-        raise GenerationError('tool_choice is "required" but the request has no tools')
+        raise _error("tool_choice", 'tool_choice is "required" but the request has no tools')
     if choice.mode == "function" and not any(t.name == choice.name for t in tools):
-        raise GenerationError(f"tool_choice.function.name {choice.name!r} is not one of the tools "
+        raise _error("tool_choice", f"tool_choice.function.name {choice.name!r} is not one of the tools "
                               f"{[t.name for t in tools]}")
     return choice
 
 
-def _check_keys(value: object, where: str, allowed: set[str]) -> None:
-    if not isinstance(value, dict):
-        raise GenerationError(f"{where} must be an object, got {_kind(value)}")
-    unknown = sorted(set(value) - allowed)
-    if unknown:
-        raise GenerationError(f"{where} has unknown field {unknown[0]!r}; allowed: {sorted(allowed)}")
-
-
-def _kind(value: object) -> str:
-    return type(value).__name__
-
-
-# --- messages and the chat template -------------------------------------------------------
-
-def normalize_messages(messages: object) -> list[dict[str, Any]]:
-    """Copies of `messages` in the shape chat templates render: an assistant's `tool_calls`
-    with `arguments` as an object (templates apply `tojson` to it), content "" where a call
-    had none, and each tool result's `name` filled from the call it answers."""
-    if not isinstance(messages, list) or not messages:
-        raise GenerationError("messages must be a non-empty list of {role, content} objects")
-    names: dict[str, str] = {}
-    out = []
-    for i, m in enumerate(messages):
-        where = f"messages[{i}]"
-        if not isinstance(m, dict):
-            raise GenerationError(f"{where} must be an object with role and content, got {_kind(m)}")
-        m = dict(m)
-        if m.get("role") not in _ROLES:
-            raise GenerationError(f"{where}.role must be one of {list(_ROLES)}, got {m.get('role')!r}")
-        if m["role"] == "assistant" and m.get("tool_calls") is not None:
-            m["tool_calls"] = _normalize_calls(m["tool_calls"], f"{where}.tool_calls")
-            names.update((c["id"], c["function"]["name"]) for c in m["tool_calls"])
-            if m.get("content") is None:
-                m["content"] = ""
-        if m["role"] == "tool":
-            call_id = m.get("tool_call_id")
-            if not isinstance(call_id, str):
-                raise GenerationError(f"{where}.tool_call_id must be a string, got {call_id!r}")
-            name = m.setdefault("name", names.get(call_id))
-            if not isinstance(name, str):
-                raise GenerationError(f"{where}.tool_call_id {call_id!r} answers no earlier tool call; "
-                                      f"give {where}.name")
-        if not isinstance(m.get("content"), str):
-            raise GenerationError(f"{where}.content must be a string, got {m.get('content')!r}")
-        _no_surrogate(m, where)
-        out.append(m)
-    return out
-
-
-def _no_surrogate(value: Any, where: str) -> None:
-    """Refuse a lone surrogate (JSON's "\\ud800") anywhere in `value`: it parses, but no
-    tokenizer takes it, and the request would fail on the worker after waiting its turn."""
-    if (at := surrogate_at(value)) is not None:
-        raise GenerationError(f"{at.replace('$', where, 1)} holds a lone surrogate (\\ud800-\\udfff), "
-                              "which is not text")
-
-
-def _normalize_calls(calls: object, where: str) -> list[dict[str, Any]]:
-    if not isinstance(calls, list):
-        raise GenerationError(f"{where} must be a list, got {_kind(calls)}")
-    out = []
-    for j, call in enumerate(calls):
-        at = f"{where}[{j}]"
-        _check_keys(call, at, {"id", "type", "function", "index"})
-        fn = call.get("function")
-        _check_keys(fn, f"{at}.function", {"name", "arguments"})
-        if not isinstance(call.get("id"), str) or call.get("type", "function") != "function":
-            raise GenerationError(f'{at} needs a string id and type "function", got {call!r}')
-        if not isinstance(fn.get("name"), str):
-            raise GenerationError(f"{at}.function.name must be a string, got {fn.get('name')!r}")
-        args = fn.get("arguments", {})
-        if isinstance(args, str):
-            try:
-                args = read_json(args)  # bounded: 100,000 nested "[" raised RecursionError here
-            except ValueError as e:
-                raise GenerationError(f"{at}.function.arguments is not valid JSON: {e}") from None
-        if not isinstance(args, dict):
-            raise GenerationError(f"{at}.function.arguments must be a JSON object, got {args!r}")
-        out.append({"id": call["id"], "type": "function",
-                    "function": {"name": fn["name"], "arguments": args}})
-    return out
+def _error(field: str, message: str) -> GenerationError:
+    return GenerationError(message, field=field)
 
 
 def call_syntax(source: str | None) -> Syntax:
@@ -233,7 +152,7 @@ def call_syntax(source: str | None) -> Syntax:
 def chat_inputs(messages: object, template_source: str | None, tools: Sequence[Tool],
                 choice: ToolChoice) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """(messages, template variables) for `ChatTemplate.render(messages, **variables)`."""
-    msgs = normalize_messages(messages)
+    msgs = check_messages(messages)
     offered = choice.allowed(tools)
     if "tools" in template_variables(template_source):
         return msgs, ({"tools": [t.to_openai() for t in offered]} if offered else {})

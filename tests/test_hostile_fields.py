@@ -10,7 +10,8 @@ import pytest
 
 from edgellm.errors import GenerationError
 from edgellm.params import GenerationParams, from_wire
-from edgellm.tools import normalize_messages, parse_tools
+from edgellm.messages import check_messages
+from edgellm.tools import parse_tools
 
 
 def _deep(levels: int) -> dict[str, Any]:
@@ -58,7 +59,7 @@ def test_numbers_past_what_python_prints_are_refused_naming_the_field():
 ])
 def test_messages_that_no_tokenizer_takes_are_refused_at_the_message_check(messages, message):
     with pytest.raises(GenerationError, match=message):
-        normalize_messages(messages)
+        check_messages(messages)
 
 
 def test_a_lone_surrogate_is_refused_before_the_worker(model):

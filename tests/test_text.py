@@ -7,6 +7,7 @@ from tokenizers import AddedToken, decoders, models, normalizers
 
 import edgellm
 from edgellm.errors import BundleError, GenerationError
+from edgellm.messages import check_messages
 from edgellm.generate import GenerationParams
 from edgellm.text import ChatTemplate, StopMatcher, StreamDecoder, Tokenizer, encode_chat
 from edgellm.export.gguf_vocab import build_tokenizer as build_gguf_tokenizer
@@ -272,8 +273,9 @@ def test_raise_exception_becomes_a_generation_error():
     ([{"role": "user", "content": "a"}, {"role": 3, "content": "b"}], r"messages\[1\]\.role"),
 ])
 def test_bad_messages_are_named(messages, problem):
-    with pytest.raises(GenerationError, match=problem):
-        ChatTemplate(CHAT_TEMPLATE).render(messages)
+    with pytest.raises(GenerationError, match=problem) as refused:
+        check_messages(messages)
+    assert refused.value.field == "messages"
 
 
 def test_broken_templates_are_generation_errors():

@@ -9,9 +9,10 @@ import random
 import pytest
 
 from edgellm.errors import GenerationError
+from edgellm.messages import check_messages
 from edgellm.text import ChatTemplate, template_variables
 from edgellm.tools import (FALLBACK_PREAMBLE, Tool, ToolCallParser, ToolChoice, call_schema,
-                           call_syntax, chat_inputs, normalize_messages,
+                           call_syntax, chat_inputs,
                            parse_tool_choice, parse_tools, settle_choice)
 from tests.tiny import CHAT_TEMPLATE
 
@@ -120,7 +121,7 @@ def test_bad_tool_choice(value, tools, message):
 
 def test_round_trip_messages_are_normalised_for_templates():
     before = json.dumps(ROUND_TRIP)
-    msgs = normalize_messages(ROUND_TRIP)
+    msgs = check_messages(ROUND_TRIP)
     assert json.dumps(ROUND_TRIP) == before  # the caller's messages are not touched
     assert msgs[1]["content"] == ""
     args = [c["function"]["arguments"] for c in msgs[1]["tool_calls"]]
@@ -143,7 +144,7 @@ def test_round_trip_messages_are_normalised_for_templates():
 def test_bad_messages_name_their_path(patch, path):
     msgs = [{**m, **patch.get(i, {})} for i, m in enumerate(ROUND_TRIP)]
     with pytest.raises(GenerationError) as err:
-        normalize_messages(msgs)
+        check_messages(msgs)
     assert path in str(err.value)
 
 

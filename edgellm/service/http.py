@@ -23,6 +23,7 @@ from starlette.responses import JSONResponse, Response
 from .. import netjson
 from ..engine import Engine, Job, Outcome
 from ..errors import GenerationError
+from ..params import spelled
 from ..generate import Result, collect
 from .http_conn import DEFAULT_MAX_CONNECTIONS, DEFAULT_READ_TIMEOUT
 from .http_metrics import Metrics
@@ -57,12 +58,11 @@ class HttpError(Exception):
         self.headers = dict(headers or {})
 
 
-def bad_request(exc: GenerationError, fields: Mapping[str, Any] = {}) -> HttpError:
-    """400 for a parameter params.py refused; `param` is the field its message starts with."""
-    message = str(exc)
-    param = next((name for name in fields if message.startswith(name)), None)
+def bad_request(exc: GenerationError, names: Mapping[str, str]) -> HttpError:
+    """400 for a request refused; the field it names (`exc.field`) spelled by the route's table."""
+    message = spelled(exc, names)
     code = "context_length_exceeded" if message.startswith("prompt has") else None
-    return HttpError(400, message, param=param, code=code)
+    return HttpError(400, message, param=names.get(exc.field, exc.field), code=code)
 
 
 _GONE = object()  # the client disconnected
@@ -73,6 +73,7 @@ class Run:
     """One job's chunks, carried from the engine's worker thread onto the event loop."""
 
     loop: asyncio.AbstractEventLoop
+    names: Mapping[str, str]  # the route's spelling of each parameter (API name -> its field)
     cancel: threading.Event = field(default_factory=threading.Event)
     items: asyncio.Queue = field(default_factory=asyncio.Queue)
     first: Any = None
@@ -171,17 +172,18 @@ class Front:
         return data
 
     async def submit(self, request: Request, prompt: Any, params: Mapping[str, Any],
-                     budget_field: str = "max_tokens") -> Run:
+                     names: Mapping[str, str]) -> Run:
         """Queue a job and wait for its first chunk: errors found before it (a prompt too long
-        for the context) still get their own status. 429 when the queue is full."""
+        for the context) still get their own status, their field spelled as `names` has it.
+        429 when the queue is full."""
         try:
-            params = self.engine.capped(params, budget_field)
+            params = self.engine.capped(params)
         except GenerationError as exc:
-            raise HttpError(400, str(exc), param=budget_field) from None
+            raise bad_request(exc, names) from None
         if (refusal := self.engine.cannot_fit(prompt, params)) is not None:
             chat = isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], dict)
             raise HttpError(400, refusal, param="messages" if chat else "prompt", code="context_length_exceeded")
-        run = Run(asyncio.get_running_loop())
+        run = Run(asyncio.get_running_loop(), names)
         host = request.client.host if request.client else "?"
         job = Job(prompt, params, ("http", host), run.put, run.put, run.cancel, tenant=request.state.tenant)
         refusal = self.engine.submit(job)
@@ -196,7 +198,7 @@ class Front:
             raise
         if isinstance(run.first, Outcome):
             run.unwatch()
-            raise outcome_error(run.first)
+            raise outcome_error(run.first, names)
         return run
 
     async def whole(self, run: Run) -> Result:
@@ -207,16 +209,16 @@ class Front:
             run.cancel.set()  # a no-op once it finished
             run.unwatch()
         if run.outcome.error is not None:
-            raise outcome_error(run.outcome)
+            raise outcome_error(run.outcome, run.names)
         return collect(iter(chunks))
 
 
-def outcome_error(outcome: Outcome) -> HttpError:
+def outcome_error(outcome: Outcome, names: Mapping[str, str]) -> HttpError:
     """The status of a job that ended with no chunk, or of the error a stream ended with."""
     if outcome.waited_out:
         return HttpError(503, "cancelled before it started: the service is shutting down", code="cancelled")
     if isinstance(outcome.error, GenerationError):
-        return bad_request(outcome.error)
+        return bad_request(outcome.error, names)
     exc = outcome.error
     return HttpError(500, f"generation failed: {type(exc).__name__}: {exc}"[:300], code="internal")
 

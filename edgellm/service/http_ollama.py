@@ -23,9 +23,10 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from .. import __version__
 from ..errors import GenerationError
-from ..params import from_wire
-from ..tools import merge_deltas, normalize_messages
-from .http import Front, HttpError, Run, outcome_error
+from ..messages import check_messages
+from ..params import BY_WIRE, WIRE, from_wire
+from ..tools import merge_deltas
+from .http import Front, HttpError, Run, bad_request, outcome_error
 
 log = logging.getLogger("edgellm.service")
 
@@ -36,18 +37,10 @@ _OPTIONS = {"num_predict": "max_tokens", "temperature": "temperature", "top_k": 
             "min_p": "min_p", "seed": "seed", "stop": "stop", "repeat_penalty": "repetition_penalty",
             "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
             "repeat_last_n": "penalty_window"}
-# Longest first: a schema's own path ("response_format.json_schema.schema.properties...") is
-# under `format` as Ollama spells it.
-_NAMES = {"response_format.json_schema.schema": "format"} | {
-    wire: f"options.{name}" for name, wire in _OPTIONS.items()} | {"response_format": "format", "reasoning": "think"}
-
-
-def _named(message: str) -> str:
-    """`message` with a field named as the Ollama request spells it (params.py names the wire's)."""
-    for wire_name, name in _NAMES.items():
-        if message.startswith(wire_name):
-            return name + message[len(wire_name):]
-    return message
+# Each parameter as an Ollama request spells it, for errors; a schema's own path
+# ("response_format.json_schema.schema.properties...") is under `format`.
+NAMES = {**WIRE, **{BY_WIRE[wire].name: f"options.{name}" for name, wire in _OPTIONS.items()},
+         "response_format": "format", "response_format.json_schema.schema": "format", "reasoning": "think"}
 
 
 def _now() -> str:
@@ -84,7 +77,7 @@ def _params(body: dict[str, Any]) -> dict[str, Any]:
     try:
         return from_wire(wire)
     except GenerationError as exc:
-        raise HttpError(400, _named(str(exc))) from None
+        raise bad_request(exc, NAMES) from None
 
 
 def _without_nulls(value: Any) -> Any:
@@ -119,10 +112,9 @@ def _messages(raw: Any) -> list[dict[str, Any]]:
             m["tool_call_id"], m["name"] = match
         out.append(m)
     try:
-        normalize_messages(out)
+        return check_messages(out)
     except GenerationError as exc:
         raise HttpError(400, str(exc)) from None
-    return out
 
 
 def _call(call: Any, default_id: str, where: str) -> dict[str, Any]:
@@ -180,7 +172,7 @@ async def _ndjson(front: Front, run: Run, chat: bool) -> AsyncIterator[str]:
                 yield _line({"model": front.tag, "created_at": _now(), **_part(chat, chunk.text, chunk.reasoning),
                              "done": False})
         if run.outcome.error is not None:
-            yield _line({"error": _named(str(outcome_error(run.outcome)))})
+            yield _line({"error": str(outcome_error(run.outcome, NAMES))})
             return
         if calls and (whole := _ollama_calls(calls)):
             yield _line({"model": front.tag, "created_at": _now(),
@@ -204,10 +196,7 @@ def _part(chat: bool, text: str, reasoning: str, calls: list[dict[str, Any]] | N
 
 async def _answer(front: Front, request: Request, prompt: Any, params: dict[str, Any], stream: bool,
                   chat: bool) -> Response:
-    try:
-        run = await front.submit(request, prompt, params, budget_field="options.num_predict")
-    except HttpError as exc:  # a grammar refused once compiled names the wire's field
-        raise HttpError(exc.status, _named(str(exc)), exc.param, exc.code, exc.headers) from None
+    run = await front.submit(request, prompt, params, NAMES)
     if stream:
         run.unwatch()
         return StreamingResponse(_ndjson(front, run, chat), media_type="application/x-ndjson")

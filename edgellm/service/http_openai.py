@@ -2,9 +2,11 @@
 
 A request's parameter fields are the MQTT wire fields (OpenAI's names, and edgellm's
 own knobs such as top_k, min_p, reasoning, grammar under theirs), so `params.from_wire`
-validates them; `max_completion_tokens` is read as `max_tokens`. A null field is an
-unset one, as in OpenAI's API. The think block goes out as `reasoning_content`, as
-llama.cpp's server does, so a voice assistant never speaks it.
+validates them; `max_completion_tokens` is read as `max_tokens`, and errors name the one
+the request used. A null field is an unset one, as in OpenAI's API. Messages pass the one
+check every front runs (`messages.check_messages`) once their content parts are joined.
+The think block goes out as `reasoning_content`, as llama.cpp's server does, so a voice
+assistant never speaks it.
 """
 from __future__ import annotations
 
@@ -17,13 +19,24 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from ..errors import GenerationError
-from ..params import from_wire
-from ..tools import normalize_messages
+from ..messages import check_messages
+from ..params import WIRE, from_wire
 from .http import Front, HttpError, Run, bad_request, outcome_error
 
 # Fields OpenAI defines that this server cannot honour: refused unless left at their default.
 _UNSUPPORTED = {"logprobs": (None, False), "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1),
                 "suffix": (None, ""), "audio": (None,), "modalities": (None, ["text"]), "n": (None, 1)}
+
+
+# Fields of an answer's message that clients send back with it; nothing renders them.
+_ECHOED = ("refusal", "annotations", "audio", "function_call")
+
+
+def _names(body: dict[str, Any]) -> dict[str, str]:
+    """This request's spelling of each parameter: the wire's, the budget as the request named it."""
+    if body.get("max_completion_tokens") is not None:
+        return {**WIRE, "max_new_tokens": "max_completion_tokens"}
+    return WIRE
 
 
 def _params(body: dict[str, Any]) -> dict[str, Any]:
@@ -37,7 +50,7 @@ def _params(body: dict[str, Any]) -> dict[str, Any]:
     try:
         return from_wire(wire)
     except GenerationError as exc:
-        raise bad_request(exc, wire) from None
+        raise bad_request(exc, _names(body)) from None
 
 
 def _text(content: Any, where: str) -> Any:
@@ -60,14 +73,13 @@ def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
     out = []
     for i, m in enumerate(messages):
         if isinstance(m, dict):
-            m = {k: v for k, v in m.items() if v is not None or k == "content"}
+            m = {k: v for k, v in m.items() if (v is not None or k == "content") and k not in _ECHOED}
             m["content"] = _text(m.get("content"), f"messages[{i}].content")
         out.append(m)
     try:
-        normalize_messages(out)  # refused here, before the queue, rather than by the worker
+        return check_messages(out)
     except GenerationError as exc:
         raise HttpError(400, str(exc), param="messages") from None
-    return out
 
 
 def _stream_flags(body: dict[str, Any]) -> tuple[bool, bool]:
@@ -116,7 +128,7 @@ async def _sse_stream(run: Run, reply: _Reply, choices: Any, include_usage: bool
                 yield _sse(reply([choice], **extra))
             first = first and not made
         if run.outcome.error is not None:
-            error = outcome_error(run.outcome)
+            error = outcome_error(run.outcome, run.names)
             yield _sse({"error": {"message": str(error), "type": "server_error", "param": None, "code": error.code}})
         elif include_usage:
             yield _sse(reply([], usage=usage(run.outcome.last)))
@@ -172,7 +184,7 @@ async def _complete(front: Front, request: Request, body: dict[str, Any], prompt
     """Run one completion; SSE if asked (`stream_choices` makes a chunk's choices), else one object."""
     params = _params(body)
     stream, include_usage = _stream_flags(body)
-    run = await front.submit(request, prompt, params)
+    run = await front.submit(request, prompt, params, _names(body))
     prefix = "chatcmpl" if kinds[0].startswith("chat") else "cmpl"
     if stream:
         return _streaming(run, _Reply(front, kinds[0], prefix), stream_choices, include_usage)

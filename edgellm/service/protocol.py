@@ -13,8 +13,8 @@ from typing import Any
 
 from .. import netjson
 from ..errors import GenerationError, RequestError
-from ..params import BY_WIRE, from_wire
-from ..tools import normalize_messages
+from ..messages import check_messages
+from ..params import BY_WIRE, WIRE, from_wire, spelled
 
 BAD_REQUEST = "bad_request"
 TOO_LARGE = "too_large"
@@ -26,11 +26,9 @@ ERROR_CODES = (BAD_REQUEST, TOO_LARGE, BUSY, CANCELLED, INTERNAL, FORBIDDEN)
 
 DEFAULT_MAX_PAYLOAD = 64 * 1024
 FINISH_REASONS = ("stop", "length", "cancelled")
-MESSAGE_FIELDS = frozenset({"role", "content", "tool_calls", "tool_call_id", "name"})
 
 # Ids end up in topic names (`.../response/{id}`): no '/', '+', '#' or spaces.
 _ID = re.compile(r"[A-Za-z0-9_.:@-]{1,128}")
-MAX_MESSAGES = 256
 MAX_CANCEL_KEY = 128
 # Correlation Data is echoed in every chunk: a large one would multiply the outgoing traffic.
 MAX_CORRELATION = 256
@@ -124,30 +122,24 @@ def peek_id(payload: bytes) -> str | None:
 _HEAD_ID = re.compile(rb'"id"\s*:\s*"(' + _ID.pattern.encode() + rb')"')
 
 
+def bad_params(exc: GenerationError) -> RequestError:
+    """A parameter refused (here, by the engine or on the worker), its field spelled as the wire does."""
+    return _bad(spelled(exc, WIRE))
+
+
 def _params(data: dict[str, Any]) -> dict[str, Any]:
     """The generation parameters of a request, by `Model.stream` keyword name."""
     try:
         return from_wire(data)
     except GenerationError as exc:
-        raise _bad(str(exc)) from None
+        raise bad_params(exc) from None
 
 
 def _messages(value: Any) -> list[dict[str, Any]]:
-    if not isinstance(value, list) or not value:
-        raise _bad("field 'messages' must be a non-empty list")
-    if len(value) > MAX_MESSAGES:
-        raise _bad(f"field 'messages' has {len(value)} entries, limit is {MAX_MESSAGES}")
-    for i, message in enumerate(value):
-        if not isinstance(message, dict) or "role" not in message or not set(message) <= MESSAGE_FIELDS:
-            raise _bad(f"messages[{i}] must be an object with role and content (and tool_calls, tool_call_id "
-                       "or name where OpenAI's messages have them), nothing else")
     try:
-        messages = normalize_messages(value)
+        return check_messages(value)
     except GenerationError as exc:
         raise _bad(str(exc)) from None
-    if not any(m["content"].strip() or m.get("tool_calls") for m in messages):
-        raise _bad("field 'messages' has no content")
-    return messages
 
 
 def parse_request(payload: bytes, max_bytes: int = DEFAULT_MAX_PAYLOAD) -> Request:

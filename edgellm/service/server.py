@@ -357,7 +357,7 @@ class Service:
         try:
             params = self.engine.capped(request.params)
         except GenerationError as exc:
-            raise RequestError(proto.BAD_REQUEST, str(exc)) from None
+            raise proto.bad_params(exc) from None
         if (refusal := self.engine.cannot_fit(request.prompt, params)) is not None:
             raise RequestError(proto.BAD_REQUEST, refusal)
         return dataclasses.replace(request, params=params)
@@ -462,7 +462,7 @@ class Service:
             if outcome.waited_out:
                 return proto.error_payload(request.id, proto.CANCELLED, "cancelled before it started")
             if isinstance(outcome.error, GenerationError):
-                return proto.error_payload(request.id, proto.BAD_REQUEST, str(outcome.error))
+                return proto.error_payload(request.id, proto.BAD_REQUEST, str(proto.bad_params(outcome.error)))
             if outcome.error is not None:
                 exc = outcome.error
                 log.error("request %s failed", request.id, exc_info=exc)
