@@ -4,7 +4,8 @@
 Each machine has three sensors: vibration (mm/s RMS), temperature (°C) and motor current (A),
 read `--rate` times a second with noise around a baseline. Faults are injected on the first
 machines, one each: a bearing wearing out (vibration ramps up, the housing warms), a cooling
-failure (temperature climbs towards a plateau), and a jamming load (short current spikes).
+failure (temperature climbs towards a plateau), a jamming load (short current spikes) and a
+temperature sensor dropping out (it reads 0 for 2 s every 8 s).
 A reading outside its sensor's band is published as an anomaly event on
 `{prefix}/{machine}/{sensor}/anomaly`, the recipe's default filter `factory/+/+/anomaly`; with
 every reading of an excursion sent (the default), a fault makes the storms the recipe coalesces.
@@ -49,7 +50,7 @@ SENSORS = (
     Sensor("temperature", "°C", 55.0, 10.0, 75.0, 0.4),
     Sensor("current", "A", 12.0, 8.0, 16.0, 0.25),
 )
-FAULTS = ("bearing", "overheat", "spike")
+FAULTS = ("bearing", "overheat", "spike", "dropout")
 
 
 def fault_offset(fault: str, sensor: str, t: float, rng: random.Random) -> float:
@@ -83,6 +84,8 @@ def readings(machines: int, faults: tuple[str, ...], rate: float, duration: floa
                 value = sensor.baseline + drift + rng.gauss(0, sensor.noise)
                 if fault is not None:
                     value += fault_offset(fault, sensor.name, t - start, rng)
+                if fault == "dropout" and sensor.name == "temperature" and 0 <= t - start and (t - start) % 8 < 2:
+                    value = 0.0  # a loose connector: the input reads its floor
                 yield t, machine, sensor, round(max(value, 0.0), 2)
         tick += 1
 
@@ -176,10 +179,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="default: 5, or 3.1.1 when the broker refuses 5 (amqtt, the Python fallback broker)")
     p.add_argument("--topic-prefix", default="factory", help="events go to PREFIX/MACHINE/SENSOR/anomaly "
                                                              "(default: %(default)s)")
-    p.add_argument("--machines", type=int, default=3, help="how many machines (default: %(default)s)")
+    p.add_argument("--machines", type=int, default=4, help="how many machines (default: %(default)s)")
     p.add_argument("--faults", default=",".join(FAULTS),
                    help=f"faults to inject, one per machine in this order, from {','.join(FAULTS)} "
-                        "(default: all three; '' for none)")
+                        "(default: all four; '' for none)")
     p.add_argument("--rate", type=float, default=1.0, help="readings per second of each sensor (default: %(default)s)")
     p.add_argument("--duration", type=float, default=120.0, help="seconds to run, 0 for ever (default: %(default)s)")
     p.add_argument("--fault-start", type=float, default=10.0,

@@ -22,8 +22,9 @@ import pytest
 import edgellm
 from edgellm.cli.main import main
 from edgellm.errors import RecipeError, RequestError
-from edgellm.recipes.anomaly import AnomalyRecipe, explanation
-from edgellm.recipes.config import SCHEMA, AnomalyConfig, load_config
+from edgellm.recipes.anomaly import AnomalyRecipe, explanation, request_body
+from edgellm.recipes.config import DEFAULT_BANDS, SCHEMA, AnomalyConfig, load_config
+from edgellm.recipes.facts import Band, facts, request_schema
 from edgellm.recipes.events import MAX_IDS, Coalescer, Group, parse_event
 from edgellm.service import protocol as proto
 from edgellm.service.broker import find_mosquitto
@@ -120,13 +121,85 @@ def test_a_group_lists_a_bounded_number_of_ids_and_counts_them_all():
 
 def test_explanation_says_when_the_answer_is_incomplete_and_never_passes_off_bad_json():
     group = Group(parsed(event(id="e1")), opened=0.0, due=0.0)
-    answer = {"summary": "s", "likely_causes": ["c"], "severity": "high", "recommended_action": "a", "evidence": ["e"]}
-    done = explanation(group, {"id": "r", "done": True, "text": json.dumps(answer), "finish_reason": "stop"})
-    assert (done["id"], done["incomplete"], done["explanation"]) == ("e1", False, answer)
+    found = facts(group, DEFAULT_BANDS["vibration"])
+    answer = {"summary": "s", "likely_causes": ["c"], "recommended_action": "a", "evidence": ["e"]}
+    done = explanation(group, {"id": "r", "done": True, "text": json.dumps(answer), "finish_reason": "stop"}, found)
+    assert (done["id"], done["incomplete"], done["explanation"]) == ("e1", False, {**answer, "severity": "high"})
     cut = explanation(group, {"id": "r", "done": True, "text": '{"summ', "finish_reason": "length",
-                              "incomplete": True})
+                              "incomplete": True}, found)
     assert (cut["incomplete"], cut["explanation"], cut["partial_text"]) == (True, None, '{"summ')
-    assert explanation(group, {"id": "r", "done": True, "text": '{"summ', "finish_reason": "stop"}) is None
+    assert cut["facts"] == {"severity": "high", "worst": 7.1, "band": [0.0, 4.5], "excess": 1.04}
+    assert explanation(group, {"id": "r", "done": True, "text": '{"summ', "finish_reason": "stop"}, found) is None
+
+
+# -- computed facts and the per-event grammar ----------------------------------------------------------
+
+def group_of(sensor: str, unit: str, baseline: float, *values: float, machine: str = "pump-2") -> Group:
+    group = Group(parsed(event(sensor, values[0], unit=unit, baseline=baseline, machine=machine, id="g0")), 0.0, 0.0)
+    for i, value in enumerate(values[1:], 1):
+        group.add(parsed(event(sensor, value, unit=unit, baseline=baseline, machine=machine, id=f"g{i}",
+                               timestamp=f"2025-03-01T10:00:{i:02d}Z")))
+    return group
+
+
+@pytest.mark.parametrize("sensor, unit, baseline, values, severity", [
+    ("temperature", "°C", 55.0, (95.0,), "high"),  # the issue's: 'low' from the model
+    ("current", "A", 12.0, (30.0,), "critical"),  # the issue's: 'low' from the model
+    ("vibration", "mm/s", 2.2, (4.7, 9.2, 5.0), "critical"),  # the worst reading decides, not the last
+    ("temperature", "°C", 55.0, (0.0,), "medium"),  # a dropout: below the band
+    ("temperature", "°C", 55.0, (76.0,), "low"),  # just over
+    ("pressure", "bar", 4.0, (5.0,), "medium"),  # no band: a quarter off the baseline
+])
+def test_severity_is_computed_from_the_band_and_the_worst_reading(sensor, unit, baseline, values, severity):
+    group = group_of(sensor, unit, baseline, *values)
+    found = facts(group, DEFAULT_BANDS.get(sensor))
+    answer = {"summary": "s", "likely_causes": ["c"], "severity": "low", "recommended_action": "a", "evidence": ["e"]}
+    out = explanation(group, {"text": json.dumps(answer), "finish_reason": "stop"}, found)
+    assert out["explanation"]["severity"] == out["facts"]["severity"] == severity  # the model's 'low' is not kept
+
+
+def test_the_per_event_grammar_holds_the_answer_to_the_events_facts_and_the_bands_causes():
+    """jsonschema judges what the grammar (llguidance, checked at load) is given: evidence only
+    the computed facts, causes only the configured ones, sentences ending in a full stop without digits."""
+    group = group_of("temperature", "°C", 55.0, 82.5, 95.1)
+    found = facts(group, DEFAULT_BANDS["temperature"])
+    schema = request_schema(SCHEMA, found, ["manual#4"])
+    assert "severity" not in schema["properties"] and "severity" not in schema["required"]
+    assert found.evidence[:2] == ("pump-2 temperature reached 95.1 °C", "normal band 10 to 75 °C")
+    good = {"summary": "The pump is overheating, well above its normal band.",
+            "likely_causes": ["cooling fan failure"], "recommended_action": "Check the cooling fan first.",
+            "evidence": [found.evidence[0], "manual#4"]}
+    jsonschema.validate(good, schema)
+    for bad in ({"likely_causes": ["A", "B", "C"]}, {"evidence": ["./A"]}, {"evidence": ["pump-2 reached 99 °C"]},
+                {"summary": "The pump is overheating and the temperature sensor reads a value that is far above the "
+                            "normal band of the machine while the fan may have failed and the filter may be blocked "
+                            "and the coolant may be low and the"},
+                {"summary": "The pump reached ninety five degrees at 10:00."}, {"summary": "Hot."}):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate({**good, **bad}, schema)
+    load_config(None)  # compiles each default band's grammar with llguidance
+
+
+def test_the_prompt_carries_the_band_limits_the_severity_and_the_facts():
+    config = load_config(None)
+    group = group_of("temperature", "°C", 55.0, 82.5, 95.1)
+    body = request_body(config, group, facts(group, config.bands["temperature"]), [("manual#4", "Fan replacement")])
+    prompt = body["messages"][-1]["content"]
+    for text in ("normal band 10.0 to 75.0 °C", "Severity: high", "worst reading 95.1 °C", "cooling fan failure",
+                 "[manual#4] Fan replacement"):
+        assert text in prompt, prompt
+    assert "manual#4" in body["response_format"]["json_schema"]["schema"]["properties"]["evidence"]["items"]["enum"]
+
+
+def test_bands_and_causes_load_from_the_settings_file_and_a_bad_one_is_refused(tmp_path):
+    path = tmp_path / "anomaly.toml"
+    path.write_text('[anomaly.bands.pressure]\nlow = 2\nhigh = 6\ncauses = ["clogged strainer", "worn pump seal"]\n')
+    config = load_config(path)
+    assert config.bands["pressure"] == Band(2.0, 6.0, ("clogged strainer", "worn pump seal"))
+    assert config.bands["vibration"] == DEFAULT_BANDS["vibration"]  # the defaults stay for the other sensors
+    path.write_text("[anomaly.bands.pressure]\nlow = 6\nhigh = 2\n")
+    with pytest.raises(RecipeError, match=r"anomaly\.bands\.pressure: low and high must be numbers with low < high"):
+        load_config(path)
 
 
 # -- settings ------------------------------------------------------------------------------------
@@ -256,6 +329,11 @@ def test_serve_with_the_recipe_explains_events_with_valid_json_under_matching_id
             assert reply["finish_reason"] == "length" and reply["explanation"] is None
             continue
         jsonschema.validate(reply["explanation"], SCHEMA)
+        sent_event = next(parsed(data) for data in sent if data["sensor"] == reply["sensor"])
+        found = facts(Group(sent_event, 0.0, 0.0), DEFAULT_BANDS[reply["sensor"]])
+        jsonschema.validate({k: v for k, v in reply["explanation"].items() if k != "severity"},
+                            request_schema(SCHEMA, found))  # even a random model's: the grammar held it
+        assert reply["explanation"]["severity"] == reply["facts"]["severity"] == found.severity
         complete += 1
     assert complete >= 2, replies  # seed 3 finishes well inside the budget on this tiny model
     counts = payload(final)
@@ -326,7 +404,8 @@ def test_the_simulator_emits_valid_events_for_each_injected_fault_reproducibly()
         ev = parsed(data.encode())
         assert topic == f"factory/{ev.machine}/{ev.sensor}/anomaly"
         seen.add((ev.machine, ev.sensor))
-    assert seen == {("press-1", "vibration"), ("pump-2", "temperature"), ("mill-3", "current")}, seen
+    assert seen == {("press-1", "vibration"), ("pump-2", "temperature"), ("mill-3", "current"),
+                    ("lathe-4", "temperature")}, seen
     healthy = subprocess.run([*SIMULATOR, *args, "--faults", ""], capture_output=True, text=True, check=True)
     assert healthy.stdout == ""  # no fault, no anomaly: the bands hold the noise
 

@@ -20,7 +20,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import paho.mqtt.client as mqtt
 from jinja2 import TemplateError
@@ -31,8 +31,9 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from ..errors import RequestError
 from ..service import protocol as proto
 from ..service.connection import Connection, connect_async, connect_failure_reason, make_client, refusal
-from .config import AnomalyConfig, reply_topic, template_line
+from .config import SCHEMA, AnomalyConfig, reply_topic, response_format, template_line
 from .events import Coalescer, Group, parse_event
+from .facts import Facts, facts, request_schema, variables
 
 log = logging.getLogger("edgellm.recipes.anomaly")
 
@@ -203,7 +204,7 @@ class AnomalyRecipe:
             group, out = flight.group, None
             if code == proto.BUSY:
                 self._queue.requeue(group, time.monotonic() + RETRY_S)
-            elif error is None and (out := explanation(group, data)) is not None:
+            elif error is None and (out := explanation(group, data, self._facts(group))) is not None:
                 self.counts.incomplete += out["incomplete"]
                 self.counts.explained += not out["incomplete"]
             else:
@@ -279,9 +280,7 @@ class AnomalyRecipe:
     def _request(self, group: Group, now: float) -> Message:
         self._seq += 1
         rid = f"anomaly-{self._run}-{self._seq}"
-        prompt = self.config.template.render(**group.variables())  # type: ignore[union-attr]
-        request = {"id": rid, "messages": [*shared_prompt(self.config), {"role": "user", "content": prompt}],
-                   "stream": False, **self.config.params()}
+        request = {"id": rid, **request_body(self.config, group, self._facts(group)), "stream": False}
         props = None
         if self.conn.v5:
             props = Properties(PacketTypes.PUBLISH)
@@ -292,6 +291,9 @@ class AnomalyRecipe:
         self._in_flight[rid] = Flight(group, now + self.config.timeout)
         log.info("anomaly recipe: explaining %d event(s) of %s:%s as request %s", group.count, *group.key, rid)
         return self.topics.request, proto.encode(request), props, False
+
+    def _facts(self, group: Group) -> Facts:
+        return facts(group, self.config.bands.get(group.first.sensor))
 
     @staticmethod
     def _message(topic: str, payload: dict[str, Any], retain: bool = False) -> Message:
@@ -312,20 +314,32 @@ def shared_prompt(config: AnomalyConfig) -> list[dict[str, str]]:
     return [{"role": "system", "content": config.system}]
 
 
+def request_body(config: AnomalyConfig, group: Group, found: Facts,
+                 sections: Sequence[tuple[str, str]] = ()) -> dict[str, Any]:
+    """The messages and generation fields explaining `group`: the prompt with the computed facts
+    (and retrieved `sections`, (id, text) pairs), the answer held to this group's grammar."""
+    prompt = config.template.render(**group.variables(), **variables(found, sections))  # type: ignore[union-attr]
+    schema = request_schema(SCHEMA, found, [section_id for section_id, _ in sections])
+    return {"messages": [*shared_prompt(config), {"role": "user", "content": prompt}], **config.params(),
+            "response_format": response_format(schema)}
+
+
 def _group_error(group: Group, code: str, message: str) -> dict[str, Any]:
     return {**proto.error_payload(group.first.id, code, message), "machine": group.first.machine,
             "sensor": group.first.sensor, "events": group.summary()}
 
 
-def explanation(group: Group, final: dict[str, Any]) -> dict[str, Any] | None:
+def explanation(group: Group, final: dict[str, Any], found: Facts) -> dict[str, Any] | None:
     """The payload published for `group` from the service's final reply; None when a reply that
-    claims to be complete is not a JSON object (never published as if it were valid).
+    claims to be complete is not a JSON object (never published as if it were valid). The
+    computed severity goes into the explanation and, with the band, into `facts`.
 
     An answer cut short by the token budget is published marked incomplete, with no
     `explanation` and its partial text, so a dashboard never parses half an object as a whole one."""
     finish = final.get("finish_reason")
     out: dict[str, Any] = {"id": group.first.id, "machine": group.first.machine, "sensor": group.first.sensor,
-                           "events": group.summary(), "finish_reason": finish, "usage": final.get("usage") or {}}
+                           "events": group.summary(), "facts": _published(found), "finish_reason": finish,
+                           "usage": final.get("usage") or {}}
     text = final.get("text")
     if final.get("incomplete") or finish != "stop":
         return {**out, "incomplete": True, "explanation": None, "partial_text": text if isinstance(text, str) else ""}
@@ -333,4 +347,13 @@ def explanation(group: Group, final: dict[str, Any]) -> dict[str, Any] | None:
         answer = json.loads(text) if isinstance(text, str) else None
     except ValueError:
         return None
-    return {**out, "incomplete": False, "explanation": answer} if isinstance(answer, dict) else None
+    if not isinstance(answer, dict):
+        return None
+    # The grammar holds each item to the facts or the causes but cannot keep them apart: the same one twice once.
+    lists = {key: list(dict.fromkeys(answer[key])) for key in ("likely_causes", "evidence") if key in answer}
+    return {**out, "incomplete": False, "explanation": {**answer, **lists, "severity": found.severity}}
+
+
+def _published(found: Facts) -> dict[str, Any]:
+    band = [found.band.low, found.band.high] if found.band is not None else None
+    return {"severity": found.severity, "worst": found.worst, "band": band, "excess": round(found.excess, 3)}

@@ -21,12 +21,25 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from ..errors import GenerationError, RecipeError
 from ..params import BY_NAME, check
 from ..service import protocol as proto
+from .facts import Band, facts, request_schema
 
 HERE = Path(__file__).parent
 DEFAULT_PROMPT = HERE / "anomaly_prompt.jinja"
 SCHEMA: dict[str, Any] = json.loads((HERE / "anomaly_schema.json").read_text(encoding="utf-8"))
-RESPONSE_FORMAT = {"type": "json_schema", "json_schema": {"name": "anomaly_explanation", "schema": SCHEMA,
-                                                            "strict": True}}
+
+# The simulator's sensors (scripts/simulate_sensors.py); a plant lists its own in [anomaly.bands.SENSOR].
+DEFAULT_BANDS: dict[str, Band] = {
+    "vibration": Band(0.0, 4.5, ("bearing wear", "shaft misalignment", "rotor imbalance", "loose mounting bolts",
+                                 "vibration sensor or wiring fault")),
+    "temperature": Band(10.0, 75.0, ("cooling fan failure", "blocked air filter", "coolant loss",
+                                     "overload heating the motor", "temperature sensor or wiring fault")),
+    "current": Band(8.0, 16.0, ("jammed or overloaded drive", "motor winding fault", "supply voltage problem",
+                                "current sensor or wiring fault")),
+}
+
+
+def response_format(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "json_schema", "json_schema": {"name": "anomaly_explanation", "schema": schema, "strict": True}}
 DEFAULT_SYSTEM = ("You are a maintenance assistant for industrial machines. You explain sensor anomalies to "
                   "technicians in plain words and answer in JSON only.")
 TABLE = "anomaly"
@@ -89,7 +102,8 @@ class AnomalyConfig:
     # Explanations quote their events (names, readings, baselines): drafts from the prompt pay there.
     speculative: str | None = "prompt_lookup"
     max_event_bytes: int = 4096
-    timeout: float = 300.0  # seconds to wait for the service's answer
+    timeout: float = 300.0
+    bands: dict[str, Band] = field(default_factory=lambda: dict(DEFAULT_BANDS), compare=False)  # seconds to wait for the service's answer
     source: str = "the defaults"  # where these came from, for messages
     template: Template | None = field(default=None, repr=False, compare=False)  # compiled from `prompt`
 
@@ -97,8 +111,9 @@ class AnomalyConfig:
         return self.output.format(machine=machine, sensor=sensor)
 
     def params(self) -> dict[str, Any]:
-        """The generation fields of each request, as the service's wire protocol spells them."""
-        wire = {"max_tokens": self.max_tokens, "temperature": self.temperature, "response_format": RESPONSE_FORMAT}
+        """The generation fields of each request, as the service's wire protocol spells them
+        (the response_format is each group's own: `facts.request_schema`)."""
+        wire = {"max_tokens": self.max_tokens, "temperature": self.temperature}
         optional = {"seed": self.seed, "speculative": self.speculative}
         return {**wire, **{k: v for k, v in optional.items() if v is not None}}
 
@@ -137,6 +152,7 @@ _KEYS: dict[str, tuple[str, float | None, float | None]] = {
     "speculative": ("param", None, None),
     "max_event_bytes": ("int", 64, 65536),
     "timeout": ("float", 1, 86400),
+    "bands": ("bands", None, None),
 }
 _PARAM_NAMES = {"max_tokens": "max_new_tokens", "temperature": "temperature", "seed": "seed",
                 "speculative": "speculative"}
@@ -144,12 +160,8 @@ _PARAM_NAMES = {"max_tokens": "max_new_tokens", "temperature": "temperature", "s
 
 def load_config(path: Path | None) -> AnomalyConfig:
     """The `[anomaly]` table of `path` over the defaults (all defaults when `path` is None or has no table)."""
-    try:  # compiles the schema: without the grammar extra, say so before the model loads
-        check(BY_NAME["response_format"], RESPONSE_FORMAT)
-    except GenerationError as exc:
-        raise RecipeError(f"{HERE / 'anomaly_schema.json'}: {exc}") from None
     if path is None:
-        return _with_template(AnomalyConfig(), None)
+        return _checked(_with_template(AnomalyConfig(), None))
     try:
         table = tomllib.loads(path.read_text(encoding="utf-8")).get(TABLE, {})
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
@@ -162,9 +174,46 @@ def load_config(path: Path | None) -> AnomalyConfig:
         if name not in _KEYS:
             raise RecipeError(f"{path}: unknown key {TABLE}.{key} (known: {', '.join(_spelled(k) for k in _KEYS)})")
         values[name] = _value(path, name, value)
+    if "bands" in values:
+        values["bands"] = {**DEFAULT_BANDS, **values["bands"]}
     config = AnomalyConfig(**values, source=str(path))
     _check_topics(config)
-    return _with_template(config, path)
+    return _checked(_with_template(config, path))
+
+
+def _checked(config: AnomalyConfig) -> AnomalyConfig:
+    """Compiles each band's per-event grammar on a sample group: without the grammar extra, or
+    with a cause the grammar cannot hold, say so before the model loads."""
+    from .events import Event, Group
+
+    for sensor, band in [*config.bands.items(), ("(no band)", None)]:
+        sample = Group(Event("ev-1", "m", sensor, band.high + 1 if band else 1.0, band.high if band else 0.0, "u",
+                             "2025-01-01T00:00:00Z"), 0.0, 0.0)
+        try:
+            check(BY_NAME["response_format"], response_format(request_schema(SCHEMA, facts(sample, band))))
+        except GenerationError as exc:
+            raise RecipeError(f"{config.source}: {TABLE}.bands.{sensor}: {exc}") from None
+    return config
+
+
+def _bands(where: str, value: Any) -> dict[str, Band]:
+    """`[anomaly.bands.SENSOR]` tables: low < high, causes 1-16 phrases of 1-120 characters."""
+    if not isinstance(value, dict):
+        raise RecipeError(f"{where} must be a table of [{TABLE}.bands.SENSOR] tables")
+    bands = {}
+    for sensor, table in value.items():
+        at = f"{where}.{sensor}"
+        if not isinstance(table, dict) or set(table) - {"low", "high", "causes"} or not {"low", "high"} <= set(table):
+            raise RecipeError(f"{at} must be a table with low, high and optionally causes")
+        low, high, causes = table["low"], table["high"], table.get("causes", [])
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (low, high)) \
+                or not low < high:
+            raise RecipeError(f"{at}: low and high must be numbers with low < high, got {low!r}, {high!r}")
+        if not isinstance(causes, list) or len(causes) > 16 or not all(
+                isinstance(c, str) and 0 < len(c) <= 120 and c.isprintable() for c in causes):
+            raise RecipeError(f"{at}.causes must be a list of at most 16 phrases of 1-120 characters")
+        bands[sensor] = Band(float(low), float(high), tuple(causes))
+    return bands
 
 
 def _spelled(name: str) -> str:
@@ -179,6 +228,8 @@ def _value(path: Path, name: str, value: Any) -> Any:
             return check(BY_NAME[_PARAM_NAMES[name]], value, field=f"{TABLE}.{_spelled(name)}")
         except GenerationError as exc:
             raise RecipeError(f"{path}: {exc}") from None
+    if kind == "bands":
+        return _bands(where, value)
     if kind in ("int", "float"):
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
         if not number or (kind == "int" and not isinstance(value, int)) or not math.isfinite(value):
@@ -262,7 +313,10 @@ SAMPLE_VARIABLES: dict[str, Any] = {
     "deviation": 6.3, "deviation_pct": 225.0, "timestamp": "2025-01-01T00:00:00Z", "context": "shift B",
     "count": 2, "min_value": 7.5, "max_value": 9.1, "first_timestamp": "2025-01-01T00:00:00Z",
     "last_timestamp": "2025-01-01T00:00:05Z", "ids": ["ev-0", "ev-1"],
+    "severity": "critical", "worst": 9.1, "low": 0.0, "high": 4.5, "causes": ["bearing wear"],
+    "facts": ["press-3 vibration reached 9.1 mm/s"], "sections": [{"id": "manual#3", "text": "Bearings"}],
 }
 # Both sides of the branches a template is likely to have: one event, no context, a zero baseline.
 SAMPLES = (SAMPLE_VARIABLES, {**SAMPLE_VARIABLES, "count": 1, "ids": ["ev-1"], "context": None, "baseline": 0.0,
-                              "deviation": 9.1, "deviation_pct": None})
+                              "deviation": 9.1, "deviation_pct": None,
+                                              "low": None, "high": None, "causes": [], "sections": []})

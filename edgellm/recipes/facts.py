@@ -1,0 +1,107 @@
+"""What the data already decides about a group of events, computed, never asked of the model.
+
+A 135M model asked for a severity says "low" for 95 °C against a 75 °C limit, and asked for
+evidence writes "./A". So the recipe works out the severity from the sensor's band and how far
+the worst reading left it, states the facts (machine, sensor, range, counts, times) itself, and
+gives the model a per-event grammar (`request_schema`) in which evidence can only be those facts
+(or retrieved section ids), causes only the sensor's configured causes, and the two sentences
+only words and punctuation, ending at a full stop: no number or name the events do not hold.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from .events import Group
+
+SEVERITIES = ("low", "medium", "high", "critical")
+# How far the worst reading is past the limit it crossed, as a fraction of the baseline's distance
+# to that limit: below 0.2 low, below 0.5 medium, below 1.25 high, else critical. 95 °C against a
+# 55 °C baseline and a 75 °C limit is 1.0 (high); 9 mm/s against 2.2 and 4.5 is 2.0 and 30 A
+# against 12 and 16 is 3.5 (critical); a sensor reading 0 °C against 55 and 10 is 0.22 (medium).
+STEPS = (0.2, 0.5, 1.25)
+# A sentence of words and punctuation that ends with a full stop: no digits (every number comes
+# from the facts), no quotes, no line breaks; at most 200 characters, the schema's maxLength,
+# so the grammar ends the sentence before any byte limit could cut it.
+SENTENCE = r"^[A-Z][A-Za-z ,;()'/-]{19,198}\.$"
+PHRASE = r"^[A-Za-z][A-Za-z'/-]*( [A-Za-z][A-Za-z'/-]*){1,8}$"  # 2-9 words, for a sensor with no causes listed
+
+
+@dataclass(frozen=True)
+class Band:
+    """A sensor's normal band and the physical causes the plant knows for leaving it."""
+
+    low: float
+    high: float
+    causes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Facts:
+    severity: str
+    excess: float  # the worst reading's distance past the limit, in units of the baseline's distance to it
+    worst: float  # the reading furthest outside the band
+    band: Band | None
+    evidence: tuple[str, ...]  # the fact sentences the model's evidence is chosen from
+
+
+def variables(found: Facts, sections: Sequence[tuple[str, str]] = ()) -> dict[str, Any]:
+    """The prompt template's computed variables (docs/anomaly.md lists them); `sections` are
+    retrieved (id, text) pairs, none until the recipe has retrieval."""
+    band = found.band
+    return {"severity": found.severity, "worst": found.worst, "low": band.low if band else None,
+            "high": band.high if band else None, "causes": list(band.causes) if band else [],
+            "facts": list(found.evidence), "sections": [{"id": i, "text": t} for i, t in sections]}
+
+
+def severity_of(excess: float) -> str:
+    return SEVERITIES[sum(excess >= step for step in STEPS)]
+
+
+def _num(value: float) -> str:
+    return f"{value:g}"
+
+
+def facts(group: Group, band: Band | None) -> Facts:
+    """The severity and the facts of `group`. Without a band the limit is the baseline itself and
+    the excess the deviation in baseline units (|value - baseline| / |baseline|)."""
+    last, unit = group.last, group.last.unit
+    baseline = last.baseline
+    if band is None:
+        scale = abs(baseline) or 1.0
+        worst = max((group.low, group.high), key=lambda v: abs(v - baseline))
+        excess = abs(worst - baseline) / scale
+    else:
+        below = (band.low - group.low) / max(baseline - band.low, 1e-9)
+        above = (group.high - band.high) / max(band.high - baseline, 1e-9)
+        worst, excess = (group.low, below) if below > above else (group.high, above)
+        excess = max(excess, 0.0)
+    where = f"{group.first.machine} {group.first.sensor}"
+    times = (f"at {group.first.timestamp}" if group.count == 1 else
+             f"from {group.first.timestamp} to {last.timestamp}")
+    readings = "1 reading" if group.count == 1 else f"{group.count} readings"
+    evidence = [f"{where} reached {_num(worst)} {unit}".rstrip(),
+                f"{readings} outside the band {times}"[:120],
+                f"baseline {_num(baseline)} {unit}".rstrip()]
+    if band is not None:
+        evidence.insert(1, f"normal band {_num(band.low)} to {_num(band.high)} {unit}".rstrip())
+    if group.count > 1:
+        evidence.append(f"readings from {_num(group.low)} to {_num(group.high)} {unit}".rstrip())
+    return Facts(severity_of(excess), excess, worst, band, tuple(evidence))
+
+
+def request_schema(schema: dict[str, Any], found: Facts, sections: Sequence[str] = ()) -> dict[str, Any]:
+    """The grammar of one request: `schema` (the published explanation's shape) without the
+    computed severity, evidence one of `found.evidence` or a retrieved section id, causes one of
+    the band's causes (or a short phrase of words), the sentences as `SENTENCE`."""
+    out = copy.deepcopy(schema)
+    props = out["properties"]
+    del props["severity"]
+    out["required"] = [key for key in out["required"] if key != "severity"]
+    for key in ("summary", "recommended_action"):
+        props[key] = {"type": "string", "pattern": SENTENCE}
+    causes = list(found.band.causes) if found.band is not None and found.band.causes else None
+    props["likely_causes"]["items"] = {"enum": causes} if causes else {"type": "string", "pattern": PHRASE}
+    props["evidence"]["items"] = {"enum": [*found.evidence, *sections]}
+    return out
