@@ -2,17 +2,16 @@
 
 Processors are `(tokens, logits) -> logits`, where `tokens` is every token so far
 (prompt and generated); samplers are `logits -> token id`. Both are built by small
-factories that validate their parameters once (against `edgellm.params`, the one
-declaration of every range), so the generation loop only calls.
+factories from parameters checked already, where the request arrived (`edgellm.params`,
+the one declaration of every range): they do not check them again.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 
 from .errors import GenerationError
-from .params import check_all
 
 Processor = Callable[[np.ndarray, np.ndarray], np.ndarray]
 Sampler = Callable[[np.ndarray], int]
@@ -22,13 +21,6 @@ Sampler = Callable[[np.ndarray], int]
 _TOP_P_FIRST = 256
 
 
-def check_sampling(*, vocab_size: int | None = None, **params: Any) -> None:
-    """Raise GenerationError for the first parameter outside its declared range
-    (`edgellm.params`). Logit-bias ids are checked against `vocab_size` when it is
-    given, and against the logits row at run time otherwise."""
-    check_all(params, vocab_size)
-
-
 def make_logits_processors(
     *,
     repetition_penalty: float = 1.0,
@@ -36,7 +28,6 @@ def make_logits_processors(
     frequency_penalty: float = 0.0,
     logit_bias: dict[int, float] | None = None,
     penalty_window: int | None = None,
-    vocab_size: int | None = None,
 ) -> list[Processor]:
     """The processors these parameters ask for, in the order to apply them.
 
@@ -46,9 +37,6 @@ def make_logits_processors(
     penalties follow OpenAI (subtract once per distinct token, and once per
     occurrence). All three look at the last `penalty_window` tokens when it is given.
     """
-    check_sampling(repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
-                   frequency_penalty=frequency_penalty, logit_bias=logit_bias,
-                   penalty_window=penalty_window, vocab_size=vocab_size)
     processors: list[Processor] = []
     if repetition_penalty != 1.0 or presence_penalty != 0.0 or frequency_penalty != 0.0:
         processors.append(_penalties(repetition_penalty, presence_penalty, frequency_penalty,
@@ -106,7 +94,6 @@ def make_sampler(
     filters of `sampling_distribution` apply and a PCG64 generator seeded with `seed`
     draws, so one seed always gives the same tokens for the same logits.
     """
-    check_sampling(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed)
     if temperature == 0.0:
         return lambda logits: int(np.argmax(logits))
     rng = np.random.Generator(np.random.PCG64(seed))

@@ -135,7 +135,7 @@ class Sequence:
         self.processors: list[Processor] = make_logits_processors(
             repetition_penalty=params.repetition_penalty, presence_penalty=params.presence_penalty,
             frequency_penalty=params.frequency_penalty, logit_bias=params.logit_bias,
-            penalty_window=params.penalty_window, vocab_size=vocab_size,
+            penalty_window=params.penalty_window,
         )
         self.stop_ids = stop_ids(params, tokenizer)
         callable_tools = settle_choice(params.tool_choice, params.tools).allowed(params.tools)

@@ -132,7 +132,7 @@ def test_sampling_flags_come_from_the_parameter_declaration():
     assert "--penalty-window" in res.stdout and "-n MAX_NEW_TOKENS, --max-tokens" in res.stdout
     assert "in [0, 1)" in res.stdout  # min_p's range, as params.py declares it
     res = _cli("run", "bundle-is-not-read", "hi", "--min-p", "1")
-    assert res.returncode == 1 and res.stderr.strip() == "edgellm run: error: min_p must be a number in [0, 1), got 1.0"
+    assert res.returncode == 1 and res.stderr.strip() == "edgellm run: error: --min-p must be a number in [0, 1), got 1.0"
 
 
 def test_ask_prints_a_restarted_answer_on_its_own_line(capsys) -> None:

@@ -303,3 +303,11 @@ def test_a_constraint_goes_over_the_wire_and_back():
     # A bundle's default stop strings give way to a constraint instead of refusing it.
     built = GenerationParams.build({"stop": ["\n"]}, {"response_format": {"type": "json_object"}}, VOCAB)
     assert built.stop == () and built.response_format is not None
+
+
+def test_the_command_line_names_a_refused_value_by_its_flag():
+    """Each front spells the field an error carries its own way; the command line as its flags."""
+    args = cli.build_parser().parse_args(["run", "bundle", "prompt", "--max-tokens=0"])
+    with pytest.raises(GenerationError, match="^--max-tokens must be an integer >= 1, got 0$") as refused:
+        sampling_params(args)
+    assert refused.value.field == "max_new_tokens"

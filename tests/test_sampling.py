@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from edgellm.errors import GenerationError
+from edgellm.params import check_all
 from edgellm.sampling import (
-    check_sampling,
     make_logits_processors,
     make_sampler,
     sampling_distribution,
@@ -174,7 +174,7 @@ def test_penalties_with_no_tokens_change_nothing():
 
 def test_logit_bias_out_of_range():
     with pytest.raises(GenerationError, match="logit_bias key"):
-        make_logits_processors(logit_bias={4: 1.0}, vocab_size=4)
+        check_all({"logit_bias": {4: 1.0}}, vocab_size=4)
     procs = make_logits_processors(logit_bias={4: 1.0})
     with pytest.raises(GenerationError, match="logit_bias key 4"):
         apply(procs, [0], LOGITS.copy())
@@ -204,12 +204,6 @@ def test_logit_bias_out_of_range():
     (dict(logit_bias={5: 101.0}), r"logit_bias\[5\]"),
 ])
 def test_bad_parameters_are_named(params, name):
+    """Checked where a request arrives (the factories trust what they are given)."""
     with pytest.raises(GenerationError, match=f"^{name} must be"):
-        check_sampling(**params)
-
-
-def test_factories_validate():
-    with pytest.raises(GenerationError, match="^top_p must be a number in \\(0, 1\\], got 0"):
-        make_sampler(temperature=1.0, top_p=0)
-    with pytest.raises(GenerationError, match="^repetition_penalty must be"):
-        make_logits_processors(repetition_penalty=-1.0)
+        check_all(params)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import GenerationError
-from ..params import BY_NAME, CHOICE, INT, NUMBER, PARAMS, STRINGS, check_all, check_together
+from ..params import BY_NAME, CHOICE, INT, NUMBER, PARAMS, STRINGS, check_all, check_together, spelled
 
 
 def add_load_arguments(p: argparse.ArgumentParser) -> None:
@@ -78,8 +78,12 @@ def sampling_params(args: argparse.Namespace) -> dict[str, Any]:
         choice = args.tool_choice
         params["tool_choice"] = choice if choice in ("auto", "none", "required") else {
             "type": "function", "function": {"name": choice}}
-    checked = check_all(params)
-    check_together(checked, lambda name: DOCUMENT_FLAGS.get(name) or BY_NAME[name].flag)
+    flags = {p.name: DOCUMENT_FLAGS.get(p.name) or p.flag for p in PARAMS}
+    try:
+        checked = check_all(params)
+    except GenerationError as exc:  # named as the command line spells it, as each front names its fields
+        raise GenerationError(spelled(exc, flags), field=exc.field) from None
+    check_together(checked, flags.__getitem__)
     return checked
 
 
