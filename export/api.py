@@ -43,6 +43,7 @@ def export_model(
     requantize: bool = False,
     allow_quality_loss: bool = False,
     max_context: int | None = None,
+    lora: str | Path | None = None,
 ) -> Manifest:
     """Export `source` (HF folder, .gguf, or a built-in name) to the bundle directory `out`.
 
@@ -53,7 +54,8 @@ def export_model(
     written unless `allow_quality_loss`. `max_context` (default: the model's, at most
     DEFAULT_MAX_CONTEXT) is the longest context the bundle runs at. An int8 KV cache
     (`quant.kv_cache`) is calibrated on the evaluation text. `quant.target` "cuda" builds the
-    float16 graph; its quality gate runs it on the CPU provider against the fp32 graph.
+    float16 graph; its quality gate runs it on the CPU provider against the fp32 graph. `lora`, a
+    PEFT LoRA adapter folder, is merged into a HF base's weights before quantization (lora.py).
     """
     out = Path(out)
     if out.exists() and not force:
@@ -65,10 +67,12 @@ def export_model(
         return _export_embedding(folder, out, quant, force, eval_text, evaluate, allow_quality_loss, progress)
 
     progress("read", 0, 1)
-    src = open_source(source)
+    src = open_source(source, lora)
     trained_context = src.spec.max_context
     src.spec = dataclasses.replace(src.spec, max_context=_bundle_context(src.spec.max_context, max_context))
     path = _choose_path(src, via)
+    if lora is not None and path != "fast":
+        raise ExportError("--lora merges into the fast export path's weights; use --via fast")
     quant = dataclasses.replace(quant, kv_cache=quant.resolved_kv_cache(path == "fast"))
     ids = _eval_ids(src, eval_text)
     progress("read", 1, 1)
@@ -106,15 +110,18 @@ def export_model(
     return manifest
 
 
-def open_source(source: str | Path) -> Source:
-    """Open a HF folder, a .gguf file or a built-in model name."""
+def open_source(source: str | Path, lora: str | Path | None = None) -> Source:
+    """Open a HF folder, a .gguf file or a built-in model name; `lora`: a PEFT adapter to merge (HF bases)."""
     path = source_path(source)
     if not path.exists():
         raise ExportError(f"{path}: no such file or directory")
+    if lora is not None and not path.is_dir():
+        raise ExportError(f"--lora: {path} is not a Hugging Face folder; a PEFT adapter merges into a HF base only")
     if path.is_dir():
         from .hf import open_hf_folder
+        from .lora import LoraAdapter
 
-        return open_hf_folder(path)
+        return open_hf_folder(path, LoraAdapter(Path(lora)) if lora is not None else None)
     if path.suffix.lower() == ".gguf":
         from .gguf import open_gguf
 

@@ -65,6 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         f"edgellm.load's limit (default: the model's max_position_embeddings, at most "
                         f"{DEFAULT_MAX_CONTEXT})")
     parser.add_argument("--no-eval", action="store_true", help="skip the perplexity gate (faster, unchecked)")
+    parser.add_argument("--lora", type=Path, metavar="ADAPTER",
+                        help="a PEFT LoRA adapter folder to merge into a Hugging Face base before quantization")
 
 
 class _Bars:
@@ -144,7 +146,8 @@ def run(args: argparse.Namespace) -> int:
         manifest = export_model(args.source, args.output, quant=quant, via=args.via, force=args.force,
                                 eval_text=eval_text, max_ppl_ratio=args.max_ppl_ratio,
                                 evaluate=not args.no_eval, progress=bars, requantize=args.requantize,
-                                allow_quality_loss=args.allow_quality_loss, max_context=args.max_context)
+                                allow_quality_loss=args.allow_quality_loss, max_context=args.max_context,
+                                lora=args.lora)
     finally:
         bars.close()
     q = manifest.quality

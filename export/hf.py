@@ -10,7 +10,7 @@ import hashlib
 import json
 import struct
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -18,6 +18,9 @@ from edgellm.errors import ExportError
 from edgellm.runtime.model_spec import ModelSpec
 
 from . import arch
+
+if TYPE_CHECKING:
+    from .lora import LoraAdapter
 
 _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}
 _SAMPLING_KEYS = ("temperature", "top_p", "top_k", "repetition_penalty")
@@ -212,8 +215,9 @@ def _text_name(stored: str) -> str:
 class HFSource:
     """A HF checkpoint folder; tensors are read from disk only when asked for."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, lora: LoraAdapter | None = None) -> None:
         self.path = path
+        self.lora = lora  # merged into each weight as it is read, before any family transform
         config = _read_json(path / "config.json") if (path / "config.json").is_file() else None
         if config is None:
             raise ExportError(f"{path / 'config.json'}: missing (is {path} a Hugging Face model folder?)")
@@ -242,6 +246,8 @@ class HFSource:
             st = _SafetensorsFile(file)
             for stored in st.entries:
                 self._where[_text_name(stored)] = (st, stored)
+        if lora is not None:
+            lora.check(list(self._where), path)
 
     def names(self) -> list[str]:
         return list(self._where)
@@ -250,7 +256,8 @@ class HFSource:
         st, stored = self._where.get(name, (None, name))
         if st is None:
             raise ExportError(f"{self.path}: tensor {name!r} is missing from the checkpoint")
-        return st.read(stored) if self.family is None else self.family.hf_tensor(name, st.read(stored))
+        weight = st.read(stored) if self.lora is None else self.lora.merge(name, st.read(stored))
+        return weight if self.family is None else self.family.hf_tensor(name, weight)
 
     def quant_blocks(self, name: str) -> None:
         return None
@@ -266,9 +273,10 @@ class HFSource:
             "path": str(self.path),
             "sha256": digest.hexdigest(),
             "files": [f.name for f in self.files],
+            **({"lora": self.lora.describe()} if self.lora is not None else {}),
         }
 
 
-def open_hf_folder(path: Path) -> HFSource:
-    """Open a HF checkpoint folder (llama, mistral, qwen2, qwen3 in safetensors)."""
-    return HFSource(Path(path))
+def open_hf_folder(path: Path, lora: LoraAdapter | None = None) -> HFSource:
+    """Open a HF checkpoint folder (llama, mistral, qwen2, qwen3 in safetensors), with `lora` merged."""
+    return HFSource(Path(path), lora)

@@ -236,11 +236,12 @@ def http_ports() -> dict[str, int]:
     return {}
 
 
-@pytest.mark.parametrize("block", RUN, ids=[f"{b.doc}:{b.line}" for b in RUN])
+@pytest.mark.slow  # the session's SmolLM2 export
+@pytest.mark.mqtt
+@pytest.mark.parametrize("block", [  # skipped before the fixtures: a board-only block costs no export
+    pytest.param(b, id=f"{b.doc}:{b.line}", marks=[pytest.mark.skip(reason=b.skip)] if b.skip else []) for b in RUN])
 def test_the_block_runs_as_written(block: Block, sandbox: Path, mosquitto, http_ports: dict[str, int], request,
                                    tmp_path: Path) -> None:
-    if block.skip:
-        pytest.skip(f"{block.doc}:{block.line}: {block.skip}")
     if "bundles/minilm" in block.text and not (sandbox / "bundles" / "minilm").exists():
         (sandbox / "bundles" / "minilm").symlink_to(request.getfixturevalue("minilm")["int8"])
     reader = Reader(sandbox, int(mosquitto.url.rsplit(":", 1)[1]), http_ports)
