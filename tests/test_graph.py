@@ -359,8 +359,15 @@ def test_smollm2_int4_from_gguf(tmp_path):
     graph = onnx.load(tmp_path / "model.onnx", load_external_data=False).graph
     # 11 a layer, plus 8 for the Q4_1 blocks' offsets (block sums MatMul, Concat per activation);
     # the embedding gathers lm_head's own 8-bit codes and scales and dequantizes them (7 nodes
-    # where GatherBlockQuantized on a second copy of the table was 1 plus its Reshape).
-    assert len(graph.node) <= 19 * 30 + 17
+    # where GatherBlockQuantized on a second copy of the table was 1 plus its Reshape). Counted
+    # as onnxruntime runs them: the Casts and Concats of the float16 GGUF scales fold at load.
+    constant, left = {t.name for t in graph.initializer}, 0
+    for node in graph.node:
+        if all(i in constant for i in node.input if i):
+            constant.update(node.output)
+        else:
+            left += 1
+    assert left <= 19 * 30 + 17
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_str(source.tokenizer_json)
