@@ -1,9 +1,10 @@
 """One model, one queue, one worker: every front (MQTT, HTTP) submits its requests here.
 
-The model is not thread-safe, so one worker thread runs one generation at a time and
-hands each chunk to the job's callbacks on that thread. Fronts only translate: they
-turn their requests into a `Job` and the chunks into their replies. The queue is fair
-across clients (`FairQueue`), so one flooding client takes only its own share.
+The model is not thread-safe, so one worker thread drives the model's decode loop
+(`edgellm.scheduler`, over one slot or several) and hands each chunk to the job's
+callbacks on that thread. Fronts only translate: they turn their requests into a `Job`
+and the last chunk's `Result` into their replies. The queue is fair across clients
+(`FairQueue`), so one flooding client takes only its own share.
 
 A request held to a grammar (response_format, grammar, tools) takes its place in the
 queue when submitted, but enters it only once a second thread has compiled its grammar:
@@ -17,7 +18,7 @@ import logging
 import threading
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass
-from typing import Any, Callable, Generic, Hashable, Iterator, Mapping, Protocol, TypeVar
+from typing import Any, Callable, Generic, Hashable, Mapping, Protocol, TypeVar
 
 from .errors import GenerationError
 from .params import GenerationParams
@@ -120,9 +121,6 @@ class StreamingModel(Protocol):
     tokenizer: Any  # and conventions: what a request's grammar is compiled for
     conventions: Any
 
-    def stream(self, prompt: Any, *, tenant: str = "", **params: Any) -> Iterator[Any]: ...
-
-    # Only for slots > 1 (continuous batching):
     def request(self, prompt: Any, **params: Any) -> tuple[list[int], GenerationParams]: ...
 
     def scheduler(self, slots: int) -> Any: ...
@@ -130,7 +128,7 @@ class StreamingModel(Protocol):
 
 @dataclass
 class Outcome:
-    """How a job ended: its last chunk (finish_reason, usage), or the error that ended it.
+    """How a job ended: its last chunk (finish_reason, usage, the whole `Result`), or the error that ended it.
 
     A GenerationError is the request's fault (a prompt too long for the context); any
     other error is ours. `waited_out`: cancelled while still queued, never run."""
@@ -159,9 +157,9 @@ class Job:
 class Engine:
     """Serves one model to any number of fronts; `start()`, `submit()`, then `close()`.
 
-    With `slots` above 1 (and a graph exported with a batch dimension) up to that many
-    requests decode together, one batched step for all of them (`edgellm.scheduler`); a
-    request joins as soon as a slot is free and leaves when it ends."""
+    Up to `slots` requests decode together (above 1, on a graph exported with a batch
+    dimension), one batched step for all of them (`edgellm.scheduler`); a request joins as
+    soon as a slot is free and leaves when it ends."""
 
     def __init__(self, model: StreamingModel, queue_size: int = 8, per_client: int | None = None,
                  max_tokens: int = 1024, slots: int = 1) -> None:
@@ -181,8 +179,7 @@ class Engine:
         self._by_id: dict[int, Job] = {}  # queued or running, cancelled on close
         self._lock = threading.Lock()
         self.active = 0  # jobs generating now
-        self._worker = threading.Thread(target=self._work if slots == 1 else self._work_batched,
-                                        name="edgellm-generate", daemon=True)
+        self._worker = threading.Thread(target=self._work, name="edgellm-generate", daemon=True)
         self._compiler = threading.Thread(target=self._compile, name="edgellm-grammar", daemon=True)
         self._closed = False
         self.observers: list[Callable[[Outcome], None]] = []  # told of every job's end (metrics)
@@ -279,13 +276,6 @@ class Engine:
 
     # -- worker thread -------------------------------------------------------
 
-    def _work(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            self.active = 1
-            outcome = self._run(job)
-            self.active = 0
-            self._end(job, outcome)
-
     def _end(self, job: Job, outcome: Outcome) -> None:
         with self._lock:
             self._by_id.pop(id(job), None)
@@ -298,20 +288,8 @@ class Engine:
         if not len(self._jobs) and not self.active:
             release_freed_heap()  # a long prompt's buffers go back to the OS while idle
 
-    def _run(self, job: Job) -> Outcome:
-        if job.cancel.is_set():
-            return Outcome(waited_out=True)
-        last = None
-        try:
-            for chunk in self.model.stream(job.prompt, **job.params, cancel=job.cancel, tenant=job.tenant):
-                last = chunk
-                job.on_chunk(chunk)
-        except Exception as exc:  # noqa: BLE001 - handed to the front, which reports it
-            return Outcome(last, exc)
-        return Outcome(last)
-
-    def _work_batched(self) -> None:
-        """Admit jobs into free slots between steps, one batched step for all of them."""
+    def _work(self) -> None:
+        """Admit jobs into free slots between steps, one step for all of them."""
         scheduler = self.model.scheduler(self.slots)
         live: dict[int, Job] = {}
         while True:
@@ -327,17 +305,22 @@ class Engine:
                 events = scheduler.step()
             except Exception as exc:  # noqa: BLE001 - every job of the step is told; the slots start afresh
                 for key in list(live):
-                    self._end(live.pop(key), Outcome(error=exc))
+                    self._retire(live, key, Outcome(error=exc))
                 scheduler = self.model.scheduler(self.slots)
                 continue
             for key, chunk in events:
                 if isinstance(chunk, GenerationError):  # that request's own failure: the others go on
-                    self._end(live.pop(key), Outcome(error=chunk))
+                    self._retire(live, key, Outcome(error=chunk))
                     continue
                 self._deliver(live[key], chunk)
                 if chunk.finish_reason is not None:
-                    self._end(live.pop(key), Outcome(chunk))
-            self.active = len(live)
+                    self._retire(live, key, Outcome(chunk))
+
+    def _retire(self, live: dict[int, Job], key: int, outcome: Outcome) -> None:
+        """End a job that was decoding; the count drops first, so the last one frees the heap (`_end`)."""
+        job = live.pop(key)
+        self.active = len(live)
+        self._end(job, outcome)
 
     def _admit(self, scheduler: Any, live: dict[int, Job], job: Job) -> None:
         if job.cancel.is_set():

@@ -9,12 +9,14 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from .runtime.bundle import Manifest, bundle_file, read_manifest
 from .errors import BundleError, GenerationError
-from .generate import Chunk, Conventions, GenerationParams, Result, collect, stream_chunks
-from .runtime.caches import Scope, SharedPrefixes, common_prefix, kv_dtype
+from .params import GenerationParams
+from .runtime.caches import SharedPrefixes, common_prefix, kv_dtype
 from .reasoning import CONFIG_KEY, detect_markers, template_extras
 from .runtime.providers import ProviderSpec, create_session, release_freed_heap, release_mapped_weights
 from .runtime.runner import BatchRunner, OneTokenRunner, Runner, open_runner, open_slots, prefill
-from .speculate import DraftModel, PromptLookup
+from .scheduler import OneSlot, Scheduler
+from .sequence import Chunk, Conventions, Result
+from .speculate import NEEDS_DRAFT
 from .runtime.model_spec import ModelSpec
 from .messages import check_messages
 from .text import ChatTemplate, Tokenizer, encode_chat, template_variables
@@ -158,8 +160,9 @@ class Model:
     only what is new. Requests of different tenants (`stream`'s `tenant`, a front's
     client) reuse only the prefixes declared shared (`share_prefix`).
 
-    Not thread-safe by design: one generation at a time (the service serialises).
-    Starting a new generation abandons any stream still open on this model.
+    Not thread-safe by design: one caller drives it (the service's engine, one worker thread,
+    many requests on one scheduler). Starting a new generation abandons any stream still open
+    on this model.
     """
 
     def __init__(
@@ -250,7 +253,8 @@ class Model:
         return ids[-keep:]
 
     def stream(self, prompt: Prompt, *, tenant: str = "", **params: Any) -> Iterator[Chunk]:
-        """Yield text deltas as they are ready; the last chunk carries finish_reason and usage.
+        """Yield text deltas as they are ready; the last chunk carries finish_reason, usage and the
+        whole `Result` (`Chunk.result`). It runs on the scheduler as any request does, alone.
 
         Parameters are validated here, before the first chunk is asked for. `tenant` is whose
         request it is (a front sets it: an HTTP key or address, an MQTT reply topic): it reuses
@@ -260,12 +264,9 @@ class Model:
         """
         started = time.perf_counter()
         ids, p = self.request(prompt, **params)
-        scope = Scope(tenant, p.cache_salt)
-        drafter = (PromptLookup() if p.speculative == "prompt_lookup" else
-                   DraftModel(self.draft._runner, scope) if p.speculative == "draft_model" else None)
-        return self._owned(stream_chunks(self._runner, self.tokenizer, ids, p, started=started,
-                                         conventions=self.conventions, drafter=drafter, scope=scope,
-                                         shared=self.shared))
+        scheduler = self.scheduler(1)
+        scheduler.add(0, ids, p, started, tenant)
+        return self._owned(chunk for _, chunk in scheduler.run())
 
     def share_prefix(self, prompt: Prompt) -> int:
         """Declare the start of `prompt` shared between tenants (a service's system prompt, a
@@ -299,13 +300,13 @@ class Model:
         (GenerationError names the first bad one)."""
         p = GenerationParams.build(self._defaults, params, self._runner.vocab_size)
         if p.speculative == "draft_model" and self.draft is None:
-            raise GenerationError('speculative "draft_model" needs a draft model: edgellm.load(..., draft=BUNDLE) '
-                                  "or --draft BUNDLE")
+            raise GenerationError(NEEDS_DRAFT)
         return self.prompt_ids(prompt, p), p
 
     def generate(self, prompt: Prompt, **params: Any) -> Result:
         """The whole completion at once; same parameters as `stream`."""
-        return collect(self.stream(prompt, **params))
+        *_, last = self.stream(prompt, **params)
+        return last.result
 
     def _owned(self, chunks: Iterator[Chunk]) -> Iterator[Chunk]:
         # Two interleaved streams would write into one cache; the older one stops instead.
@@ -334,28 +335,23 @@ class Model:
         if slots is not None and (not isinstance(slots, int) or isinstance(slots, bool) or slots < 1):
             raise GenerationError(f"slots must be an integer >= 1, got {slots!r}")
         requests = [self.request(prompt, **{**params, **extra}) for prompt, extra in zip(prompts, each)]
-        if not self._batches:
-            return [self.generate(prompt, **{**params, **extra}) for prompt, extra in zip(prompts, each)]
-        scheduler = self.scheduler(slots or min(max(len(prompts), 1), DEFAULT_SLOTS))
+        n = slots or min(max(len(prompts), 1), DEFAULT_SLOTS)
+        scheduler = self.scheduler(n if self._batches else 1)
         for i, (prompt_ids, p) in enumerate(requests):
             scheduler.add(i, prompt_ids, p, started)
         self._generation += 1  # an open stream is abandoned, as a new stream would abandon it
-        chunks: list[list[Chunk]] = [[] for _ in prompts]
-        while scheduler.busy:
-            for i, chunk in scheduler.step():
-                if isinstance(chunk, GenerationError):
-                    raise chunk
-                chunks[i].append(chunk)
-        return [collect(iter(mine)) for mine in chunks]
+        results = {i: chunk.result for i, chunk in scheduler.run() if chunk.result is not None}
+        return [results[i] for i in range(len(prompts))]
 
-    def scheduler(self, slots: int) -> "Scheduler":
-        """A continuous-batching scheduler over `slots` cache slots (one where the graph has
-        no batch dimension), for whoever drives many requests: `generate_many`, the engine."""
-        from .scheduler import Scheduler
-
+    def scheduler(self, slots: int = 1) -> Scheduler:
+        """The decode loop (`edgellm.scheduler`) over `slots` cache slots, for whoever drives
+        requests: `stream`, `generate_many`, the engine. One slot is the model's own cache, as
+        is every slot asked of a graph without a batch dimension; a generic, openvino or qnn
+        graph is refused more than one."""
         graph = self.manifest.graph
-        return Scheduler(self._slots(slots if graph.batch else 1), self.tokenizer, self.conventions,
-                         shared=self.shared)
+        one = slots == 1 or (graph.takes_slots and not graph.batch)
+        return Scheduler(OneSlot(self._runner) if one else self._slots(slots), self.tokenizer, self.conventions,
+                         shared=self.shared, draft=self.draft._runner if self.draft is not None else None)
 
     @property
     def _batches(self) -> bool:

@@ -3,10 +3,11 @@
 A `Sequence` is built once from validated parameters and holds everything that
 belongs to one request: sampler, logits processors, grammar, stop rules, the
 streaming detokenizer, the think-block tracker, the tool-call parser, the token
-budget, cancel and usage counters. It does not hold the model or its KV cache:
-whoever owns those (today `generate.stream_chunks`, one sequence at a time; later a
-scheduler stepping many with one batched forward) hands each sequence its logits
-and feeds back the token it picked.
+budget, cancel and usage counters, and what it handed out so far, from which its
+last chunk carries the whole `Result` (every front serializes that one instead of
+rebuilding it). It does not hold the model or its KV cache: the scheduler
+(`edgellm.scheduler`, one slot or many) hands each sequence its logits and feeds back
+the token it picked.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from .reasoning import Markers, Reasoning
 from .sampling import Processor, make_logits_processors, make_sampler
 from .speculate import Drafter
 from .text import StopMatcher, StreamDecoder, Tokenizer
-from .tools import Syntax, ToolCallParser, call_schema, settle_choice
+from .tools import Syntax, ToolCallParser, call_schema, merge_deltas, settle_choice
 
 
 @dataclass(frozen=True)
@@ -51,17 +52,6 @@ class Usage:
 
 
 @dataclass
-class Chunk:
-    text: str
-    token_ids: list[int]
-    finish_reason: str | None = None  # "stop" | "length" | "tool_calls" | "cancelled" on the last chunk
-    usage: Usage | None = None
-    incomplete: bool = False  # last chunk: the output stopped short of its response_format/grammar/call
-    reasoning: str = ""  # think-block text, apart from `text` (reasoning "separate")
-    tool_calls: list[dict[str, Any]] = field(default_factory=list)  # OpenAI tool-call deltas
-
-
-@dataclass
 class Result:
     text: str
     token_ids: list[int]
@@ -70,6 +60,38 @@ class Result:
     incomplete: bool = False  # the text stopped short of its response_format/grammar: it will not validate
     reasoning: str = ""
     tool_calls: list[dict[str, Any]] = field(default_factory=list)  # OpenAI's `tool_calls`, arguments as JSON text
+
+
+@dataclass
+class Chunk:
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None  # "stop" | "length" | "tool_calls" | "cancelled" on the last chunk
+    usage: Usage | None = None
+    incomplete: bool = False  # last chunk: the output stopped short of its response_format/grammar/call
+    reasoning: str = ""  # think-block text, apart from `text` (reasoning "separate")
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)  # OpenAI tool-call deltas
+    result: Result | None = None  # on the last chunk: the whole request, what every front answers with
+
+
+class Accumulator:
+    """What a sequence handed out in its chunks, kept so that its end is told once: the last
+    chunk's `Result`, which the Python API returns and every front serializes."""
+
+    def __init__(self) -> None:
+        self.text: list[str] = []
+        self.reasoning: list[str] = []
+        self.calls: list[dict[str, Any]] = []  # the deltas merged into whole calls
+
+    def add(self, chunk: Chunk) -> None:
+        self.text.append(chunk.text)
+        self.reasoning.append(chunk.reasoning)
+        merge_deltas(self.calls, chunk.tool_calls)
+
+    def result(self, last: Chunk, token_ids: list[int]) -> Result:
+        """The whole request once `last` (with finish_reason and usage) was added."""
+        return Result("".join(self.text), token_ids, last.finish_reason or "stop", last.usage, last.incomplete,
+                      "".join(self.reasoning), self.calls)
 
 
 def stop_ids(params: GenerationParams, tokenizer: Tokenizer) -> frozenset[int]:
@@ -161,6 +183,7 @@ class Sequence:
         self._pending: list[int] = []  # ids whose text is still held back
         self._text = self._thought = ""  # output made ready and not yet handed out in a chunk
         self._calls: list[dict[str, Any]] = []
+        self.whole = Accumulator()
         self._first = self._last = 0.0
 
     @property
@@ -235,7 +258,7 @@ class Sequence:
         return self.finish_reason == "cancelled"
 
     def finish(self) -> Chunk:
-        """The last chunk: output still held back, finish_reason and usage."""
+        """The last chunk: output still held back, finish_reason, usage and the whole `Result`."""
         if not self.matcher.stopped:
             more, stopped = self.matcher.push(self.decoder.flush())
             self._answer(more if stopped else more + self.matcher.flush())
@@ -247,8 +270,8 @@ class Sequence:
             self._route(events)
             if calls and self.finish_reason == "stop":
                 self.finish_reason = "tool_calls"
-        chunk = self._chunk(self.finish_reason, self.usage())
-        chunk.incomplete = self.incomplete
+        chunk = self._chunk(self.finish_reason, self.usage(), self.incomplete)
+        chunk.result = self.whole.result(chunk, self.tokens[len(self.prompt):].tolist())
         return chunk
 
     @property
@@ -284,8 +307,9 @@ class Sequence:
             else:
                 self._calls.append(event)
 
-    def _chunk(self, finish_reason: str | None = None, usage: Usage | None = None) -> Chunk:
-        chunk = Chunk(self._text, self._pending, finish_reason, usage, reasoning=self._thought,
-                      tool_calls=self._calls)
+    def _chunk(self, finish_reason: str | None = None, usage: Usage | None = None,
+               incomplete: bool = False) -> Chunk:
+        chunk = Chunk(self._text, self._pending, finish_reason, usage, incomplete, self._thought, self._calls)
         self._text, self._thought, self._pending, self._calls = "", "", [], []
+        self.whole.add(chunk)
         return chunk

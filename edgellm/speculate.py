@@ -10,13 +10,24 @@ row yields exactly one token from the same history, so greedy and seeded samplin
 very same tokens as plain decoding (up to the graph's arithmetic on several rows), and the
 draft only decides how many of them one step produces. A draft model (a smaller bundle with
 the same tokenizer) guesses greedily instead, for text that repeats nothing.
+
+`drafter_for` is the one place a request's `speculative` becomes a drafter; the scheduler
+asks it for every request and verifies drafts while a sequence decodes alone.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
+from .errors import GenerationError
 from .runtime.caches import Scope
 from .runtime.runner import Runner, prefill
+
+if TYPE_CHECKING:
+    from .params import GenerationParams
+
+NEEDS_DRAFT = 'speculative "draft_model" needs a draft model: edgellm.load(..., draft=BUNDLE) or --draft BUNDLE'
 
 # Longest and shortest suffix looked up: a short one matches everywhere and drafts mostly
 # wrong guesses, each of which costs a wider step. Draft length: starts at START_DRAFT, +2
@@ -96,3 +107,15 @@ class DraftModel(Drafter):
             if len(out) == size:
                 return out
             logits = self.runner.forward(out[-1:])
+
+
+def drafter_for(params: "GenerationParams", scope: Scope = Scope(), draft: Runner | None = None) -> Drafter | None:
+    """The drafter `params.speculative` asks for (None: plain decoding). `draft`: the draft
+    model's runner (`Model.draft`), which "draft_model" needs; it reuses only `scope`'s rows."""
+    if params.speculative == "prompt_lookup":
+        return PromptLookup()
+    if params.speculative == "draft_model":
+        if draft is None:
+            raise GenerationError(NEEDS_DRAFT)
+        return DraftModel(draft, scope)
+    return None

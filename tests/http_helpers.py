@@ -10,6 +10,7 @@ import edgellm
 from edgellm.engine import Engine
 from edgellm.service.http import HttpConfig
 from edgellm.service.http_server import HttpServer
+from engine_helpers import Hooked
 from tests.tiny import QWEN3_TEMPLATE, THINK_TOOL_TOKENS
 
 LIGHT = {"type": "object", "properties": {"on": {"type": "boolean"}, "level": {"type": "integer", "minimum": 0,
@@ -38,32 +39,30 @@ def serving(model: Any, queue_size: int = 8, max_tokens: int = 1024, **config: A
         engine.close()
 
 
-class Paced:
-    """A real model whose chunks come `delay` seconds apart, counted as they are yielded (the
+class Paced(Hooked):
+    """A real model whose chunks come `delay` seconds apart, counted as they are made (the
     final one apart), so a test can tell how many were generated after it hung up; it keeps
-    each request's parameters."""
+    each request's tenant and cache salt. One request at a time: the engine's one slot."""
 
     def __init__(self, model: Any, delay: float = 0.05) -> None:
-        self.model = model
+        super().__init__(model)
         self.delay = delay
-        self.manifest = model.manifest
-        self.max_context = model.max_context
-        self.path = model.path
-        self.tokenizer = model.tokenizer
         self.chunks = 0
         self.last: Any = None
         self.done = threading.Event()
-        self.requests: list[dict[str, Any]] = []  # each request's parameters, the engine's tenant among them
+        self.requests: list[dict[str, Any]] = []  # each request's tenant (the engine's) and cache_salt
 
-    def stream(self, prompt: Any, **params: Any) -> Iterator[Any]:
+    def added(self, params: Any, tenant: str) -> None:
         self.chunks, self.last = 0, None
-        self.requests.append(params)
+        self.requests.append({"tenant": tenant, "cache_salt": params.cache_salt})
         self.done.clear()
-        try:
-            for chunk in self.model.stream(prompt, **params):
-                time.sleep(self.delay)
-                self.chunks += chunk.finish_reason is None
-                self.last = chunk
-                yield chunk
-        finally:
+
+    def event(self, event: Any) -> None:
+        if isinstance(event, Exception):
+            self.done.set()
+            return
+        time.sleep(self.delay)
+        self.chunks += event.finish_reason is None
+        self.last = event
+        if event.finish_reason is not None:
             self.done.set()

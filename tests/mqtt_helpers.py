@@ -23,6 +23,7 @@ from edgellm.service import protocol as proto
 from edgellm.service.broker import Mosquitto
 from edgellm.service.connection import BrokerAddress, Connection, connect_async, make_client
 from edgellm.service.server import Service, ServiceConfig
+from engine_helpers import Hooked
 
 
 def connection(url: str, **kw: Any) -> Connection:
@@ -141,24 +142,18 @@ def held_for(conn: Connection, client_id: str, wait: float = 1.0) -> list[mqtt.M
     return list(got.queue)
 
 
-class Gated:
-    """A real model whose generations wait for `gate` first, so tests can hold the worker busy.
-
-    Everything but `stream` is the real model's (the engine reads its manifest, tokenizer and
-    checked requests, e.g. to compile a grammar before the request queues)."""
+class Gated(Hooked):
+    """A real model whose engine steps wait for `gate` first, so tests can hold the worker busy
+    (with a request taken out of the queue); `started` is set once the first step is waiting."""
 
     def __init__(self, model: Any) -> None:
-        self.model = model
+        super().__init__(model)
         self.gate = threading.Event()
         self.started = threading.Event()
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.model, name)
-
-    def stream(self, prompt: Any, **params: Any) -> Iterator[Any]:
+    def stepping(self) -> None:
         self.started.set()
         assert self.gate.wait(20), "test never opened the gate"
-        yield from self.model.stream(prompt, **params)
 
 
 def make_password_file(workdir: Path, user: str, password: str) -> Path:

@@ -205,7 +205,7 @@ def test_a_batch1_bundle_still_loads_and_generates_one_slot_at_a_time(batch1_bun
     assert old.generate(PROMPTS[1], temperature=0, **BUDGETS[1]).token_ids == expected[1].token_ids
     got = old.generate_many(PROMPTS, slots=4, each=BUDGETS, temperature=0)
     assert [r.token_ids for r in got] == [r.token_ids for r in expected]
-    assert set(rows) == {1}
+    assert not rows and len(old.scheduler(4).runner.slots) == 1  # one slot, the model's own cache: no batched step
     cache = SlotCache(2, old.spec.num_layers, old.spec.num_kv_heads, old.spec.head_dim, 16)
     with pytest.raises(BundleError, match="'input_ids' has batch dimension 1; 2 slots need a graph exported"):
         BatchRunner(old._runner.session, cache)

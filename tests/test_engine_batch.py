@@ -9,7 +9,6 @@ import edgellm
 from edgellm.engine import Engine, Job, Outcome
 from edgellm.errors import GenerationError
 from edgellm.runtime.bundle import Graph
-from edgellm.generate import collect
 from edgellm.service import protocol as proto
 from edgellm.service.broker import find_mosquitto
 from mqtt_helpers import connection, running_service
@@ -67,7 +66,8 @@ def test_requests_decode_together_and_answer_as_alone(model):
     assert max(j.together for j in jobs) == 2  # two slots decoded in one step
     for job, expected in zip(jobs, alone):
         assert job.outcome.error is None
-        got = collect(iter(job.chunks))
+        got = job.outcome.last.result
+        assert [t for c in job.chunks for t in c.token_ids] == got.token_ids
         assert got.token_ids == expected.token_ids and got.text == expected.text
         assert job.outcome.last.finish_reason == expected.finish_reason
 
@@ -90,7 +90,7 @@ def test_a_bad_or_cancelled_request_leaves_the_others_alone(model):
     assert isinstance(bad.outcome.error, GenerationError) and "context" in str(bad.outcome.error)
     assert cancelled.outcome.last.finish_reason == "cancelled"
     model.reset()
-    assert collect(iter(long.chunks)).token_ids == model.generate("The quick brown fox", max_new_tokens=40).token_ids
+    assert long.outcome.last.result.token_ids == model.generate("The quick brown fox", max_new_tokens=40).token_ids
 
 
 def test_slots_are_refused_unless_a_positive_integer(model):
@@ -103,7 +103,8 @@ def test_a_graph_without_a_batch_dimension_serves_one_at_a_time(model, caplog):
         manifest = type("M", (), {"graph": Graph("fast", "model.onnx", (), ()), "generation": {}})()
         max_context = model.max_context
         tokenizer = model.tokenizer
-        stream = model.stream
+        request = model.request
+        scheduler = model.scheduler
 
     engine = Engine(Old(), slots=4).start()
     try:
@@ -111,7 +112,7 @@ def test_a_graph_without_a_batch_dimension_serves_one_at_a_time(model, caplog):
         (job,) = run_all(engine, [("Hello", {"max_new_tokens": 5})])
     finally:
         engine.close()
-    assert job.outcome.error is None and len(collect(iter(job.chunks)).token_ids) == 5
+    assert job.outcome.error is None and len(job.outcome.last.result.token_ids) == 5
 
 
 @pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto is not installed (apt-get install mosquitto)")

@@ -22,7 +22,6 @@ import edgellm
 from edgellm.cli import main as cli
 from edgellm.engine import Engine, Job, Outcome
 from edgellm.errors import GenerationError
-from edgellm.generate import collect
 from edgellm.runtime.caches import Scope, SharedPrefixes, Snapshot, visible
 from edgellm.recipes.anomaly import shared_prompt
 from edgellm.recipes.config import AnomalyConfig
@@ -51,7 +50,7 @@ def fresh(bundle, shared: bool = False) -> edgellm.Model:
 
 
 def ask(engine: Engine, prompt, tenant: str, **params):
-    """Submit one job as a front does; its final chunk (usage) and token ids."""
+    """Submit one job as a front does; its Result (usage, token ids)."""
     chunks, done, end = [], threading.Event(), []
 
     def on_end(outcome: Outcome) -> None:
@@ -63,7 +62,7 @@ def ask(engine: Engine, prompt, tenant: str, **params):
     assert engine.submit(job) is None
     assert done.wait(60), "the job never ended"
     assert end[0].error is None, end[0].error
-    return collect(iter(chunks))
+    return end[0].last.result
 
 
 @pytest.mark.parametrize("slots", [1, 2])

@@ -14,6 +14,7 @@ import pytest
 from edgellm.service import protocol as proto
 from edgellm.service.broker import BrokerError, Mosquitto, find_mosquitto
 from edgellm.service.client import ask
+from engine_helpers import Hooked
 from mqtt_helpers import (Gated, Probe, check_status_lifecycle, connection, is_reply, load_schema, make_password_file, make_tls_files, payload,
                           running_service, schema_errors, start_broker)
 
@@ -299,16 +300,15 @@ def test_embedded_broker_starts_and_stops_and_says_how_to_install_when_missing(m
         Mosquitto()
 
 
-class Counting:
+class Counting(Hooked):
     """A real model that counts its generations, to see which shared-group member ran them."""
 
     def __init__(self, model) -> None:
-        self.model, self.calls = model, 0
-        self.manifest, self.max_context, self.tokenizer = model.manifest, model.max_context, model.tokenizer
+        super().__init__(model)
+        self.calls = 0
 
-    def stream(self, prompt, **params):
+    def added(self, params, tenant: str) -> None:
         self.calls += 1
-        return self.model.stream(prompt, **params)
 
 
 def _wait(condition, timeout: float = 10.0) -> bool:

@@ -47,7 +47,7 @@ def _teacher_forced_agreement(model, reference, tokens: int = 32) -> float:
 
 
 def _params(model):
-    from edgellm.generate import GenerationParams
+    from edgellm.params import GenerationParams
 
     return GenerationParams.build({}, {}, model.spec.vocab_size)
 

@@ -3,11 +3,13 @@ gives, on fp32 graphs where one row and several rows compute alike."""
 from __future__ import annotations
 
 import json
+import threading
 
 import numpy as np
 import pytest
 
 import edgellm
+from edgellm.engine import Engine, Job, Outcome
 from edgellm.errors import BundleError, GenerationError
 from edgellm.speculate import PromptLookup
 
@@ -152,3 +154,30 @@ def test_a_sequence_decoding_alone_among_slots_speculates(model):
     assert usage.accepted_draft_tokens >= expected[0].usage.accepted_draft_tokens - 6
     plain = model.generate_many(prompts, slots=2, each=[dict(e, speculative="off") for e in each], temperature=0)
     assert plain[0].usage.draft_tokens == 0 and plain[0].token_ids == together[0].token_ids
+
+
+def test_a_draft_model_request_served_with_two_slots_speculates_when_alone(tiny_bundle):
+    """The service's loop and generate_many ask the same drafter_for as a lone stream: a
+    draft_model request decoding alone among two slots verifies the draft model's guesses
+    (before, only prompt lookup was known there and it silently decoded plainly). The model
+    drafts for itself, so every guess is accepted."""
+    target = edgellm.load(tiny_bundle, draft=tiny_bundle)
+    params = dict(max_new_tokens=40, temperature=0, speculative="draft_model")
+    plain = target.generate(QUOTE, max_new_tokens=40, temperature=0)
+    (many,) = target.generate_many([QUOTE], slots=2, **params)
+    ended: list[Outcome] = []
+    done = threading.Event()
+    engine = Engine(target, slots=2).start()
+    try:
+        assert engine.slots == 2
+        job = Job(QUOTE, params, client="c", on_chunk=lambda chunk: None,
+                  on_end=lambda outcome: (ended.append(outcome), done.set()))
+        assert engine.submit(job) is None
+        assert done.wait(60), "the job never ended"
+    finally:
+        engine.close()
+    assert ended[0].error is None, ended[0].error
+    served = ended[0].last.result
+    for result in (many, served):
+        assert result.token_ids == plain.token_ids
+        assert result.usage.accepted_draft_tokens == result.usage.draft_tokens > 20, result.usage

@@ -8,7 +8,7 @@ from tokenizers import AddedToken, decoders, models, normalizers
 import edgellm
 from edgellm.errors import BundleError, GenerationError
 from edgellm.messages import check_messages
-from edgellm.generate import GenerationParams
+from edgellm.params import GenerationParams
 from edgellm.text import ChatTemplate, StopMatcher, StreamDecoder, Tokenizer, encode_chat
 from edgellm.export.gguf_vocab import build_tokenizer as build_gguf_tokenizer
 from tests.tiny import CHAT_TEMPLATE, build_tokenizer

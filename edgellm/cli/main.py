@@ -9,7 +9,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from .. import __version__
 from .args import add_load_arguments, add_sampling_arguments, load_model, sampling_params
@@ -18,25 +18,24 @@ from ..errors import EdgeLLMError
 from .index import add_index_arguments, run_index
 from .commands import (add_ask_arguments, add_demo_arguments, add_serve_arguments, run_ask, run_demo,
                                run_serve)
-from ..tools import merge_deltas
+
+if TYPE_CHECKING:
+    from ..sequence import Result
 
 
-def _stream_to_stdout(model, request, params: dict[str, Any]):
-    """Print the answer as it comes; return the final chunk, the whole text and the tool calls."""
-    last, parts, calls, printer = None, [], [], AnswerPrinter()
+def _stream_to_stdout(model, request, params: dict[str, Any]) -> "Result":
+    """Print the answer as it comes; return the whole Result (the last chunk's)."""
+    printer = AnswerPrinter()
     for chunk in model.stream(request, **params):
         printer.reasoning(chunk.reasoning)
         printer.text(chunk.text)
-        parts.append(chunk.text)
-        merge_deltas(calls, chunk.tool_calls)
-        last = chunk
-    printer.finish(calls)  # before the stats line goes to stderr
-    return last, "".join(parts), calls
+    printer.finish(chunk.result.tool_calls)  # before the stats line goes to stderr
+    return chunk.result
 
 
-def _stats(chunk) -> str:
-    u = chunk.usage
-    return (f"[{chunk.finish_reason}] prompt {u.prompt_tokens} tok ({u.cached_prompt_tokens} cached), "
+def _stats(result: "Result") -> str:
+    u = result.usage
+    return (f"[{result.finish_reason}] prompt {u.prompt_tokens} tok ({u.cached_prompt_tokens} cached), "
             f"completion {u.completion_tokens} tok, ttft {u.ttft_s * 1000:.0f} ms, "
             f"{u.decode_tokens_per_s:.1f} tok/s")
 
@@ -54,14 +53,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     citations: list[Any] = []
     if args.index is not None:
         request, citations = _grounded(request, args.index, args.sources)
-    last, text, _ = _stream_to_stdout(model, request, params)
+    result = _stream_to_stdout(model, request, params)
     if citations:
         from ..retrieval.grounding import mark_cited
 
         print("\nsources:")
-        for c in mark_cited(text, citations):
+        for c in mark_cited(result.text, citations):
             print(f"[{c.n}]{'*' if c.cited else ' '} {c.path}:{c.line}" + (f"  {c.heading}" if c.heading else ""))
-    print(_stats(last), file=sys.stderr)
+    print(_stats(result), file=sys.stderr)
     return 0
 
 
@@ -97,9 +96,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
             continue
         history.append({"role": "user", "content": line})
         # The model keeps the previous turn's KV: only the new turn is prefilled.
-        last, text, calls = _stream_to_stdout(model, history, params)
-        history.append({"role": "assistant", "content": text, **({"tool_calls": calls} if calls else {})})
-        print(_stats(last), file=sys.stderr)
+        result = _stream_to_stdout(model, history, params)
+        calls = result.tool_calls
+        history.append({"role": "assistant", "content": result.text, **({"tool_calls": calls} if calls else {})})
+        print(_stats(result), file=sys.stderr)
     return 0
 
 

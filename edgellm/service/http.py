@@ -24,7 +24,7 @@ from .. import netjson
 from ..engine import Engine, Job, Outcome
 from ..errors import GenerationError
 from ..params import spelled
-from ..generate import Result, collect
+from ..sequence import Result
 from .http_conn import DEFAULT_MAX_CONNECTIONS, DEFAULT_READ_TIMEOUT
 from .http_metrics import Metrics
 
@@ -202,15 +202,16 @@ class Front:
         return run
 
     async def whole(self, run: Run) -> Result:
-        """A job answered in one body, as the Python API's Result; a disconnect cancels it."""
+        """A job answered in one body: its last chunk's Result; a disconnect cancels it."""
         try:
-            chunks = [chunk async for chunk in run.chunks()]
+            async for _ in run.chunks():
+                pass
         finally:
             run.cancel.set()  # a no-op once it finished
             run.unwatch()
         if run.outcome.error is not None:
             raise outcome_error(run.outcome, run.names)
-        return collect(iter(chunks))
+        return run.outcome.last.result
 
 
 def outcome_error(outcome: Outcome, names: Mapping[str, str]) -> HttpError:

@@ -25,7 +25,7 @@ from .. import __version__
 from ..errors import GenerationError
 from ..messages import check_messages
 from ..params import BY_WIRE, WIRE, from_wire
-from ..tools import merge_deltas
+from ..sequence import Result
 from .http import Front, HttpError, Run, bad_request, outcome_error
 
 log = logging.getLogger("edgellm.service")
@@ -141,11 +141,11 @@ def _ollama_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def _done(front: Front, last: Any, **fields: Any) -> dict[str, Any]:
-    u = last.usage
+def _done(front: Front, result: Result, **fields: Any) -> dict[str, Any]:
+    u = result.usage
     decode_s = (u.completion_tokens - 1) / u.decode_tokens_per_s if u.decode_tokens_per_s else 0.0
     return {"model": front.tag, "created_at": _now(), **fields, "done": True,
-            "done_reason": "length" if last.finish_reason == "length" else "stop",
+            "done_reason": "length" if result.finish_reason == "length" else "stop",
             "total_duration": int((u.ttft_s + decode_s) * 1e9), "load_duration": 0,
             "prompt_eval_count": u.prompt_tokens, "prompt_eval_duration": int(u.ttft_s * 1e9),
             "eval_count": u.completion_tokens, "eval_duration": int(decode_s * 1e9)}
@@ -164,20 +164,19 @@ def _line(data: dict[str, Any]) -> str:
 
 async def _ndjson(front: Front, run: Run, chat: bool) -> AsyncIterator[str]:
     """One line per chunk; the tool calls, whole, on a line of their own before the final one."""
-    calls: list[dict[str, Any]] = []
     try:
         async for chunk in run.chunks():
-            merge_deltas(calls, chunk.tool_calls)
             if chunk.text or chunk.reasoning:
                 yield _line({"model": front.tag, "created_at": _now(), **_part(chat, chunk.text, chunk.reasoning),
                              "done": False})
         if run.outcome.error is not None:
             yield _line({"error": str(outcome_error(run.outcome, NAMES))})
             return
-        if calls and (whole := _ollama_calls(calls)):
+        result = run.outcome.last.result
+        if whole := _ollama_calls(result.tool_calls):
             yield _line({"model": front.tag, "created_at": _now(),
                          "message": {"role": "assistant", "content": "", "tool_calls": whole}, "done": False})
-        yield _line(_done(front, run.outcome.last, **_part(chat, "", "")))
+        yield _line(_done(front, result, **_part(chat, "", "")))
     finally:
         run.cancel.set()  # the client went away (or it finished: then a no-op)
 

@@ -27,7 +27,6 @@ from .. import __version__
 from ..engine import Engine, Outcome, StreamingModel
 from ..engine import Job as EngineJob
 from ..errors import GenerationError, RequestError
-from ..tools import merge_deltas
 from . import protocol as proto
 from .acks import Acks, Deliveries, delivery
 from .admission import ACTIVE, RecentRequests
@@ -93,10 +92,7 @@ class Job:
 
 
 def _usage(usage: Any) -> dict[str, Any]:
-    if usage is None:
-        return {}
-    data = dataclasses.asdict(usage) if dataclasses.is_dataclass(usage) else dict(usage)
-    return {k: round(v, 4) if isinstance(v, float) else v for k, v in data.items()}
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in dataclasses.asdict(usage).items()}
 
 
 def engine_for(model: StreamingModel, config: ServiceConfig) -> Engine:
@@ -438,7 +434,7 @@ class Service:
         stream (for a TTS) carries only the answer, and the final reply has everything."""
         request = job.request
         splitter = proto.SentenceSplitter() if request.stream == "sentence" else None
-        seq, parts, thoughts, calls = 0, [], [], []
+        seq = 0
 
         def first(reply: dict[str, Any]) -> dict[str, Any]:
             return proto.restarted(reply) if job.restart and seq == 0 else reply
@@ -449,9 +445,6 @@ class Service:
             seq += 1
 
         def on_chunk(chunk: Any) -> None:
-            parts.append(chunk.text)
-            thoughts.append(chunk.reasoning)
-            merge_deltas(calls, chunk.tool_calls)
             if splitter is not None:
                 for sentence in splitter.feed(chunk.text):
                     emit(sentence)
@@ -470,13 +463,12 @@ class Service:
                 return proto.error_payload(request.id, proto.INTERNAL, message)
             if splitter is not None and (rest := splitter.flush()):
                 emit(rest)
-            last = outcome.last
-            finish = getattr(last, "finish_reason", None) or "stop"
-            usage = _usage(getattr(last, "usage", None))
-            log.info("request %s: %s, %s tokens", request.id, finish, usage.get("completion_tokens", "?"))
-            return proto.final_payload(request.id, "".join(parts), finish, usage,
-                                       incomplete=getattr(last, "incomplete", False), reasoning="".join(thoughts),
-                                       tool_calls=calls)
+            result = outcome.last.result
+            usage = _usage(result.usage)
+            log.info("request %s: %s, %s tokens", request.id, result.finish_reason, result.usage.completion_tokens)
+            return proto.final_payload(request.id, result.text, result.finish_reason, usage,
+                                       incomplete=result.incomplete, reasoning=result.reasoning,
+                                       tool_calls=result.tool_calls)
 
         def on_end(outcome: Outcome) -> None:
             try:
