@@ -151,8 +151,7 @@ def model_for(key: str, args: argparse.Namespace, bundle: Path, genai_dir: Path)
 def workload(args: argparse.Namespace, bundle: Path) -> dict[str, Any]:
     """Every engine's inputs: the same prompts as text and ids, and the gate's eval ids."""
     from edgellm.runtime.bundle import read_manifest
-    from edgellm.export.api import MAX_EVAL_TOKENS
-    from edgellm.export.quality import DEFAULT_TEXT
+    from edgellm.export.quality import DEFAULT_TEXT, MAX_EVAL_TOKENS
 
     spec = read_manifest(bundle, verify=False).spec
     prompts = PromptSet(bundle)

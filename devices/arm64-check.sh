@@ -3,8 +3,10 @@
 # x86-64 host? Runs edgellm's runtime in a Debian arm64 root under qemu-user, no board needed.
 #
 #   sudo devices/arm64-check.sh ROOT BUNDLE [PROMPT [CHAT_MESSAGE]]
+#   sudo devices/arm64-check.sh --prepare ROOT   # only build ROOT and install the runtime in it
 #
-# ROOT is built on first use (debootstrap, a few minutes) and reused after. The runtime is
+# ROOT is built on first use (debootstrap, a few minutes) and reused after.
+# benchmarks/arm64_quality.py uses --prepare, then runs its own perplexity in ROOT. The runtime is
 # installed there from this checkout as `pip install .` would, with onnxruntime, numpy and
 # tokenizers pinned to the host's versions so only the CPU differs. Exit 0: identical ids for
 # the plain prompt and the chat message; 1: a line per difference; 2: setup failed.
@@ -15,16 +17,18 @@ set -euo pipefail
 
 die() { echo "arm64-check: $*" >&2; exit 2; }
 
-[[ $# -ge 2 ]] || die "usage: $0 ROOT BUNDLE [PROMPT [CHAT_MESSAGE]]"
+prepare_only=0
+if [[ ${1:-} == --prepare ]]; then prepare_only=1; shift; fi
+[[ $# -ge $((2 - prepare_only)) ]] || die "usage: $0 ROOT BUNDLE [PROMPT [CHAT_MESSAGE]] | $0 --prepare ROOT"
 [[ $EUID -eq 0 ]] || die "needs root (mount, chroot, debootstrap)"
 root=$(realpath -m "$1")
-bundle=$(realpath "$2")
+bundle=$( ((prepare_only)) && echo "" || realpath "$2")
 plain=${3:-"The capital of France is"}
 chat=${4:-"What is the capital of France?"}
 tokens=${EDGELLM_CHECK_TOKENS:-16}
 threads=${EDGELLM_CHECK_THREADS:-2}
 cpu=${EDGELLM_CHECK_CPU:-cortex-a72}
-[[ -f $bundle/manifest.json ]] || die "$bundle: no manifest.json (not a bundle)"
+((prepare_only)) || [[ -f $bundle/manifest.json ]] || die "$bundle: no manifest.json (not a bundle)"
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 host_py=${HOST_PYTHON:-$repo/.venv/bin/python}
 [[ -x $host_py ]] || host_py=python3
@@ -166,6 +170,7 @@ if ! mountpoint -q "$root/proc"; then
     mount -t proc proc "$root/proc" && proc_mounted=1 || die "cannot mount $root/proc"
 fi
 install_runtime
+((prepare_only)) && exit 0
 write_probe
 rm -rf "${root:?}$work/bundle" && cp -r "$bundle" "$root$work/bundle"
 out=$(mktemp -d)

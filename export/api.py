@@ -17,7 +17,7 @@ from edgellm.errors import BundleError, ExportError
 
 from . import arch
 from .config import DEFAULT_MAX_CONTEXT, GraphInfo, QuantConfig
-from .quality import DEFAULT_TEXT, perplexity
+from .quality import eval_ids, perplexity
 from .scratch import owned_bundle_writer, remove_stale, scratch_dir, terminate_cleans_up
 from .embedding import export_embedding, is_encoder
 from .sources import Source, source_path
@@ -26,7 +26,6 @@ log = logging.getLogger("edgellm.export")
 
 Progress = Callable[[str, int, int], None]
 Via = Literal["auto", "fast", "optimum"]
-MAX_EVAL_TOKENS = 512
 
 
 def export_model(
@@ -259,13 +258,7 @@ def _loss_causes(quant: QuantConfig, info: GraphInfo, kept_blocks: bool) -> str:
 
 def _eval_ids(src: Source, eval_text: str | None) -> list[int]:
     """The token ids the quality gate and KV calibration read: the text as the model sees it."""
-    from tokenizers import Tokenizer
-
-    ids = Tokenizer.from_str(src.tokenizer_json).encode(eval_text or DEFAULT_TEXT, add_special_tokens=False).ids
-    bos = src.generation.get("bos_token_id")
-    if src.generation.get("add_bos_token") and bos is not None:
-        ids = [bos, *ids]
-    ids = ids[: min(MAX_EVAL_TOKENS, src.spec.max_context)]
+    ids = eval_ids(src.tokenizer_json, src.generation, src.spec.max_context, eval_text)
     if len(ids) < 2:
         raise ExportError("evaluation text is shorter than two tokens")
     return ids

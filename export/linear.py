@@ -213,10 +213,18 @@ def quantized_linear(
         folded = extra_packed.shape[1] * q.block_size
     # A gathered row adds its offsets from the float table; so does an unfolded matmul.
     table = q.offsets is not None and not folded
+    zero_points = q.zero_points
+    if folded and q.bits == 4:
+        # Zero points at the middle code (the same weight) keep onnxruntime's aarch64 build off
+        # KleidiAI's int4 kernel, which takes only weights without them and quantizes a whole row
+        # of activations with one int8 scale: the appended block sums rounded that coarsely cost
+        # the default SmolLM2 bundle 1.071x its source's perplexity on a Cortex-A76 (Pi 5); MLAS's
+        # own kernel quantizes per block, as on x86 (benchmarks/arm64_quality.py).
+        zero_points = np.full((q.N, -(-packed.shape[1] // 2)), 0x88, dtype=np.uint8)
     return Linear(
         weight=w.initializer(f"{prefix}.qweight", packed),
         scales=scales,
-        zero_points="" if q.zero_points is None else w.initializer(f"{prefix}.qzeros", q.zero_points),
+        zero_points="" if zero_points is None else w.initializer(f"{prefix}.qzeros", zero_points),
         bias="" if bias is None else w.floats(f"{prefix}.bias", bias),
         K=q.K,
         N=q.N,

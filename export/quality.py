@@ -8,6 +8,7 @@ quantization and graph building cost.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -30,6 +31,20 @@ DEFAULT_TEXT = (
     "of the logbooks behind glass, look out over the water from the gallery, and imagine the long winter "
     "nights when a single flame, magnified by a great lens, was all that kept sailors from the rocks below."
 )
+MAX_EVAL_TOKENS = 512
+
+
+def eval_ids(tokenizer_json: str, generation: dict[str, Any], max_context: int, text: str | None = None) -> list[int]:
+    """The token ids the gate reads: `text` (default DEFAULT_TEXT) as the model sees it, with
+    its BOS when the model adds one. A bundle carries all three inputs, so a perplexity
+    measured later (on another machine or CPU) reads exactly the export's tokens."""
+    from tokenizers import Tokenizer
+
+    ids = Tokenizer.from_str(tokenizer_json).encode(text or DEFAULT_TEXT, add_special_tokens=False).ids
+    bos = generation.get("bos_token_id")
+    if generation.get("add_bos_token") and bos is not None:
+        ids = [bos, *ids]
+    return ids[: min(MAX_EVAL_TOKENS, max_context)]
 
 
 def _feeds(graph: Graph, spec: ModelSpec, ids: np.ndarray) -> dict[str, np.ndarray]:
@@ -52,10 +67,15 @@ def _feeds(graph: Graph, spec: ModelSpec, ids: np.ndarray) -> dict[str, np.ndarr
     return feeds
 
 
-def token_nll(model_path: Path, graph: Graph, spec: ModelSpec, ids: list[int], threads: int = 0) -> np.ndarray:
-    """Negative log-likelihood of each token given the ones before it (len(ids) - 1 values)."""
+def token_nll(model_path: Path, graph: Graph, spec: ModelSpec, ids: list[int], threads: int = 0,
+              config: dict[str, str] | None = None) -> np.ndarray:
+    """Negative log-likelihood of each token given the ones before it (len(ids) - 1 values).
+    `config`: session config entries (e.g. mlas.disable_kleidiai), to measure what a
+    kernel choice costs."""
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
+    for key, value in (config or {}).items():
+        opts.add_session_config_entry(key, value)
     session = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
     arr = np.asarray(ids, dtype=np.int64)[None, :]
     if graph.layout == "fixed":  # a one-token graph: the text goes a step a token
