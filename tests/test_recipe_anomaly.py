@@ -170,7 +170,9 @@ def test_the_per_event_grammar_holds_the_answer_to_the_events_facts_and_the_band
             "likely_causes": ["cooling fan failure"], "recommended_action": "Check the cooling fan first.",
             "evidence": [found.evidence[0], "manual#4"]}
     jsonschema.validate(good, schema)
-    for bad in ({"likely_causes": ["A", "B", "C"]}, {"evidence": ["./A"]}, {"evidence": ["pump-2 reached 99 °C"]},
+    jsonschema.validate({**good, "summary": "The pump-2 temperature reached 95.1 °C, over its 75 °C limit."}, schema)
+    for bad in ({"likely_causes": ["A", "B", "C"]}, {"summary": "The pump-2 temperature reached 96 °C today."},
+               {"summary": "The pump-7 temperature is far above its normal band."}, {"evidence": ["./A"]}, {"evidence": ["pump-2 reached 99 °C"]},
                 {"summary": "The pump is overheating and the temperature sensor reads a value that is far above the "
                             "normal band of the machine while the fan may have failed and the filter may be blocked "
                             "and the coolant may be low and the"},

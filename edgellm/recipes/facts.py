@@ -5,11 +5,13 @@ evidence writes "./A". So the recipe works out the severity from the sensor's ba
 the worst reading left it, states the facts (machine, sensor, range, counts, times) itself, and
 gives the model a per-event grammar (`request_schema`) in which evidence can only be those facts
 (or retrieved section ids), causes only the sensor's configured causes, and the two sentences
-only words and punctuation, ending at a full stop: no number or name the events do not hold.
+words, punctuation and the group's own numbers, ending at a full stop: no number or name the
+events do not hold.
 """
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -21,10 +23,10 @@ SEVERITIES = ("low", "medium", "high", "critical")
 # 55 °C baseline and a 75 °C limit is 1.0 (high); 9 mm/s against 2.2 and 4.5 is 2.0 and 30 A
 # against 12 and 16 is 3.5 (critical); a sensor reading 0 °C against 55 and 10 is 0.22 (medium).
 STEPS = (0.2, 0.5, 1.25)
-# A sentence of words and punctuation that ends with a full stop: no digits (every number comes
-# from the facts), no quotes, no line breaks; at most 200 characters, the schema's maxLength,
-# so the grammar ends the sentence before any byte limit could cut it.
-SENTENCE = r"^[A-Z][A-Za-z ,;()'/-]{19,198}\.$"
+# A sentence of words and punctuation that ends with a full stop, with no quotes or line breaks,
+# and no digits but those of the group's own numbers and machine name, each after a space (so
+# "pump- 10" can never read as a machine "pump-10"); at most the schema's maxLength.
+WORDS = r"[A-Za-z ,;()'/°-]"
 PHRASE = r"^[A-Za-z][A-Za-z'/-]*( [A-Za-z][A-Za-z'/-]*){1,8}$"  # 2-9 words, for a sensor with no causes listed
 
 
@@ -44,6 +46,7 @@ class Facts:
     worst: float  # the reading furthest outside the band
     band: Band | None
     evidence: tuple[str, ...]  # the fact sentences the model's evidence is chosen from
+    literals: tuple[str, ...] = ()  # the numbers and the machine name the model's sentences may write
 
 
 def variables(found: Facts, sections: Sequence[tuple[str, str]] = ()) -> dict[str, Any]:
@@ -88,19 +91,27 @@ def facts(group: Group, band: Band | None) -> Facts:
         evidence.insert(1, f"normal band {_num(band.low)} to {_num(band.high)} {unit}".rstrip())
     if group.count > 1:
         evidence.append(f"readings from {_num(group.low)} to {_num(group.high)} {unit}".rstrip())
-    return Facts(severity_of(excess), excess, worst, band, tuple(evidence))
+    numbers = [worst, baseline, group.low, group.high, *((band.low, band.high) if band else ())]
+    literals = dict.fromkeys([group.first.machine, str(group.count), *map(_num, numbers)])
+    return Facts(severity_of(excess), excess, worst, band, tuple(evidence), tuple(literals))
+
+
+def sentence(found: Facts) -> str:
+    """The pattern of one sentence about `found`'s group (see WORDS)."""
+    literals = "".join(f"| {re.escape(literal)}" for literal in sorted(found.literals, key=len, reverse=True))
+    return rf"^[A-Z](?:{WORDS}{literals})*\.$"
 
 
 def request_schema(schema: dict[str, Any], found: Facts, sections: Sequence[str] = ()) -> dict[str, Any]:
     """The grammar of one request: `schema` (the published explanation's shape) without the
     computed severity, evidence one of `found.evidence` or a retrieved section id, causes one of
-    the band's causes (or a short phrase of words), the sentences as `SENTENCE`."""
+    the band's causes (or a short phrase of words), the sentences as `sentence` within the schema's lengths."""
     out = copy.deepcopy(schema)
     props = out["properties"]
     del props["severity"]
     out["required"] = [key for key in out["required"] if key != "severity"]
     for key in ("summary", "recommended_action"):
-        props[key] = {"type": "string", "pattern": SENTENCE}
+        props[key] = {**props[key], "minLength": 20, "pattern": sentence(found)}
     causes = list(found.band.causes) if found.band is not None and found.band.causes else None
     props["likely_causes"]["items"] = {"enum": causes} if causes else {"type": "string", "pattern": PHRASE}
     props["evidence"]["items"] = {"enum": [*found.evidence, *sections]}
