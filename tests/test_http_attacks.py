@@ -319,7 +319,9 @@ def test_memory_stayed_flat_and_the_log_short(service):
     service.post("/v1/chat/completions", {"messages": ASK, "max_tokens": 2})
     time.sleep(0.5)  # the engine gives freed heap back once idle
     growth = (service.rss() - service.baseline) / 2**20
-    assert growth < 50, f"RSS grew {growth:.0f} MB (peak +{(service.peak - service.baseline) / 2**20:.0f} MB)"
+    # 32-51 MB over repeated runs on a 2-core machine (where glibc leaves freed arenas is timing); the
+    # attacks this guards grew the service by 1.6 GB before they were bounded.
+    assert growth < 64, f"RSS grew {growth:.0f} MB (peak +{(service.peak - service.baseline) / 2**20:.0f} MB)"
     log = service.log.read_text()
     assert "Traceback" not in log and "out of system resource" not in log, log[-3000:]
     assert len(log.splitlines()) < 40, f"{len(log.splitlines())} log lines:\n{log[-3000:]}"
