@@ -32,7 +32,7 @@ from ..recipes.anomaly import AnomalyRecipe, shared_prompt
 from ..recipes.config import AnomalyConfig, load_config, load_sparkplug, valid_filter
 from ..service import protocol as proto
 from ..service.broker import (MOSQUITTO, MQTT_VERSIONS_OF, PYTHON, BrokerError, EmbeddedBroker, embedded_kind,
-                     start_embedded)
+                              start_embedded)
 from ..service.client import ask, new_request_id
 from ..service.connection import MQTT_VERSIONS, BrokerAddress, Connection, parse_address, read_password
 from .demo import DEFAULT_BUNDLE, DEFAULT_PROMPT, DEMO_SYSTEM, ensure_bundle, local_service

@@ -17,7 +17,7 @@ from .console import AnswerPrinter
 from ..errors import EdgeLLMError
 from .index import add_index_arguments, run_index
 from .commands import (add_ask_arguments, add_demo_arguments, add_serve_arguments, run_ask, run_demo,
-                               run_serve)
+                       run_serve)
 
 if TYPE_CHECKING:
     from ..sequence import Result
