@@ -47,7 +47,7 @@ def ask(engine: Any, messages: list[dict[str, str]], tenant: str, tokens: int = 
     from edgellm.engine import Job
 
     done, last = threading.Event(), []
-    job = Job(messages, {"max_new_tokens": tokens, "ignore_eos": True}, client=tenant, on_chunk=lambda c: None,
+    job = Job(messages, engine.params({"max_new_tokens": tokens, "ignore_eos": True}), client=tenant, on_chunk=lambda c: None,
               on_end=lambda outcome: (last.append(outcome), done.set()), tenant=tenant)
     if (refused := engine.submit(job)) is not None or not done.wait(600):
         raise SystemExit(f"the engine refused or never answered a request: {refused}")

@@ -6,6 +6,10 @@ callbacks on that thread. Fronts only translate: they turn their requests into a
 and the last chunk's `Result` into their replies. The queue is fair across clients
 (`FairQueue`), so one flooding client takes only its own share.
 
+A front checks its request once, on its own thread (`Engine.params`: the model's
+`GenerationParams.build` with the service's token ceiling), and the `Job` carries that
+frozen value: neither the grammar thread nor the worker checks it again.
+
 A request held to a grammar (response_format, grammar, tools) takes its place in the
 queue when submitted, but enters it only once a second thread has compiled its grammar:
 validating and compiling one can take seconds, which neither the thread that received
@@ -29,9 +33,6 @@ from .text import cannot_fit
 log = logging.getLogger("edgellm.engine")
 
 T = TypeVar("T")
-
-# The fields whose request may need a grammar compiled before it runs.
-_GRAMMAR_FIELDS = ("response_format", "grammar", "tools")
 
 
 class FairQueue(Generic[T]):
@@ -121,7 +122,9 @@ class StreamingModel(Protocol):
     tokenizer: Any  # and conventions: what a request's grammar is compiled for
     conventions: Any
 
-    def request(self, prompt: Any, **params: Any) -> tuple[list[int], GenerationParams]: ...
+    def params(self, params: Mapping[str, Any], ceiling: int | None = None) -> GenerationParams: ...
+
+    def prompt_ids(self, prompt: Any, params: GenerationParams) -> list[int]: ...
 
     def scheduler(self, slots: int) -> Any: ...
 
@@ -144,7 +147,7 @@ class Job:
     they stand between two tokens."""
 
     prompt: Any
-    params: Mapping[str, Any]
+    params: GenerationParams  # checked by the front (`Engine.params`); trusted as it is
     client: Hashable  # whose share of the queue it takes
     on_chunk: Callable[[Any], None]
     on_end: Callable[[Outcome], None]
@@ -213,7 +216,8 @@ class Engine:
         with self._lock:
             if self._closed:
                 return "the service is shutting down"
-            if not any(job.params.get(name) for name in _GRAMMAR_FIELDS):
+            p = job.params
+            if p.response_format is None and p.grammar is None and not p.tools:
                 refusal = self._jobs.put(job.client, job)
             elif (refusal := self._jobs.hold(job.client)) is None:
                 self._compiling.put(job.client, job)
@@ -221,44 +225,32 @@ class Engine:
                 self._by_id[id(job)] = job
             return refusal
 
-    def cannot_fit(self, prompt: Any, params: Mapping[str, Any]) -> str | None:
+    def params(self, params: Mapping[str, Any]) -> GenerationParams:
+        """A front's request parameters (`params.from_wire`'s, or any by API name) over the bundle's
+        defaults, with the token budget within the service's ceiling: the one build of a request, on
+        the front's thread. GenerationError names the field (max_new_tokens above the ceiling),
+        which each front spells its way."""
+        return self.model.params(params, ceiling=self.max_tokens)
+
+    def cannot_fit(self, prompt: Any, params: GenerationParams) -> str | None:
         """Why `prompt` is refused before the queue, its length alone ruling it out (`text.cannot_fit`:
         a megabyte of text is never rendered or tokenized); None when it may fit. A prompt to be cut
         on the left (`truncate`) always fits. Every front asks this on its receiving thread."""
-        defaults = (getattr(self.model.manifest, "generation", None) or {}).get("defaults") or {}
-        if params.get("truncate", defaults.get("truncate")) == "left":
+        if params.truncate == "left":
             return None
         return cannot_fit(prompt, self.model.tokenizer, self.model.max_context)
-
-    def capped(self, params: Mapping[str, Any]) -> dict[str, Any]:
-        """`params` with the token budget within the ceiling; GenerationError (field max_new_tokens,
-        which each front spells its way) above it.
-
-        Without a budget, the bundle's default applies unless it is above the ceiling."""
-        asked = params.get("max_new_tokens")
-        if asked is not None and asked > self.max_tokens:
-            raise GenerationError(f"max_new_tokens is {asked}, this service allows at most {self.max_tokens}",
-                                  field="max_new_tokens")
-        if asked is not None:
-            return dict(params)
-        defaults = (getattr(self.model.manifest, "generation", None) or {}).get("defaults") or {}
-        default = defaults.get("max_new_tokens", GenerationParams.max_new_tokens)
-        if isinstance(default, int) and default <= self.max_tokens:
-            return dict(params)
-        return {**params, "max_new_tokens": self.max_tokens}
 
     # -- grammar thread ------------------------------------------------------
 
     def _compile(self) -> None:
-        """Compile each job's grammar (within grammar.py's limits), checking the whole request
-        on the way, then queue the job in its held place, or end it with the error."""
+        """Compile each job's grammar (within grammar.py's limits), then queue the job in its held
+        place, or end it with the error."""
         while (job := self._compiling.get()) is not None:
             if job.cancel.is_set():
                 self._drop(job, Outcome(waited_out=True))
                 continue
             try:
-                _, params = self.model.request(job.prompt, **job.params)
-                grammar = request_grammar(params, self.model.tokenizer, self.model.conventions)
+                grammar = request_grammar(job.params, self.model.tokenizer, self.model.conventions)
             except Exception as exc:  # noqa: BLE001 - handed to the front, which reports it
                 self._drop(job, Outcome(error=exc))
                 continue
@@ -326,8 +318,9 @@ class Engine:
         if job.cancel.is_set():
             self._end(job, Outcome(waited_out=True))
             return
+        params = dataclasses.replace(job.params, cancel=job.cancel)  # no check: replace() only copies
         try:
-            ids, params = self.model.request(job.prompt, **job.params, cancel=job.cancel)
+            ids = self.model.prompt_ids(job.prompt, params)  # the template renders and the prompt may not fit
         except Exception as exc:  # noqa: BLE001 - a bad request is the front's to report
             self._end(job, Outcome(error=exc))
             return

@@ -5,11 +5,11 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 from .runtime.bundle import Manifest, bundle_file, read_manifest
 from .errors import BundleError, GenerationError
-from .params import GenerationParams
+from .params import Checked, GenerationParams, checked
 from .runtime.caches import SharedPrefixes, common_prefix, kv_dtype
 from .reasoning import CONFIG_KEY, detect_markers, template_extras
 from .runtime.providers import ProviderSpec, create_session, release_freed_heap, release_mapped_weights
@@ -20,7 +20,7 @@ from .speculate import NEEDS_DRAFT
 from .runtime.model_spec import ModelSpec
 from .messages import check_messages
 from .text import ChatTemplate, Tokenizer, encode_chat, template_variables
-from .tools import CLOSE, OPEN, call_syntax, chat_inputs, settle_choice
+from .tools import CLOSE, OPEN, call_syntax, chat_inputs
 
 if TYPE_CHECKING:
     from .retrieval.embed import EmbeddingModel
@@ -91,12 +91,12 @@ def load(
         call_tags={OPEN, CLOSE} <= tokenizer.added_tokens,
         native_tools="tools" in template_variables(template.source))
     release_freed_heap()
-    session = create_session(graph_path, providers=providers, threads=threads)
+    session = create_session(graph_path, providers=providers, threads=threads, block_sums=graph.block_sums)
     release_mapped_weights(root)
     _warn_target(graph.target, session.get_providers()[0])
     runner = open_runner(session, graph, manifest.spec, context, where=str(graph_path))
-    defaults = manifest.generation.get("defaults") or {}
     try:
+        defaults = checked(manifest.generation.get("defaults") or {}, runner.vocab_size)
         GenerationParams.build(defaults, {}, runner.vocab_size)
     except GenerationError as exc:
         raise BundleError(f"{root / 'manifest.json'}: generation.defaults: {exc}") from None
@@ -172,7 +172,7 @@ class Model:
         runner: Runner | OneTokenRunner,
         tokenizer: Tokenizer,
         template: ChatTemplate,
-        defaults: dict[str, Any],
+        defaults: Checked,
         conventions: Conventions = Conventions(),
     ) -> None:
         self.path = path
@@ -180,7 +180,7 @@ class Model:
         self.tokenizer = tokenizer
         self.template = template
         self._runner = runner
-        self._defaults = defaults
+        self._defaults = defaults  # checked once, at load
         self.conventions = conventions
         self.draft: Model | None = None  # a smaller model with the same tokenizer, for speculative="draft_model"
         self._generation = 0  # which stream owns the cache; older ones must not touch it
@@ -232,8 +232,7 @@ class Model:
                 raise GenerationError(f"prompt token id {bad} is out of range for a vocabulary of {vocab}")
             ids = list(prompt)
         elif isinstance(prompt, (list, tuple)):
-            choice = settle_choice(params.tool_choice, params.tools)
-            messages, variables = chat_inputs(list(prompt), self.template.source, params.tools, choice)
+            messages, variables = chat_inputs(list(prompt), self.template.source, params.tools, params.tool_choice)
             variables.update(template_extras(params.reasoning or "separate", self.template.source))
             # Not encode(render_chat(...)): special-token strings in the messages stay text.
             ids = encode_chat(self.tokenizer, self.template, messages,
@@ -295,12 +294,19 @@ class Model:
         self.shared.add(ids, runner.cache.snapshot(len(ids)))
         return len(ids)
 
+    def params(self, params: Mapping[str, Any], ceiling: int | None = None) -> GenerationParams:
+        """A request's parameters over the bundle's defaults, checked (GenerationError names the
+        first bad one); `Checked` ones (a front's `params.from_wire`) only against this model.
+        `ceiling`: a service's most tokens per request (`GenerationParams.build`)."""
+        p = GenerationParams.build(self._defaults, params, self._runner.vocab_size, ceiling)
+        if p.speculative == "draft_model" and self.draft is None:
+            raise GenerationError(NEEDS_DRAFT, field="speculative")
+        return p
+
     def request(self, prompt: Prompt, **params: Any) -> tuple[list[int], GenerationParams]:
         """A request's prompt ids and parameters, validated over the bundle's defaults
         (GenerationError names the first bad one)."""
-        p = GenerationParams.build(self._defaults, params, self._runner.vocab_size)
-        if p.speculative == "draft_model" and self.draft is None:
-            raise GenerationError(NEEDS_DRAFT)
+        p = self.params(params)
         return self.prompt_ids(prompt, p), p
 
     def generate(self, prompt: Prompt, **params: Any) -> Result:

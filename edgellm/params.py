@@ -1,9 +1,12 @@
 """The generation-parameter contract, declared once in `PARAMS`.
 
 Every front derives from it: the Python API validates with `GenerationParams.build`,
-the CLI builds its flags from it (`edgellm.cli.args`), the MQTT protocol validates a
-request's parameter fields with `from_wire`, and the published request schema's
-parameter properties are `wire_schema()`. tests/test_params.py checks all four
+the CLI builds its flags from it (`edgellm.cli.args`), every front validates a
+request's parameter fields with `from_wire` (through its own table of field names), and
+the published request schema's parameter properties are `wire_schema()`. A request is
+checked once: `from_wire` returns a `Checked` mapping, which `GenerationParams.build`
+(on the front's thread, `Engine.params`) trusts, and the frozen GenerationParams it makes
+is what the engine's worker decodes, without checking anything again. tests/test_params.py checks all four
 at every boundary, so a range written here is the range everywhere.
 
 Values follow JSON, since most requests arrive as JSON: an integer parameter also
@@ -305,8 +308,9 @@ def check_all(values: Mapping[str, Any], vocab_size: int | None = None) -> dict[
     return {name: check(BY_NAME[name], value, vocab_size) for name, value in values.items()}
 
 
-def check_together(params: Mapping[str, Any], spelled: Callable[[str], str] = lambda name: name) -> None:
-    """Refuse parameters that are valid alone but not together (names as `spelled`).
+def check_together(params: Mapping[str, Any], spelled: Callable[[str], str] = lambda name: name) -> "ToolChoice | None":
+    """Refuse parameters that are valid alone but not together (names as `spelled`); the tool
+    choice settled against the tools (None when the request has neither).
 
     A stop string could cut a constrained answer short of valid JSON, two constraints
     cannot both hold, and a call is held to its schema only if no grammar competes."""
@@ -328,6 +332,23 @@ def check_together(params: Mapping[str, Any], spelled: Callable[[str], str] = la
     if constraints and params.get("stop"):
         raise GenerationError(f"{spelled('stop')} cannot be combined with {spelled(constraints[0])}: "
                               f"a stop string could cut the constrained output short of valid", field="stop")
+    return choice
+
+
+class Checked(dict):
+    """Parameters `checked` returned (by API name, each valid, valid together, the tool choice
+    settled): `GenerationParams.build` trusts them as they are, so a request parsed where it
+    arrived is not checked again on the worker."""
+
+
+def checked(values: Mapping[str, Any], vocab_size: int | None = None) -> Checked:
+    """`values` (API names) validated alone and together; a Checked comes back as it is."""
+    if isinstance(values, Checked):
+        return values
+    out = Checked(check_all(values, vocab_size))
+    if (choice := check_together(out)) is not None:
+        out["tool_choice"] = choice
+    return out
 
 
 def constrained(params: Mapping[str, Any]) -> bool:
@@ -366,7 +387,7 @@ class GenerationParams:
     response_format: GrammarSpec | None = None
     grammar: GrammarSpec | None = None
     tools: tuple[Tool, ...] = ()
-    tool_choice: ToolChoice | None = None
+    tool_choice: ToolChoice | None = None  # settled in __post_init__: never None on a built value
     parallel_tool_calls: bool | None = None
     reasoning: str | None = None
     speculative: str | None = None
@@ -374,16 +395,33 @@ class GenerationParams:
     cache_salt: str | None = None
 
     @classmethod
-    def build(cls, defaults: Mapping[str, Any], params: Mapping[str, Any], vocab_size: int) -> "GenerationParams":
-        """Request params over the bundle's defaults, validated (GenerationError names the first bad one).
+    def build(cls, defaults: Mapping[str, Any], params: Mapping[str, Any], vocab_size: int,
+              ceiling: int | None = None) -> "GenerationParams":
+        """Request params over the bundle's defaults, validated (GenerationError names the first bad one);
+        `Checked` ones (a front's `from_wire`, a model's defaults) only against the vocabulary.
 
-        A bundle's default stop strings give way to a request's constraint."""
-        checked = check_all(params, vocab_size)
-        check_together(checked)
-        if constrained(checked):
+        A bundle's default stop strings give way to a request's constraint. `ceiling`: the most
+        tokens a service lets one request generate; a budget above it is refused, and without one
+        the default is held to it."""
+        request = checked(params, vocab_size)
+        _in_vocab(request, vocab_size)
+        defaults = checked(defaults, vocab_size)
+        if constrained(request):
             defaults = {k: v for k, v in defaults.items() if k != "stop"}
-        merged = {**check_all(defaults, vocab_size), **checked}
+        merged = {**defaults, **request}
+        asked = request.get("max_new_tokens")
+        if ceiling is not None and asked is not None and asked > ceiling:
+            raise GenerationError(f"max_new_tokens is {asked}, this service allows at most {ceiling}",
+                                  field="max_new_tokens")
+        if ceiling is not None and merged.get("max_new_tokens", cls.max_new_tokens) > ceiling:
+            merged["max_new_tokens"] = ceiling
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in merged.items()})
+
+    def __post_init__(self) -> None:
+        if self.tool_choice is None:  # OpenAI's default, settled once (a given choice was, by `checked`)
+            from .tools import settle_choice
+
+            object.__setattr__(self, "tool_choice", settle_choice(None, self.tools))
 
     def cancelled(self) -> Callable[[], bool]:
         if self.cancel is None:
@@ -394,22 +432,37 @@ class GenerationParams:
 # -- the wire ------------------------------------------------------------------
 
 
-def from_wire(data: Mapping[str, Any]) -> dict[str, Any]:
-    """The parameter fields of a wire request, by API name, validated and normalized.
+def from_wire(data: Mapping[str, Any], names: Mapping[str, str] | None = None) -> Checked:
+    """The parameter fields of a wire request, by API name, checked once (`Checked`: the worker
+    trusts them).
 
-    Other fields are ignored (the protocol owns them). Errors name the parameter by its API
-    name (`field`); each front spells it as its clients do (`spelled`, with `WIRE` for MQTT's).
+    `names` is a front's one table of its own spellings (API name -> its field; default the
+    MQTT wire's, `WIRE`): the fields are read under those names, and other fields are ignored
+    (the protocol owns them). Errors name the parameter by its API name (`field`); each front
+    spells it as its clients do (`spelled`, with the same table).
     """
+    names = WIRE if names is None else names
     params = {}
-    for wire, p in BY_WIRE.items():
-        if wire not in data:
+    for name, wire in names.items():
+        p = BY_NAME.get(name)
+        if p is None or wire not in data:
             continue
         value = data[wire]
         if p.kind == LOGIT_BIAS and isinstance(value, dict):
             value = {_bias_key(key): b for key, b in value.items()}
         params[p.name] = check(p, value)
-    check_together(params)
-    return params
+    out = Checked(params)
+    if (choice := check_together(out)) is not None:
+        out["tool_choice"] = choice
+    return out
+
+
+def _in_vocab(params: Mapping[str, Any], vocab_size: int) -> None:
+    """Token ids checked (and checked alone) without knowing the model are below its vocabulary."""
+    for name in ("logit_bias", "stop_token_ids"):
+        ids = params.get(name) or ()
+        if (bad := next((t for t in ids if t >= vocab_size), None)) is not None:
+            raise GenerationError(f"{name}: {bad} is not a token id below {vocab_size}", field=name)
 
 
 def _bias_key(key: str) -> int:

@@ -197,8 +197,7 @@ class Scheduler:
         cached = self.runner.reuse(slot, request.prompt, request.scope, self.shared)
         try:
             seq = Sequence(request.prompt, request.params, self.tokenizer, capacity=runner.capacity,
-                           vocab_size=runner.vocab_size, cached=cached, started=request.started,
-                           conventions=self.conventions,
+                           cached=cached, started=request.started, conventions=self.conventions,
                            drafter=drafter_for(request.params, request.scope, self.draft))
         except GenerationError as exc:  # a grammar refused: that request ends, the others go on
             out.append((request.key, exc))

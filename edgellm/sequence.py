@@ -23,7 +23,7 @@ from .reasoning import Markers, Reasoning
 from .sampling import Processor, make_logits_processors, make_sampler
 from .speculate import Drafter
 from .text import StopMatcher, StreamDecoder, Tokenizer
-from .tools import Syntax, ToolCallParser, call_schema, merge_deltas, settle_choice
+from .tools import Syntax, ToolCallParser, call_schema, merge_deltas
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,7 @@ def request_grammar(params: GenerationParams, tokenizer: Tokenizer, conventions:
     its response_format or grammar, or the call grammar its tools ask for. The engine calls
     it on its grammar thread before the request enters the queue, and holds what it gives
     until the request ends, so the Sequence built on the worker finds it compiled."""
-    choice = settle_choice(params.tool_choice, params.tools)
+    choice = params.tool_choice
     spec = params.response_format or params.grammar
     answer = spec.source if spec is not None and spec.kind == "json_schema" else None
     # A model never taught tools repeats a call it was shown rather than ending its turn.
@@ -139,7 +139,6 @@ class Sequence:
         tokenizer: Tokenizer,
         *,
         capacity: int,
-        vocab_size: int,
         cached: int = 0,
         started: float | None = None,
         conventions: Conventions = Conventions(),
@@ -160,7 +159,7 @@ class Sequence:
             penalty_window=params.penalty_window,
         )
         self.stop_ids = stop_ids(params, tokenizer)
-        callable_tools = settle_choice(params.tool_choice, params.tools).allowed(params.tools)
+        callable_tools = params.tool_choice.allowed(params.tools)
         self.tools = ToolCallParser(callable_tools) if callable_tools else None
         grammar = request_grammar(params, tokenizer, conventions)
         self.grammar: GrammarState | None = grammar.start() if grammar is not None else None

@@ -30,7 +30,7 @@ class Collected:
         self.outcome: Outcome | None = None
         self.done = threading.Event()
         self.together = 0
-        self.job = Job(prompt, params, client=id(self), on_chunk=self._chunk, on_end=self._end)
+        self.job = Job(prompt, engine.params(params), client=id(self), on_chunk=self._chunk, on_end=self._end)
         self._engine = engine
 
     def _chunk(self, chunk) -> None:
@@ -103,7 +103,8 @@ def test_a_graph_without_a_batch_dimension_serves_one_at_a_time(model, caplog):
         manifest = type("M", (), {"graph": Graph("fast", "model.onnx", (), ()), "generation": {}})()
         max_context = model.max_context
         tokenizer = model.tokenizer
-        request = model.request
+        params = model.params
+        prompt_ids = model.prompt_ids
         scheduler = model.scheduler
 
     engine = Engine(Old(), slots=4).start()

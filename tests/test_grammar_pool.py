@@ -47,7 +47,7 @@ class Asked:
         self.done = threading.Event()
         self.cancel = threading.Event()
         started = time.perf_counter()
-        params = {**from_wire(wire), **api}
+        params = engine.params({**from_wire(wire), **api})
         refusal = engine.submit(Job(prompt, params, client, lambda _: self.stamps.append(time.perf_counter()),
                                     self._end, self.cancel))
         self.receiving_s = time.perf_counter() - started  # what the front's thread spent on it
@@ -118,7 +118,7 @@ def _streaming(engine: Engine) -> Asked:
 def test_a_grammar_compiling_does_not_stall_the_stream_beside_it(model):
     """With two slots, a grammar compiled on the worker stalled the other slot's stream for
     the whole compile: 1-6 s for each of these."""
-    engine = Engine(model, slots=2).start()
+    engine = Engine(model, max_tokens=2000, slots=2).start()
     try:
         stream = _streaming(engine)
         started = time.perf_counter()
@@ -138,7 +138,7 @@ def test_a_grammar_compiling_does_not_stall_the_stream_beside_it(model):
 def test_a_grammar_failing_mid_answer_ends_only_its_own_request(model):
     """It passes its first step and fails at the fourth token, on the worker: with two slots
     its error ended every request of the step."""
-    engine = Engine(model, slots=2).start()
+    engine = Engine(model, max_tokens=2000, slots=2).start()
     try:
         stream = _streaming(engine)
         late = Asked(engine, {"grammar": {"type": "regex", "value": "[a-z]{3}(x{1000}){1000}"}, "max_tokens": 40,

@@ -57,7 +57,7 @@ def ask(engine: Engine, prompt, tenant: str, **params):
         end.append(outcome)
         done.set()
 
-    job = Job(prompt, {"max_new_tokens": 6, **params}, client=tenant, on_chunk=chunks.append, on_end=on_end,
+    job = Job(prompt, engine.params({"max_new_tokens": 6, **params}), client=tenant, on_chunk=chunks.append, on_end=on_end,
               tenant=tenant)
     assert engine.submit(job) is None
     assert done.wait(60), "the job never ended"

@@ -89,7 +89,7 @@ VOCAB = 330
 def new(tokenizer: Tokenizer, markers: Markers, inside: bool = False, **params) -> Sequence:
     prompt = tokenizer.encode("<|Assistant|><think>\n" if inside else "Question?")
     built = GenerationParams.build({}, {"max_new_tokens": 100, **params}, VOCAB)
-    return Sequence(prompt, built, tokenizer, capacity=200, vocab_size=VOCAB, conventions=Conventions(markers))
+    return Sequence(prompt, built, tokenizer, capacity=200, conventions=Conventions(markers))
 
 
 def replay(seq: Sequence, ids: list[int]) -> tuple[str, str, list]:

@@ -19,8 +19,7 @@ def tokenizer() -> Tokenizer:
 
 
 def new(tokenizer: Tokenizer, prompt: list[int], capacity: int = 64, **params) -> Sequence:
-    return Sequence(prompt, GenerationParams.build({}, params, VOCAB), tokenizer, capacity=capacity,
-                    vocab_size=VOCAB)
+    return Sequence(prompt, GenerationParams.build({}, params, VOCAB), tokenizer, capacity=capacity)
 
 
 def toy_logits(tokens: np.ndarray) -> np.ndarray:

@@ -170,7 +170,7 @@ def test_a_draft_model_request_served_with_two_slots_speculates_when_alone(tiny_
     engine = Engine(target, slots=2).start()
     try:
         assert engine.slots == 2
-        job = Job(QUOTE, params, client="c", on_chunk=lambda chunk: None,
+        job = Job(QUOTE, engine.params(params), client="c", on_chunk=lambda chunk: None,
                   on_end=lambda outcome: (ended.append(outcome), done.set()))
         assert engine.submit(job) is None
         assert done.wait(60), "the job never ended"

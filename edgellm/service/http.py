@@ -173,11 +173,12 @@ class Front:
 
     async def submit(self, request: Request, prompt: Any, params: Mapping[str, Any],
                      names: Mapping[str, str]) -> Run:
-        """Queue a job and wait for its first chunk: errors found before it (a prompt too long
-        for the context) still get their own status, their field spelled as `names` has it.
+        """Build the request's parameters (`Engine.params`, once), queue a job and wait for its first
+        chunk: errors found before it (a prompt too long for the context) still get their own status,
+        their field spelled as `names` has it.
         429 when the queue is full."""
         try:
-            params = self.engine.capped(params)
+            params = self.engine.params(params)  # the one build: the worker trusts what it gets
         except GenerationError as exc:
             raise bad_request(exc, names) from None
         if (refusal := self.engine.cannot_fit(prompt, params)) is not None:

@@ -2,8 +2,8 @@
 
 A request's parameter fields are the MQTT wire fields (OpenAI's names, and edgellm's
 own knobs such as top_k, min_p, reasoning, grammar under theirs), so `params.from_wire`
-validates them; `max_completion_tokens` is read as `max_tokens`, and errors name the one
-the request used. A null field is an unset one, as in OpenAI's API. Messages pass the one
+validates them, through OpenAI's table of names (`NAMES`: the budget is
+`max_completion_tokens`, or the older `max_tokens`), and errors name the field the request used. A null field is an unset one, as in OpenAI's API. Messages pass the one
 check every front runs (`messages.check_messages`) once their content parts are joined.
 The think block goes out as `reasoning_content`, as llama.cpp's server does, so a voice
 assistant never speaks it.
@@ -32,11 +32,13 @@ _UNSUPPORTED = {"logprobs": (None, False), "top_logprobs": (None, 0), "echo": (N
 _ECHOED = ("refusal", "annotations", "audio", "function_call")
 
 
+# OpenAI's spelling of each parameter: the wire's, but for the newer name of the budget.
+NAMES = {**WIRE, "max_new_tokens": "max_completion_tokens"}
+
+
 def _names(body: dict[str, Any]) -> dict[str, str]:
-    """This request's spelling of each parameter: the wire's, the budget as the request named it."""
-    if body.get("max_completion_tokens") is not None:
-        return {**WIRE, "max_new_tokens": "max_completion_tokens"}
-    return WIRE
+    """This request's table: `NAMES`, or the wire's where the budget comes by its older name."""
+    return NAMES if body.get("max_completion_tokens") is not None else WIRE
 
 
 def _params(body: dict[str, Any]) -> dict[str, Any]:
@@ -45,12 +47,11 @@ def _params(body: dict[str, Any]) -> dict[str, Any]:
         if body.get(name) not in allowed:
             raise HttpError(400, f"{name}={body[name]!r} is not supported by this server", param=name)
     wire = {k: v for k, v in body.items() if v is not None}
-    if "max_completion_tokens" in wire:
-        wire["max_tokens"] = wire.pop("max_completion_tokens")
+    names = _names(body)
     try:
-        return from_wire(wire)
+        return from_wire(wire, names)
     except GenerationError as exc:
-        raise bad_request(exc, _names(body)) from None
+        raise bad_request(exc, names) from None
 
 
 def _text(content: Any, where: str) -> Any:

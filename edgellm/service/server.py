@@ -27,6 +27,7 @@ from .. import __version__
 from ..engine import Engine, Outcome, StreamingModel
 from ..engine import Job as EngineJob
 from ..errors import GenerationError, RequestError
+from ..params import GenerationParams
 from . import protocol as proto
 from .acks import Acks, Deliveries, delivery
 from .admission import ACTIVE, RecentRequests
@@ -79,6 +80,7 @@ class Route:
 class Job:
     request: proto.Request
     route: Route
+    params: GenerationParams  # the request's, built once where it arrived (`_params`)
     client: str  # whose share of the queue it takes: see `admission`
     cancel: threading.Event = dataclasses.field(default_factory=threading.Event)
     answers: Deliveries = ()  # acknowledged once its final reply is out
@@ -312,12 +314,12 @@ class Service:
         try:
             request = proto.parse_request(msg.payload, self.config.max_payload)
             route = self._route(msg, request.id, request.reply_to)
-            request = self._capped(request)
+            params = self._params(request)
         except RequestError as exc:
             rid, reply_to = proto.peek(msg.payload, self.config.max_payload)
             self._refuse(msg, rid, reply_to, exc.code, str(exc), answers)
             return
-        self._admit(Job(request, route, client=self._client_of(route), answers=answers, restart=msg.dup))
+        self._admit(Job(request, route, params, client=self._client_of(route), answers=answers, restart=msg.dup))
 
     def _on_embed(self, msg: mqtt.MQTTMessage, answers: Deliveries) -> None:
         """An embed request, computed on a thread of its own (never the network thread) once the
@@ -347,16 +349,17 @@ class Service:
 
         threading.Thread(target=run, name="edgellm-embed", daemon=True).start()
 
-    def _capped(self, request: proto.Request) -> proto.Request:
-        """The request with its token budget within the service's ceiling; RequestError above it,
-        or when its prompt is too long for the context to be worth queueing (`Engine.cannot_fit`)."""
+    def _params(self, request: proto.Request) -> GenerationParams:
+        """The request's parameters built once (`Engine.params`: the bundle's defaults, the service's
+        token ceiling); RequestError for one refused, or when its prompt is too long for the context
+        to be worth queueing (`Engine.cannot_fit`)."""
         try:
-            params = self.engine.capped(request.params)
+            params = self.engine.params(request.params)
         except GenerationError as exc:
             raise proto.bad_params(exc) from None
         if (refusal := self.engine.cannot_fit(request.prompt, params)) is not None:
             raise RequestError(proto.BAD_REQUEST, refusal)
-        return dataclasses.replace(request, params=params)
+        return params
 
     def _client_of(self, route: Route) -> str:
         return self.topics.response("") if route.topic.startswith(self.topics.response("")) else route.topic
@@ -488,7 +491,7 @@ class Service:
             with self._lock:
                 self._active.pop(job.key, None)
 
-        return EngineJob(request.prompt, request.params, job.client, on_chunk, on_end, job.cancel,
+        return EngineJob(request.prompt, job.params, job.client, on_chunk, on_end, job.cancel,
                          tenant=f"mqtt:{job.route.topic}")  # the reply topic (docs/mqtt.md, prompt privacy)
 
     def _send(self, route: Route, payload: dict[str, Any], answers: Deliveries = ()) -> None:

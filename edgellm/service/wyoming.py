@@ -30,6 +30,7 @@ from wyoming.info import Attribution, HandleModel, HandleProgram, Info
 from .. import __version__
 from ..engine import Engine, Job, Outcome
 from ..errors import GenerationError
+from ..messages import check_messages
 from .protocol import SentenceSplitter
 
 log = logging.getLogger("edgellm.service.wyoming")
@@ -229,7 +230,6 @@ class WyomingServer:
         if not isinstance(text, str) or not text.strip():
             await async_write_event(NotHandled("the transcript has no text", context).event(), writer)
             return
-        messages = [{"role": "system", "content": self.config.system}, *history, {"role": "user", "content": text}]
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
         cancel = threading.Event()
@@ -238,8 +238,11 @@ class WyomingServer:
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
         try:
+            # The one message check every front runs, with the same limits as MQTT and HTTP.
+            messages = check_messages([{"role": "system", "content": self.config.system}, *history,
+                                       {"role": "user", "content": text}])
             # A spoken answer is short: within the service's --max-tokens whatever this front's default.
-            params = self.engine.capped({"max_new_tokens": min(self.config.max_tokens, self.engine.max_tokens)})
+            params = self.engine.params({"max_new_tokens": min(self.config.max_tokens, self.engine.max_tokens)})
             refusal = self.engine.cannot_fit(messages, params) or self.engine.submit(
                 Job(messages, params, client, put, put, cancel, tenant=f"wyoming:{cid}"))
         except GenerationError as exc:
