@@ -54,7 +54,8 @@ def export_model(
     DEFAULT_MAX_CONTEXT) is the longest context the bundle runs at. An int8 KV cache
     (`quant.kv_cache`) is calibrated on the evaluation text. `quant.target` "cuda" builds the
     float16 graph; its quality gate runs it on the CPU provider against the fp32 graph. `lora`, a
-    PEFT LoRA adapter folder, is merged into a HF base's weights before quantization (lora.py).
+    PEFT LoRA adapter folder (any base) or a llama.cpp adapter GGUF (GGUF bases), is merged into the
+    base's weights before quantization (lora.py).
     """
     out = Path(out)
     if out.exists() and not force:
@@ -79,6 +80,8 @@ def export_model(
         remove_stale(out.parent)
         with terminate_cleans_up(), owned_bundle_writer(out, force) as tmp:
             info = _build(path, src, quant, tmp, progress, requantize, ids)
+            if (adapter := getattr(src, "lora", None)) is not None:
+                info.notes.append(adapter.note(getattr(src, "stored_types", {})))
             if src.spec.max_context < trained_context:
                 info.notes.append(f"context: {src.spec.max_context} positions (the model's max_position_embeddings "
                                   f"{trained_context}; --max-context raises it)")
@@ -110,21 +113,23 @@ def export_model(
 
 
 def open_source(source: str | Path, lora: str | Path | None = None) -> Source:
-    """Open a HF folder, a .gguf file or a built-in model name; `lora`: a PEFT adapter to merge (HF bases)."""
+    """Open a HF folder, a .gguf file or a built-in model name; `lora`: an adapter to merge (lora.py)."""
     path = source_path(source)
     if not path.exists():
         raise ExportError(f"{path}: no such file or directory")
-    if lora is not None and not path.is_dir():
-        raise ExportError(f"--lora: {path} is not a Hugging Face folder; a PEFT adapter merges into a HF base only")
     if path.is_dir():
         from .hf import open_hf_folder
-        from .lora import LoraAdapter
+        from .lora import open_adapter
 
-        return open_hf_folder(path, LoraAdapter(Path(lora)) if lora is not None else None)
+        return open_hf_folder(path, open_adapter(lora) if lora is not None else None)
     if path.suffix.lower() == ".gguf":
         from .gguf import open_gguf
+        from .lora import open_adapter
 
-        return open_gguf(path)
+        src = open_gguf(path)
+        if lora is not None:
+            src.attach_lora(open_adapter(lora, src))
+        return src
     raise ExportError(f"{path}: not a model folder or a .gguf file")
 
 

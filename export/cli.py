@@ -66,7 +66,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         f"{DEFAULT_MAX_CONTEXT})")
     parser.add_argument("--no-eval", action="store_true", help="skip the perplexity gate (faster, unchecked)")
     parser.add_argument("--lora", type=Path, metavar="ADAPTER",
-                        help="a PEFT LoRA adapter folder to merge into a Hugging Face base before quantization")
+                        help="a LoRA adapter to merge into the base's weights before quantization: a PEFT "
+                        "adapter folder, or for a GGUF base also a llama.cpp adapter .gguf")
 
 
 class _Bars:

@@ -7,11 +7,10 @@ metadata; both are undone here so the graph builder sees what a HF folder gives.
 """
 from __future__ import annotations
 
-import hashlib
 import re
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader, LlamaFileType
@@ -19,11 +18,15 @@ from gguf.gguf_reader import READER_SUPPORTED_VERSIONS, ReaderTensor
 from gguf.quants import dequantize
 
 from edgellm.errors import ExportError
+from edgellm.runtime.bundle import sha256_file
 
 from . import arch
 from .gguf_blocks import TYPES
 from .gguf_vocab import build_tokenizer, generation_config
 from .sources import QuantBlocks
+
+if TYPE_CHECKING:
+    from .lora import LoraAdapter
 
 # Types whose blocks MatMulNBits takes without rounding them again (gguf_blocks.py).
 EXACT_TYPES = tuple(TYPES)
@@ -49,6 +52,11 @@ def hf_name(gguf_name: str, block: dict[str, str]) -> str | None:
 def open_gguf(path: Path) -> "GGUFSource":
     """Open a GGUF file; ExportError for anything that is not a usable model."""
     path = Path(path)
+    return GGUFSource(path, read_gguf(path))
+
+
+def read_gguf(path: Path) -> GGUFReader:
+    """A GGUF file's reader (a model or a LoRA adapter); ExportError for a missing, foreign or corrupt file."""
     if not path.is_file():
         raise ExportError(f"{path}: no such file")
     with path.open("rb") as f:
@@ -62,11 +70,10 @@ def open_gguf(path: Path) -> "GGUFSource":
     if not {version, int.from_bytes(head[4:], "big")} & set(READER_SUPPORTED_VERSIONS):
         raise ExportError(f"{path}: GGUF version {version} is not supported (expected 2 or 3)")
     try:
-        reader = GGUFReader(path)
+        return GGUFReader(path)
     except Exception as exc:  # GGUFReader fails with ValueError, KeyError, IndexError... mid-parse
         reason = " ".join(str(exc).split()) or type(exc).__name__
         raise ExportError(f"{path}: truncated or corrupt GGUF file ({reason})") from None
-    return GGUFSource(path, reader)
 
 
 class GGUFSource:
@@ -76,6 +83,9 @@ class GGUFSource:
         self.path = path
         self.reader = reader  # raw access: tensor types, fields the spec does not carry
         self.meta: dict[str, Any] = {name: f.contents() for name, f in reader.fields.items()}
+        if self.meta.get("general.type") == "adapter":
+            raise ExportError(f"{path}: a LoRA adapter, not a model (give it to --lora beside its base model)")
+        self.lora: LoraAdapter | None = None  # merged into the weights it adapts (attach_lora)
         gguf_arch = self.meta.get("general.architecture")
         family = arch.by_gguf_arch(gguf_arch)
         if family is None:
@@ -92,8 +102,8 @@ class GGUFSource:
             if name is None:
                 raise ExportError(f"{path}: tensor {tensor.name!r} has no known HF equivalent")
             self._tensors[name] = tensor
-        shapes = {name: tuple(int(d) for d in reversed(t.shape)) for name, t in self._tensors.items()}
-        self.spec = family.read_gguf(arch.GGUFMeta(gguf_arch, self.meta, shapes, extras, str(path)))
+        self.shapes = {name: tuple(int(d) for d in reversed(t.shape)) for name, t in self._tensors.items()}
+        self.spec = family.read_gguf(arch.GGUFMeta(gguf_arch, self.meta, self.shapes, extras, str(path)))
         # GGUF type names by HF tensor name, for the export notes.
         self.stored_types = {name: t.tensor_type.name for name, t in self._tensors.items()}
         self.tokenizer_json = build_tokenizer(self.meta, where=str(path)).to_str()
@@ -104,26 +114,31 @@ class GGUFSource:
             self.chat_template, self.template_from = family.chat_template, f"{family.name} family default"
         self.generation = generation_config(self.meta)
 
+    def attach_lora(self, adapter: LoraAdapter) -> None:
+        """Merge `adapter` into the weights it adapts, once each is dequantized (HF names and rows)."""
+        adapter.check(self.shapes, self.path)
+        self.lora = adapter
+
     def names(self) -> list[str]:
         return list(self._tensors)
 
     def tensor(self, name: str) -> np.ndarray:
-        return np.ascontiguousarray(self._rows(name, _dequantized(self._get(name), self.path)), dtype=np.float32)
+        weight = self._rows(name, _dequantized(self._get(name), self.path))
+        if self.lora is not None:
+            weight = self.lora.merge(name, weight)
+        return np.ascontiguousarray(weight, dtype=np.float32)
 
     def quant_blocks(self, name: str) -> QuantBlocks | None:
         tensor = self._get(name)
         kind = tensor.tensor_type.name
-        if kind not in EXACT_TYPES:
+        # A merged weight is no longer its blocks: it is rounded afresh from W + scale * B @ A.
+        if kind not in EXACT_TYPES or (self.lora is not None and self.lora.adapts(name)):
             return None
         out_features, in_features = (int(d) for d in reversed(tensor.shape))
         blocks = np.ascontiguousarray(self._rows(name, np.asarray(tensor.data)), dtype=np.uint8)
         return QuantBlocks(kind, (out_features, in_features), blocks)
 
     def describe(self) -> dict[str, Any]:
-        digest = hashlib.sha256()
-        with self.path.open("rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
         file_type = self.meta.get("general.file_type")
         try:
             file_type_name = None if file_type is None else LlamaFileType(file_type).name
@@ -132,10 +147,11 @@ class GGUFSource:
         return {
             "kind": "gguf",
             "path": str(self.path),
-            "sha256": digest.hexdigest(),
+            "sha256": sha256_file(self.path),
             "file_type": file_type_name,
             "tensor_types": dict(Counter(t.tensor_type.name for t in self.reader.tensors)),
             "chat_template": self.template_from,
+            **({"lora": self.lora.describe()} if self.lora is not None else {}),
         }
 
     def _get(self, name: str) -> ReaderTensor:
