@@ -91,7 +91,7 @@ def load(
         call_tags={OPEN, CLOSE} <= tokenizer.added_tokens,
         native_tools="tools" in template_variables(template.source))
     release_freed_heap()
-    session = create_session(graph_path, providers=providers, threads=threads, block_sums=graph.block_sums)
+    session = create_session(graph_path, providers=providers, threads=threads)
     release_mapped_weights(root)
     _warn_target(graph.target, session.get_providers()[0])
     runner = open_runner(session, graph, manifest.spec, context, where=str(graph_path))
