@@ -14,9 +14,16 @@ Reported per fault and overall: severity agreement, cause-family agreement (of t
 grounding (every number and machine name in the model's text is one of its events' numbers,
 band limits, counts or timestamps, and its own machine), placeholder causes (fewer than two
 letters in a row, e.g. "A"), and summaries cut mid-sentence (not ending with . ! or ?, or at
-the schema's maxLength).
+the schema's maxLength). With `--index` (an index of the shipped manual, edgellm/recipes/manuals/,
+built by `edgellm index add`), the recipe retrieves manual sections for each group as
+`[anomaly.retrieval]` makes it, and each fault's expected section is scored: among those
+retrieved, retrieved first, and cited by the explanation:
+
+    bearing wear -> Bearing wear             overheating -> Motor overheating and cooling fan failure
+    overcurrent -> Overcurrent spikes ...    sensor dropout -> Temperature sensor dropout
 
     python benchmarks/anomaly_eval.py BUNDLE [--tree /tmp/before] [--duration 120] [--json out.json]
+    python benchmarks/anomaly_eval.py BUNDLE --index manual.sqlite [--k 3]
 """
 from __future__ import annotations
 
@@ -24,10 +31,11 @@ import argparse
 import json
 import re
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPECTED = {"press-1": ("bearing", "critical", "bearing"), "pump-2": ("overheat", "high", "cooling"),
@@ -38,6 +46,8 @@ FAMILIES = {  # first match wins: "temperature sensor" is the sensor, "bearing f
     "cooling": r"fan|cool|ventilat|air ?flow|filter|radiator|overheat",
     "load": r"jam|overload|blockage|blocked|stall|load|winding|voltage",
 }
+SECTIONS = {"bearing": "Bearing wear", "overheat": "Motor overheating", "overcurrent": "Overcurrent spikes",
+            "dropout": "Temperature sensor dropout"}  # the expected section's heading starts so
 MACHINE = re.compile(r"\b(?:press|pump|mill|lathe)-\d+\b", re.IGNORECASE)
 NUMBER = re.compile(r"\d+(?:\.\d+)?")
 
@@ -66,9 +76,12 @@ def texts(answer: Any) -> list[str]:
     return []
 
 
-def grounded(answer: dict[str, Any], machine: str, events: list[dict[str, Any]]) -> tuple[bool, list[str]]:
+def grounded(answer: dict[str, Any], machine: str, events: list[dict[str, Any]],
+             section_ids: Sequence[str] = ()) -> tuple[bool, list[str]]:
     """Whether every number and machine name in the model's strings is its events': the numbers
-    of their values, baselines, bands (their context) and count, and their timestamps whole."""
+    of their values, baselines, bands (their context) and count, and their timestamps whole; a
+    retrieved section's id ("M1") is no number."""
+    answer = {**answer, "evidence": [e for e in answer.get("evidence", []) if e not in section_ids]}
     numbers = {float(len(events))}
     stamps = set()
     for ev in events:
@@ -100,8 +113,9 @@ def groups(recipe: Any, timed: list[tuple[float, dict[str, Any]]], window: float
     return out
 
 
-def load_recipe(tree: Path) -> dict[str, Any]:
-    """The recipe's request and explanation functions of `tree`, whichever version it is."""
+def load_recipe(tree: Path, index: Path | None = None, k: int = 3) -> dict[str, Any]:
+    """The recipe's request and explanation functions of `tree`, whichever version it is; with
+    `index`, its settings have an [anomaly.retrieval] table naming it."""
     sys.path.insert(0, str(tree))
     for name in [m for m in sys.modules if m == "edgellm" or m.startswith("edgellm.")]:
         del sys.modules[name]
@@ -109,48 +123,60 @@ def load_recipe(tree: Path) -> dict[str, Any]:
     from edgellm.recipes import anomaly, config, events
 
     assert Path(edgellm.__file__).resolve().is_relative_to(tree.resolve()), edgellm.__file__
-    conf = config.load_config(None)
+    settings = None
+    if index is not None:
+        settings = Path(tempfile.mkdtemp()) / "anomaly.toml"
+        settings.write_text(f"[anomaly.retrieval]\nindex = {json.dumps(str(index.resolve()))}\nk = {k}\n")
+    conf = config.load_config(settings)
     if hasattr(anomaly, "request_body"):  # computed facts and a per-event grammar
         from edgellm.recipes.facts import facts
 
-        def request(group: Any) -> tuple[dict[str, Any], Any]:
+        def request(group: Any) -> tuple[dict[str, Any], Any, list[Any]]:
             found = facts(group, conf.bands.get(group.first.sensor))
-            return anomaly.request_body(conf, group, found), found
+            if index is None:
+                return anomaly.request_body(conf, group, found), found, []
+            sections = conf.manual.sections(group, found)
+            shown = [(s.id, s.prompt_text()) for s in sections]
+            return anomaly.request_body(conf, group, found, shown), found, sections
 
-        def explain(group: Any, final: dict[str, Any], found: Any) -> Any:
-            return anomaly.explanation(group, final, found)
+        def explain(group: Any, final: dict[str, Any], found: Any, sections: list[Any]) -> Any:
+            if index is None:
+                return anomaly.explanation(group, final, found)
+            return anomaly.explanation(group, final, found, sections)
     else:  # the model is asked for everything, under one fixed schema
-        def request(group: Any) -> tuple[dict[str, Any], Any]:
+        def request(group: Any) -> tuple[dict[str, Any], Any, list[Any]]:
             prompt = conf.template.render(**group.variables())
             messages = [*anomaly.shared_prompt(conf), {"role": "user", "content": prompt}]
-            return {"messages": messages, **conf.params()}, None
+            return {"messages": messages, **conf.params()}, None, []
 
-        def explain(group: Any, final: dict[str, Any], found: Any) -> Any:
+        def explain(group: Any, final: dict[str, Any], found: Any, sections: list[Any]) -> Any:
             return anomaly.explanation(group, final)
     return {"edgellm": edgellm, "config": conf, "request": request, "explain": explain,
             "Coalescer": events.Coalescer, "parse_event": events.parse_event}
 
 
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
-    recipe = load_recipe(args.tree)
+    recipe = load_recipe(args.tree, args.index, args.k)
     model = recipe["edgellm"].load(args.bundle)
     conf = recipe["config"]
     rows = []
     started = time.perf_counter()
     for group, events in groups(recipe, simulated(args.duration, args.seed), conf.window):
-        body, found = recipe["request"](group)
+        body, found, sections = recipe["request"](group)
         params = {"max_new_tokens": body["max_tokens"], "temperature": args.temperature, "seed": args.seed,
                   "response_format": body["response_format"]}
         result = model.generate(body["messages"], **params)
         final = {"text": result.text, "finish_reason": result.finish_reason, "incomplete": result.incomplete}
-        out = recipe["explain"](group, final, found)
+        out = recipe["explain"](group, final, found, sections)
         machine = group.first.machine
         fault, severity, cause_family = EXPECTED[machine]
         answer = (out or {}).get("explanation") or {}
         causes = [c for c in answer.get("likely_causes", []) if isinstance(c, str)]
         summary = answer.get("summary", "")
         limit = conf_limit(recipe)
-        ok, bad = grounded(answer, machine, events) if answer else (False, ["no explanation"])
+        ids = [s.id for s in sections]
+        ok, bad = grounded(answer, machine, events, ids) if answer else (False, ["no explanation"])
+        right = [s.id for s in sections if s.hit.heading.split(" > ")[-1].startswith(SECTIONS[fault])]
         rows.append({"fault": fault, "machine": machine, "sensor": group.first.sensor, "events": len(events),
                      "severity": answer.get("severity"), "severity_ok": answer.get("severity") == severity,
                      "family": family(causes[0]) if causes else None,
@@ -158,7 +184,11 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
                      "grounded": ok, "ungrounded": bad,
                      "placeholders": sum(not re.search(r"[A-Za-z]{2}", c) for c in causes),
                      "cut": bool(answer) and (not summary.rstrip().endswith((".", "!", "?")) or len(summary) >= limit),
-                     "complete": bool(answer), "tokens": result.usage.completion_tokens, "explanation": answer})
+                     "complete": bool(answer), "tokens": result.usage.completion_tokens, "explanation": answer,
+                     "retrieved": [s.hit.heading.split(" > ")[-1] for s in sections],
+                     "citations": (out or {}).get("citations", []), "section_retrieved": bool(right),
+                     "section_first": bool(right) and ids[0] == right[0],
+                     "section_cited": bool(right) and right[0] in answer.get("evidence", [])})
         if args.verbose:
             print(json.dumps(rows[-1], ensure_ascii=False), file=sys.stderr)
     return {"tree": str(args.tree), "bundle": str(args.bundle), "groups": len(rows),
@@ -178,8 +208,9 @@ def table(report: dict[str, Any]) -> dict[str, Any]:
         by[row["fault"]].append(row)
         by["all"].append(row)
     summary = {}
+    sections = any(r["retrieved"] for r in report["rows"])
     print(f"{'fault':<12}{'groups':>7}{'complete':>9}{'severity':>9}{'cause':>7}{'grounded':>9}"
-          f"{'placeholder':>12}{'cut':>5}")
+          f"{'placeholder':>12}{'cut':>5}" + (f"{'retrieved':>10}{'first':>7}{'cited':>7}" if sections else ""))
     for fault, rows in by.items():
         n = len(rows)
         causes = sum(len(r["explanation"].get("likely_causes", [])) for r in rows) or 1
@@ -189,10 +220,14 @@ def table(report: dict[str, Any]) -> dict[str, Any]:
                 "grounded": sum(r["grounded"] for r in rows) / n,
                 "placeholder_causes": sum(r["placeholders"] for r in rows) / causes,
                 "cut_summaries": sum(r["cut"] for r in rows) / n}
+        if sections:  # the fault's manual section: among those retrieved, retrieved first, cited
+            line |= {key: sum(r[key] for r in rows) / n for key in ("section_retrieved", "section_first",
+                                                                     "section_cited")}
         summary[fault] = line
         print(f"{fault:<12}{n:>7}{line['complete']:>9.0%}{line['severity_agreement']:>9.0%}"
               f"{line['cause_family_agreement']:>7.0%}{line['grounded']:>9.0%}{line['placeholder_causes']:>12.0%}"
-              f"{line['cut_summaries']:>5.0%}")
+              f"{line['cut_summaries']:>5.0%}" + (f"{line['section_retrieved']:>10.0%}{line['section_first']:>7.0%}"
+                                                   f"{line['section_cited']:>7.0%}" if sections else ""))
     return summary
 
 
@@ -203,6 +238,9 @@ def main() -> int:
     p.add_argument("--duration", type=float, default=120.0, help="simulated seconds (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--temperature", type=float, default=0.2, help="the recipe's default (default: %(default)s)")
+    p.add_argument("--index", type=Path, help="an index of edgellm/recipes/manuals/ (edgellm index add): "
+                                              "retrieval on, and the right section's rates reported")
+    p.add_argument("--k", type=int, default=3, help="sections per prompt with --index (default: %(default)s)")
     p.add_argument("--json", type=Path, help="write the report (every explanation) here")
     p.add_argument("-v", "--verbose", action="store_true", help="each explanation to stderr as it is made")
     args = p.parse_args()

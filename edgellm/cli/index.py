@@ -33,7 +33,7 @@ def add_index_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_index(args: argparse.Namespace) -> int:
-    from ..retrieval.index import Index, retrieve
+    from ..retrieval.index import Index, open_encoder, retrieve
 
     if args.action != "add" and not args.index.is_file():
         raise RetrievalError(f"{args.index}: no such index (create it with edgellm index add)")
@@ -62,23 +62,6 @@ def run_index(args: argparse.Namespace) -> int:
                 where = f"{hit.path}:{hit.line}" + (f"  {hit.heading}" if hit.heading else "")
                 print(f"[{n}] {hit.score:.3f}  {where}\n    {' '.join(hit.text.split())[:300]}")
     return 0
-
-
-def open_encoder(index: Any, given: Path | None) -> Any:
-    """The embedding bundle: the one given (remembered by the index), else the one it remembers."""
-    import edgellm
-    from ..retrieval.embed import EmbeddingModel
-
-    bundle = given or (Path(index.meta("bundle")) if index.meta("bundle") else None)
-    if bundle is None:
-        raise RetrievalError(f"{index.path}: new index: name its embedding bundle with --embedding BUNDLE")
-    model = edgellm.load(bundle)
-    if not isinstance(model, EmbeddingModel):
-        raise RetrievalError(f"--embedding {bundle}: a {model.manifest.graph.kind} bundle, not an embedding one")
-    index.check_model(model)
-    if given is not None:
-        index.remember_bundle(given)
-    return model
 
 
 def _print_change(change: Any) -> None:

@@ -67,8 +67,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _grounded(messages: list[dict[str, Any]], index_path: Path, k: int) -> tuple[list[dict[str, Any]], list[Any]]:
     """The chat with the index's `k` chunks nearest the question as numbered sources, and those sources."""
     from ..retrieval.grounding import ground, last_user_text
-    from ..retrieval.index import Index, retrieve
-    from .index import open_encoder
+    from ..retrieval.index import Index, open_encoder, retrieve
 
     if not index_path.is_file():
         raise ValueError(f"--index {index_path}: no such index (create it with edgellm index add)")

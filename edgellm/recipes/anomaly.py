@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import sqlite3
 import threading
 import time
 import uuid
@@ -28,12 +29,13 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from ..errors import RequestError
+from ..errors import RequestError, RetrievalError
 from ..service import protocol as proto
 from ..service.connection import Connection, connect_async, connect_failure_reason, make_client, refusal
 from .config import SCHEMA, AnomalyConfig, reply_topic, response_format, template_line
 from .events import Coalescer, Group, parse_event
 from .facts import Facts, facts, request_schema, variables
+from .manual import Section, cited
 
 log = logging.getLogger("edgellm.recipes.anomaly")
 
@@ -56,6 +58,7 @@ class Counts:
 class Flight:
     group: Group
     deadline: float
+    sections: list[Section]  # the manual sections its prompt showed, for the citations
 
 
 Message = tuple[str, bytes, "Properties | None", bool]  # topic, payload, properties, retain
@@ -204,7 +207,8 @@ class AnomalyRecipe:
             group, out = flight.group, None
             if code == proto.BUSY:
                 self._queue.requeue(group, time.monotonic() + RETRY_S)
-            elif error is None and (out := explanation(group, data, self._facts(group))) is not None:
+            elif error is None and (out := explanation(group, data, self._facts(group),
+                                                        flight.sections)) is not None:
                 self.counts.incomplete += out["incomplete"]
                 self.counts.explained += not out["incomplete"]
             else:
@@ -280,7 +284,10 @@ class AnomalyRecipe:
     def _request(self, group: Group, now: float) -> Message:
         self._seq += 1
         rid = f"anomaly-{self._run}-{self._seq}"
-        request = {"id": rid, **request_body(self.config, group, self._facts(group)), "stream": False}
+        found = self._facts(group)
+        sections = self._sections(group, found)
+        body = request_body(self.config, group, found, [(s.id, s.prompt_text()) for s in sections])
+        request = {"id": rid, **body, "stream": False}
         props = None
         if self.conn.v5:
             props = Properties(PacketTypes.PUBLISH)
@@ -288,12 +295,24 @@ class AnomalyRecipe:
             props.CorrelationData = rid.encode()
         else:
             request["reply_to"] = self.reply_topic
-        self._in_flight[rid] = Flight(group, now + self.config.timeout)
+        self._in_flight[rid] = Flight(group, now + self.config.timeout, sections)
         log.info("anomaly recipe: explaining %d event(s) of %s:%s as request %s", group.count, *group.key, rid)
         return self.topics.request, proto.encode(request), props, False
 
     def _facts(self, group: Group) -> Facts:
         return facts(group, self.config.bands.get(group.first.sensor))
+
+    def _sections(self, group: Group, found: Facts) -> list[Section]:
+        """The manual's sections for `group` (a query embedded and searched: milliseconds, on the
+        worker, under the lock); none without a manual, or when the index cannot be read now, which
+        is logged and costs the explanation its citations, not the explanation."""
+        if self.config.manual is None:
+            return []
+        try:
+            return self.config.manual.sections(group, found)
+        except (RetrievalError, sqlite3.Error, OSError) as exc:
+            log.warning("anomaly recipe: %s:%s explained without the manual: %s", *group.key, exc)
+            return []
 
     @staticmethod
     def _message(topic: str, payload: dict[str, Any], retain: bool = False) -> Message:
@@ -329,17 +348,19 @@ def _group_error(group: Group, code: str, message: str) -> dict[str, Any]:
             "sensor": group.first.sensor, "events": group.summary()}
 
 
-def explanation(group: Group, final: dict[str, Any], found: Facts) -> dict[str, Any] | None:
+def explanation(group: Group, final: dict[str, Any], found: Facts,
+                sections: Sequence[Section] = ()) -> dict[str, Any] | None:
     """The payload published for `group` from the service's final reply; None when a reply that
     claims to be complete is not a JSON object (never published as if it were valid). The
-    computed severity goes into the explanation and, with the band, into `facts`.
+    computed severity goes into the explanation and, with the band, into `facts`; the manual
+    `sections` its evidence cites into `citations` (file, heading, lines).
 
     An answer cut short by the token budget is published marked incomplete, with no
     `explanation` and its partial text, so a dashboard never parses half an object as a whole one."""
     finish = final.get("finish_reason")
     out: dict[str, Any] = {"id": group.first.id, "machine": group.first.machine, "sensor": group.first.sensor,
-                           "events": group.summary(), "facts": _published(found), "finish_reason": finish,
-                           "usage": final.get("usage") or {}}
+                           "events": group.summary(), "facts": _published(found), "citations": [],
+                           "finish_reason": finish, "usage": final.get("usage") or {}}
     text = final.get("text")
     if final.get("incomplete") or finish != "stop":
         return {**out, "incomplete": True, "explanation": None, "partial_text": text if isinstance(text, str) else ""}
@@ -351,7 +372,8 @@ def explanation(group: Group, final: dict[str, Any], found: Facts) -> dict[str, 
         return None
     # The grammar holds each item to the facts or the causes but cannot keep them apart: the same one twice once.
     lists = {key: list(dict.fromkeys(answer[key])) for key in ("likely_causes", "evidence") if key in answer}
-    return {**out, "incomplete": False, "explanation": {**answer, **lists, "severity": found.severity}}
+    return {**out, "citations": cited(sections, lists.get("evidence", [])), "incomplete": False,
+            "explanation": {**answer, **lists, "severity": found.severity}}
 
 
 def _published(found: Facts) -> dict[str, Any]:

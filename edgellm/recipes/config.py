@@ -18,10 +18,11 @@ import paho.mqtt.client as mqtt
 from jinja2 import StrictUndefined, Template, TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from ..errors import GenerationError, RecipeError
+from ..errors import GenerationError, RecipeError, RetrievalError
 from ..params import BY_NAME, check
 from ..service import protocol as proto
 from .facts import Band, facts, request_schema
+from .manual import MAX_K, Manual, RetrievalSettings
 
 HERE = Path(__file__).parent
 DEFAULT_PROMPT = HERE / "anomaly_prompt.jinja"
@@ -103,7 +104,9 @@ class AnomalyConfig:
     speculative: str | None = "prompt_lookup"
     max_event_bytes: int = 4096
     timeout: float = 300.0
-    bands: dict[str, Band] = field(default_factory=lambda: dict(DEFAULT_BANDS), compare=False)  # seconds to wait for the service's answer
+    bands: dict[str, Band] = field(default_factory=lambda: dict(DEFAULT_BANDS), compare=False)
+    retrieval: RetrievalSettings | None = None  # [anomaly.retrieval]: the plant's manual, cited in evidence
+    manual: Manual | None = field(default=None, repr=False, compare=False)  # opened from `retrieval` at load
     source: str = "the defaults"  # where these came from, for messages
     template: Template | None = field(default=None, repr=False, compare=False)  # compiled from `prompt`
 
@@ -153,6 +156,7 @@ _KEYS: dict[str, tuple[str, float | None, float | None]] = {
     "max_event_bytes": ("int", 64, 65536),
     "timeout": ("float", 1, 86400),
     "bands": ("bands", None, None),
+    "retrieval": ("retrieval", None, None),
 }
 _PARAM_NAMES = {"max_tokens": "max_new_tokens", "temperature": "temperature", "seed": "seed",
                 "speculative": "speculative"}
@@ -178,7 +182,18 @@ def load_config(path: Path | None) -> AnomalyConfig:
         values["bands"] = {**DEFAULT_BANDS, **values["bands"]}
     config = AnomalyConfig(**values, source=str(path))
     _check_topics(config)
-    return _checked(_with_template(config, path))
+    return _with_manual(_checked(_with_template(config, path)))
+
+
+def _with_manual(config: AnomalyConfig) -> AnomalyConfig:
+    """`config` with its manual open: the index there and not empty, its embedding bundle loaded
+    and the one it was built with, all said now rather than at the first anomaly."""
+    if config.retrieval is None:
+        return config
+    try:
+        return dataclasses.replace(config, manual=Manual(config.retrieval, f"{config.source}: {TABLE}.retrieval"))
+    except RetrievalError as exc:
+        raise RecipeError(str(exc)) from None
 
 
 def _checked(config: AnomalyConfig) -> AnomalyConfig:
@@ -216,6 +231,22 @@ def _bands(where: str, value: Any) -> dict[str, Band]:
     return bands
 
 
+def _retrieval(path: Path, where: str, value: Any) -> RetrievalSettings:
+    """`[anomaly.retrieval]`: index (required) and embedding, paths relative to the settings file; k."""
+    if not isinstance(value, dict) or set(value) - {"index", "embedding", "k"} or "index" not in value:
+        raise RecipeError(f"{where} must be a table with index and optionally embedding and k")
+    paths = {}
+    for key in ("index", "embedding"):
+        if key in value:
+            if not isinstance(value[key], str) or not value[key]:
+                raise RecipeError(f"{where}.{key} must be a non-empty path, got {value[key]!r}")
+            paths[key] = (path.parent / value[key]).resolve()
+    k = value.get("k", RetrievalSettings.k)
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
+        raise RecipeError(f"{where}.k must be an integer in [1, {MAX_K}], got {k!r}")
+    return RetrievalSettings(paths["index"], paths.get("embedding"), k)
+
+
 def _spelled(name: str) -> str:
     return name.replace("_", "-")
 
@@ -230,6 +261,8 @@ def _value(path: Path, name: str, value: Any) -> Any:
             raise RecipeError(f"{path}: {exc}") from None
     if kind == "bands":
         return _bands(where, value)
+    if kind == "retrieval":
+        return _retrieval(path, where, value)
     if kind in ("int", "float"):
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
         if not number or (kind == "int" and not isinstance(value, int)) or not math.isfinite(value):
@@ -314,7 +347,8 @@ SAMPLE_VARIABLES: dict[str, Any] = {
     "count": 2, "min_value": 7.5, "max_value": 9.1, "first_timestamp": "2025-01-01T00:00:00Z",
     "last_timestamp": "2025-01-01T00:00:05Z", "ids": ["ev-0", "ev-1"],
     "severity": "critical", "worst": 9.1, "low": 0.0, "high": 4.5, "causes": ["bearing wear"],
-    "facts": ["press-3 vibration reached 9.1 mm/s"], "sections": [{"id": "manual#3", "text": "Bearings"}],
+    "facts": ["press-3 vibration reached 9.1 mm/s"],
+    "sections": [{"id": "M1", "text": "manual.md, Vibration alarms > Bearing wear: A worn bearing ..."}],
 }
 # Both sides of the branches a template is likely to have: one event, no context, a zero baseline.
 SAMPLES = (SAMPLE_VARIABLES, {**SAMPLE_VARIABLES, "count": 1, "ids": ["ev-1"], "context": None, "baseline": 0.0,

@@ -4,9 +4,9 @@ A 135M model asked for a severity says "low" for 95 °C against a 75 °C limit, 
 evidence writes "./A". So the recipe works out the severity from the sensor's band and how far
 the worst reading left it, states the facts (machine, sensor, range, counts, times) itself, and
 gives the model a per-event grammar (`request_schema`) in which evidence can only be those facts
-(or retrieved section ids), causes only the sensor's configured causes, and the two sentences
-words, punctuation and the group's own numbers, ending at a full stop: no number or name the
-events do not hold.
+(after one retrieved manual section's id, when the recipe has a manual), causes only the sensor's
+configured causes, and the two sentences words, punctuation and the group's own numbers, ending
+at a full stop: no number or name the events do not hold.
 """
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ class Facts:
 
 def variables(found: Facts, sections: Sequence[tuple[str, str]] = ()) -> dict[str, Any]:
     """The prompt template's computed variables (docs/anomaly.md lists them); `sections` are
-    retrieved (id, text) pairs, none until the recipe has retrieval."""
+    the retrieved manual sections as (id, text) pairs, none without [anomaly.retrieval]."""
     band = found.band
     return {"severity": found.severity, "worst": found.worst, "low": band.low if band else None,
             "high": band.high if band else None, "causes": list(band.causes) if band else [],
@@ -104,8 +104,9 @@ def sentence(found: Facts) -> str:
 
 def request_schema(schema: dict[str, Any], found: Facts, sections: Sequence[str] = ()) -> dict[str, Any]:
     """The grammar of one request: `schema` (the published explanation's shape) without the
-    computed severity, evidence one of `found.evidence` or a retrieved section id, causes one of
-    the band's causes (or a short phrase of words), the sentences as `sentence` within the schema's lengths."""
+    computed severity, evidence one retrieved section id (when there are `sections`) then items of
+    `found.evidence`, causes one of the band's causes (or a short phrase of words), the sentences
+    as `sentence` within the schema's lengths."""
     out = copy.deepcopy(schema)
     props = out["properties"]
     del props["severity"]
@@ -114,5 +115,7 @@ def request_schema(schema: dict[str, Any], found: Facts, sections: Sequence[str]
         props[key] = {**props[key], "minLength": 20, "pattern": sentence(found)}
     causes = list(found.band.causes) if found.band is not None and found.band.causes else None
     props["likely_causes"]["items"] = {"enum": causes} if causes else {"type": "string", "pattern": PHRASE}
-    props["evidence"]["items"] = {"enum": [*found.evidence, *sections]}
+    props["evidence"]["items"] = {"enum": list(found.evidence)}
+    if sections:  # found for this group: the answer names the one that fits first, and only one
+        props["evidence"]["prefixItems"] = [{"enum": list(sections)}]
     return out

@@ -272,6 +272,24 @@ def _documents(root: Path) -> Iterator[Path]:
                 yield Path(folder) / name
 
 
+def open_encoder(index: Index, given: Path | None, flag: str = "--embedding") -> Encoder:
+    """The index's embedding model: the bundle `given` (remembered by the index), else the one it
+    remembers; `flag` is what the caller calls the bundle's setting, for the messages."""
+    import edgellm
+    from .embed import EmbeddingModel
+
+    bundle = given or (Path(index.meta("bundle")) if index.meta("bundle") else None)
+    if bundle is None:
+        raise RetrievalError(f"{index.path}: new index: name its embedding bundle with {flag} BUNDLE")
+    model = edgellm.load(bundle)
+    if not isinstance(model, EmbeddingModel):
+        raise RetrievalError(f"{flag} {bundle}: a {model.manifest.graph.kind} bundle, not an embedding one")
+    index.check_model(model)
+    if given is not None:
+        index.remember_bundle(given)
+    return model
+
+
 def retrieve(index: Index, model: Encoder, query: str, k: int = 4) -> list[Hit]:
     """The `k` chunks of `index` nearest to the text `query`, embedded by `model` (the index's own)."""
     index.check_model(model)
