@@ -27,7 +27,7 @@ from typing import Any, Callable, Generic, Hashable, Mapping, Protocol, TypeVar
 from .errors import GenerationError
 from .params import GenerationParams
 from .sequence import request_grammar
-from .runtime.providers import release_freed_heap
+from .runtime.residency import release_freed_heap
 from .text import cannot_fit
 
 log = logging.getLogger("edgellm.engine")

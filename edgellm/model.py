@@ -12,7 +12,8 @@ from .errors import BundleError, GenerationError
 from .params import Checked, GenerationParams, checked
 from .runtime.caches import SharedPrefixes, common_prefix, kv_dtype
 from .reasoning import CONFIG_KEY, detect_markers, template_extras
-from .runtime.providers import ProviderSpec, create_session, release_freed_heap, release_mapped_weights
+from .runtime.providers import ProviderSpec, create_session
+from .runtime.residency import MappedWeights, release_freed_heap
 from .runtime.runner import BatchRunner, OneTokenRunner, Runner, open_runner, open_slots, prefill
 from .scheduler import OneSlot, Scheduler
 from .sequence import Chunk, Conventions, Result
@@ -91,8 +92,9 @@ def load(
         call_tags={OPEN, CLOSE} <= tokenizer.added_tokens,
         native_tools="tools" in template_variables(template.source))
     release_freed_heap()
-    session = create_session(graph_path, providers=providers, threads=threads)
-    release_mapped_weights(root)
+    mapped = MappedWeights(root)
+    with mapped.loading():
+        session = create_session(graph_path, providers=providers, threads=threads, block_sums=graph.block_sums)
     _warn_target(graph.target, session.get_providers()[0])
     runner = open_runner(session, graph, manifest.spec, context, where=str(graph_path))
     try:
@@ -102,6 +104,7 @@ def load(
         raise BundleError(f"{root / 'manifest.json'}: generation.defaults: {exc}") from None
     model = Model(root, manifest, runner, tokenizer, template, defaults, conventions)
     model.profile = prof
+    model.mapped = mapped
     if draft is not None:
         model.draft = draft if isinstance(draft, Model) else load(
             draft, profile=profile, providers=providers, threads=threads, max_context=max_context, verify=verify)
@@ -186,6 +189,7 @@ class Model:
         self._generation = 0  # which stream owns the cache; older ones must not touch it
         self._batch: BatchRunner | None = None  # generate_many's slots, kept for prefix reuse
         self.profile: "DeviceProfile | None" = None  # the device profile it was loaded with: memory warnings
+        self.mapped: MappedWeights | None = None  # its weight files' pages, given back as it runs
         self.shared = SharedPrefixes()  # prefixes every tenant may reuse: share_prefix
 
     @property

@@ -139,6 +139,8 @@ class GraphInfo:
     notes: list[str] = field(default_factory=list)
     # The freshly rounded weights that lost the most, worst first: the quality gate's message.
     worst_weights: list[str] = field(default_factory=list)
+    # Some int4/int8 matmul reads appended activation block sums (folded GGUF offsets).
+    block_sums: bool = False
 
     def manifest_entry(self) -> dict[str, Any]:
         entry: dict[str, Any] = {
@@ -153,4 +155,6 @@ class GraphInfo:
             entry["target"] = self.target
         if self.context is not None:
             entry["context"] = self.context
+        if self.block_sums:
+            entry["block_sums"] = True
         return entry

@@ -501,4 +501,5 @@ def build_fast_graph(
         target=quant.target,
         notes=notes,
         worst_weights=loader.worst() if loader is not None else [],
+        block_sums=w.block_sums,
     )

@@ -44,6 +44,9 @@ class Writer:
         self._blocksums: dict[tuple[str, int, int], str] = {}
         self._with_sums: dict[tuple[str, int, int], str] = {}
         self._indicators: dict[tuple[int, int, int], str] = {}
+        # Some MatMulNBits reads appended block sums: its activations must be quantized per
+        # block (Graph.block_sums), as MLAS does; KleidiAI's one scale a row loses them.
+        self.block_sums = False
 
     def close(self) -> None:
         self._fh.close()
@@ -130,6 +133,7 @@ class Writer:
         a MatMulNBits whose last blocks hold offsets (quantize.offset_blocks)."""
         width = offset_width(K // block_size, block_size)
         key = (x, block_size, extra)
+        self.block_sums = True
         if key not in self._with_sums:
             sums = self.blocksum(x, K, block_size, width)
             self._with_sums[key] = self.one("Concat", f"{x}/with_block_sums_{block_size}x{extra}/Concat",
@@ -213,18 +217,10 @@ def quantized_linear(
         folded = extra_packed.shape[1] * q.block_size
     # A gathered row adds its offsets from the float table; so does an unfolded matmul.
     table = q.offsets is not None and not folded
-    zero_points = q.zero_points
-    if folded and q.bits == 4:
-        # Zero points at the middle code (the same weight) keep onnxruntime's aarch64 build off
-        # KleidiAI's int4 kernel, which takes only weights without them and quantizes a whole row
-        # of activations with one int8 scale: the appended block sums rounded that coarsely cost
-        # the default SmolLM2 bundle 1.071x its source's perplexity on a Cortex-A76 (Pi 5); MLAS's
-        # own kernel quantizes per block, as on x86 (benchmarks/arm64_quality.py).
-        zero_points = np.full((q.N, -(-packed.shape[1] // 2)), 0x88, dtype=np.uint8)
     return Linear(
         weight=w.initializer(f"{prefix}.qweight", packed),
         scales=scales,
-        zero_points="" if zero_points is None else w.initializer(f"{prefix}.qzeros", zero_points),
+        zero_points="" if q.zero_points is None else w.initializer(f"{prefix}.qzeros", q.zero_points),
         bias="" if bias is None else w.floats(f"{prefix}.bias", bias),
         K=q.K,
         N=q.N,

@@ -16,6 +16,7 @@ import onnxruntime as ort
 from edgellm.runtime.bundle import Graph
 from edgellm.runtime.caches import kv_dtype, kv_shape
 from edgellm.runtime.model_spec import ModelSpec
+from edgellm.runtime.providers import session_options
 
 # A fixed English paragraph (about 230 tokens for SmolLM2's tokenizer); the built-in
 # default so numbers are comparable across exports and releases.
@@ -69,11 +70,10 @@ def _feeds(graph: Graph, spec: ModelSpec, ids: np.ndarray) -> dict[str, np.ndarr
 
 def token_nll(model_path: Path, graph: Graph, spec: ModelSpec, ids: list[int], threads: int = 0,
               config: dict[str, str] | None = None) -> np.ndarray:
-    """Negative log-likelihood of each token given the ones before it (len(ids) - 1 values).
-    `config`: session config entries (e.g. mlas.disable_kleidiai), to measure what a
-    kernel choice costs."""
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
+    """Negative log-likelihood of each token given the ones before it (len(ids) - 1 values),
+    with the runtime's session options. `config`: more session config entries (e.g.
+    mlas.disable_kleidiai), to measure what a kernel choice costs."""
+    opts = session_options(threads or None, graph.block_sums)
     for key, value in (config or {}).items():
         opts.add_session_config_entry(key, value)
     session = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])

@@ -75,8 +75,6 @@ class QuantizedWeight:
         if self.offsets is not None and folds_offsets(quant, self.bits):
             blocks = offset_digits(self.bits) * offset_width(self.n_blocks, self.block_size) // self.block_size
             total += self.N * blocks * (self.block_size * self.bits // 8 + float_bytes)
-            if self.bits == 4:  # and middle zero points, which keep aarch64 off KleidiAI (linear.py)
-                total += self.N * -(-(self.n_blocks + blocks) // 2)
         elif self.offsets is not None:
             total += self.offsets.size * float_bytes
         return total

@@ -24,6 +24,7 @@ from edgellm.export.graph import OPSET
 from edgellm.export.linear import Writer, apply_linear, quantized_linear
 from edgellm.export.quantize import dequantize
 from edgellm.export.sources import QuantBlocks
+from edgellm.runtime import providers
 from edgellm.runtime.bundle import read_manifest
 from gguf_writer import blocks as gguf_blocks
 
@@ -32,26 +33,34 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import arm64_quality  # noqa: E402
 
 
-def test_int4_weights_with_folded_offsets_carry_zero_points(tmp_path):
+def test_folded_offsets_keep_aarch64_activations_per_block(tmp_path, monkeypatch):
     """onnxruntime's aarch64 build runs a symmetric int4 MatMulNBits (no zero points) with
     KleidiAI's kernel on a CPU with int8 dot product (Cortex-A76, a Pi 5), which quantizes a
     whole row of activations with one int8 scale; the block sums the folded offsets read then
-    lose too much (the default SmolLM2 bundle: 1.071x its source's perplexity there). Zero
-    points at the middle code are the same weight and send it to MLAS's own kernel, which
-    quantizes per block as on x86. A Q4_1 linear laid out as the export lays it:"""
+    lose too much (the default SmolLM2 bundle: 1.071x its source's perplexity there, 1.004x on
+    MLAS's own kernel). The graph says it reads block sums and the runtime keeps such a graph on
+    MLAS there, nowhere else, and no other graph. A Q4_1 linear laid out as the export lays it:"""
     n, k = 48, 576
     w = np.random.default_rng(0).normal(scale=0.05, size=(n, k)).astype(np.float32)
     q = from_gguf_blocks(QuantBlocks("Q4_1", (n, k), gguf_blocks(w, Q.Q4_1)))
     quant = QuantConfig()
     writer = Writer(tmp_path / "w.data")
+    assert not writer.block_sums
     lin = quantized_linear(writer, "layer", q, None, quant)
     apply_linear(writer, "/layer", "x", lin, quant, out="y")
     writer.close()
     node = next(node for node in writer.nodes if node.op_type == "MatMulNBits")
-    assert lin.folded and len(node.input) > 3 and node.input[3] == lin.zero_points
-    zeros = next(numpy_helper.to_array(i) for i in writer.initializers if i.name == lin.zero_points)
-    blocks = (k + lin.folded) // 32
-    assert zeros.shape == (n, (blocks + 1) // 2) and np.all(zeros == 0x88)
+    assert lin.folded and writer.block_sums
+    assert len(node.input) <= 3 or not node.input[3]  # no zero points: 4.0 bits a code, not 4.125
+    key = "mlas.disable_kleidiai"
+    for machine, block_sums, kept in (("aarch64", True, True), ("aarch64", False, False), ("x86_64", True, False)):
+        monkeypatch.setattr(providers.platform, "machine", lambda machine=machine: machine)
+        options = providers.session_options(2, block_sums)
+        if kept:
+            assert options.get_session_config_entry(key) == "1"
+        else:
+            with pytest.raises(Exception, match=key):
+                options.get_session_config_entry(key)
     # ... and it is still the same weight: the product is the dequantized one's, to int8 rounding.
     graph = helper.make_graph(writer.nodes, "one", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "S", k])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], writer.initializers)
@@ -70,6 +79,7 @@ def test_the_host_score_is_the_export_gate_s(smollm2_bundle):
     assert len(ids) == manifest.quality["tokens"]
     got = arm64_quality.measure(smollm2_bundle, ids, 2, {})["perplexity"]
     assert got == pytest.approx(manifest.quality["perplexity"], abs=1e-3)
+    assert manifest.graph.block_sums  # the exact Q4_1 import's offsets ride as block sums
 
 
 def test_it_says_why_it_cannot_run(monkeypatch, capsys):

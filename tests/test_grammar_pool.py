@@ -20,7 +20,7 @@ import pytest
 from edgellm.engine import Engine, FairQueue, Job, Outcome
 from edgellm.errors import GenerationError
 from edgellm.params import from_wire
-from edgellm.runtime.providers import release_freed_heap
+from edgellm.runtime.residency import release_freed_heap
 
 
 def _exploding(n: int) -> dict[str, Any]:

@@ -58,6 +58,9 @@ class Graph:
     dtypes were chosen for ("cpu"; "cuda": float16 activations; "openvino": standard-op attention
     and a sequence-major cache; "qnn": a static one-token step over `context` cache rows).
     batch: exported with a batch dimension, so several cache slots decode in one step.
+    block_sums: some int4/int8 matmul reads the activations' block sums appended to them (an
+    exact Q4_1/Q4_K import's offsets): its activations must be quantized per block
+    (providers.session_options).
     """
 
     kind: str
@@ -71,6 +74,7 @@ class Graph:
     pooling: str | None = None  # embedding: "mean" | "cls", inside the graph
     normalize: bool = False  # embedding: unit vectors, inside the graph
     dimensions: int | None = None  # embedding: the vector's length
+    block_sums: bool = False
 
     @property
     def layout(self) -> str:
@@ -101,6 +105,8 @@ class Graph:
             data["target"] = self.target
         if self.context is not None:
             data["context"] = self.context
+        if self.block_sums:
+            data["block_sums"] = True
         return data
 
     @classmethod
@@ -116,8 +122,9 @@ class Graph:
             names = graph[key]
             if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
                 raise BundleError(f"{where}: graph.{key} must be a list of names, got {names!r}")
-        if not isinstance(graph.get("batch", False), bool):
-            raise BundleError(f"{where}: graph.batch must be true or false, got {graph['batch']!r}")
+        for key in ("batch", "block_sums"):
+            if not isinstance(graph.get(key, False), bool):
+                raise BundleError(f"{where}: graph.{key} must be true or false, got {graph[key]!r}")
         if graph.get("target", "cpu") not in GRAPH_TARGETS:
             raise BundleError(f"{where}: graph.target {graph['target']!r} is not one of {GRAPH_TARGETS}")
         if graph.get("kv_dtype", "float32") not in KV_DTYPES:
@@ -132,7 +139,8 @@ class Graph:
                    outputs=tuple(graph["outputs"]), target=graph.get("target", "cpu"),
                    kv_dtype=graph.get("kv_dtype", "float32"), batch=graph.get("batch", False),
                    context=context if _is_int(context) else None, pooling=graph.get("pooling"),
-                   normalize=bool(graph.get("normalize", False)), dimensions=dimensions)
+                   normalize=bool(graph.get("normalize", False)), dimensions=dimensions,
+                   block_sums=graph.get("block_sums", False))
 
 
 @dataclass

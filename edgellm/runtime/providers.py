@@ -3,16 +3,16 @@
 A board's profile names providers best first; built-in ones come with the onnxruntime build,
 plugin ones (OpenVINO, QNN) from a package registered into the stock wheel. Whatever is
 missing or fails, the graph still opens on the CPU and the log says why in one line.
-The memory onnxruntime leaves behind while opening a graph is given back here too.
 """
 from __future__ import annotations
 
-import ctypes
 import importlib
 import logging
 import os
+import platform
+from functools import partial
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Any, Callable, Sequence, Union
 
 import onnxruntime as ort
 
@@ -23,7 +23,13 @@ log = logging.getLogger("edgellm")
 CPU = "CPUExecutionProvider"
 ProviderSpec = Union[str, tuple[str, dict[str, Any]]]
 
-def session_options(threads: int | None = None) -> ort.SessionOptions:
+def session_options(threads: int | None = None, block_sums: bool = False) -> ort.SessionOptions:
+    """The runtime's options for a bundle's graph. `block_sums` (Graph.block_sums): on aarch64,
+    keep int4 matmuls on MLAS's kernel, which quantizes activations per block as on x86;
+    KleidiAI's (taken where weights have no zero points) uses one int8 scale per row, and the
+    appended block sums rounded that coarsely cost the default SmolLM2 bundle 1.071x its
+    source's perplexity on a Cortex-A76 (Pi 5) against 1.004x with MLAS
+    (benchmarks/arm64_quality.py). Bundles without block sums keep KleidiAI's speed."""
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads or 0  # 0: onnxruntime picks one per core
     # A decode step is a chain of nodes (a batched step too): parallelism between nodes only costs threads.
@@ -33,6 +39,8 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
     # Errors only: a provider that takes part of a graph warns per node it leaves to the
     # CPU, and edgellm says in one line which provider runs and why another did not.
     so.log_severity_level = 3
+    if block_sums and platform.machine().lower() in ("aarch64", "arm64"):
+        so.add_session_config_entry("mlas.disable_kleidiai", "1")
     return so
 
 
@@ -62,6 +70,7 @@ def create_session(
     *,
     providers: Sequence[ProviderSpec] | None = None,
     threads: int | None = None,
+    block_sums: bool = False,
 ) -> ort.InferenceSession:
     """Open `path` on the first provider that works, ending on the CPU.
 
@@ -70,6 +79,7 @@ def create_session(
     graph; the model should still run, slower, and say why in one line.
     """
     path = Path(path)
+    options = partial(session_options, threads, block_sums)
     available = set(ort.get_available_providers())
     cpu: ProviderSpec = CPU
     for entry in providers or ():
@@ -78,9 +88,9 @@ def create_session(
             cpu = entry
             break
         if name in available and name not in _registered:
-            session = _builtin_session(path, entry, threads)
+            session = _builtin_session(path, entry, options)
         elif name in PLUGINS:
-            session = _plugin_session(path, name, {} if isinstance(entry, str) else entry[1], threads)
+            session = _plugin_session(path, name, {} if isinstance(entry, str) else entry[1], options)
         else:
             log.warning("provider %s is not available in this onnxruntime (has %s); trying the next",
                         name, ", ".join(sorted(available)))
@@ -88,18 +98,19 @@ def create_session(
         if session is not None:
             return session
     try:
-        return ort.InferenceSession(str(path), session_options(threads), providers=[cpu])
+        return ort.InferenceSession(str(path), options(), providers=[cpu])
     except Exception as exc:  # noqa: BLE001 - reported as the bundle's fault, in one line
         raise BundleError(f"{path}: onnxruntime cannot load the graph ({first_line(exc)})") from None
 
 
-def _builtin_session(path: Path, entry: ProviderSpec, threads: int | None) -> ort.InferenceSession | None:
+def _builtin_session(path: Path, entry: ProviderSpec,
+                     options: Callable[[], ort.SessionOptions]) -> ort.InferenceSession | None:
     name = _name(entry)
     if not isinstance(entry, str):
         folder = str(Path(ort.__file__).parent / "capi")  # where onnxruntime's own provider wheels put libraries
         entry = (name, {k: str(v).replace("{package}", folder) for k, v in entry[1].items() if k != "devices"})
     try:
-        session = ort.InferenceSession(str(path), session_options(threads), providers=[entry, CPU])
+        session = ort.InferenceSession(str(path), options(), providers=[entry, CPU])
     except Exception as exc:  # noqa: BLE001 - any failure means: try the next provider
         log.warning("provider %s failed to open %s (%s); trying the next", name, path.name, first_line(exc))
         return None
@@ -110,7 +121,7 @@ def _builtin_session(path: Path, entry: ProviderSpec, threads: int | None) -> or
 
 
 def _plugin_session(path: Path, name: str, options: dict[str, Any],
-                    threads: int | None) -> ort.InferenceSession | None:
+                    session: Callable[[], ort.SessionOptions]) -> ort.InferenceSession | None:
     """`name` from its plugin package, on the first of its devices that opens the graph.
 
     Option values may say `{package}` for the folder of the provider's libraries (QNN's
@@ -142,7 +153,7 @@ def _plugin_session(path: Path, name: str, options: dict[str, Any],
         chosen = [d for d in devices if d.device.type.name == kind]
         if not chosen:
             continue
-        so = session_options(threads)
+        so = session()
         try:
             so.add_provider_for_devices(chosen[:1], options)
             return ort.InferenceSession(str(path), so)
@@ -174,52 +185,3 @@ def available_devices() -> list[tuple[str, str, str]]:
     # Azure's provider calls a cloud endpoint: never a device of an offline board.
     return found + idle + [(p, "", "") for p in ort.get_available_providers()
                            if p not in listed and p != "AzureExecutionProvider"]
-
-
-def release_freed_heap() -> None:
-    """Return the heap that onnxruntime freed while loading to the operating system.
-
-    Prepacking copies each MatMulNBits weight into the kernel's layout and frees the
-    staging buffers; glibc keeps such memory (26 MB for SmolLM2) unless asked, and on
-    a 1 GB board that is memory the KV cache could use.
-    """
-    try:
-        trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError, TypeError):  # not glibc (musl, macOS, Windows): nothing kept
-        return
-    trim(0)
-
-
-_MADV_DONTNEED = 4
-
-
-def release_mapped_weights(root: Path) -> int:
-    """Drop this process's resident pages of the files under `root` that onnxruntime mapped.
-
-    onnxruntime maps external weights and, having prepacked a MatMulNBits weight into a
-    copy of its own, unmaps it, unless another node reads it too: a tied embedding shares
-    lm_head's table, and on x86 the packed scales stay mapped. Prepacking read every page,
-    so each would stay resident twice (Qwen2.5-0.5B shape: 147 MB). Dropped pages stay in
-    the page cache and come back at the rows a Gather reads. A mapping with a page written
-    through it (copied on write: dropping would lose the write) is left alone. Linux only.
-    Returns the bytes dropped.
-    """
-    try:
-        smaps = Path("/proc/self/smaps").read_text()
-        madvise = ctypes.CDLL(None).madvise
-    except (OSError, AttributeError):
-        return 0
-    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    prefix, dropped, span = str(Path(root).resolve()) + os.sep, 0, None
-    for line in smaps.splitlines():
-        fields = line.split()
-        if len(fields) >= 6 and "-" in fields[0] and fields[5].startswith(prefix):
-            start, end = (int(x, 16) for x in fields[0].split("-"))
-            span = (start, end)
-        elif len(fields) >= 5 and "-" in fields[0]:
-            span = None  # a mapping of something else
-        elif span and fields[0] == "Anonymous:" and fields[1] == "0":  # no page written through it
-            if madvise(span[0], span[1] - span[0], _MADV_DONTNEED) == 0:
-                dropped += span[1] - span[0]
-            span = None
-    return dropped

@@ -22,6 +22,7 @@ from .caches import (AppendCache, FixedCache, KVCache, Scope, SharedPrefixes, Sl
                      reusable_prefix, visible)
 from .model_spec import ModelSpec
 from .providers import first_line
+from .residency import MappedWeights
 
 POSITION = "position_ids"  # a one-token graph finds its rows from the position it is fed
 _NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
@@ -58,6 +59,7 @@ def prefill(forward: Callable[[Sequence[int]], np.ndarray], fresh: Sequence[int]
 
 def run_bound(session: ort.InferenceSession, io: ort.IOBinding, where: str) -> None:
     """One run over `io`'s bindings; onnxruntime's failure as a GenerationError naming `where`."""
+    MappedWeights.tick()
     try:
         session.run_with_iobinding(io)
     except Exception as exc:  # noqa: BLE001 - onnxruntime's errors share no base class
