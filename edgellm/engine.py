@@ -10,10 +10,13 @@ A front checks its request once, on its own thread (`Engine.params`: the model's
 `GenerationParams.build` with the service's token ceiling), and the `Job` carries that
 frozen value: neither the grammar thread nor the worker checks it again.
 
-A request held to a grammar (response_format, grammar, tools) takes its place in the
-queue when submitted, but enters it only once a second thread has compiled its grammar:
-validating and compiling one can take seconds, which neither the thread that received
-the request nor the worker, between two tokens of every running stream, can spare.
+A request held to a grammar (response_format, grammar, tools) or asking for retrieval
+takes its place in the queue when submitted, but enters it only once a second thread has
+prepared it: compiled its grammar, embedded its question and searched the index (`Model.ground`).
+Each can take seconds (a grammar's compile; an embedding that waits its turn behind an
+/v1/embeddings batch of 2,048 texts), which neither the thread that received the request (the
+MQTT network loop, the HTTP event loop) nor the worker, between two tokens of every running
+stream, can spare.
 """
 from __future__ import annotations
 
@@ -126,6 +129,8 @@ class StreamingModel(Protocol):
 
     def prompt_ids(self, prompt: Any, params: GenerationParams) -> list[int]: ...
 
+    def ground(self, prompt: Any, params: GenerationParams) -> tuple[Any, list[Any]]: ...
+
     def scheduler(self, slots: int) -> Any: ...
 
 
@@ -155,6 +160,7 @@ class Job:
     # Whose prompt it is: cached rows are reused only within a tenant (and its cache_salt), besides
     # the prefixes declared shared (Model.share_prefix). "" is the Python API's one user.
     tenant: str = ""
+    sources: list[Any] = dataclasses.field(default_factory=list)  # retrieval's, set when it is prepared
 
 
 class Engine:
@@ -217,7 +223,7 @@ class Engine:
             if self._closed:
                 return "the service is shutting down"
             p = job.params
-            if p.response_format is None and p.grammar is None and not p.tools:
+            if p.response_format is None and p.grammar is None and not p.tools and p.retrieval is None:
                 refusal = self._jobs.put(job.client, job)
             elif (refusal := self._jobs.hold(job.client)) is None:
                 self._compiling.put(job.client, job)
@@ -243,13 +249,15 @@ class Engine:
     # -- grammar thread ------------------------------------------------------
 
     def _compile(self) -> None:
-        """Compile each job's grammar (within grammar.py's limits), then queue the job in its held
-        place, or end it with the error."""
+        """Prepare each job off the receiving and decoding threads (its retrieval's sources into its
+        prompt, its grammar compiled within grammar.py's limits), then queue it in its held place,
+        or end it with the error."""
         while (job := self._compiling.get()) is not None:
             if job.cancel.is_set():
                 self._drop(job, Outcome(waited_out=True))
                 continue
             try:
+                job.prompt, job.sources = self.model.ground(job.prompt, job.params)
                 grammar = request_grammar(job.params, self.model.tokenizer, self.model.conventions)
             except Exception as exc:  # noqa: BLE001 - handed to the front, which reports it
                 self._drop(job, Outcome(error=exc))
@@ -324,7 +332,7 @@ class Engine:
         except Exception as exc:  # noqa: BLE001 - a bad request is the front's to report
             self._end(job, Outcome(error=exc))
             return
-        scheduler.add(id(job), ids, params, tenant=job.tenant)
+        scheduler.add(id(job), ids, params, tenant=job.tenant, sources=job.sources)
         live[id(job)] = job
 
     def _deliver(self, job: Job, chunk: Any) -> None:

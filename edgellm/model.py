@@ -25,6 +25,8 @@ from .tools import CLOSE, OPEN, call_syntax, chat_inputs
 
 if TYPE_CHECKING:
     from .retrieval.embed import EmbeddingModel
+    from .retrieval.grounding import Citation
+    from .retrieval.retriever import Retriever
     from .scheduler import Scheduler
     from .runtime.devices import DeviceProfile
 
@@ -191,6 +193,7 @@ class Model:
         self.profile: "DeviceProfile | None" = None  # the device profile it was loaded with: memory warnings
         self.mapped: MappedWeights | None = None  # its weight files' pages, given back as it runs
         self.shared = SharedPrefixes()  # prefixes every tenant may reuse: share_prefix
+        self.retriever: Retriever | None = None  # the indexes a request's `retrieval` may name
 
     @property
     def spec(self) -> ModelSpec:
@@ -266,9 +269,10 @@ class Model:
         tenant's prompt. The Python API's one user leaves it "" and reuses everything it wrote.
         """
         started = time.perf_counter()
-        ids, p = self.request(prompt, **params)
+        p = self.params(params)
+        prompt, sources = self.ground(prompt, p)
         scheduler = self.scheduler(1)
-        scheduler.add(0, ids, p, started, tenant)
+        scheduler.add(0, self.prompt_ids(prompt, p), p, started, tenant, sources)
         return self._owned(chunk for _, chunk in scheduler.run())
 
     def share_prefix(self, prompt: Prompt) -> int:
@@ -305,13 +309,25 @@ class Model:
         p = GenerationParams.build(self._defaults, params, self._runner.vocab_size, ceiling)
         if p.speculative == "draft_model" and self.draft is None:
             raise GenerationError(NEEDS_DRAFT, field="speculative")
+        if p.retrieval is not None:
+            if self.retriever is None:
+                raise GenerationError("retrieval needs document indexes and the model that embeds them: serve "
+                                      "with --index NAME=FILE --embedding BUNDLE", field="retrieval")
+            self.retriever.check(p.retrieval)
         return p
 
+    def ground(self, prompt: Prompt, params: GenerationParams) -> "tuple[Prompt, list[Citation]]":
+        """`prompt` with its `retrieval`'s sources in the system turn, and those sources (none
+        without retrieval). It embeds the question: the engine calls it off its worker thread."""
+        if params.retrieval is None or self.retriever is None:
+            return prompt, []
+        return self.retriever.ground(prompt, params.retrieval)
+
     def request(self, prompt: Prompt, **params: Any) -> tuple[list[int], GenerationParams]:
-        """A request's prompt ids and parameters, validated over the bundle's defaults
-        (GenerationError names the first bad one)."""
+        """A request's prompt ids (its retrieval's sources in them) and parameters, validated over
+        the bundle's defaults (GenerationError names the first bad one)."""
         p = self.params(params)
-        return self.prompt_ids(prompt, p), p
+        return self.prompt_ids(self.ground(prompt, p)[0], p), p
 
     def generate(self, prompt: Prompt, **params: Any) -> Result:
         """The whole completion at once; same parameters as `stream`."""
@@ -344,11 +360,15 @@ class Model:
             raise GenerationError(f"each has {len(each)} parameter sets for {len(prompts)} prompts")
         if slots is not None and (not isinstance(slots, int) or isinstance(slots, bool) or slots < 1):
             raise GenerationError(f"slots must be an integer >= 1, got {slots!r}")
-        requests = [self.request(prompt, **{**params, **extra}) for prompt, extra in zip(prompts, each)]
+        requests = []
+        for prompt, extra in zip(prompts, each):
+            p = self.params({**params, **extra})
+            grounded, sources = self.ground(prompt, p)
+            requests.append((self.prompt_ids(grounded, p), p, sources))
         n = slots or min(max(len(prompts), 1), DEFAULT_SLOTS)
         scheduler = self.scheduler(n if self._batches else 1)
-        for i, (prompt_ids, p) in enumerate(requests):
-            scheduler.add(i, prompt_ids, p, started)
+        for i, (prompt_ids, p, sources) in enumerate(requests):
+            scheduler.add(i, prompt_ids, p, started, sources=sources)
         self._generation += 1  # an open stream is abandoned, as a new stream would abandon it
         results = {i: chunk.result for i, chunk in scheduler.run() if chunk.result is not None}
         return [results[i] for i in range(len(prompts))]

@@ -35,6 +35,7 @@ INT, NUMBER, BOOL, STRINGS, TOKEN_IDS, LOGIT_BIAS, CHOICE, CANCEL, OBJECT, TOOLS
     "int", "number", "bool", "strings", "token_ids", "logit_bias", "choice", "cancel", "object", "tools",
     "tool_choice")
 STRING = "string"  # one non-empty string of at most max_length characters
+RETRIEVAL = "retrieval"  # {"index": NAME, "k": K}: a served index and how many of its chunks
 REASONING_MODES = ("separate", "hide", "inline", "off")  # edgellm.reasoning.MODES, without importing numpy here
 
 # Wire logit-bias keys are token ids written as JSON object keys: ASCII digits only
@@ -145,6 +146,10 @@ PARAMS: tuple[Param, ...] = (
     Param("cache_salt", STRING, None, "vLLM's: the request reuses cached prompt rows only of its own client's "
           "requests with the same salt (and prefixes the service declares shared)", optional=True, max_length=256,
           wire="cache_salt"),
+    Param("retrieval", RETRIEVAL, None, "{\"index\": NAME, \"k\": K}: answer from the k chunks (default 4) of a "
+          "served document index nearest the last user message, given to the model as numbered sources (chat "
+          "messages only); they come back as citations", optional=True, low=1, high=16, max_length=1024,
+          wire="retrieval"),
 )
 BY_NAME: dict[str, Param] = {p.name: p for p in PARAMS}
 BY_WIRE: dict[str, Param] = {p.wire: p for p in PARAMS if p.wire}
@@ -240,6 +245,31 @@ def _tools(p: Param, value: Any, field: str) -> "tuple[Tool, ...]":
     return tuple(tools)
 
 
+@dataclass(frozen=True)
+class Retrieval:
+    """A request's `retrieval`: which index (a name `edgellm serve --index NAME=FILE` gave, or the
+    file `edgellm run --index` names) and how many of its chunks."""
+
+    index: str
+    k: int = 4
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"index": self.index, "k": self.k}
+
+
+def _retrieval(p: Param, value: Any, field: str) -> Retrieval:
+    if isinstance(value, Retrieval):
+        return value
+    if not isinstance(value, dict) or not set(value) <= {"index", "k"}:
+        raise GenerationError(f'{field} must be {{"index": NAME, "k": {_num(p.low)}-{_num(p.high)}}}, '
+                              f"got {_short(value)}")
+    index = value.get("index")
+    if not isinstance(index, str) or not 0 < len(index) <= p.max_length:
+        raise GenerationError(f"{field}.index must be a non-empty string of at most {p.max_length} characters, "
+                              f"got {_short(index)}")
+    return Retrieval(index, _integer(p, value.get("k", Retrieval.k), f"{field}.k"))
+
+
 def _short(value: Any) -> str:
     if isinstance(value, int) and value.bit_length() > 192:  # repr() refuses past 4,300 digits
         return f"an integer of {int(math.log10(abs(value))) + 1} digits"
@@ -291,6 +321,8 @@ def _check(p: Param, value: Any, vocab_size: int | None, field: str) -> Any:
         from .tools import parse_tool_choice
 
         return parse_tool_choice(value)
+    if p.kind == RETRIEVAL:
+        return _retrieval(p, value, field)
     if p.kind == CHOICE:
         if value not in p.choices:
             raise GenerationError(f"{field} must be one of {list(p.choices)} or None, got {_short(value)}")
@@ -393,6 +425,7 @@ class GenerationParams:
     speculative: str | None = None
     max_reasoning_tokens: int | None = None
     cache_salt: str | None = None
+    retrieval: Retrieval | None = None
 
     @classmethod
     def build(cls, defaults: Mapping[str, Any], params: Mapping[str, Any], vocab_size: int,
@@ -508,6 +541,8 @@ def to_wire(params: Mapping[str, Any]) -> dict[str, Any]:
             value = _grammar_wire(value)
         elif p.kind == TOOLS:
             value = [t if isinstance(t, dict) else t.to_openai() for t in value]
+        elif p.kind == RETRIEVAL and isinstance(value, Retrieval):
+            value = value.to_wire()
         elif p.kind == TOOL_CHOICE and value is not None and not isinstance(value, (str, dict)):
             value = value.mode if value.mode != "function" else {"type": "function",
                                                                    "function": {"name": value.name}}
@@ -566,6 +601,10 @@ def _schema(p: Param) -> dict[str, Any]:
                                 "function": {"type": "object", "required": ["name"], "additionalProperties": False,
                                              "properties": {"name": {"type": "string"}}}}}
         return {"oneOf": [{"enum": list(p.choices)}, named]}
+    if p.kind == RETRIEVAL:
+        return {"type": "object", "required": ["index"], "additionalProperties": False,
+                "properties": {"index": {"type": "string", "minLength": 1, "maxLength": p.max_length},
+                               "k": {"type": "integer", **_bounds(p)}}}
     raise AssertionError(f"{p.name}: no wire schema for kind {p.kind!r}")
 
 

@@ -33,7 +33,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Hashable, Iterable, Iterator, Protocol, Sequence as Ids
+from typing import Any, Hashable, Iterable, Iterator, Protocol, Sequence as Ids
 
 import numpy as np
 
@@ -81,6 +81,7 @@ class _Request:
     params: GenerationParams
     started: float
     scope: Scope
+    sources: tuple[Any, ...] = ()  # retrieval's citations, for the final Result
 
 
 @dataclass
@@ -118,11 +119,12 @@ class Scheduler:
         self._clock = 0
 
     def add(self, key: Hashable, prompt: list[int], params: GenerationParams, started: float | None = None,
-            tenant: str = "") -> None:
+            tenant: str = "", sources: Iterable[Any] = ()) -> None:
         """Queue a request (FIFO); its chunks come out of `step` under `key`. It reuses only cached
-        rows of `tenant`'s requests with its cache salt, and the declared shared prefixes."""
+        rows of `tenant`'s requests with its cache salt, and the declared shared prefixes. `sources`:
+        the retrieval citations its prompt was grounded on (`Model.ground`), for its Result."""
         self.waiting.append(_Request(key, prompt, params, time.perf_counter() if started is None else started,
-                                     Scope(tenant, params.cache_salt)))
+                                     Scope(tenant, params.cache_salt), tuple(sources)))
 
     @property
     def busy(self) -> bool:
@@ -198,6 +200,7 @@ class Scheduler:
         try:
             seq = Sequence(request.prompt, request.params, self.tokenizer, capacity=runner.capacity,
                            cached=cached, started=request.started, conventions=self.conventions,
+                           sources=request.sources,
                            drafter=drafter_for(request.params, request.scope, self.draft))
         except GenerationError as exc:  # a grammar refused: that request ends, the others go on
             out.append((request.key, exc))

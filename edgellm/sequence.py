@@ -60,6 +60,8 @@ class Result:
     incomplete: bool = False  # the text stopped short of its response_format/grammar: it will not validate
     reasoning: str = ""
     tool_calls: list[dict[str, Any]] = field(default_factory=list)  # OpenAI's `tool_calls`, arguments as JSON text
+    # The request's retrieval sources (retrieval.grounding.Citation.to_dict), each marked cited or not.
+    citations: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -143,8 +145,10 @@ class Sequence:
         started: float | None = None,
         conventions: Conventions = Conventions(),
         drafter: Drafter | None = None,
+        sources: tuple[Any, ...] = (),
     ) -> None:
         self.prompt = prompt
+        self.sources = sources  # retrieval.grounding.Citation of the sources the prompt holds
         self.params = params
         self.cached = cached
         self.started = time.perf_counter() if started is None else started
@@ -271,6 +275,10 @@ class Sequence:
                 self.finish_reason = "tool_calls"
         chunk = self._chunk(self.finish_reason, self.usage(), self.incomplete)
         chunk.result = self.whole.result(chunk, self.tokens[len(self.prompt):].tolist())
+        if self.sources:
+            from .retrieval.retriever import citations
+
+            chunk.result.citations = citations(chunk.result.text, self.sources)
         return chunk
 
     @property

@@ -36,9 +36,9 @@ class _Scheduler:
         return getattr(self._inner, name)
 
     def add(self, key: Hashable, prompt: list[int], params: Any, started: float | None = None,
-            tenant: str = "") -> None:
+            tenant: str = "", sources: Any = ()) -> None:
         self._hooks.added(params, tenant)
-        self._inner.add(key, prompt, params, started, tenant)
+        self._inner.add(key, prompt, params, started, tenant, sources)
 
     def step(self) -> list[tuple[Hashable, Any]]:
         self._hooks.stepping()

@@ -51,6 +51,7 @@ EXPECT = {
     ("README.md", 'profile="rpi5"'): r"(stop|length) Usage\(prompt_tokens=\d+",
     ("README.md", 'open("examples/report.json")'):
         r"^\{'severity': '(low|medium|high)', 'action': .*\}\ntool_calls .*'arguments': '\{\"valve\": \d, \"open\": (true|false)\}'",
+    ("docs/anomaly.md", "-t 'factory/+/+/explanation'"): r'/explanation \{.*"citations":\[\{"id":"M\d","path":"\S+line-a-maintenance\.md"',
     ("docs/anomaly.md", "mosquitto_sub"): r"factory/\S+/explanation \{",
     ("docs/http.md", "from openai import OpenAI"): r"\w",
     ("docs/mqtt.md", "edgellm ask"): r"\[(stop|length)\]",
@@ -60,6 +61,8 @@ EXPECT = {
     ("docs/retrieval.md", "index search"): r"docs/\S+\.md:\d+",
     ("docs/retrieval.md", "index list"): r"docs/anomaly\.md",
     ("docs/retrieval.md", "retrieve(index"): r"^\d\.\d\d \S*docs/\S+\.md:\d+ ",  # the index keeps absolute paths
+    ("docs/retrieval.md", "--index manuals.sqlite --sources 2"): r"^sources:\n\[1\][ *] \S*docs/\S+\.md:\d+",
+    ("docs/retrieval.md", '"retrieval": {"index": "manuals"'): r'"citations": ?\[\{"n": ?1, ?"chunk": ?\d+, ?"path": ?"\S+\.md"',
 }
 # A two-minute simulation is cut to what the first explanations need (faults start after 10 s).
 SHORTER = {"--duration 120": "--duration 30"}

@@ -19,8 +19,9 @@ def test_sources_join_the_system_turn_numbered():
     assert messages[1] == asked[0] and messages[0]["role"] == "system"
     assert messages[0]["content"] == (f"{INSTRUCTION}\n\n[1] pumps.md, Pumps > Cavitation\nBubbles pit the impeller."
                                       f"\n\n[2] notes.txt\nOil filter.")
-    assert [c.to_dict() for c in citations][0] == {"n": 1, "path": "/m/pumps.md", "heading": "Pumps > Cavitation",
-                                                   "line": 7, "start": 40, "end": 90, "score": 0.8, "cited": False}
+    assert [c.to_dict() for c in citations][0] == {"n": 1, "chunk": 3, "path": "/m/pumps.md",
+                                                   "heading": "Pumps > Cavitation", "line": 7, "start": 40, "end": 90,
+                                                   "score": 0.8, "cited": False}
     with_system, _ = ground([{"role": "system", "content": "Be brief."}, *asked], HITS)
     assert len(with_system) == 2 and with_system[0]["content"].startswith(f"Be brief.\n\n{INSTRUCTION}")
     assert ground(asked, []) == (asked, [])

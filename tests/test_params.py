@@ -19,8 +19,8 @@ import pytest
 from edgellm.cli import main as cli
 from edgellm.cli.args import DOCUMENT_FLAGS, sampling_params
 from edgellm.errors import GenerationError, RequestError
-from edgellm.params import (BOOL, BY_NAME, CHOICE, INT, LOGIT_BIAS, NUMBER, OBJECT, PARAMS, STRING, STRINGS, TOOL_CHOICE,
-                            TOOLS, GenerationParams, to_wire, wire_schema)
+from edgellm.params import (BOOL, BY_NAME, CHOICE, INT, LOGIT_BIAS, NUMBER, OBJECT, PARAMS, RETRIEVAL, STRING, STRINGS,
+                            TOOL_CHOICE, TOOLS, GenerationParams, to_wire, wire_schema)
 from edgellm.service import protocol as proto
 
 SCHEMA_PATH = Path(proto.__file__).parent / "schemas" / "request.json"
@@ -165,6 +165,12 @@ TOOL_CHOICE_CASES = [
     ("auto", True), ("none", True), ("maybe", False), ("", False), (1, False),
     ({"type": "function"}, False), ({"type": "function", "function": {"name": 1}}, False),
 ]
+RETRIEVAL_CASES = [
+    ({"index": "manual"}, True), ({"index": "manual", "k": 1}, True), ({"index": "m", "k": 16}, True),
+    ({"index": "m", "k": 2.0}, True), ({"index": "m", "k": 0}, False), ({"index": "m", "k": 17}, False),
+    ({"index": "m", "k": True}, False), ({"index": ""}, False), ({"index": "x" * 1025}, False),
+    ({"k": 3}, False), ({"index": "m", "top": 3}, False), ("manual", False), ([], False),
+]
 BOOL_CASES = [(True, True), (False, True), (1, False), (0, False), ("true", False)]
 CHOICE_CASES = {"speculative": [("prompt_lookup", True), ("off", True), ("ngram", False), (1, False)],
                 "reasoning": [("separate", True), ("hide", True), ("inline", True), ("off", True),
@@ -194,6 +200,8 @@ def cases() -> list[tuple[str, Any, bool]]:
             out += [(p.name, v, ok) for v, ok in CHOICE_CASES[p.name]]
         elif p.kind == BOOL:
             out += [(p.name, v, ok) for v, ok in BOOL_CASES]
+        elif p.kind == RETRIEVAL:
+            out += [(p.name, v, ok) for v, ok in RETRIEVAL_CASES]
         else:
             raise AssertionError(f"{p.name}: add drift cases for kind {p.kind!r}")
     return out

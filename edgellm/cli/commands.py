@@ -92,6 +92,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--embedding", type=Path, metavar="BUNDLE",
                    help="also serve this embedding bundle (`edgellm export` of a sentence encoder) on the "
                         "embedding routes: /v1/embeddings, /api/embed, /api/embeddings (docs/retrieval.md)")
+    p.add_argument("--index", action="append", metavar="NAME=FILE",
+                   help="serve this document index (edgellm index) as NAME: a request's retrieval "
+                        "{\"index\": NAME, \"k\": K} answers from its K chunks nearest the question, cited "
+                        "(repeatable; needs --embedding, the bundle the index was built with; docs/retrieval.md)")
     g = p.add_argument_group("service")
     g.add_argument("--client-id", help="MQTT client id (default: edgellm-DEVICE; keep it stable to keep the session)")
     g.add_argument("--shared-group", help="share requests with other services via $share/NAME/...")
@@ -331,6 +335,26 @@ def _embedder(args: argparse.Namespace) -> Any:
     return Embedder(model)
 
 
+def _retriever(specs: list[str] | None, embedder: Any) -> Any:
+    """The --index NAME=FILE indexes, read with the --embedding model, or None."""
+    if not specs:
+        return None
+    if embedder is None:
+        raise ValueError("--index needs --embedding BUNDLE: the model that embeds each request's question "
+                         "(the one the index was built with)")
+    from ..retrieval.retriever import Retriever
+
+    indexes: dict[str, Path] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not (sep and name and path) or name in indexes:
+            raise ValueError(f"--index {spec!r}: write NAME=FILE, each NAME once")
+        indexes[name] = Path(path)
+    retriever = Retriever(indexes, embedder)
+    log.info("answering from %s", ", ".join(f"{name} ({path})" for name, path in indexes.items()))
+    return retriever
+
+
 def _ha_discovery(prefix: str, conn: Connection, topics: proto.Topics, engine: Any, service: Service,
                   recipe: AnomalyConfig | None) -> Any:
     """The Home Assistant announcer of `service` (and of the recipe's machines, whose explanations
@@ -380,6 +404,7 @@ def run_serve(args: argparse.Namespace) -> int:
         conn = dataclasses.replace(conn, mqtt_version=_embedded_version(kind, args))
     model = load_model(args)
     embedder = _embedder(args)
+    model.retriever = _retriever(args.index, embedder)
     _share_prompts(model, wyoming_config.system if wyoming_config else args.shared_system, recipe_config)
     engine = engine_for(model, config).start()  # one queue for MQTT and HTTP alike
     broker = service = http = recipe = discovery = sparkplug = wyoming = None

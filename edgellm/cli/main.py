@@ -42,38 +42,40 @@ def _stats(result: "Result") -> str:
 
 def cmd_run(args: argparse.Namespace) -> int:
     params = sampling_params(args)  # a bad flag fails before the slow load
-    if args.index is not None and args.raw:
-        raise ValueError("--index puts its sources in the chat's system turn: it cannot go with --raw")
+    if args.index is not None:
+        if args.raw:
+            raise ValueError("--index puts its sources in the chat's system turn: it cannot go with --raw")
+        params["retrieval"] = {"index": str(args.index), "k": args.sources}  # as a served request names one
     model = load_model(args)
     if args.raw:
         request: Any = args.prompt
     else:
         request = ([{"role": "system", "content": args.system}] if args.system else [])
         request.append({"role": "user", "content": args.prompt})
-    citations: list[Any] = []
     if args.index is not None:
-        request, citations = _grounded(request, args.index, args.sources)
+        model.retriever = _retriever(args.index)
     result = _stream_to_stdout(model, request, params)
-    if citations:
-        from ..retrieval.grounding import mark_cited
-
+    if result.citations:
         print("\nsources:")
-        for c in mark_cited(result.text, citations):
-            print(f"[{c.n}]{'*' if c.cited else ' '} {c.path}:{c.line}" + (f"  {c.heading}" if c.heading else ""))
+        for c in result.citations:
+            print(f"[{c['n']}]{'*' if c['cited'] else ' '} {c['path']}:{c['line']}"
+                  + (f"  {c['heading']}" if c["heading"] else ""))
     print(_stats(result), file=sys.stderr)
     return 0
 
 
-def _grounded(messages: list[dict[str, Any]], index_path: Path, k: int) -> tuple[list[dict[str, Any]], list[Any]]:
-    """The chat with the index's `k` chunks nearest the question as numbered sources, and those sources."""
-    from ..retrieval.grounding import ground, last_user_text
-    from ..retrieval.index import Index, open_encoder, retrieve
+def _retriever(index_path: Path) -> Any:
+    """The --index file, served under its own path, with the embedding bundle it remembers: the
+    request's `retrieval` then grounds the chat as a served request's does."""
+    from ..retrieval.embed import Embedder
+    from ..retrieval.index import Index, open_encoder
+    from ..retrieval.retriever import Retriever
 
     if not index_path.is_file():
         raise ValueError(f"--index {index_path}: no such index (create it with edgellm index add)")
     with Index(index_path) as index:
-        hits = retrieve(index, open_encoder(index, None), last_user_text(messages), k)
-    return ground(messages, hits)
+        encoder = open_encoder(index, None)
+    return Retriever({str(index_path): index_path}, Embedder(encoder))
 
 
 def cmd_chat(args: argparse.Namespace) -> int:

@@ -117,6 +117,12 @@ class Embedder:
                 raise RequestError("busy", f"busy: {self._waiting} embedding requests are waiting")
             self._waiting += 1
 
+    def vector(self, text: str) -> np.ndarray:
+        """One text's vector for a request's retrieval: it waits its turn on the model as any embedding
+        call does, but takes no place to wait here (the engine's queue bounds those requests)."""
+        with self._run:
+            return self.model.embed([text])[0]
+
     def admitted(self, texts: str | Sequence[str], truncate: bool = True) -> tuple[np.ndarray, int]:
         """Embed for a request `admit` let in, then give its place back."""
         try:

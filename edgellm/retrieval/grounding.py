@@ -31,15 +31,17 @@ class Citation:
     end: int
     score: float
     cited: bool = False
+    chunk: int = 0  # the chunk's row id in its index
 
     def to_dict(self) -> dict[str, Any]:
-        return {"n": self.n, "path": self.path, "heading": self.heading, "line": self.line, "start": self.start,
-                "end": self.end, "score": round(self.score, 6), "cited": self.cited}
+        return {"n": self.n, "chunk": self.chunk, "path": self.path, "heading": self.heading, "line": self.line,
+                "start": self.start, "end": self.end, "score": round(self.score, 6), "cited": self.cited}
 
 
 def ground(messages: Sequence[dict[str, Any]], hits: Sequence[Hit]) -> tuple[list[dict[str, Any]], list[Citation]]:
     """`messages` with the hits as numbered sources in the system turn, and the sources as citations."""
-    citations = [Citation(n, h.path, h.heading, h.line, h.start, h.end, h.score) for n, h in enumerate(hits, 1)]
+    citations = [Citation(n, h.path, h.heading, h.line, h.start, h.end, h.score, chunk=h.chunk)
+                 for n, h in enumerate(hits, 1)]
     if not hits:
         return list(messages), []
     listing = "\n\n".join(f"[{c.n}] {Path(c.path).name}" + (f", {c.heading}" if c.heading else "") + f"\n{h.text}"

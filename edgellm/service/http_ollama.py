@@ -5,7 +5,8 @@ the parameters of params.py (num_predict -> max_tokens, repeat_penalty ->
 repetition_penalty, repeat_last_n -> penalty_window) and validated there; `think`
 false is reasoning "off", true "separate" (the think block goes out as `thinking`);
 `format` "json" or a JSON schema holds the answer to it; a top-level `cache_salt` is
-vLLM's (the prompt cache scoped further than the client). `num_ctx` and `keep_alive`
+vLLM's (the prompt cache scoped further than the client), a top-level `retrieval` edgellm's
+(the final object's top-level `citations` are its sources). `num_ctx` and `keep_alive`
 are accepted and ignored: the context is the one `serve` loaded (Home Assistant sends
 num_ctx 8192 by default; a prompt longer than the loaded context is refused with 400),
 and the model stays loaded while the server runs. Errors are Ollama's `{"error": "..."}`.
@@ -69,8 +70,9 @@ def _params(body: dict[str, Any]) -> dict[str, Any]:
         if think not in (True, False, "high", "medium", "low"):
             raise HttpError(400, f'think must be true, false, "high", "medium" or "low", got {think!r}')
         wire["reasoning"] = "off" if think is False else "separate"
-    if body.get("cache_salt") is not None:  # vLLM's field, at the top as there: not an Ollama option
-        wire["cache_salt"] = body["cache_salt"]
+    for name in ("cache_salt", "retrieval"):  # edgellm's and vLLM's fields, at the top: not Ollama options
+        if body.get(name) is not None:
+            wire[name] = body[name]
     if body.get("tools"):
         wire["tools"] = [_without_nulls(t) for t in body["tools"]] if isinstance(body["tools"], list) \
             else body["tools"]
@@ -148,7 +150,8 @@ def _done(front: Front, result: Result, **fields: Any) -> dict[str, Any]:
             "done_reason": "length" if result.finish_reason == "length" else "stop",
             "total_duration": int((u.ttft_s + decode_s) * 1e9), "load_duration": 0,
             "prompt_eval_count": u.prompt_tokens, "prompt_eval_duration": int(u.ttft_s * 1e9),
-            "eval_count": u.completion_tokens, "eval_duration": int(decode_s * 1e9)}
+            "eval_count": u.completion_tokens, "eval_duration": int(decode_s * 1e9),
+            **({"citations": result.citations} if result.citations else {})}
 
 
 def _stream_flag(body: dict[str, Any]) -> bool:
@@ -233,25 +236,29 @@ async def generate(front: Front, request: Request) -> Response:
     return await _answer(front, request, text, params, stream, chat=False)
 
 
-def _details(front: Front) -> dict[str, Any]:
-    manifest = front.model.manifest
+def _details(front: Front, manifest: Any = None) -> dict[str, Any]:
+    manifest = manifest or front.model.manifest
     arch = manifest.spec.arch
     return {"parent_model": "", "format": "onnx", "family": arch, "families": [arch], "parameter_size": "",
             "quantization_level": str(manifest.quantization.get("weights", ""))}
 
 
-def _card(front: Front) -> dict[str, Any]:
-    manifest = front.model.manifest
+def _card(front: Front, model: Any = None) -> dict[str, Any]:
+    """The served model's card (or `model`'s: the embedding one `serve --embedding` serves beside it)."""
+    model = model or front.model
+    manifest = model.manifest
+    tag = front.tag if model is front.model else model.name if ":" in model.name else f"{model.name}:latest"
     digest = hashlib.sha256(json.dumps(manifest.files, sort_keys=True).encode()).hexdigest()
-    root = getattr(front.model, "path", None)
+    root = getattr(model, "path", None)
     size = sum((root / name).stat().st_size for name in manifest.files) if root is not None else 0
     modified = dt.datetime.fromtimestamp(front.started, dt.timezone.utc).isoformat().replace("+00:00", "Z")
-    return {"name": front.tag, "model": front.tag, "modified_at": modified, "size": size, "digest": digest,
-            "details": _details(front)}
+    return {"name": tag, "model": tag, "modified_at": modified, "size": size, "digest": digest,
+            "details": _details(front, manifest)}
 
 
 async def tags(front: Front, _request: Request) -> Response:
-    return JSONResponse({"models": [_card(front)]})
+    embedding = [_card(front, front.embedder.model)] if front.embedder is not None else []
+    return JSONResponse({"models": [_card(front), *embedding]})
 
 
 async def ps(front: Front, _request: Request) -> Response:

@@ -6,7 +6,8 @@ validates them, through OpenAI's table of names (`NAMES`: the budget is
 `max_completion_tokens`, or the older `max_tokens`), and errors name the field the request used. A null field is an unset one, as in OpenAI's API. Messages pass the one
 check every front runs (`messages.check_messages`) once their content parts are joined.
 The think block goes out as `reasoning_content`, as llama.cpp's server does, so a voice
-assistant never speaks it.
+assistant never speaks it; a `retrieval` request's sources go out as the message's
+`citations` (in a stream, on the delta that carries the finish reason).
 """
 from __future__ import annotations
 
@@ -157,7 +158,8 @@ def _chat_deltas(chunk: Any, first: bool) -> list[dict[str, Any]]:
     deltas += [{"tool_calls": [call]} for call in chunk.tool_calls]
     choices = [{"index": 0, "delta": d, "logprobs": None, "finish_reason": None} for d in deltas]
     if chunk.finish_reason:
-        choices.append({"index": 0, "delta": {}, "logprobs": None, "finish_reason": chunk.finish_reason})
+        last = {"citations": chunk.result.citations} if chunk.result is not None and chunk.result.citations else {}
+        choices.append({"index": 0, "delta": last, "logprobs": None, "finish_reason": chunk.finish_reason})
     return choices
 
 
@@ -168,6 +170,8 @@ def _chat_choice(result: Any) -> dict[str, Any]:
         message["reasoning_content"] = result.reasoning
     if calls:
         message["tool_calls"] = calls
+    if result.citations:  # a retrieval request's sources (clients keep unknown fields: openai's model_extra)
+        message["citations"] = result.citations
     return {"index": 0, "message": message, "logprobs": None, "finish_reason": result.finish_reason}
 
 
@@ -219,16 +223,25 @@ async def completions(front: Front, request: Request) -> Response:
                            _text_chunks, _text_choice)
 
 
-def _model_card(front: Front) -> dict[str, Any]:
-    return {"id": front.name, "object": "model", "created": int(front.started), "owned_by": "edgellm"}
+def _model_card(front: Front, name: str | None = None) -> dict[str, Any]:
+    return {"id": name or front.name, "object": "model", "created": int(front.started), "owned_by": "edgellm"}
+
+
+def _embedding_name(front: Front) -> str | None:
+    """The embedding model `serve --embedding` serves beside the generative one (None: none)."""
+    return front.embedder.model.name if front.embedder is not None else None
 
 
 async def models(front: Front, _request: Request) -> Response:
-    return JSONResponse({"object": "list", "data": [_model_card(front)]})
+    names = [front.name, *filter(None, [_embedding_name(front)])]
+    return JSONResponse({"object": "list", "data": [_model_card(front, name) for name in names]})
 
 
 async def model(front: Front, request: Request) -> Response:
-    front.check_model(request.path_params["name"])
+    name = request.path_params["name"]
+    if name is not None and name == _embedding_name(front):
+        return JSONResponse(_model_card(front, name))
+    front.check_model(name)
     return JSONResponse(_model_card(front))
 
 

@@ -244,10 +244,11 @@ def chunk_payload(rid: str, seq: int, delta: str, reasoning: str = "",
 
 
 def final_payload(rid: str, text: str, finish_reason: str, usage: dict[str, Any], incomplete: bool = False,
-                  reasoning: str = "", tool_calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+                  reasoning: str = "", tool_calls: list[dict[str, Any]] | None = None,
+                  citations: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """`incomplete` (sent only when true): the text stopped short of the request's
-    response_format, grammar or forced call, so it will not validate. `reasoning` and
-    `tool_calls` are sent only when there are some."""
+    response_format, grammar or forced call, so it will not validate. `reasoning`,
+    `tool_calls` and `citations` (a retrieval request's sources) are sent only when there are some."""
     payload = {"id": rid, "done": True, "text": text, "finish_reason": finish_reason, "usage": usage}
     if incomplete:
         payload["incomplete"] = True
@@ -255,6 +256,8 @@ def final_payload(rid: str, text: str, finish_reason: str, usage: dict[str, Any]
         payload["reasoning"] = reasoning
     if tool_calls:
         payload["tool_calls"] = tool_calls
+    if citations:
+        payload["citations"] = citations
     return payload
 
 

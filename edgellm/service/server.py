@@ -471,7 +471,7 @@ class Service:
             log.info("request %s: %s, %s tokens", request.id, result.finish_reason, result.usage.completion_tokens)
             return proto.final_payload(request.id, result.text, result.finish_reason, usage,
                                        incomplete=result.incomplete, reasoning=result.reasoning,
-                                       tool_calls=result.tool_calls)
+                                       tool_calls=result.tool_calls, citations=result.citations)
 
         def on_end(outcome: Outcome) -> None:
             try:
