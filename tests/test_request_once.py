@@ -74,6 +74,7 @@ def test_tool_choice_is_settled_once(tiny_bundle_factory, monkeypatch):
     assert settles.total == 1 and settles.on_workers == 0, settles.by_thread
 
 
+@pytest.mark.mqtt
 @pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto is not installed (apt-get install mosquitto)")
 @pytest.mark.timeout(60)
 def test_an_mqtt_request_is_checked_once_and_never_on_the_worker(broker, probe, model, monkeypatch):

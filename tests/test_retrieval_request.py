@@ -4,6 +4,7 @@ carries them as citations. Real SmolLM2-135M, the real all-MiniLM-L6-v2 (int8) e
 bundle, an index built from a small manual, real uvicorn and a real mosquitto."""
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
@@ -107,6 +108,9 @@ def test_http_fronts_cite_the_known_section(served):
             "messages": ASK, "max_tokens": 48, "retrieval": RETRIEVAL}).json()
         ollama = httpx.post(f"{server.url}/api/chat", timeout=120, json={
             "messages": ASK, "options": {"num_predict": 48}, "retrieval": RETRIEVAL, "stream": False}).json()
+        with httpx.stream("POST", f"{server.url}/v1/chat/completions", timeout=120, json={
+                "messages": ASK, "max_tokens": 48, "retrieval": RETRIEVAL, "stream": True}) as streamed:
+            events = [json.loads(line[6:]) for line in streamed.iter_lines() if line.startswith("data: {")]
         unknown = httpx.post(f"{server.url}/v1/chat/completions", timeout=60, json={
             "messages": ASK, "retrieval": {"index": "wiki"}})
         text = httpx.post(f"{server.url}/v1/completions", timeout=60, json={
@@ -119,6 +123,8 @@ def test_http_fronts_cite_the_known_section(served):
     message = openai["choices"][0]["message"]
     _cites_cavitation(message["citations"], message["content"])
     _cites_cavitation(ollama["citations"], ollama["message"]["content"])
+    (finish,) = [c for e in events for c in e["choices"] if c["finish_reason"] is not None]
+    assert finish["delta"]["citations"] == message["citations"]  # a stream: on the delta with the finish reason
     assert message["content"] == ollama["message"]["content"]  # one path: the same prompt, the same tokens
     # Embedded on the engine's preparing thread: neither the event loop nor the decoding worker waits for it.
     assert set(grounding_threads) == {"edgellm-grammar"}, grounding_threads
@@ -129,6 +135,7 @@ def test_http_fronts_cite_the_known_section(served):
     assert len(tags["models"]) == 2 and tags["models"][1]["name"].startswith(embedder.model.name)
 
 
+@pytest.mark.mqtt
 @pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto is not installed (apt-get install mosquitto)")
 @pytest.mark.timeout(180)
 def test_mqtt_final_reply_carries_the_citations(served, broker, probe):
