@@ -27,6 +27,11 @@ class GenerationError(EdgeLLMError):
         self.field = field
 
 
+class ContextLengthError(GenerationError):
+    """The prompt needs more tokens than the model's context holds (OpenAI's
+    `context_length_exceeded`), whether found before the queue or once tokenized."""
+
+
 class GrammarError(GenerationError):
     """A response_format or grammar is malformed, invalid or unsatisfiable (the message names
     its JSON path), or constrained decoding is asked for without llguidance installed."""

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 from .runtime.bundle import Manifest, bundle_file, read_manifest
-from .errors import BundleError, GenerationError
+from .errors import BundleError, ContextLengthError, GenerationError
 from .params import Checked, GenerationParams, checked
 from .runtime.caches import SharedPrefixes, common_prefix, kv_dtype
 from .reasoning import CONFIG_KEY, detect_markers, template_extras
@@ -253,7 +253,7 @@ class Model:
         if len(ids) <= limit:
             return ids
         if params.truncate != "left":
-            raise GenerationError(f"prompt has {len(ids)} tokens, context is {limit}")
+            raise ContextLengthError(f"prompt has {len(ids)} tokens, context is {limit}")
         # Leave room for the answer, but never keep less than half the context.
         keep = max(limit - params.max_new_tokens, limit // 2)
         return ids[-keep:]

@@ -103,6 +103,11 @@ def test_errors_raise_the_openai_exception_classes(client, model):
     with pytest.raises(openai.BadRequestError) as long:
         client.chat.completions.create(model=name, messages=[{"role": "user", "content": "word " * 2000}])
     assert long.value.code == "context_length_exceeded"
+    # Short enough in bytes to be queued, too long once tokenized (one- and two-byte tokens):
+    # refused by the worker, with the same code.
+    with pytest.raises(openai.BadRequestError) as tokenized:
+        client.chat.completions.create(model=name, messages=[{"role": "user", "content": " x" * (model.max_context + 8)}])
+    assert tokenized.value.code == "context_length_exceeded" and "tokens, context is" in tokenized.value.message
     with pytest.raises(openai.BadRequestError) as ceiling:
         client.chat.completions.create(model=name, messages=ASK, max_tokens=5000)
     assert "at most 1024" in ceiling.value.message

@@ -22,7 +22,7 @@ from starlette.responses import JSONResponse, Response
 
 from .. import netjson
 from ..engine import Engine, Job, Outcome
-from ..errors import GenerationError
+from ..errors import ContextLengthError, GenerationError
 from ..params import spelled
 from ..sequence import Result
 from .http_conn import DEFAULT_MAX_CONNECTIONS, DEFAULT_READ_TIMEOUT
@@ -61,7 +61,7 @@ class HttpError(Exception):
 def bad_request(exc: GenerationError, names: Mapping[str, str]) -> HttpError:
     """400 for a request refused; the field it names (`exc.field`) spelled by the route's table."""
     message = spelled(exc, names)
-    code = "context_length_exceeded" if message.startswith("prompt has") else None
+    code = "context_length_exceeded" if isinstance(exc, ContextLengthError) else None
     return HttpError(400, message, param=names.get(exc.field, exc.field), code=code)
 
 
