@@ -41,11 +41,12 @@ class Section:
     hit: Hit
 
     def prompt_text(self) -> str:
-        """What the prompt shows after the id: the section's own heading and its text on one line.
-        Not the file name or the heading path: SmolLM2-135M copied "line A maintenance manual"
-        into its summaries (the citation keeps both)."""
+        """What the prompt shows after the id: the section's own heading and its first paragraph
+        on one line. Not the file name or heading path (SmolLM2-135M copied "line A maintenance
+        manual" into its summaries), nor the whole text (it retold it up to the 200-character
+        limit); the citation points the technician to all of it."""
         heading = self.hit.heading.rsplit(" > ", 1)[-1]
-        return (f"{heading}: " if heading else "") + " ".join(self.hit.text.split())
+        return (f"{heading}: " if heading else "") + " ".join(self.hit.text.split("\n\n", 1)[0].split())
 
     def citation(self) -> dict[str, Any]:
         """Where the section lives; its last line counted from the chunk's text (paragraphs it
