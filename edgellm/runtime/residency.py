@@ -72,9 +72,11 @@ def _mapped(prefix: str, smaps: bool = False) -> list[tuple[int, int]]:
 
 def _advise(spans: list[tuple[int, int]], advice: int) -> int:
     """madvise each span; the bytes of those it took."""
+    if not spans:  # no /proc (macOS, Windows): nothing mapped that this module can see
+        return 0
     try:
         madvise = ctypes.CDLL(None).madvise
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):
         return 0
     madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     return sum(end - start for start, end in spans if madvise(start, end - start, advice) == 0)
