@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
 from edgellm import __version__
-from edgellm.runtime.bundle import Graph, Manifest, finalize_manifest
+from edgellm.runtime.bundle import Manifest, finalize_manifest
 from edgellm.errors import BundleError, ExportError
 
 from . import arch
@@ -91,7 +91,7 @@ def export_model(
             manifest = Manifest(
                 name=_name(src),
                 spec=src.spec,
-                graph=info.manifest_entry(),
+                graph=info.graph(),
                 quantization={**quant.to_dict(), "notes": info.notes},
                 generation=src.generation,
                 source=src.describe(),
@@ -209,7 +209,7 @@ def _quality_gate(
 ) -> dict[str, Any]:
     """Perplexity of the bundle and of the fp32 graph (float32 KV) of the same weights, on one text."""
     progress("evaluate", 0, 2)
-    graph = Graph.from_dict(info.manifest_entry())
+    graph = info.graph()
     ids = ids[: info.context or len(ids)]  # a qnn graph reads no more than its context
     ppl = perplexity(bundle_dir / info.file, graph, src.spec, ids)
     progress("evaluate", 1, 2)
@@ -218,7 +218,7 @@ def _quality_gate(
     else:
         with scratch_dir(bundle_dir.parent, ".reference.") as ref:
             ref_info = _build(path, src, QuantConfig(weights="fp32"), ref, lambda *a: None)
-            source_ppl = perplexity(ref / ref_info.file, Graph.from_dict(ref_info.manifest_entry()), src.spec, ids)
+            source_ppl = perplexity(ref / ref_info.file, ref_info.graph(), src.spec, ids)
     progress("evaluate", 2, 2)
     ratio = ppl / source_ppl
     return {

@@ -7,6 +7,7 @@ from typing import Any, Literal
 import numpy as np
 
 from edgellm.errors import ExportError
+from edgellm.runtime.bundle import Graph
 
 WeightType = Literal["int4", "int8", "fp16", "fp32"]
 KVCacheType = Literal["auto", "float32", "float16", "int8"]
@@ -142,19 +143,10 @@ class GraphInfo:
     # Some int4/int8 matmul reads appended activation block sums (folded GGUF offsets).
     block_sums: bool = False
 
-    def manifest_entry(self) -> dict[str, Any]:
-        entry: dict[str, Any] = {
-            "kind": self.kind,
-            "file": self.file,
-            "inputs": self.inputs,
-            "outputs": self.outputs,
-            "kv_dtype": self.kv_dtype,
-            "batch": self.batch,
-        }
-        if self.target != "cpu":
-            entry["target"] = self.target
-        if self.context is not None:
-            entry["context"] = self.context
-        if self.block_sums:
-            entry["block_sums"] = True
-        return entry
+    def graph(self) -> Graph:
+        """The manifest's `graph` section for what was written, checked as a bundle's is read
+        (Graph.to_dict is the one place the section is spelled out)."""
+        written = Graph(kind=self.kind, file=self.file, inputs=tuple(self.inputs), outputs=tuple(self.outputs),
+                        target=self.target, kv_dtype=self.kv_dtype, batch=self.batch, context=self.context,
+                        block_sums=self.block_sums)
+        return Graph.from_dict(written.to_dict())
