@@ -258,7 +258,8 @@ def _loss_causes(quant: QuantConfig, info: GraphInfo, kept_blocks: bool) -> str:
              if quant.accuracy_level else "", "the int8 KV cache (--kv-cache float32)" if quant.kv_cache == "int8" else "",
              f"float16 activations (--target {quant.target})" if quant.target == "cuda" else ""]
     causes = ", ".join(c for c in lossy if c)
-    return f"every weight kept its source's values; the loss is the {causes or 'graph arithmetic'}"
+    kept = f" but {'; '.join(info.reblocked)}" if info.reblocked else ""
+    return f"every weight kept its source's values{kept}; the loss is the {causes or 'graph arithmetic'}"
 
 
 def _eval_ids(src: Source, eval_text: str | None) -> list[int]:

@@ -140,6 +140,8 @@ class GraphInfo:
     notes: list[str] = field(default_factory=list)
     # The freshly rounded weights that lost the most, worst first: the quality gate's message.
     worst_weights: list[str] = field(default_factory=list)
+    # GGUF types imported in another block than their own, with what that cost ("Q6_K re-rounded ...").
+    reblocked: list[str] = field(default_factory=list)
     # Some int4/int8 matmul reads appended activation block sums (folded GGUF offsets).
     block_sums: bool = False
 

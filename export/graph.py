@@ -501,5 +501,6 @@ def build_fast_graph(
         target=quant.target,
         notes=notes,
         worst_weights=loader.worst() if loader is not None else [],
+        reblocked=loader.reblocked() if loader is not None else [],
         block_sums=w.block_sums,
     )

@@ -97,7 +97,8 @@ def build_qnn_graph(source: Source, quant: QuantConfig, out_dir: Path, progress:
              "attention, rotary and mask from standard ops; float32 KV cache, sequence-major, present = the new row"]
     return GraphInfo(kind="fast", file=GRAPH_FILE, inputs=[v.name for v in inputs], outputs=[v.name for v in outputs],
                      kv_dtype="float32", batch=False, target="qnn", context=context, notes=notes,
-                     worst_weights=loader.worst() if loader is not None else [])
+                     worst_weights=loader.worst() if loader is not None else [],
+                     reblocked=loader.reblocked() if loader is not None else [])
 
 
 def _io(spec: ModelSpec, context: int) -> tuple[list[onnx.ValueInfoProto], list[onnx.ValueInfoProto]]:

@@ -2,11 +2,12 @@
 
 Exact import applies to int4 requests at block 32 (the default; a different block size or
 `--requantize` asks for a fresh rounding): every GGUF type in gguf_blocks.TYPES keeps its
-own codes, at the width and block its codes and scales need (Q8_0 and Q6_K stay 8-bit,
-Q6_K at block 16). Weights fused into one projection (q;k;v, gate;up) share a MatMulNBits
-when they share a form; where they differ (a Q6_K v beside Q4_K q and k) each form gets
-its own and the graph concatenates the outputs, which costs a node where widening the
-narrower rows would cost their bytes on every token.
+own codes, at the width and block its codes and scales need (Q8_0 and Q6_K stay 8-bit),
+except that Q6_K's values are read at int8 block 64 (gguf_blocks.reblocked). Weights fused
+into one projection (q;k;v, gate;up) share a MatMulNBits when they share a form; where they
+differ (a Q6_K v beside Q4_K q and k) each form gets its own and the graph concatenates the
+outputs, which costs a node where widening the narrower rows would cost their bytes on every
+token.
 
 The loader counts what it did for the manifest's notes (bits a weight read per type) and
 measures what each fresh rounding lost, for the quality gate's message.
@@ -19,7 +20,7 @@ import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from .config import QuantConfig
-from .gguf_blocks import TYPES, from_gguf_blocks
+from .gguf_blocks import TYPES, from_gguf_blocks, reblocked
 from .quantize import QuantizedWeight, concat_rows, dequantize, quantize_nbits
 from .sources import Source
 
@@ -53,6 +54,8 @@ class WeightLoader:
         self._done: dict[tuple[bool, str, int, int, bool], _Tally] = {}
         # Relative RMS error of each freshly rounded weight against the source's values.
         self.errors: dict[str, float] = {}
+        # The largest relative RMS error of a type whose exact values were re-blocked (gguf_blocks.reblocked).
+        self._reblock_errors: dict[str, float] = {}
         self._fresh_bits: dict[str, int] = {}
         # lm_head, and the embedding when it is lm_head's table: what quant.head_bits sets.
         tied = source.spec.tie_embeddings
@@ -90,6 +93,9 @@ class WeightLoader:
         if blocks is not None:
             imported = from_gguf_blocks(blocks)
             if head_bits is None or imported.bits <= head_bits:  # a head no wider than --head-bits stays
+                if TYPES[kind].read_block:
+                    imported, err = reblocked(imported, TYPES[kind].read_block)
+                    self._reblock_errors[kind] = max(err, self._reblock_errors.get(kind, 0.0))
                 return _Part(imported, True, kind)
         w = self.source.tensor(name)
         q = quantize_nbits(w, bits, self.quant.block_size, self.quant.symmetric)
@@ -107,12 +113,20 @@ class WeightLoader:
             worst.append(f"{name} ({kind} {verb} to int{self._fresh_bits[name]} block {self.quant.block_size}, {err:.1%} RMS error)")
         return worst
 
+    def reblocked(self) -> list[str]:
+        """The types read in another block than their own, as 'Q6_K re-rounded to int8 block 64 (0.63% RMS error at most)'."""
+        return [f"{kind} re-rounded to int8 block {TYPES[kind].read_block} ({err:.2%} RMS error at most)"
+                for kind, err in sorted(self._reblock_errors.items())]
+
     def notes(self) -> list[str]:
         """One line per (what was done, source type): the form it took and the bits a weight it reads."""
         lines = []
         for (imported, kind, bits, block, offsets), t in sorted(self._done.items(), key=lambda kv: kv[0][1:]):
             tensors = f"{t.tensors} {kind} tensor{'s' if t.tensors > 1 else ''}"
-            if imported:
+            if imported and kind in self._reblock_errors:
+                line = (f"imported {tensors} as int{bits} MatMulNBits block {block}, values re-rounded "
+                        f"({self._reblock_errors[kind]:.2%} RMS error at most)")
+            elif imported:
                 line = f"imported {tensors} exactly as int{bits} MatMulNBits block {block}"
                 line += " plus per-block offsets" if offsets else ""
             else:

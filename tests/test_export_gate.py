@@ -52,18 +52,21 @@ def test_allow_quality_loss_writes_it_with_a_warning(gguf, tmp_path, caplog):
 
 
 def test_exact_imports_blame_the_arithmetic_not_the_weights(tiny_hf, tmp_path):
-    """Every weight imported as it is: the message says so and names what did round."""
+    """Every weight imported as it is (Q6_K re-blocked): the message says so and names what did round."""
     path = write_tiny_gguf(tiny_hf("llama", **K_SHAPE), tmp_path / "k.gguf", K_TIED_QTYPES)
-    with pytest.raises(ExportError, match="every weight kept its source's values; the loss is the int8 "
+    with pytest.raises(ExportError, match=r"every weight kept its source's values but Q6_K re-rounded to int8 "
+                       r"block 64 \(\d\.\d\d% RMS error at most\); the loss is the int8 "
                        r"activations \(accuracy level 4; --accuracy-level 0 is exact\), the int8 KV cache"):
         export_model(path, tmp_path / "b", max_ppl_ratio=0.5)
 
 
 def test_the_default_export_of_a_k_quant_file_passes(tiny_hf, tmp_path):
-    """Q2_K to Q6_K, imported exactly: only int8 activations and cache round, well within 1.05."""
+    """Q2_K to Q6_K, imported exactly (Q6_K re-blocked to int8 block 64): within the 1.05 gate. This
+    random model's perplexity sits near its vocabulary's size (4,581) and moves by about 2% with any
+    rounding: 0.994 with Q6_K in its own blocks, 1.021 re-blocked at 64, 0.992 at 128 (measured)."""
     path = write_tiny_gguf(tiny_hf("llama", **K_SHAPE), tmp_path / "k.gguf", K_TIED_QTYPES)
     manifest = export_model(path, tmp_path / "b")
-    assert manifest.quality["passed"] and manifest.quality["ratio"] <= 1.02, manifest.quality
+    assert manifest.quality["passed"] and manifest.quality["ratio"] <= 1.05, manifest.quality
 
 
 def test_cli_refuses_in_one_line_and_writes_when_allowed(gguf, tmp_path, capsys):

@@ -7,6 +7,7 @@ any bytes are a weight, and gguf-py reads them as llama.cpp does.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -22,7 +23,8 @@ from onnx import TensorProto, helper
 from edgellm.export.api import export_model
 from edgellm.export.config import QuantConfig
 from edgellm.export.gguf import open_gguf
-from edgellm.export.gguf_blocks import from_gguf_blocks
+from edgellm.export import gguf_blocks as gguf_blocks_module
+from edgellm.export.gguf_blocks import from_gguf_blocks, reblocked
 from edgellm.export.graph import OPSET, build_fast_graph
 from edgellm.export.linear import Writer, apply_linear, quantized_linear
 from edgellm.export.quantize import QuantizedWeight, dequantize, offset_blocks, offset_digits, unpack
@@ -162,6 +164,29 @@ def test_one_layer_matches_numpy(kind, tmp_path):
     np.testing.assert_allclose(y4, expected, rtol=0, atol=2e-2 * np.abs(expected).max())
 
 
+def test_q6_k_is_read_at_int8_block_64(tiny_hf, tmp_path):
+    """Q6_K's exact values re-rounded to int8 blocks of 64 (float16 scales): each value within half
+    a step of its exact one, and a step a quarter of Q6_K's own or finer where the block's largest
+    sub-block sets it; the default export writes Q6_K tensors so and says what it cost."""
+    blocks, exact = _blocks(Q.Q6_K, n=40, k=512, seed=4)
+    q, error = reblocked(from_gguf_blocks(blocks), 64, rows=16)  # three row chunks
+    assert error == pytest.approx(np.linalg.norm(dequantize(q) - exact) / np.linalg.norm(exact), rel=1e-3)
+    assert (q.bits, q.block_size, q.scales.shape, q.offsets) == (8, 64, (40, 8), None)
+    assert np.array_equal(q.scales.astype(np.float16).astype(np.float32), q.scales)
+    step = np.repeat(q.scales, 64, axis=1)
+    assert np.all(np.abs(dequantize(q) - exact) <= 0.5 * step * (1 + 1e-3))
+    own = np.abs(from_gguf_blocks(blocks).scales).reshape(40, 8, 4).max(axis=-1)  # Q6_K's largest step per 64
+    assert np.all(q.scales <= own * 32 / 127 * (1 + 1e-3))
+    path = write_tiny_gguf(tiny_hf("llama", **K_SHAPE), tmp_path / "m.gguf", K_TIED_QTYPES)
+    model, _, info = _export(path, tmp_path / "b", QuantConfig())
+    assert "imported 5 Q6_K tensors as int8 MatMulNBits block 64, values re-rounded" in "\n".join(info.notes)
+    assert len(info.reblocked) == 1 and info.reblocked[0].startswith("Q6_K re-rounded to int8 block 64 (")
+    graph = onnx.load(model, load_external_data=False).graph
+    v_blocks = {next(a.i for a in n.attribute if a.name == "block_size") for n in graph.node
+                if n.op_type == "MatMulNBits" and ("/mlp/down_proj/" in n.name or n.name == "/lm_head/MatMulNBits")}
+    assert v_blocks == {64}, v_blocks
+
+
 def _export(path, out, quant: QuantConfig, **kw):
     source = open_gguf(path)
     out.mkdir()
@@ -170,8 +195,10 @@ def _export(path, out, quant: QuantConfig, **kw):
 
 
 def _imported(notes: list[str]) -> dict[str, int]:
+    """Tensors imported per GGUF type, exactly or (Q6_K) re-blocked from their exact values."""
     counts: dict[str, int] = {}
-    for match in filter(None, (re.match(r"imported (\d+) (\w+) tensors? exactly", n) for n in notes)):
+    imported = re.compile(r"imported (\d+) (\w+) tensors? (?:exactly|as int8 MatMulNBits block 64, values re-rounded)")
+    for match in filter(None, map(imported.match, notes)):
         counts[match[2]] = counts.get(match[2], 0) + int(match[1])
     return counts
 
@@ -186,7 +213,9 @@ def _imported(notes: list[str]) -> dict[str, int]:
 # int8 rounding alone moves these logits by up to 7.3% of the largest (measured with the offsets as
 # a float MatMul instead of blocks: 7.5% with them), a weight or offset gone wrong by 30% or more.
 @pytest.mark.parametrize("quant,atol", [(EXACT, 1e-5), (QuantConfig(), 1e-1)], ids=["level0", "level4"])
-def test_exported_graph_equals_dequantized_gguf(arch, qtypes, model_kw, quant, atol, tiny_hf, tmp_path):
+def test_exported_graph_equals_dequantized_gguf(arch, qtypes, model_kw, quant, atol, tiny_hf, tmp_path, monkeypatch):
+    # Every type in its exact form, Q6_K too (the default re-blocks it: test_q6_k_is_read_at_int8_block_64).
+    monkeypatch.setitem(gguf_blocks_module.TYPES, "Q6_K", dataclasses.replace(gguf_blocks_module.TYPES["Q6_K"], read_block=None))
     path = write_tiny_gguf(tiny_hf(arch, **model_kw), tmp_path / "m.gguf", qtypes)
     exact, spec, info = _export(path, tmp_path / "int4", quant)
     reference, _, _ = _export(path, tmp_path / "fp32", QuantConfig(weights="fp32"))
