@@ -200,21 +200,25 @@ def quantized_linear(
                       zero_points=w.floats(f"{prefix}.qzeros", zeros.reshape(-1)),
                       bias="" if bias is None else w.floats(f"{prefix}.bias", bias),
                       K=q.K, N=q.N, bits=q.bits, block_size=q.block_size)
-    # The cpu target keeps a GGUF's scales at the GGUF's own width (float32 when cast at load).
-    compact = quant.target == "cpu" and w.float_type == np.float32
+    # The cpu target keeps a 4-bit weight's GGUF scales at the GGUF's own width (float32 when
+    # folded at load; the x86 kernel reads that tensor at run time). An 8-bit weight's stay float32
+    # in the file: its kernel reads only its packed copy, yet onnxruntime keeps the scales input
+    # (a folded one resident, a mapped one as pages runtime/residency.py gives back).
+    compact = quant.target == "cpu" and w.float_type == np.float32 and q.bits == 4
+    extra = offset_blocks(q) if matmul and q.offsets is not None and folds_offsets(quant, q.bits) else None
     packed, folded = q.packed, 0
-    if compact and q.scale_factors is not None:
+    if extra is not None and not compact:  # one tensor, nothing to fold
+        scales = w.floats(f"{prefix}.scales", np.concatenate([q.scales, extra[1]], axis=1))
+    elif compact and q.scale_factors is not None:
         scales = w.factored_floats(f"{prefix}.scales", q.scale_factors)
     else:
         scales = w.exact_floats(f"{prefix}.scales", q.scales, compact)
-    if matmul and q.offsets is not None and folds_offsets(quant, q.bits):
-        extra_packed, extra_scales = offset_blocks(q)
-        packed = np.concatenate([packed, extra_packed], axis=1)
-        # Two initializers joined by a Concat onnxruntime folds at load: the weight's own scales
-        # stay float16 where they are, the offset digits' scales are float32.
-        scales = w.one("Concat", f"{prefix}.scales/Concat",
-                       [scales, w.exact_floats(f"{prefix}.offset_scales", extra_scales, compact)], axis=1)
-        folded = extra_packed.shape[1] * q.block_size
+    if extra is not None:
+        packed = np.concatenate([packed, extra[0]], axis=1)
+        if compact:  # a Concat onnxruntime folds at load: the weight's own scales stay float16 where they are
+            scales = w.one("Concat", f"{prefix}.scales/Concat",
+                           [scales, w.exact_floats(f"{prefix}.offset_scales", extra[1], compact)], axis=1)
+        folded = extra[0].shape[1] * q.block_size
     # A gathered row adds its offsets from the float table; so does an unfolded matmul.
     table = q.offsets is not None and not folded
     return Linear(

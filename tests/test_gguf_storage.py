@@ -27,13 +27,14 @@ from gguf_writer import blocks as gguf_blocks
 
 N, K = 24, 512  # two K-quant super-blocks a row
 # GGUF type -> (how its scales are stored, bundle bytes per GGUF block where there are no
-# offsets). float16: Q4_0 and Q8_0 cost what they cost in the GGUF (18 and 34 bytes per 32
-# values); Q5_0 34 where the GGUF has 22, its codes taking 8 bits (MatMulNBits has 2, 4 and 8).
-# factored: a K-quant's float16 super-block scale and int8 sub-block scales, as in the GGUF
-# (Q6_K: 256 bytes of 8-bit codes + 16 + 2 where the GGUF has 210).
+# offsets). float16: Q4_0 costs what it costs in the GGUF (18 bytes per 32 values). factored: a
+# 4-bit K-quant's float16 super-block scale and int8 sub-block scales, as in the GGUF. float32: an
+# 8-bit weight's scales, which onnxruntime would keep resident once folded though its kernel reads
+# its packed copy (linear.py): Q8_0 and Q5_0 36 bytes per 32 where the GGUF has 34 and 22, Q6_K in
+# its own block-16 form 256 + 64 where the GGUF has 210 (the export reads it at block 64).
 STORED = {
-    Q.Q4_0: ("float16", 18), Q.Q8_0: ("float16", 34), Q.Q4_1: ("float16", None), Q.Q5_0: ("float16", 34),
-    Q.Q5_1: ("float16", None), Q.Q4_K: ("factored", None), Q.Q5_K: ("factored", None), Q.Q6_K: ("factored", 274),
+    Q.Q4_0: ("float16", 18), Q.Q8_0: ("float32", 36), Q.Q4_1: ("float16", None), Q.Q5_0: ("float32", 36),
+    Q.Q5_1: ("float32", None), Q.Q4_K: ("factored", None), Q.Q5_K: ("float32", None), Q.Q6_K: ("float32", 320),
 }
 
 
@@ -72,12 +73,13 @@ def test_the_graph_computes_with_the_gguf_weight(kind, tmp_path):
 
 
 @pytest.mark.parametrize("kind", list(STORED), ids=[k.name for k in STORED])
-def test_scales_are_stored_at_gguf_width_and_folded_at_load(kind, tmp_path):
+def test_scales_are_stored_as_listed_and_float32_at_load(kind, tmp_path):
+    """4-bit weights keep the GGUF's scale width in the file, 8-bit ones float32 (STORED says why)."""
     form, per_block = STORED[kind]
     model, _, inits = _layer(kind, QuantConfig(), tmp_path / "l4")
     stored = _stored_bytes(inits, "layer.")
     dtypes = {t.name: t.data_type for t in inits}
-    scales = {"float16": {"layer.scales.float16": TensorProto.FLOAT16},
+    scales = {"float16": {"layer.scales.float16": TensorProto.FLOAT16}, "float32": {"layer.scales": TensorProto.FLOAT},
               "factored": {"layer.scales.super.float16": TensorProto.FLOAT16, "layer.scales.sub.int8": TensorProto.INT8}}
     assert {k: v for k, v in dtypes.items() if k.startswith("layer.scales")} == scales[form], dtypes
     if per_block is not None:
