@@ -15,11 +15,10 @@ the block its scales change at:
 | Q5_1, Q5_K | 5 bits | int8 block 32 | per-block offset |
 
 One type is read in another form than its exact one (`GGUFType.read_block`, `reblocked`): Q6_K's
-blocks of 16 cost an 8-bit weight 2 bits of float32 scale and 2 of block sum at run time on x86,
-and onnxruntime keeps the folded scales of an 8-bit weight resident though its kernel reads its own
-packed copy. Its exact values re-rounded to int8 blocks of 64 (float16 scales) read 9 bits instead
-of 12; the added error is below the type's own (measured on SmolLM2 laid out as Q4_K_M, 10 Q6_K
-tensors: perplexity 35.43 exact, 35.32 re-blocked at 64, 35.53 at 32).
+blocks of 16 cost an 8-bit weight 2 bits of float32 scale and 2 of block sum at run time on x86.
+Its exact values re-rounded to int8 blocks of 64 read 9 bits instead of 12; the added error is
+below the type's own (measured on SmolLM2 laid out as Q4_K_M, 10 Q6_K tensors: perplexity 35.43
+exact, 35.32 re-blocked at 64, 35.53 at 32).
 
 A minimum becomes the offset `minimum + scale * (2^(b-1) - centre)` after moving the codes
 to sit around the middle (quantize.py's offsets; linear.py adds them). Layouts are
@@ -210,9 +209,8 @@ def from_gguf_blocks(blocks: QuantBlocks) -> QuantizedWeight:
 
 
 def reblocked(q: QuantizedWeight, block: int, rows: int = 4096) -> tuple[QuantizedWeight, float]:
-    """An exactly imported 8-bit weight's values re-rounded to symmetric int8 blocks of `block`,
-    with float16 scales (the file keeps them at that width; see the module docstring), and the
-    relative RMS error that cost; `rows` at a time, so a 1B model's tied table costs no float32
+    """An exactly imported 8-bit weight's values re-rounded to symmetric int8 blocks of `block`
+    (see the module docstring), and the relative RMS error that cost; `rows` at a time, so a 1B model's tied table costs no float32
     copy of itself."""
     if q.offsets is not None or q.bits != 8:
         raise ExportError("reblocked: needs a symmetric 8-bit weight")
@@ -227,7 +225,7 @@ def reblocked(q: QuantizedWeight, block: int, rows: int = 4096) -> tuple[Quantiz
         padded = np.zeros((w.shape[0], n_blocks * block), dtype=np.float32)
         padded[:, :k] = w.reshape(w.shape[0], -1)[:, :k]
         blocks = padded.reshape(-1, n_blocks, block)
-        scales[part] = (np.abs(blocks).max(axis=-1) / 127).astype(np.float16)
+        scales[part] = np.abs(blocks).max(axis=-1) / 127
         safe = np.where(scales[part] == 0, 1, scales[part])[..., None]
         codes[part] = np.clip(np.rint(blocks / safe), -128, 127) + 128
         error += float(np.square((codes[part].astype(np.float32) - 128) * scales[part, :, None] - blocks).sum())

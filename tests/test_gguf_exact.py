@@ -165,18 +165,17 @@ def test_one_layer_matches_numpy(kind, tmp_path):
 
 
 def test_q6_k_is_read_at_int8_block_64(tiny_hf, tmp_path):
-    """Q6_K's exact values re-rounded to int8 blocks of 64 (float16 scales): each value within half
+    """Q6_K's exact values re-rounded to int8 blocks of 64: each value within half
     a step of its exact one, and a step a quarter of Q6_K's own or finer where the block's largest
     sub-block sets it; the default export writes Q6_K tensors so and says what it cost."""
     blocks, exact = _blocks(Q.Q6_K, n=40, k=512, seed=4)
     q, error = reblocked(from_gguf_blocks(blocks), 64, rows=16)  # three row chunks
     assert error == pytest.approx(np.linalg.norm(dequantize(q) - exact) / np.linalg.norm(exact), rel=1e-3)
     assert (q.bits, q.block_size, q.scales.shape, q.offsets) == (8, 64, (40, 8), None)
-    assert np.array_equal(q.scales.astype(np.float16).astype(np.float32), q.scales)
     step = np.repeat(q.scales, 64, axis=1)
-    assert np.all(np.abs(dequantize(q) - exact) <= 0.5 * step * (1 + 1e-3))
+    assert np.all(np.abs(dequantize(q) - exact) <= 0.5 * step * (1 + 1e-5))
     own = np.abs(from_gguf_blocks(blocks).scales).reshape(40, 8, 4).max(axis=-1)  # Q6_K's largest step per 64
-    assert np.all(q.scales <= own * 32 / 127 * (1 + 1e-3))
+    assert np.all(q.scales <= own * 32 / 127 * (1 + 1e-6))
     path = write_tiny_gguf(tiny_hf("llama", **K_SHAPE), tmp_path / "m.gguf", K_TIED_QTYPES)
     model, _, info = _export(path, tmp_path / "b", QuantConfig())
     assert "imported 5 Q6_K tensors as int8 MatMulNBits block 64, values re-rounded" in "\n".join(info.notes)
