@@ -13,11 +13,12 @@ the bundle in-process. Each fault has an expected severity and cause family:
 Reported per fault and overall: severity agreement, cause-family agreement (of the first cause),
 grounding (every number and machine name in the model's text is one of its events' numbers,
 band limits, counts or timestamps, and its own machine), placeholder causes (fewer than two
-letters in a row, e.g. "A"), and summaries cut mid-sentence (not ending with . ! or ?, or at
-the schema's maxLength). With `--index` (an index of the shipped manual, edgellm/recipes/manuals/,
-built by `edgellm index add`), the recipe retrieves manual sections for each group as
-`[anomaly.retrieval]` makes it, and each fault's expected section is scored: among those
-retrieved, retrieved first, and cited by the explanation:
+letters in a row, e.g. "A"), and summaries (and recommended actions) cut: not ending with . ! or
+?, or ending closer to the schema's maxLength than one more word needs (`SLACK`), where the
+grammar may have refused the word the model wanted and forced the full stop. With `--index` (an
+index of the shipped manual, edgellm/recipes/manuals/, built by `edgellm index add`), the recipe
+retrieves manual sections for each group as `[anomaly.retrieval]` makes it, and each fault's
+expected section is scored: among those retrieved, retrieved first, and cited by the explanation:
 
     bearing wear -> Bearing wear             overheating -> Motor overheating and cooling fan failure
     overcurrent -> Overcurrent spikes ...    sensor dropout -> Temperature sensor dropout
@@ -50,6 +51,10 @@ SECTIONS = {"bearing": "Bearing wear", "overheat": "Motor overheating", "overcur
             "dropout": "Temperature sensor dropout"}  # the expected section's heading starts so
 MACHINE = re.compile(r"\b(?:press|pump|mill|lathe)-\d+\b", re.IGNORECASE)
 NUMBER = re.compile(r"\d+(?:\.\d+)?")
+# Room one more word needs: a comma, a space and a word of up to 20 letters (the recipe's grammar,
+# facts.WORD_MAX). A sentence that ends with less room left may not have ended by the model's
+# choice; the same measure for every --tree.
+SLACK = 22
 
 
 def simulated(duration: float, seed: int) -> list[tuple[float, dict[str, Any]]]:
@@ -183,7 +188,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
                      "family_ok": bool(causes) and family(causes[0]) == cause_family,
                      "grounded": ok, "ungrounded": bad,
                      "placeholders": sum(not re.search(r"[A-Za-z]{2}", c) for c in causes),
-                     "cut": bool(answer) and (not summary.rstrip().endswith((".", "!", "?")) or len(summary) >= limit),
+                     "cut": bool(answer) and cut(summary, limit),
+                     "action_cut": bool(answer) and cut(answer.get("recommended_action", ""), limit),
                      "complete": bool(answer), "tokens": result.usage.completion_tokens, "explanation": answer,
                      "retrieved": [s.hit.heading.split(" > ")[-1] for s in sections],
                      "citations": (out or {}).get("citations", []), "section_retrieved": bool(right),
@@ -193,6 +199,11 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
             print(json.dumps(rows[-1], ensure_ascii=False), file=sys.stderr)
     return {"tree": str(args.tree), "bundle": str(args.bundle), "groups": len(rows),
             "seconds": round(time.perf_counter() - started, 1), "rows": rows}
+
+
+def cut(sentence: str, limit: int) -> bool:
+    """Whether `sentence` may have been ended by the grammar rather than by the model (see SLACK)."""
+    return not sentence.rstrip().endswith((".", "!", "?")) or len(sentence) > limit - SLACK
 
 
 def conf_limit(recipe: dict[str, Any]) -> int:
@@ -210,7 +221,8 @@ def table(report: dict[str, Any]) -> dict[str, Any]:
     summary = {}
     sections = any(r["retrieved"] for r in report["rows"])
     print(f"{'fault':<12}{'groups':>7}{'complete':>9}{'severity':>9}{'cause':>7}{'grounded':>9}"
-          f"{'placeholder':>12}{'cut':>5}" + (f"{'retrieved':>10}{'first':>7}{'cited':>7}" if sections else ""))
+          f"{'placeholder':>12}{'cut':>5}{'action cut':>11}"
+          + (f"{'retrieved':>10}{'first':>7}{'cited':>7}" if sections else ""))
     for fault, rows in by.items():
         n = len(rows)
         causes = sum(len(r["explanation"].get("likely_causes", [])) for r in rows) or 1
@@ -219,15 +231,17 @@ def table(report: dict[str, Any]) -> dict[str, Any]:
                 "cause_family_agreement": sum(r["family_ok"] for r in rows) / n,
                 "grounded": sum(r["grounded"] for r in rows) / n,
                 "placeholder_causes": sum(r["placeholders"] for r in rows) / causes,
-                "cut_summaries": sum(r["cut"] for r in rows) / n}
+                "cut_summaries": sum(r["cut"] for r in rows) / n,
+                "cut_actions": sum(r["action_cut"] for r in rows) / n}
         if sections:  # the fault's manual section: among those retrieved, retrieved first, cited
             line |= {key: sum(r[key] for r in rows) / n for key in ("section_retrieved", "section_first",
                                                                      "section_cited")}
         summary[fault] = line
         print(f"{fault:<12}{n:>7}{line['complete']:>9.0%}{line['severity_agreement']:>9.0%}"
               f"{line['cause_family_agreement']:>7.0%}{line['grounded']:>9.0%}{line['placeholder_causes']:>12.0%}"
-              f"{line['cut_summaries']:>5.0%}" + (f"{line['section_retrieved']:>10.0%}{line['section_first']:>7.0%}"
-                                                   f"{line['section_cited']:>7.0%}" if sections else ""))
+              f"{line['cut_summaries']:>5.0%}{line['cut_actions']:>11.0%}"
+              + (f"{line['section_retrieved']:>10.0%}{line['section_first']:>7.0%}{line['section_cited']:>7.0%}"
+                 if sections else ""))
     return summary
 
 

@@ -24,7 +24,7 @@ from edgellm.cli.main import main
 from edgellm.errors import RecipeError, RequestError
 from edgellm.recipes.anomaly import AnomalyRecipe, explanation, request_body
 from edgellm.recipes.config import DEFAULT_BANDS, SCHEMA, AnomalyConfig, load_config
-from edgellm.recipes.facts import Band, facts, request_schema
+from edgellm.recipes.facts import WORD_MAX, Band, facts, request_schema
 from edgellm.recipes.events import MAX_IDS, Coalescer, Group, parse_event
 from edgellm.service import protocol as proto
 from edgellm.service.broker import find_mosquitto
@@ -166,7 +166,7 @@ def test_the_per_event_grammar_holds_the_answer_to_the_events_facts_and_the_band
     schema = request_schema(SCHEMA, found, ["M4"])
     assert "severity" not in schema["properties"] and "severity" not in schema["required"]
     assert found.evidence[:2] == ("pump-2 temperature reached 95.1 °C", "normal band 10 to 75 °C")
-    good = {"summary": "The pump is overheating, well above its normal band.",
+    good = {"summary": "The pump-2 temperature is far above its normal band, so the pump is overheating.",
             "likely_causes": ["cooling fan failure"], "recommended_action": "Check the cooling fan first.",
             "evidence": ["M4", found.evidence[0]]}
     jsonschema.validate(good, schema)
@@ -176,10 +176,38 @@ def test_the_per_event_grammar_holds_the_answer_to_the_events_facts_and_the_band
                 {"summary": "The pump is overheating and the temperature sensor reads a value that is far above the "
                             "normal band of the machine while the fan may have failed and the filter may be blocked "
                             "and the coolant may be low and the"},
-                {"summary": "The pump reached ninety five degrees at 10:00."}, {"summary": "Hot."}):
+                {"summary": "The pump reached ninety five degrees at 10:00."}, {"summary": "Hot."},
+                {"summary": "A sensor on a factory machine left its normal band."}):  # not about pump-2's temperature
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate({**good, **bad}, schema)
     load_config(None)  # compiles each default band's grammar with llguidance
+
+
+def test_the_sentences_come_after_the_causes_and_cannot_run_on_to_the_length_limit():
+    """Issue 23's cut summary: a worn bearing's vibration, retold with the manual's bands until the
+    grammar forced the full stop at the 200th character, mid-word. Now the model writes the causes
+    and the evidence first, the summary opens as the prompt's example sentence of the group's facts
+    does (one the grammar accepts), and a sentence is at most three clauses of words of at most
+    WORD_MAX letters."""
+    config = load_config(None)
+    group = group_of("vibration", "mm/s", 2.2, *[6.48] * 9, 8.62)
+    found = facts(group, config.bands["vibration"])
+    body = request_body(config, group, found)
+    schema = body["response_format"]["json_schema"]["schema"]
+    assert list(schema["properties"]) == ["likely_causes", "evidence", "summary", "recommended_action"]
+    example = "The pump-2 vibration reached 8.62 mm/s, above its normal band."
+    assert f'like "{example}"' in body["messages"][-1]["content"]
+    good = {"likely_causes": ["bearing wear"], "evidence": [found.evidence[0]], "summary": example,
+            "recommended_action": "Stop the pump-2, check the bearing housing, and grease the bearing."}
+    jsonschema.validate(good, schema)
+    issue = ("A vibration sensor on a manufacturing machine can cause a band of 10 times between 2.2 and 4.5 mm/s, "
+             "which is a high reading, and is a possible cause of bearing wear, shaft misalignment, and rotor-im.")
+    for bad in (issue, f"The bearing is {'x' * (WORD_MAX + 1)}."):
+        for key in ("summary", "recommended_action"):
+            with pytest.raises(jsonschema.ValidationError):
+                jsonschema.validate({**good, key: bad}, schema)
+    out = explanation(group, {"text": json.dumps(good), "finish_reason": "stop"}, found)
+    assert list(out["explanation"]) == ["summary", "likely_causes", "recommended_action", "evidence", "severity"]
 
 
 def test_the_prompt_carries_the_band_limits_the_severity_and_the_facts():
