@@ -210,6 +210,17 @@ def test_the_sentences_come_after_the_causes_and_cannot_run_on_to_the_length_lim
     assert list(out["explanation"]) == ["summary", "likely_causes", "recommended_action", "evidence", "severity"]
 
 
+def test_names_as_long_as_an_event_allows_leave_the_summary_a_grammar_llguidance_takes(model):
+    """A 64-character machine and sensor, the longest an event may name: "The <machine> <sensor>"
+    would take 133 of the summary's 200 characters, a pattern llguidance cannot prove fits, so
+    the summary does not have to open with them there, and the request is generated, not refused."""
+    config = load_config(None)
+    group = group_of("s" * 64, "°C", 55.0, 99.5, machine="m" * 64)
+    body = request_body(config, group, facts(group, None))
+    result = model.generate(body["messages"], max_new_tokens=4, response_format=body["response_format"])
+    assert result.usage.completion_tokens == 4
+
+
 def test_the_prompt_carries_the_band_limits_the_severity_and_the_facts():
     config = load_config(None)
     group = group_of("temperature", "°C", 55.0, 82.5, 95.1)

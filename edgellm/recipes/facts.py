@@ -126,9 +126,13 @@ def request_schema(schema: dict[str, Any], found: Facts, sections: Sequence[str]
     del props["severity"]
     out["required"] = [key for key in out["required"] if key != "severity"]
     # The summary opens with what it is about, "The pump-2 temperature", as the prompt's example does:
-    # a summary that set off elsewhere could retell the prompt's readings to the length limit.
-    for key, opening in (("summary", f"The {found.subject}" if found.subject else ""), ("recommended_action", "")):
-        props[key] = {**props[key], "minLength": 20, "pattern": sentence(found, opening)}
+    # a summary that set off elsewhere could retell the prompt's readings to the length limit. Not
+    # when the names take more than half its room (two 64-character names): llguidance then cannot
+    # tell that the pattern fits maxLength, and the request would be refused.
+    opening = f"The {found.subject}" if found.subject else ""
+    opening = opening if len(opening) <= props["summary"]["maxLength"] // 2 else ""
+    for key, first in (("summary", opening), ("recommended_action", "")):
+        props[key] = {**props[key], "minLength": 20, "pattern": sentence(found, first)}
     causes = list(found.band.causes) if found.band is not None and found.band.causes else None
     props["likely_causes"]["items"] = {"enum": causes} if causes else {"type": "string", "pattern": PHRASE}
     props["evidence"]["items"] = {"enum": list(found.evidence)}
