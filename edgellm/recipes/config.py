@@ -197,8 +197,10 @@ def _with_manual(config: AnomalyConfig) -> AnomalyConfig:
 
 
 def _checked(config: AnomalyConfig) -> AnomalyConfig:
-    """Compiles each band's per-event grammar on a sample group: without the grammar extra, or
-    with a cause the grammar cannot hold, say so before the model loads."""
+    """Puts each band's per-event grammar, built for a sample group, through the check a request's
+    response_format gets (its shape, nesting and JSON), so a band whose grammar no request could
+    carry is refused before the model loads. llguidance compiles each group's own grammar (its
+    names and numbers) when that group's request runs."""
     from .events import Event, Group
 
     for sensor, band in [*config.bands.items(), ("(no band)", None)]:
