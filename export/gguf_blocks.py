@@ -16,9 +16,10 @@ the block its scales change at:
 
 One type is read in another form than its exact one (`GGUFType.read_block`, `reblocked`): Q6_K's
 blocks of 16 cost an 8-bit weight 2 bits of float32 scale and 2 of block sum at run time on x86.
-Its exact values re-rounded to int8 blocks of 64 read 9 bits instead of 12; the added error is
-below the type's own (measured on SmolLM2 laid out as Q4_K_M, 10 Q6_K tensors: perplexity 35.43
-exact, 35.32 re-blocked at 64, 35.53 at 32).
+Its exact values re-rounded to int8 blocks of 64 read 9 bits instead of 12, each within half a
+step of at most a quarter of Q6_K's own (not quantize_nbits: onnxruntime's scale, the largest value
+/ 128, leaves the other sign's largest a whole step off). Measured on SmolLM2 laid out as Q4_K_M,
+10 Q6_K tensors: perplexity 35.43 exact, 35.61 re-blocked (source 34.59).
 
 A minimum becomes the offset `minimum + scale * (2^(b-1) - centre)` after moving the codes
 to sit around the middle (quantize.py's offsets; linear.py adds them). Layouts are
