@@ -372,10 +372,11 @@ def explanation(group: Group, final: dict[str, Any], found: Facts,
         return None
     # The grammar holds each item to the facts or the causes but cannot keep them apart: the same one twice once.
     lists = {key: list(dict.fromkeys(answer[key])) for key in ("likely_causes", "evidence") if key in answer}
-    # The grammar has the model write the sentences last; published summary first, as before.
+    # The grammar has the model write the sentences last (and no key the schema lacks); published
+    # in the schema's order, summary first, as before.
     ordered = {key: answer[key] for key in SCHEMA["properties"] if key in answer}
     return {**out, "citations": cited(sections, lists.get("evidence", [])), "incomplete": False,
-            "explanation": {**ordered, **answer, **lists, "severity": found.severity}}
+            "explanation": {**ordered, **lists, "severity": found.severity}}
 
 
 def _published(found: Facts) -> dict[str, Any]:
